@@ -1,0 +1,1 @@
+"""Benchmarks that run against live pagedserve services (``pagedserve bench ...``)."""

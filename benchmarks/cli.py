@@ -1,0 +1,61 @@
+"""``pagedserve bench``: throughput of the running services on the shared workloads."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import click
+
+from benchmarks.workload import WORKLOADS, fingerprint, make_requests
+from common.client import Client
+from common.sampling import SamplingParams
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks against running services (start them with ``pagedserve up``)."""
+
+
+@bench.command()
+@click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="mixed",
+              show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--server", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def throughput(workload: str, repeats: int, server: str, as_json: bool) -> None:
+    """Submit the whole workload at once (token ids, greedy, ignore_eos) and time it."""
+    requests = make_requests(workload)
+    prompts = [r.prompt_token_ids for r in requests]
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.output_len)
+              for r in requests]
+    with Client(server, timeout=120.0) as client:
+        client.generate(prompts[0][:16], SamplingParams(temperature=0.0, max_tokens=4))
+        walls = [_timed_run(client, prompts, params) for _ in range(repeats)]
+    wall = statistics.median(walls)
+    prompt_tokens = sum(len(p) for p in prompts)
+    output_tokens = sum(r.output_len for r in requests)
+    result = {"workload": workload, "fingerprint": fingerprint(requests), "runs_s": walls,
+              "median_wall_s": wall, "requests_per_s": len(requests) / wall,
+              "output_tokens_per_s": output_tokens / wall,
+              "total_tokens_per_s": (prompt_tokens + output_tokens) / wall}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{workload} ({len(requests)} requests, {prompt_tokens} prompt + "
+               f"{output_tokens} output tokens, fingerprint {result['fingerprint']})")
+    click.echo(f"runs (s): {', '.join(f'{w:.1f}' for w in walls)}; median {wall:.1f} s")
+    click.echo(f"{result['requests_per_s']:.3f} req/s  {result['output_tokens_per_s']:.1f} "
+               f"output tok/s  {result['total_tokens_per_s']:.1f} total tok/s")
+
+
+def _timed_run(client: Client, prompts: list, params: list) -> float:
+    start = time.perf_counter()
+    outputs = client.generate(prompts, params)
+    wall = time.perf_counter() - start
+    for out, sp in zip(outputs, params):
+        got = len(out.outputs[0].token_ids)
+        if got != sp.max_tokens:
+            raise click.ClickException(f"request {out.request_id} produced {got} tokens, "
+                                       f"expected {sp.max_tokens}")
+    return wall

@@ -1,0 +1,1 @@
+"""Code shared by both services and the client: protocol, config, logging, sampling, client."""

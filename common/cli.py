@@ -1,0 +1,149 @@
+"""The ``pagedserve`` command.
+
+Service commands live beside their services and are imported only when invoked (lazy
+subcommands), so ``pagedserve generate`` or ``pagedserve pool`` never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+import zmq
+
+from common.sampling import SamplingParams
+
+LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing it)
+    "scheduler": ("scheduler_svc.cli:main", "Run the scheduler service."),
+    "executor": ("executor_svc.cli:main", "Run the executor service."),
+    "prepare-model": ("executor_svc.prepare_model:main",
+                      "Convert the default model into the local cache."),
+    "up": ("common.up:main", "Run scheduler and executor locally."),
+    "bench": ("benchmarks.cli:bench", "Benchmarks against running services."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name][0].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, LAZY_COMMANDS[name][1] if name in LAZY_COMMANDS
+                 else self.commands[name].get_short_help_str(60))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
+def main() -> None:
+    """pagedserve: LLM serving on PagedAttention."""
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--max-tokens", type=int, default=16, show_default=True)
+@click.option("--n", type=int, default=1, show_default=True)
+@click.option("--beam-width", type=int, default=1, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole output as JSON.")
+@click.option("--server", default="tcp://127.0.0.1:5555", show_default=True,
+              help="The scheduler's client endpoint.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds of server silence before giving up.")
+def generate(prompt, max_tokens, n, beam_width, temperature, top_p, top_k, seed, stream,
+             as_json, server, timeout) -> None:
+    """Generate a continuation of PROMPT."""
+    from common.client import Client, PagedServeError
+
+    try:
+        params = SamplingParams(n=n, beam_width=beam_width, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+        with Client(server, timeout=timeout) as client:
+            if stream and not as_json:
+                for delta in client.stream(prompt, params):
+                    click.echo(delta.outputs[0].text, nl=False)
+                click.echo()
+                return
+            out = client.generate(prompt, params)
+    except (PagedServeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({
+            "request_id": out.request_id, "prompt": out.prompt,
+            "prompt_token_ids": out.prompt_token_ids,
+            "outputs": [vars(o) for o in out.outputs]}, default=str))
+    else:
+        for o in out.outputs:
+            click.echo(o.text)
+
+
+def admin_request(cmd: str, admin: str, timeout_s: float = 5.0) -> dict:
+    """Ask the scheduler's admin socket; raises ``click.ClickException`` if it is silent."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(admin)
+    try:
+        sock.send(json.dumps({"cmd": cmd}).encode())
+        if not sock.poll(int(timeout_s * 1000)):
+            raise click.ClickException(f"no reply from the admin socket {admin} within "
+                                       f"{timeout_s:g} s: is the scheduler running?")
+        return json.loads(sock.recv())
+    finally:
+        sock.close()
+
+
+def admin_options(func):
+    func = click.option("--admin", default=None,
+                        help="Admin endpoint, tcp://HOST:PORT (overrides --admin-port).")(func)
+    return click.option("--admin-port", type=int, default=5557, show_default=True)(func)
+
+
+def _admin_address(admin: str | None, admin_port: int) -> str:
+    return admin or f"tcp://127.0.0.1:{admin_port}"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@admin_options
+def pool(as_json, admin_port, admin) -> None:
+    """Show the device and CPU block pools."""
+    data = admin_request("pool", _admin_address(admin, admin_port))
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for name in ("device", "cpu"):
+        c = data[name]
+        click.echo(f"{name:>6}: {c['used']:>7} used  {c['free']:>7} free  {c['total']:>7} total")
+    click.echo(f"running {data['running']}  waiting {data['waiting']}  "
+               f"preemptions {data['preemptions']}")
+
+
+@main.command()
+@admin_options
+def health(admin_port, admin) -> None:
+    """Exit 0 when the scheduler is up and an executor is ready, 1 otherwise."""
+    try:
+        data = admin_request("health", _admin_address(admin, admin_port), timeout_s=3.0)
+    except click.ClickException as exc:
+        click.echo(exc.message, err=True)
+        sys.exit(1)
+    click.echo(json.dumps(data))
+    sys.exit(0 if data.get("status") == "ready" else 1)
+
+
+if __name__ == "__main__":
+    main()

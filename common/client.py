@@ -1,0 +1,270 @@
+"""Client library: submit prompts to a pagedserve scheduler and read vLLM-shaped outputs.
+
+    from common.client import Client
+    from common.sampling import SamplingParams
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        out = client.generate("The capital of France is", SamplingParams(max_tokens=12))
+        print(out.outputs[0].text)
+
+``AsyncClient`` offers the same methods as coroutines. ``Client`` runs an ``AsyncClient``
+on a private event-loop thread, so one ``Client`` may be shared by many threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Sequence
+
+import zmq
+import zmq.asyncio
+
+from common import protocol as p
+from common.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class PagedServeError(Exception):
+    """Base of every error the client raises."""
+
+
+class InvalidRequestError(PagedServeError, ValueError):
+    """The scheduler refused the request (bad prompt or sampling params); do not retry."""
+
+
+class ServerError(PagedServeError):
+    """The server failed the request or could not understand the client."""
+
+
+class ServerTimeoutError(PagedServeError, TimeoutError):
+    """No word from the server within the client's timeout; the request may be retried."""
+
+    retriable = True
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request, as vLLM's ``CompletionOutput``."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None   # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A request's output, as vLLM's ``RequestOutput``; in ``stream`` only the new part."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+class AsyncClient:
+    """asyncio client; ``timeout`` is how long the server may stay silent (it sends a
+    heartbeat every second while requests are live) before ``ServerTimeoutError``."""
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0):
+        self.address = address
+        self.timeout = timeout
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self._ctx.destroy(linger=0)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> RequestOutput:
+        """Generate completions for one prompt (text or token ids) and return them whole."""
+        total = None
+        async for delta in self._run(prompt, params, request_id, stream=False):
+            total = delta if total is None else _merge(total, delta)
+        return total
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield a ``RequestOutput`` per step holding only the new text and tokens;
+        the deltas concatenate to what ``generate`` returns."""
+        async for delta in self._run(prompt, params, request_id, stream=True):
+            yield delta
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its output ends with finish_reason "abort"."""
+        await self._sock.send(p.encode(p.AbortRequest(request_id=request_id)))
+
+    async def _run(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
+                   stream: bool) -> AsyncIterator[RequestOutput]:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request_id {request_id!r} is already live")
+        msg = p.GenerateRequest(request_id=request_id, params=params.to_dict(), stream=stream)
+        if isinstance(prompt, str):
+            msg.prompt = prompt
+        else:
+            msg.prompt_token_ids = list(prompt)
+        self._start_reader()
+        queue = self._queues[request_id] = asyncio.Queue()
+        finished = False
+        try:
+            await self._sock.send(p.encode(msg))
+            prompt_ids: list[int] = []
+            while not finished:
+                out = await self._next(queue, request_id)
+                if out.prompt_token_ids is not None:
+                    prompt_ids = out.prompt_token_ids.tolist()
+                finished = out.finished
+                yield _to_output(out, prompt if isinstance(prompt, str) else None, prompt_ids)
+        finally:
+            del self._queues[request_id]
+            if not finished:
+                await self.abort(request_id)
+
+    async def _next(self, queue: asyncio.Queue, request_id: str) -> p.RequestOutputMsg:
+        while True:
+            try:
+                msg = await asyncio.wait_for(queue.get(), self.timeout)
+            except asyncio.TimeoutError:
+                raise ServerTimeoutError(
+                    f"no reply from {self.address} for {self.timeout:g} s on request "
+                    f"{request_id}: is the scheduler running?") from None
+            if isinstance(msg, p.ErrorMsg):
+                raise _error(msg)
+            if msg is not None:  # None is a heartbeat: the server is alive, keep waiting
+                return msg
+
+    def _start_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            payload = await self._sock.recv()
+            try:
+                msg = p.decode(payload, (p.RequestOutputMsg, p.ErrorMsg, p.Heartbeat))
+            except p.ProtocolError as exc:
+                msg = p.ErrorMsg(code="protocol_error", message=f"bad reply from server: {exc}")
+            if isinstance(msg, p.Heartbeat) or (isinstance(msg, p.ErrorMsg)
+                                                and msg.request_id is None):
+                targets = list(self._queues.values())  # belongs to every live request
+            else:
+                targets = [q for q in [self._queues.get(msg.request_id)] if q is not None]
+            for queue in targets:
+                queue.put_nowait(None if isinstance(msg, p.Heartbeat) else msg)
+
+
+class Client:
+    """Blocking client with the methods of ``AsyncClient``; safe to share between threads."""
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="pagedserve-client")
+        self._thread.start()
+        self._async = self._call(_make_async(address, timeout))
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def generate(self, prompt: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 request_id: str | None = None) -> RequestOutput | list[RequestOutput]:
+        """Generate for one prompt, or for a list of prompts submitted together (they
+        batch on the server; ``params`` may then be one per prompt), returning outputs
+        in the same order."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            many = params if isinstance(params, list) else [params] * len(prompt)
+            if len(many) != len(prompt):
+                raise ValueError(f"{len(prompt)} prompts but {len(many)} sampling params")
+
+            async def gather():
+                return await asyncio.gather(*(self._async.generate(x, sp)
+                                              for x, sp in zip(prompt, many)))
+            return self._call(gather())
+        return self._call(self._async.generate(prompt, params, request_id))
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Yield per-step deltas, as ``AsyncClient.stream``."""
+        agen = self._async.stream(prompt, params, request_id)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    def abort(self, request_id: str) -> None:
+        self._call(self._async.abort(request_id))
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+async def _make_async(address: str, timeout: float) -> AsyncClient:
+    return AsyncClient(address, timeout)
+
+
+def _to_output(msg: p.RequestOutputMsg, prompt: str | None, prompt_ids: list[int]) -> RequestOutput:
+    return RequestOutput(
+        request_id=msg.request_id, prompt=prompt, prompt_token_ids=prompt_ids,
+        finished=msg.finished,
+        outputs=[CompletionOutput(index=d.index, text=d.text, token_ids=d.token_ids.tolist(),
+                                  cumulative_logprob=d.cumulative_logprob,
+                                  logprobs=d.logprobs, finish_reason=d.finish_reason,
+                                  stop_reason=d.stop_reason) for d in msg.outputs])
+
+
+def _merge(total: RequestOutput, delta: RequestOutput) -> RequestOutput:
+    for out, new in zip(total.outputs, delta.outputs):
+        out.text += new.text
+        out.token_ids += new.token_ids
+        if new.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + new.logprobs
+        out.cumulative_logprob = new.cumulative_logprob
+        out.finish_reason, out.stop_reason = new.finish_reason, new.stop_reason
+    total.finished = delta.finished
+    return total
+
+
+def _error(msg: p.ErrorMsg) -> PagedServeError:
+    if msg.code == "invalid_request":
+        return InvalidRequestError(msg.message)
+    return ServerError(f"{msg.code}: {msg.message}")

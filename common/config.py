@@ -1,0 +1,119 @@
+"""Validated configuration of the two services, and where the local model cache lives."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Root of pagedserve's local cache: ``$PAGEDSERVE_CACHE`` or ``~/.cache/pagedserve``."""
+    return Path(os.environ.get("PAGEDSERVE_CACHE") or Path.home() / ".cache" / "pagedserve")
+
+
+def default_model_dir() -> Path:
+    """The HF directory that ``pagedserve prepare-model`` writes the default model to."""
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+@dataclass
+class SchedulerConfig:
+    """Settings of the scheduler service (``pagedserve scheduler``)."""
+
+    model: str | None = None            # HF model directory: tokenizer and context limits
+    block_size: int = 16                # tokens per KV block
+    max_num_seqs: int = 256             # sequences in one step at most
+    max_num_batched_tokens: int | None = None  # tokens in one step; default max(2048, context)
+    max_model_len: int | None = None    # context limit; default the model's own
+    watermark: float = 0.01             # fraction of device blocks kept free when admitting
+    host: str = "127.0.0.1"
+    client_port: int = 5555
+    executor_port: int = 5556
+    admin_port: int = 5557
+    log_format: str = "console"
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive_or_none("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_or_none("max_model_len", self.max_model_len)
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        for name in ("client_port", "executor_port", "admin_port"):
+            _port(name, getattr(self, name))
+        _log_format(self.log_format)
+
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else default_model_dir()
+
+
+@dataclass
+class ExecutorConfig:
+    """Settings of the executor service (``pagedserve executor``)."""
+
+    model: str | None = None
+    scheduler: str = "tcp://127.0.0.1:5556"
+    device: str = "cpu"
+    dtype: str = "auto"
+    kv_cache_gb: float | None = None    # CPU device: KV pool size (default 4 GiB)
+    num_device_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card's memory to use
+    swap_space_gb: float = 4.0
+    num_cpu_blocks: int | None = None
+    attention_backend: str = "torch"
+    tensor_parallel_size: int = 1
+    log_format: str = "console"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_gb is not None and self.num_device_blocks is not None:
+            raise ValueError("give kv_cache_gb or num_device_blocks, not both")
+        _positive_or_none("kv_cache_gb", self.kv_cache_gb)
+        _positive_or_none("num_device_blocks", self.num_device_blocks)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.swap_space_gb < 0:
+            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
+        if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
+            raise ValueError(f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+        if self.attention_backend != "torch":
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not available; "
+                             f"this build has: torch")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not "
+                             f"supported yet; use 1")
+        _log_format(self.log_format)
+
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else default_model_dir()
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _positive_or_none(name: str, value) -> None:
+    if value is not None:
+        _positive(name, value)
+
+
+def _port(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"{name} must be a TCP port in 1..65535, got {value!r}")
+
+
+def _log_format(value: str) -> None:
+    if value not in ("json", "console"):
+        raise ValueError(f"log_format must be json or console, got {value!r}")

@@ -1,0 +1,56 @@
+"""Command-line options of the two services, shared by their commands and ``pagedserve up``.
+
+Each option's name is the matching ``SchedulerConfig`` / ``ExecutorConfig`` field.
+"""
+from __future__ import annotations
+
+import click
+
+SCHEDULER_OPTIONS = [
+    click.option("--block-size", type=int, default=16, show_default=True,
+                 help="Tokens per KV cache block."),
+    click.option("--max-num-seqs", type=int, default=256, show_default=True,
+                 help="Sequences computed in one step at most."),
+    click.option("--max-num-batched-tokens", type=int, default=None,
+                 help="Tokens computed in one step at most [default: max(2048, context)]."),
+    click.option("--max-model-len", type=int, default=None,
+                 help="Context length limit [default: the model's]."),
+    click.option("--host", default="127.0.0.1", show_default=True,
+                 help="Address the scheduler's sockets bind to."),
+    click.option("--client-port", type=int, default=5555, show_default=True),
+    click.option("--executor-port", type=int, default=5556, show_default=True),
+    click.option("--admin-port", type=int, default=5557, show_default=True),
+]
+
+EXECUTOR_OPTIONS = [
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                 default="auto", show_default=True,
+                 help="Weights and KV cache dtype (auto: float32 on CPU, half on CUDA)."),
+    click.option("--kv-cache-gb", type=float, default=None,
+                 help="KV pool size in GiB [default: 4 on CPU; CUDA: what the profiling "
+                      "pass leaves]."),
+    click.option("--num-device-blocks", type=int, default=None,
+                 help="KV pool size in blocks (instead of --kv-cache-gb)."),
+    click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True),
+    click.option("--swap-space-gb", type=float, default=4.0, show_default=True,
+                 help="CPU swap space for preempted sequences, in GiB."),
+    click.option("--num-cpu-blocks", type=int, default=None,
+                 help="CPU swap space in blocks (instead of --swap-space-gb)."),
+    click.option("--attention-backend", type=click.Choice(["torch"]), default="torch",
+                 show_default=True),
+    click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
+]
+
+SHARED_OPTIONS = [
+    click.option("--model", type=click.Path(file_okay=False), default=None,
+                 help="HF model directory [default: the prepared SmolLM2-135M-Instruct]."),
+    click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
+                 show_default=True),
+]
+
+
+def apply(options: list, func):
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -1,0 +1,285 @@
+"""The wire protocol: versioned msgpack messages between clients, scheduler and executor.
+
+Every message is a msgpack map ``{"v": PROTOCOL_VERSION, "type": <name>, ...fields}``.
+Arrays of ints travel as packed little-endian int32 bytes (``Ints``), arrays of floats as
+packed float32 bytes (``Floats``); both decode to numpy arrays. ``decode`` validates the
+version, the type and every field, and raises ``ProtocolError`` naming what was wrong, so
+a bad message is answered with an error instead of crashing a service.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NewType
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+Ints = NewType("Ints", np.ndarray)      # packed little-endian int32 on the wire
+Floats = NewType("Floats", np.ndarray)  # packed little-endian float32 on the wire
+_ARRAY_DTYPES = {Ints: np.dtype("<i4"), Floats: np.dtype("<f4")}
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or fails validation; the text says which field."""
+
+
+# ---------------------------------------------------------------- client <-> scheduler
+
+@dataclass
+class GenerateRequest:
+    TYPE: ClassVar[str] = "generate"
+    request_id: str                 # chosen by the client, unique among its live requests
+    params: dict                    # SamplingParams.to_dict(); validated again by the scheduler
+    stream: bool                    # true: a delta every step; false: one final output
+    prompt: str | None = None       # text prompt, or ...
+    prompt_token_ids: Ints | None = None  # ... token ids (exactly one of the two)
+
+
+@dataclass
+class AbortRequest:
+    TYPE: ClassVar[str] = "abort"
+    request_id: str
+
+
+@dataclass
+class CompletionDelta:
+    TYPE: ClassVar[str] = "completion"
+    index: int                      # which of the request's completions
+    text: str                       # new text since the previous message
+    token_ids: Ints                 # new token ids since the previous message
+    cumulative_logprob: float       # sum of the sampled tokens' logprobs so far
+    finish_reason: str | None = None      # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    logprobs: list | None = None    # per new token: {token_id: logprob} of the top-N, if asked
+
+
+@dataclass
+class RequestOutputMsg:
+    TYPE: ClassVar[str] = "output"
+    request_id: str
+    outputs: list[CompletionDelta]
+    finished: bool
+    prompt_token_ids: Ints | None = None  # in the first message of a request only
+
+
+@dataclass
+class ErrorMsg:
+    TYPE: ClassVar[str] = "error"
+    code: str                       # invalid_request | protocol_error | overloaded | internal
+    message: str
+    request_id: str | None = None   # set when the error belongs to one request
+
+
+@dataclass
+class Heartbeat:
+    TYPE: ClassVar[str] = "heartbeat"
+    # sent to clients with live requests at least once a second, so silence means trouble
+
+
+# ---------------------------------------------------------------- executor <-> scheduler
+
+@dataclass
+class RegisterExecutor:
+    TYPE: ClassVar[str] = "register"
+    model: str                      # model directory the executor loaded
+    architecture: str
+    vocab_size: int
+    max_position_embeddings: int
+    dtype: str                      # weights and KV cache dtype
+    device: str
+    kv_bytes_per_token: int         # all layers, K and V
+
+
+@dataclass
+class ConfigureExecutor:
+    TYPE: ClassVar[str] = "configure"
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass
+class ExecutorReady:
+    TYPE: ClassVar[str] = "ready"
+    num_device_blocks: int
+    num_cpu_blocks: int
+
+
+@dataclass
+class NewSeq:
+    TYPE: ClassVar[str] = "new_seq"
+    seq_id: int
+    token_ids: Ints                 # every known token: the prompt, plus outputs when recomputed
+    block_table: Ints               # blocks for the tokens computed this step
+    params: dict                    # SamplingParams.to_dict()
+    num_computed_tokens: int = 0    # leading tokens whose KV is already in the cache
+
+
+@dataclass
+class StepPlan:
+    TYPE: ClassVar[str] = "step"
+    step: int
+    removed: Ints                   # finished or preempted seq ids: drop their state first
+    new_seqs: list[NewSeq]          # sequences the executor has not seen (or must recompute)
+    seq_ids: Ints                   # sequences computed this step, in batch order
+    num_tokens: Ints                # tokens each computes this step (1 for a decode)
+    block_appends: Ints             # flat (seq_id, block_id) pairs: blocks appended to tables
+
+
+@dataclass
+class TopLogprobs:
+    TYPE: ClassVar[str] = "top_logprobs"
+    seq_id: int
+    token_ids: Ints                 # the N most likely tokens, most likely first
+    logprobs: Floats
+
+
+@dataclass
+class StepResult:
+    TYPE: ClassVar[str] = "result"
+    step: int
+    seq_ids: Ints                   # sequences that sampled a token this step
+    token_ids: Ints                 # the sampled tokens, same order
+    logprobs: Floats                # the sampled tokens' logprobs, same order
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # for seqs that asked
+    execute_ms: float = 0.0         # executor time for the step, for metrics
+
+
+MESSAGES = {cls.TYPE: cls for cls in (
+    GenerateRequest, AbortRequest, RequestOutputMsg, ErrorMsg, Heartbeat,
+    RegisterExecutor, ConfigureExecutor, ExecutorReady, StepPlan, StepResult)}
+
+
+# ---------------------------------------------------------------- encode / decode
+
+def encode(msg) -> bytes:
+    """Serialise a message dataclass to msgpack bytes, tagged with version and type."""
+    return msgpack.packb(_to_wire(msg), use_bin_type=True)
+
+
+def decode(data: bytes, expected: tuple[type, ...] | None = None):
+    """Parse and validate one message; ``expected`` limits which types are acceptable."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"malformed msgpack message ({type(exc).__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"a message must be a map, got {type(raw).__name__}")
+    version = raw.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r}; "
+                            f"this service speaks version {PROTOCOL_VERSION}")
+    kind = raw.get("type")
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None or (expected is not None and cls not in expected):
+        allowed = sorted(c.TYPE for c in expected) if expected else sorted(MESSAGES)
+        raise ProtocolError(f"unknown message type {kind!r}; expected one of {allowed}")
+    return _from_wire(cls, raw, kind)
+
+
+def pack_ints(values) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def _to_wire(msg) -> dict:
+    out = {"v": PROTOCOL_VERSION, "type": msg.TYPE} if msg.TYPE in MESSAGES else {}
+    hints = _hints(type(msg))
+    for f in dataclasses.fields(msg):
+        out[f.name] = _value_to_wire(getattr(msg, f.name), hints[f.name])
+    return out
+
+
+def _value_to_wire(value, hint=None):
+    if value is None:
+        return None
+    dtype = _ARRAY_DTYPES.get(hint) or _ARRAY_DTYPES.get(_optional_of(hint))
+    if dtype is not None:
+        return np.ascontiguousarray(value, dtype=dtype).tobytes()
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value, dtype="<f4" if value.dtype.kind == "f" else "<i4").tobytes()
+    if dataclasses.is_dataclass(value):
+        return _to_wire(value)
+    if isinstance(value, list):
+        return [_value_to_wire(v) for v in value]
+    return value
+
+
+def _optional_of(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 else None
+
+
+def _from_wire(cls, raw: dict, where: str):
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"missing field {f.name!r} in {where!r}")
+            continue
+        kwargs[f.name] = _check(hints[f.name], raw[f.name], f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def _check(hint, value, where: str):
+    """Validate ``value`` against a field's type hint and convert packed arrays."""
+    if hint in _ARRAY_DTYPES:
+        dtype = _ARRAY_DTYPES[hint]
+        if not isinstance(value, bytes) or len(value) % dtype.itemsize:
+            raise ProtocolError(f"field {where!r} must be packed {dtype.itemsize}-byte "
+                                f"little-endian values, got {_describe(value)}")
+        return np.frombuffer(value, dtype=dtype)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check(option, value, where)
+            except ProtocolError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"field {where!r} must be a list, got {_describe(value)}")
+        item = args[0] if args else Any
+        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"field {where!r} must be a map, got {_describe(value)}")
+        return _from_wire(hint, value, where)
+    return _check_scalar(hint, value, where)
+
+
+def _check_scalar(hint, value, where: str):
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ProtocolError(f"field {where!r} must be int, got bool")
+    base = typing.get_origin(hint) or hint
+    if not isinstance(value, base):
+        raise ProtocolError(f"field {where!r} must be {base.__name__}, got {_describe(value)}")
+    return value
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]

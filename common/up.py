@@ -1,0 +1,93 @@
+"""``pagedserve up``: run the scheduler and the executor locally as two processes."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from common import options
+from common.config import default_model_dir
+
+
+def _names(option_list: list) -> list[str]:
+    return [param.name for param in options.apply(option_list, lambda **_: None).__click_params__]
+
+
+def _flags(kwargs: dict, names: list[str]) -> list[str]:
+    flags = []
+    for name in names:
+        if kwargs.get(name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(kwargs[name])]
+    return flags
+
+
+def _service(name: str, flags: list[str]) -> subprocess.Popen:
+    # A new session: Ctrl-C reaches only `up`, which then stops the services in order.
+    return subprocess.Popen([sys.executable, "-m", "common.cli", name, *flags],
+                            start_new_session=True)
+
+
+@click.command("up")
+@click.option("--ready-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for the executor to load the model and register.")
+@lambda f: options.apply(options.SCHEDULER_OPTIONS + options.EXECUTOR_OPTIONS
+                         + options.SHARED_OPTIONS, f)
+def main(ready_timeout: float, **kwargs) -> None:
+    """Start scheduler and executor locally, wait until ready, print the endpoints.
+
+    Prepares the default model first if it is missing. Ctrl-C stops both services."""
+    if kwargs["model"] is None and not (default_model_dir() / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "common.cli", "prepare-model"], check=True)
+    shared = _names(options.SHARED_OPTIONS)
+    scheduler = _service("scheduler", _flags(kwargs, _names(options.SCHEDULER_OPTIONS) + shared))
+    connect_host = "127.0.0.1" if kwargs["host"] in ("0.0.0.0", "*") else kwargs["host"]
+    executor = _service("executor", [
+        "--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
+        *_flags(kwargs, _names(options.EXECUTOR_OPTIONS) + shared)])
+    services = [scheduler, executor]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        _wait_ready(services, f"tcp://{connect_host}:{kwargs['admin_port']}", ready_timeout)
+        click.echo(f"pagedserve ready\n"
+                   f"  client    tcp://{kwargs['host']}:{kwargs['client_port']}\n"
+                   f"  admin     tcp://{kwargs['host']}:{kwargs['admin_port']}\n"
+                   f"  executor  tcp://{kwargs['host']}:{kwargs['executor_port']}\n"
+                   f"Ctrl-C stops both services.", err=False)
+        while all(s.poll() is None for s in services):
+            time.sleep(0.2)
+        raise click.ClickException("a service exited; stopping the other")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop(services)
+
+
+def _wait_ready(services: list[subprocess.Popen], admin: str, timeout_s: float) -> None:
+    from common.cli import admin_request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(s.poll() is not None for s in services):
+            raise click.ClickException("a service exited during start-up (see its log above)")
+        try:
+            if admin_request("health", admin, timeout_s=1.0).get("status") == "ready":
+                return
+        except click.ClickException:
+            pass
+        time.sleep(0.3)
+    raise click.ClickException(f"not ready after {timeout_s:g} s")
+
+
+def _stop(services: list[subprocess.Popen]) -> None:
+    for service in reversed(services):  # executor first, then the scheduler
+        if service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+    for service in services:
+        try:
+            service.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()

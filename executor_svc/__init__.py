@@ -1,0 +1,1 @@
+"""Executor service: cache engine, paged model, attention backends, sampler."""

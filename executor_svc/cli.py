@@ -1,0 +1,29 @@
+"""``pagedserve executor``: run the executor service in the foreground."""
+from __future__ import annotations
+
+import signal
+
+import click
+
+from common import options
+from common.config import ExecutorConfig
+from common.log import setup_logging
+
+
+@click.command("executor")
+@click.option("--scheduler", default="tcp://127.0.0.1:5556", show_default=True,
+              help="The scheduler's executor endpoint.")
+@lambda f: options.apply(options.EXECUTOR_OPTIONS + options.SHARED_OPTIONS, f)
+def main(**kwargs) -> None:
+    """Run the executor: model, KV cache and sampler; registers with the scheduler."""
+    try:
+        config = ExecutorConfig(**kwargs)
+        setup_logging(config.log_format)
+        from executor_svc.service import ExecutorService
+
+        service = ExecutorService(config)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve_forever()

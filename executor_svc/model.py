@@ -1,0 +1,321 @@
+"""Our paged implementation of the Llama family (Llama, Mistral, Qwen2, SmolLM) and its weight loader.
+
+The numerics follow transformers' own modeling code op for op (RoPE tables in float32, RMSNorm in
+float32), so greedy outputs match ``generate``; attention goes through the paged KV cache instead.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from executor_svc.attention import AttentionMetadata, attend, write_kv
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# RoPE types whose frequencies do not depend on the sequence length, so one table serves all steps.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a Llama-family checkpoint, read from its config.json as transformers reads it."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    max_position_embeddings: int
+    sliding_window: int | None  # None: every layer attends to the whole context
+    torch_dtype: torch.dtype  # the dtype the checkpoint was saved in
+    rope_type: str
+    hf_config: PretrainedConfig = field(repr=False)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """Parse and validate ``model_dir/config.json``; an unsupported model is a ``ValueError``."""
+        hf = AutoConfig.from_pretrained(model_dir)
+        architecture = (getattr(hf, "architectures", None) or ["<none>"])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {architecture!r} in {model_dir}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        num_kv_heads = hf.num_key_value_heads or hf.num_attention_heads
+        _check_supported(hf, num_kv_heads)
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            architecture=architecture,
+            num_layers=hf.num_hidden_layers,
+            hidden_size=hf.hidden_size,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            intermediate_size=hf.intermediate_size,
+            vocab_size=hf.vocab_size,
+            rms_norm_eps=hf.rms_norm_eps,
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
+            o_proj_bias=attention_bias,
+            max_position_embeddings=hf.max_position_embeddings,
+            sliding_window=_sliding_window(hf),
+            torch_dtype=_as_dtype(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)),
+            rope_type=hf.rope_parameters["rope_type"],
+            hf_config=hf,
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest context this model serves exactly: past a sliding window our full attention
+        would see tokens the model's own attention does not."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+
+def _check_supported(hf: PretrainedConfig, num_kv_heads: int) -> None:
+    if hf.num_attention_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads ({hf.num_attention_heads}) must be a multiple of "
+                         f"num_key_value_heads ({num_kv_heads})")
+    if hf.hidden_act != "silu":
+        raise ValueError(f"unsupported hidden_act {hf.hidden_act!r}; only 'silu' is supported")
+    if getattr(hf, "mlp_bias", False):
+        raise ValueError("unsupported mlp_bias=True; only bias-free MLPs are supported")
+    rope_type = hf.rope_parameters["rope_type"]
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r} (its frequencies depend on the sequence "
+                         f"length); supported: {', '.join(STATIC_ROPE_TYPES)}")
+
+
+def _sliding_window(hf: PretrainedConfig) -> int | None:
+    # Qwen2 lists which layers slide (none unless use_sliding_window); Mistral slides in every layer.
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(hf, "sliding_window", None)
+
+
+def _as_dtype(value) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    return value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."))
+
+
+class RotaryEmbedding:
+    """cos/sin of every position up to ``max_position_embeddings``, built once in float32 exactly as
+    transformers' rotary embedding builds them for each step, then looked up by position."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str):
+        if config.rope_type == "default":
+            inv_freq, scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config.hf_config)
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[config.rope_type](config.hf_config)
+        if inv_freq.numel() * 2 != config.head_dim:
+            raise ValueError(f"RoPE covers {inv_freq.numel() * 2} of head_dim {config.head_dim} dims; "
+                             "partial rotary embeddings are not supported")
+        positions = torch.arange(config.max_position_embeddings, device=device).float()
+        freqs = positions[:, None] * inv_freq.to(device)[None, :]
+        self.cos = freqs.cos() * scaling
+        self.sin = freqs.sin() * scaling
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cos, sin = self.cos[positions], self.sin[positions]
+        return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ([T, heads, head_dim]) by its tokens' angles (rotate-half layout, as HF)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MergedLinear(nn.Linear):
+    """One matmul for checkpoint projections that read the same input (q/k/v, gate/up);
+    ``parts`` maps each projection's checkpoint name to its output size, in output order."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts
+        self.sizes = list(parts.values())
+
+    def shards(self, param: Tensor) -> dict[str, Tensor]:
+        """Each projection's rows of ``param`` (weight or bias), as views."""
+        return dict(zip(self.parts, param.split(self.sizes)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                                     bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.scale = config.head_dim ** -0.5
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, -1)
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *rope)
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
+        write_kv(k, v.view(-1, self.num_kv_heads, self.head_dim), *kv_cache, meta.slot_mapping)
+        out = attend(q, *kv_cache, meta, self.scale)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=False)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class PagedLlamaForCausalLM(nn.Module):
+    """A Llama-family decoder whose attention reads and writes the paged KV cache.
+
+    Parameter names mirror the HF checkpoint's, except that q/k/v and gate/up are merged.
+    """
+
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.config = config
+        self.rope = rope
+        self.model = LlamaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Hidden states ``[T, hidden]`` of the step's new tokens (all sequences packed in batch
+        order); their K/V are written to ``kv_caches`` (one (K, V) pair per layer) on the way."""
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rope(positions, x.dtype)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, rope, meta, kv_cache)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Float32 logits ``[N, vocab]`` of the given hidden states."""
+        tied = self.config.tie_word_embeddings
+        weight = self.model.embed_tokens.weight if tied else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> PagedLlamaForCausalLM:
+    """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
+    possibly sharded) with weights in ``dtype`` on ``device``, in eval mode."""
+    config = ModelConfig.from_model_dir(model_dir)
+    rope = RotaryEmbedding(config, device)
+    with torch.device("meta"):
+        model = PagedLlamaForCausalLM(config, rope)
+    model = model.to(dtype).to_empty(device=device)  # allocate without initialising: every weight is loaded
+    load_weights(model, Path(model_dir))
+    return model.eval()
+
+
+def load_weights(model: PagedLlamaForCausalLM, model_dir: Path) -> None:
+    """Copy every checkpoint tensor into its (slice of a) parameter; a missing or unexpected tensor
+    is a ``ValueError`` naming it."""
+    targets = _weight_targets(model)
+    files = {}
+    for file in _checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            files.update((name, file) for name in f.keys() if not _ignored(name, model.config))
+    _check_names(set(files), set(targets), model_dir)
+    for file in sorted(set(files.values())):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name in targets:
+                    _copy(targets[name], f.get_tensor(name), name)
+
+
+def _weight_targets(model: nn.Module) -> dict[str, Tensor]:
+    """Checkpoint tensor name -> the parameter data (or rows of it) that tensor loads into."""
+    targets = {}
+    for module_name, module in model.named_modules():
+        for kind, param in module.named_parameters(recurse=False):
+            if isinstance(module, MergedLinear):
+                prefix = module_name.rpartition(".")[0]
+                targets.update((f"{prefix}.{part}.{kind}", rows) for part, rows in module.shards(param.data).items())
+            else:
+                targets[f"{module_name}.{kind}"] = param.data
+    return targets
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    # Old checkpoints carry the RoPE buffer; tied checkpoints may still carry a copy of the embedding.
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({model_dir / name for name in json.loads(index.read_text())["weight_map"].values()})
+    if (model_dir / "model.safetensors").exists():
+        return [model_dir / "model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def _check_names(found: set[str], expected: set[str], model_dir: Path) -> None:
+    problems = [f"{what}: {', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}"
+                for what, names in (("missing", expected - found), ("unexpected", found - expected)) if names]
+    if problems:
+        raise ValueError(f"checkpoint in {model_dir} does not match the model; " + "; ".join(problems))
+
+
+def _copy(dst: Tensor, src: Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"tensor {name} has shape {tuple(src.shape)} in the checkpoint, "
+                         f"the model expects {tuple(dst.shape)}")
+    dst.copy_(src)

@@ -1,0 +1,75 @@
+"""The sampler: from each sequence's logits to its next token and the logprobs the request asked for."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from common.sampling import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    """What one step sampled, one row per sequence."""
+
+    token_ids: Tensor  # [S] int64
+    logprobs: Tensor  # [S] float32: the sampled token's log-prob under the model's raw distribution
+    top_token_ids: Tensor  # [S, K] int64, most likely first; K = the largest `logprobs` asked in the batch
+    top_logprobs: Tensor  # [S, K] float32
+
+
+class Sampler:
+    """Greedy rows take the argmax; the others apply temperature, then top-k, then top-p, then draw.
+
+    A row with a generator (a seeded request) draws only from it, so its tokens do not depend on
+    what else is in the batch; rows without one share a draw from torch's default generator.
+    """
+
+    def __call__(self, logits: Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> SamplerOutput:
+        logprobs = torch.log_softmax(logits, -1)
+        token_ids = logits.argmax(-1)
+        if not all(p.greedy for p in params):
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            token_ids = torch.where(greedy, token_ids, _sample(logits, params, generators))
+        num_top = max((p.logprobs or 0 for p in params), default=0)
+        top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs.gather(-1, token_ids[:, None]).squeeze(1),
+                             top_token_ids=top_token_ids, top_logprobs=top_logprobs)
+
+
+def _sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    # Greedy rows get temperature 1 here; their draw is discarded.
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    logits = logits / temperature[:, None]
+    if any(p.top_k or p.top_p < 1 for p in params):
+        logits = _top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    probs = logits.softmax(-1)
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i.
+    return probs.div_(_exponential_noise(probs, generators)).argmax(-1)
+
+
+def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+    """Mask (to -inf) all but each row's top-k tokens, then all but the smallest set of those
+    whose probability reaches top-p. top_k 0 and top_p 1 disable."""
+    vocab = logits.shape[-1]
+    k = torch.tensor([k or vocab for k in top_k], device=logits.device)
+    p = torch.tensor(top_p, device=logits.device)
+    sorted_logits, order = logits.sort(-1, descending=True)
+    sorted_logits.masked_fill_(torch.arange(vocab, device=logits.device) >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    # The top token always stays (mass before it is 0); p == 1 rows are left alone even where the
+    # float cumsum rounds up to 1.
+    sorted_logits.masked_fill_((mass_before >= p[:, None]) & (p < 1)[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _exponential_noise(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    # exponential_ can return exactly 0, and 0 / 0 = NaN would win the argmax for a masked token.
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

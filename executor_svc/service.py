@@ -1,0 +1,143 @@
+"""The executor service: load the model, register with the scheduler, apply step plans.
+
+Handshake: ``register`` (model shape) -> ``configure`` (block size and budgets, from the
+scheduler) -> size the KV pool -> ``ready`` (block counts). Then every ``step`` plan is
+answered by one ``result``, or by an ``error`` when the plan is invalid.
+"""
+from __future__ import annotations
+
+import torch
+import zmq
+
+from common import protocol as p
+from common.config import ExecutorConfig
+from common.log import get_logger
+from executor_svc.cache_engine import CacheEngine
+from executor_svc.model import ModelConfig, load_model
+from executor_svc.model_runner import ModelRunner, PlanError
+
+log = get_logger("executor")
+REGISTER_RETRY_MS = 2000
+GIB = 1 << 30
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (exact, and the reference for tests); on CUDA the
+    checkpoint's half-precision dtype, with float32 checkpoints served in bfloat16."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    return model_config.torch_dtype if model_config.torch_dtype != torch.float32 else torch.bfloat16
+
+
+class ExecutorService:
+    def __init__(self, config: ExecutorConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        model_dir = str(config.model_dir())
+        self.model_config = ModelConfig.from_model_dir(model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        log.info("loading model", model=model_dir, dtype=str(self.dtype), device=str(self.device))
+        self.model = load_model(model_dir, self.dtype, self.device)
+        self.model_dir = model_dir
+        self.runner: ModelRunner | None = None
+        self._stopped = False
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(config.scheduler)
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def serve_forever(self) -> None:
+        try:
+            configure = self._register()
+            if configure is not None:
+                self._start_cache(configure)
+                self._loop()
+        finally:
+            self.ctx.destroy(linger=0)
+            log.info("executor stopped")
+
+    def _register(self) -> p.ConfigureExecutor | None:
+        """Announce the model until the scheduler answers with its configuration."""
+        register = p.encode(p.RegisterExecutor(
+            model=self.model_dir, architecture=self.model_config.architecture,
+            vocab_size=self.model_config.vocab_size,
+            max_position_embeddings=self.model_config.max_position_embeddings,
+            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+            kv_bytes_per_token=CacheEngine.bytes_per_block(self.model_config, 1, self.dtype)))
+        log.info("registering with scheduler", scheduler=self.config.scheduler)
+        while not self._stopped:
+            self.sock.send(register)
+            if not self.sock.poll(REGISTER_RETRY_MS):
+                continue
+            msg = p.decode(self.sock.recv(), (p.ConfigureExecutor, p.ErrorMsg))
+            if isinstance(msg, p.ErrorMsg):
+                raise RuntimeError(f"scheduler refused registration: {msg.message}")
+            return msg
+        return None
+
+    def _start_cache(self, configure: p.ConfigureExecutor) -> None:
+        num_device = self._num_device_blocks(configure)
+        num_cpu = self.config.num_cpu_blocks
+        if num_cpu is None:
+            num_cpu = CacheEngine.num_blocks_for_bytes(
+                self.model_config, configure.block_size, self.dtype,
+                int(self.config.swap_space_gb * GIB))
+        cache = CacheEngine(self.model_config, configure.block_size, num_device, num_cpu,
+                            self.dtype, self.device)
+        self.runner = ModelRunner(self.model, cache, configure.block_size)
+        self.sock.send(p.encode(p.ExecutorReady(num_device_blocks=num_device,
+                                                num_cpu_blocks=num_cpu)))
+        log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
+                 block_size=configure.block_size)
+
+    def _num_device_blocks(self, configure: p.ConfigureExecutor) -> int:
+        if self.config.num_device_blocks is not None:
+            return self.config.num_device_blocks
+        if self.device.type == "cuda" and self.config.kv_cache_gb is None:
+            free_bytes = self._profile_cuda(configure)
+        else:
+            free_bytes = int((self.config.kv_cache_gb or 4.0) * GIB)
+        num = CacheEngine.num_blocks_for_bytes(self.model_config, configure.block_size,
+                                               self.dtype, free_bytes)
+        if num < 1:
+            raise RuntimeError(f"no memory left for the KV cache ({free_bytes} bytes)")
+        return num
+
+    def _profile_cuda(self, configure: p.ConfigureExecutor) -> int:
+        """Run the largest step the scheduler may send and keep what memory is left."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = configure.max_num_batched_tokens
+        blocks = -(-tokens // configure.block_size)
+        scratch = CacheEngine(self.model_config, configure.block_size, blocks, 0, self.dtype,
+                              self.device)
+        runner = ModelRunner(self.model, scratch, configure.block_size)
+        runner.execute(p.StepPlan(
+            step=0, removed=[], seq_ids=[0], num_tokens=[tokens], block_appends=[],
+            new_seqs=[p.NewSeq(seq_id=0, token_ids=[0] * tokens,
+                               block_table=list(range(blocks)), params={"temperature": 0.0})]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del runner, scratch
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization) - peak
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.sock.poll(200):
+                continue
+            payload = self.sock.recv()
+            try:
+                plan = p.decode(payload, (p.StepPlan,))
+                reply = self.runner.execute(plan)
+            except (p.ProtocolError, PlanError, ValueError) as exc:
+                log.error("rejected plan", error=str(exc))
+                reply = p.ErrorMsg(code="invalid_request", message=str(exc))
+            self.sock.send(p.encode(reply))
+

@@ -1,0 +1,1 @@
+"""The scheduler service: frontend, block manager and scheduling policy; CPU only, never imports torch."""

@@ -1,0 +1,27 @@
+"""``pagedserve scheduler``: run the scheduler service in the foreground."""
+from __future__ import annotations
+
+import signal
+
+import click
+
+from common import options
+from common.config import SchedulerConfig
+from common.log import setup_logging
+
+
+@click.command("scheduler")
+@lambda f: options.apply(options.SCHEDULER_OPTIONS + options.SHARED_OPTIONS, f)
+def main(**kwargs) -> None:
+    """Run the scheduler: block manager, continuous batching, client and admin sockets."""
+    from scheduler_svc.service import SchedulerService
+
+    try:
+        config = SchedulerConfig(**kwargs)
+        setup_logging(config.log_format)
+        service = SchedulerService(config)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve_forever()

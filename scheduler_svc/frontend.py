@@ -1,0 +1,79 @@
+"""Client-facing side of the scheduler: validate requests, tokenize, build output messages."""
+from __future__ import annotations
+
+import itertools
+
+from common.protocol import GenerateRequest, RequestOutputMsg
+from common.sampling import SamplingParams
+from scheduler_svc.output_processor import DeltaTracker
+from scheduler_svc.sequence import Request, Sequence
+from scheduler_svc.tokenizer import Tokenizer
+
+
+class InvalidRequest(ValueError):
+    """A request the scheduler refuses; the message goes back to the client as is."""
+
+
+class Frontend:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.requests: dict[tuple[bytes, str], Request] = {}
+        self.trackers: dict[tuple[bytes, str], DeltaTracker] = {}
+        self._seq_ids = itertools.count()
+
+    def create(self, client: bytes, msg: GenerateRequest) -> Request:
+        """Validate a generate message and build its request; raises ``InvalidRequest``."""
+        if (client, msg.request_id) in self.requests:
+            raise InvalidRequest(f"request_id {msg.request_id!r} is already in use by a live "
+                                 f"request of this client")
+        params = self._params(msg.params)
+        prompt_ids = self._prompt_ids(msg)
+        request = Request(msg.request_id, client, params, prompt_ids, msg.stream)
+        request.seqs.append(Sequence(next(self._seq_ids) % 2**31, prompt_ids, request))
+        self.requests[request.key] = request
+        self.trackers[request.key] = DeltaTracker(request)
+        return request
+
+    def output(self, request: Request) -> RequestOutputMsg:
+        """The next message for the request's client: what changed since the last one."""
+        first = not request.sent_first
+        request.sent_first = True
+        msg = RequestOutputMsg(request_id=request.request_id,
+                               outputs=self.trackers[request.key].deltas(),
+                               finished=request.is_finished,
+                               prompt_token_ids=request.prompt_token_ids if first else None)
+        if msg.finished:
+            del self.requests[request.key]
+            del self.trackers[request.key]
+        return msg
+
+    def _params(self, data: dict) -> SamplingParams:
+        try:
+            params = SamplingParams.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"invalid sampling params: {exc}") from None
+        if params.n > 1 or (params.best_of or 1) > 1:
+            raise InvalidRequest(f"n={params.n}, best_of={params.best_of}: parallel sampling "
+                                 f"is not supported by this server yet; use n=1")
+        if params.beam_width > 1:
+            raise InvalidRequest(f"beam_width={params.beam_width}: beam search is not "
+                                 f"supported by this server yet; use beam_width=1")
+        return params
+
+    def _prompt_ids(self, msg: GenerateRequest) -> list[int]:
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            raise InvalidRequest("give exactly one of prompt and prompt_token_ids")
+        ids = (self.tokenizer.encode(msg.prompt) if msg.prompt is not None
+               else msg.prompt_token_ids.tolist())
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens, but the context holds "
+                                 f"{self.max_model_len} (max_model_len): shorten the prompt")
+        return ids

@@ -1,0 +1,285 @@
+"""The scheduler service: client, executor and admin sockets around the step loop.
+
+One thread, one poller. A step is in flight at most once: the next plan is built only
+after the executor's result for the previous one, which is what lets the scheduler free
+blocks the moment it builds a plan.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import zmq
+
+from common import protocol as p
+from common.config import SchedulerConfig
+from common.log import get_logger
+from scheduler_svc.admin import AdminHandler
+from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.frontend import Frontend, InvalidRequest
+from scheduler_svc.output_processor import OutputProcessor
+from scheduler_svc.scheduler import ScheduledStep, Scheduler
+from scheduler_svc.sequence import Request
+from scheduler_svc.tokenizer import Tokenizer
+
+log = get_logger("scheduler")
+HEARTBEAT_S = 1.0
+IDLE_POLL_MS = 100
+
+
+def read_model_limits(model_dir: Path) -> tuple[int, int]:
+    """(vocab_size, max_position_embeddings) from the model's config.json."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}: is it an HF model directory? "
+                                f"(pagedserve prepare-model creates the default one)")
+    config = json.loads(path.read_text())
+    return int(config["vocab_size"]), int(config.get("max_position_embeddings", 2048))
+
+
+class SchedulerService:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        model_dir = config.model_dir()
+        self.tokenizer = Tokenizer.from_model_dir(model_dir)
+        vocab_size, max_positions = read_model_limits(model_dir)
+        self.max_model_len = min(config.max_model_len or max_positions, max_positions)
+        max_batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
+        if max_batched < self.max_model_len or max_batched < config.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) must be at least max_model_len "
+                f"({self.max_model_len}) and max_num_seqs ({config.max_num_seqs}): a prompt "
+                f"is computed in one step")
+        self.frontend = Frontend(self.tokenizer, vocab_size, self.max_model_len)
+        self.processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.scheduler = Scheduler(None, config.max_num_seqs, max_batched)
+        self.admin_handler = AdminHandler(self)
+        self.executor_id: bytes | None = None
+        self.executor_info: p.RegisterExecutor | None = None
+        self.in_flight: ScheduledStep | None = None
+        self.step_count = 0
+        self._last_sent: dict[bytes, float] = {}
+        self._idle = False
+        self._stopped = False
+        self._bind_sockets()
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler.block_manager is not None
+
+    def _bind_sockets(self) -> None:
+        self.ctx = zmq.Context()
+        host = self.config.host
+        self.clients = self._bind(zmq.ROUTER, host, self.config.client_port)
+        self.executor = self._bind(zmq.ROUTER, host, self.config.executor_port)
+        self.admin = self._bind(zmq.REP, host, self.config.admin_port)
+
+    def _bind(self, kind: int, host: str, port: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            self.ctx.destroy(linger=0)
+            raise OSError(f"cannot bind tcp://{host}:{port}: {exc}") from None
+        return sock
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def serve_forever(self) -> None:
+        log.info("scheduler listening", client=self.config.client_port,
+                 executor=self.config.executor_port, admin=self.config.admin_port,
+                 max_model_len=self.max_model_len)
+        poller = zmq.Poller()
+        for sock in (self.clients, self.executor, self.admin):
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stopped:
+                events = dict(poller.poll(0 if self._can_step() else IDLE_POLL_MS))
+                if events:
+                    self._idle = False
+                if self.clients in events:
+                    self._drain(self.clients, self._on_client)
+                if self.executor in events:
+                    self._drain(self.executor, self._on_executor)
+                if self.admin in events:
+                    self.admin.send(self.admin_handler.handle(self.admin.recv()))
+                self._send_heartbeats()
+                if self._can_step():
+                    self._step()
+        finally:
+            self.ctx.destroy(linger=0)
+            log.info("scheduler stopped")
+
+    def _can_step(self) -> bool:
+        return (self.ready and self.in_flight is None and not self._idle
+                and self.scheduler.has_work)
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(1000):  # bounded, so one busy socket cannot starve the others
+            try:
+                identity, payload = sock.recv_multipart(zmq.NOBLOCK)[-2:]
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # a frame count no peer of ours sends
+            handler(identity, payload)
+
+    # ------------------------------------------------------------ clients
+
+    def _on_client(self, client: bytes, payload: bytes) -> None:
+        try:
+            msg = p.decode(payload, (p.GenerateRequest, p.AbortRequest))
+        except p.ProtocolError as exc:
+            self._send_client(client, p.ErrorMsg(code="protocol_error", message=str(exc)))
+            return
+        if isinstance(msg, p.AbortRequest):
+            self._abort(client, msg.request_id)
+            return
+        try:
+            request = self.frontend.create(client, msg)
+        except InvalidRequest as exc:
+            self._send_client(client, p.ErrorMsg(code="invalid_request", message=str(exc),
+                                                 request_id=msg.request_id))
+            return
+        for seq in request.seqs:
+            self.processor.start(seq)
+            self.scheduler.add(seq)
+        log.debug("request added", request_id=request.request_id, prompt_tokens=len(
+            request.prompt_token_ids))
+
+    def _abort(self, client: bytes, request_id: str) -> None:
+        request = self.frontend.requests.get((client, request_id))
+        if request is None:
+            return  # already finished: nothing to abort
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        self._send_client(client, self.frontend.output(request))
+        log.info("request aborted", request_id=request_id)
+
+    def _send_client(self, client: bytes, msg) -> None:
+        self.clients.send_multipart([client, p.encode(msg)])
+        self._last_sent[client] = time.monotonic()
+
+    def _send_heartbeats(self) -> None:
+        now = time.monotonic()
+        live = {request.client for request in self.frontend.requests.values()}
+        for client in live:
+            if now - self._last_sent.get(client, 0.0) >= HEARTBEAT_S:
+                self._send_client(client, p.Heartbeat())
+        for client in set(self._last_sent) - live:
+            del self._last_sent[client]
+
+    # ------------------------------------------------------------ executor
+
+    def _on_executor(self, identity: bytes, payload: bytes) -> None:
+        try:
+            msg = p.decode(payload, (p.RegisterExecutor, p.ExecutorReady, p.StepResult,
+                                     p.ErrorMsg))
+        except p.ProtocolError as exc:
+            log.error("bad message from executor", error=str(exc))
+            self.executor.send_multipart([identity, p.encode(
+                p.ErrorMsg(code="protocol_error", message=str(exc)))])
+            return
+        if isinstance(msg, p.RegisterExecutor):
+            self._on_register(identity, msg)
+        elif identity != self.executor_id:
+            log.warning("message from an unregistered executor ignored", type=msg.TYPE)
+        elif isinstance(msg, p.ExecutorReady):
+            self._on_ready(msg)
+        elif isinstance(msg, p.StepResult):
+            self._on_result(msg)
+        else:
+            self._on_executor_error(msg)
+
+    def _on_register(self, identity: bytes, msg: p.RegisterExecutor) -> None:
+        if self.executor_id is not None and identity != self.executor_id:
+            self.executor.send_multipart([identity, p.encode(p.ErrorMsg(
+                code="invalid_request", message="an executor is already registered"))])
+            return
+        if msg.vocab_size < self.frontend.vocab_size:
+            self.executor.send_multipart([identity, p.encode(p.ErrorMsg(
+                code="invalid_request", message=f"executor model has vocab_size "
+                f"{msg.vocab_size}, the scheduler's model {self.frontend.vocab_size}"))])
+            return
+        self.executor_id, self.executor_info = identity, msg
+        log.info("executor registered", model=msg.model, dtype=msg.dtype, device=msg.device)
+        self.executor.send_multipart([identity, p.encode(p.ConfigureExecutor(
+            block_size=self.config.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.scheduler.max_num_batched_tokens))])
+
+    def _on_ready(self, msg: p.ExecutorReady) -> None:
+        bm = BlockManager(self.config.block_size, msg.num_device_blocks, msg.num_cpu_blocks,
+                          self.config.watermark)
+        # Every sequence must fit in the pool on its own, or it could never run.
+        fits = (bm.device.num_blocks - bm.watermark_blocks) * self.config.block_size
+        if fits < self.max_model_len:
+            log.warning("KV pool smaller than the context: max_model_len lowered",
+                        max_model_len=fits, blocks=msg.num_device_blocks)
+            self.max_model_len = self.frontend.max_model_len = fits
+            self.processor.max_model_len = fits
+        self.scheduler.block_manager = bm
+        log.info("executor ready", device_blocks=msg.num_device_blocks,
+                 cpu_blocks=msg.num_cpu_blocks, block_size=self.config.block_size)
+
+    def _on_executor_error(self, msg: p.ErrorMsg) -> None:
+        """The executor rejected the plan in flight: a scheduler bug, so fail its requests
+        loudly rather than retry the same plan forever."""
+        log.error("executor rejected a plan", code=msg.code, message=msg.message)
+        step, self.in_flight = self.in_flight, None
+        if step is None:
+            return
+        for request in {seq.request.key: seq.request for seq in step.seqs}.values():
+            for seq in request.seqs:
+                self.scheduler.finish(seq, "abort")
+            self.frontend.output(request)  # forget it; the client gets the error instead
+            self._send_client(request.client, p.ErrorMsg(
+                code="internal", request_id=request.request_id,
+                message=f"the executor rejected a step: {msg.message}"))
+
+    # ------------------------------------------------------------ steps
+
+    def _step(self) -> None:
+        step = self.scheduler.schedule()
+        if step.is_empty and not step.removed:
+            self._idle = True  # nothing fits until something changes: wait for an event
+            return
+        self.step_count += 1
+        plan = p.StepPlan(
+            step=self.step_count, removed=step.removed,
+            new_seqs=[p.NewSeq(seq_id=s.seq_id, token_ids=s.token_ids,
+                               block_table=self.scheduler.block_manager.tables[s.seq_id],
+                               params=s.request.params.to_dict(),
+                               num_computed_tokens=s.num_computed_tokens)
+                      for s in step.new_seqs],
+            seq_ids=[s.seq_id for s in step.seqs], num_tokens=step.num_tokens,
+            block_appends=[x for pair in step.block_appends for x in pair])
+        self.executor.send_multipart([self.executor_id, p.encode(plan)])
+        self.in_flight = step
+
+    def _on_result(self, result: p.StepResult) -> None:
+        step, self.in_flight = self.in_flight, None
+        if step is None or result.step != self.step_count:
+            log.error("result for an unexpected step ignored", step=result.step)
+            self.in_flight = step
+            return
+        self.scheduler.update(step)
+        seqs = {seq.seq_id: seq for seq in step.seqs}
+        top = {t.seq_id: dict(zip(t.token_ids.tolist(), t.logprobs.tolist()))
+               for t in result.top_logprobs}
+        touched: dict[tuple[bytes, str], Request] = {}
+        for sid, token, logprob in zip(result.seq_ids.tolist(), result.token_ids.tolist(),
+                                       result.logprobs.tolist()):
+            seq = seqs[sid]
+            if seq.is_finished:
+                continue  # aborted while the step was running
+            reason = self.processor.append(seq, token, logprob, top.get(sid))
+            if reason is not None:
+                self.scheduler.finish(seq, *reason)
+            touched[seq.request.key] = seq.request
+        for request in touched.values():
+            if request.stream or request.is_finished:
+                self._send_client(request.client, self.frontend.output(request))

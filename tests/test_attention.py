@@ -1,0 +1,112 @@
+"""The torch attention backend against the float64 references in ``kernels``."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from executor_svc.attention import AttentionMetadata, attend, write_kv
+from kernels import paged_attention_reference, reshape_and_cache_reference
+
+HEAD_DIM = 8
+BLOCK_SIZE = 4
+# (num_computed_tokens, query_len) per sequence, in batch order: decode rows with contexts of 1,
+# block_size - 1, block_size, block_size + 1 and many blocks, between prompts with and without a
+# cached prefix.
+MIXED_BATCH = [(0, 1), (2, 1), (0, 7), (3, 1), (BLOCK_SIZE + 1, 6), (4, 1), (37, 1), (7, 2), (0, 1)]
+
+
+def slot(table: list[int], position: int, block_size: int) -> int:
+    return table[position // block_size] * block_size + position % block_size
+
+
+def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0):
+    """Fill each sequence's cached prefix, write the new tokens with ``write_kv`` and attend.
+    Returns our output and cache, and the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in rows]
+    blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_needed) + 3  # spare blocks that nobody writes
+    pool = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[pool.pop() for _ in range(n)] for n in blocks_needed]
+    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    k_cache, v_cache = (torch.full(shape, float("nan"), dtype=dtype) for _ in range(2))
+    keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
+    values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
+    for table, (computed, _), k, v in zip(tables, rows, keys, values):
+        prefix_slots = torch.tensor([slot(table, p, block_size) for p in range(computed)], dtype=torch.int64)
+        reshape_and_cache_reference(k[:computed], v[:computed], k_cache, v_cache, prefix_slots)
+
+    meta = AttentionMetadata.build(tables, [c for c, _ in rows], [q for _, q in rows], block_size, "cpu")
+    new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, rows)])
+    new_v = torch.cat([v[c:] for v, (c, _) in zip(values, rows)])
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    reshape_and_cache_reference(new_k, new_v, ref_k, ref_v, meta.slot_mapping)
+    write_kv(new_k, new_v, k_cache, v_cache, meta.slot_mapping)
+
+    query = torch.randn(len(new_k), num_heads, HEAD_DIM, generator=g).to(dtype)
+    scale = HEAD_DIM ** -0.5
+    out = attend(query, k_cache, v_cache, meta, scale)
+    ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, [q for _, q in rows], scale)
+    return (out, k_cache, v_cache), (ref, ref_k, ref_v)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"])
+def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv_heads):
+    (out, k_cache, v_cache), (ref, ref_k, ref_v) = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.float32)
+    torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0, equal_nan=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
+    (out, *_), (ref, *_) = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=1.6e-2, atol=1e-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), min_size=1, max_size=6),
+       block_size=st.sampled_from([1, 3, 4, 16]), seed=st.integers(0, 2**16))
+def test_any_batch_matches_reference(rows, block_size, seed):
+    (out, *_), (ref, *_) = run_step(rows, 4, 2, torch.float32, block_size=block_size, seed=seed)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():
+    meta = AttentionMetadata.build([[3], [1, 2], [0]], [2, 3, 0], [1, 2, 1], 4, "cpu")
+    assert meta.decode_tokens.tolist() == [0, 3]
+    assert meta.decode_seq_lens.tolist() == [3, 1]
+    assert [(row.seq, row.start, row.query_len, row.seq_len) for row in meta.prefills] == [(1, 1, 2, 5)]
+
+
+def test_slots_and_positions_follow_the_block_table():
+    meta = AttentionMetadata.build([[7, 2], [5]], [3, 0], [3, 2], 4, "cpu")
+    assert meta.positions.tolist() == [3, 4, 5, 0, 1]
+    assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0, 5 * 4 + 1]
+    assert meta.seq_lens.tolist() == [6, 2]
+    assert meta.last_token_indices.tolist() == [2, 4]
+    assert meta.slot_mapping.dtype == torch.int64
+
+
+def test_block_table_too_short_is_rejected():
+    with pytest.raises(ValueError, match="sequence 1 has 1 blocks of 4 slots, too few for its 5 tokens"):
+        AttentionMetadata.build([[0, 1], [2]], [0, 4], [5, 1], 4, "cpu")
+
+
+def test_write_kv_matches_reference_and_skips_slot_minus_one():
+    g = torch.Generator().manual_seed(0)
+    key, value = torch.randn(2, 5, 2, HEAD_DIM, generator=g)
+    caches = [torch.full((3, 4, 2, HEAD_DIM), float("nan")) for _ in range(4)]
+    slots = torch.tensor([9, -1, 0, 4, -1])
+    write_kv(key, value, caches[0], caches[1], slots)
+    reshape_and_cache_reference(key, value, caches[2], caches[3], slots)
+    for ours, ref in zip(caches[:2], caches[2:]):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(caches[0][2, 1], key[0]) and torch.equal(caches[1][1, 0], value[3])
+    assert int((~caches[0].isnan()).any(-1).any(-1).sum()) == 3  # only three slots were written

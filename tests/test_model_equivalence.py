@@ -1,0 +1,167 @@
+"""Our paged Llama-family model against transformers' own, on the same tiny random checkpoints."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from common.sampling import SamplingParams
+from executor_svc.attention import AttentionMetadata
+from executor_svc.cache_engine import CacheEngine
+from executor_svc.model import ModelConfig, load_model
+from executor_svc.sampler import Sampler
+from tiny_models import TINY_CONFIGS, make_tiny_model
+
+BLOCK_SIZE = 4
+PREFILL_CHUNK = 6  # longer prompts are prefilled over several steps, on top of their cached prefix
+MAX_NEW_TOKENS = 8
+
+
+@dataclass
+class Seq:
+    tokens: list[int]
+    prompt_len: int
+    arrival_step: int
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per computed position
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) - self.prompt_len == MAX_NEW_TOKENS
+
+
+class TinyEngine:
+    """What the model runner does each step, reduced to a loop: blocks come from a shuffled free
+    list (so tables are not contiguous), every running sequence computes its next chunk, and a
+    sequence whose prompt is fully computed gets a greedy token."""
+
+    def __init__(self, model, num_blocks: int = 64):
+        self.model = model
+        self.kv_caches = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, torch.float32, "cpu").kv_caches
+        for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
+            k_cache.fill_(float("nan"))
+            v_cache.fill_(float("nan"))
+        self.free_blocks = list(range(num_blocks))
+        random.Random(0).shuffle(self.free_blocks)
+
+    def step(self, batch: list[tuple[Seq, int]]) -> None:
+        for seq, n in batch:
+            while len(seq.block_table) * BLOCK_SIZE < seq.num_computed + n:
+                seq.block_table.append(self.free_blocks.pop())
+        meta = AttentionMetadata.build([s.block_table for s, _ in batch], [s.num_computed for s, _ in batch],
+                                       [n for _, n in batch], BLOCK_SIZE, "cpu")
+        input_ids = torch.tensor([t for s, n in batch for t in s.tokens[s.num_computed:s.num_computed + n]])
+        with torch.inference_mode():
+            logits = self.model.compute_logits(self.model(input_ids, meta.positions, meta, self.kv_caches))
+        sampled = Sampler()(logits[meta.last_token_indices], [SamplingParams(temperature=0)] * len(batch),
+                            [None] * len(batch))
+        for (seq, n), rows, token in zip(batch, logits.split([n for _, n in batch]), sampled.token_ids.tolist()):
+            seq.num_computed += n
+            seq.logits.extend(rows)
+            if seq.num_computed == len(seq.tokens):
+                seq.tokens.append(token)
+
+
+@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
+def generations(request, tmp_path_factory):
+    """Three prompts served together (two from step 1, one joining at step 3 while the others
+    decode), and transformers' greedy generation of each prompt on its own."""
+    path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    rng = random.Random(1)
+    seqs = [Seq([rng.randrange(512) for _ in range(n)], n, arrival) for n, arrival in ((5, 1), (11, 1), (7, 3))]
+    engine = TinyEngine(load_model(path, torch.float32, "cpu"))
+    step = 0
+    while not all(s.done for s in seqs):
+        step += 1
+        running = [s for s in seqs if s.arrival_step <= step and not s.done]
+        engine.step([(s, min(PREFILL_CHUNK, len(s.tokens) - s.num_computed)) for s in running])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None  # a random model may hit EOS; generate every token
+    with torch.inference_mode():
+        expected = [hf.generate(torch.tensor([s.tokens[:s.prompt_len]]), max_new_tokens=MAX_NEW_TOKENS,
+                                do_sample=False)[0].tolist() for s in seqs]
+        expected_logits = [hf(torch.tensor([s.tokens[:-1]])).logits[0] for s in seqs]
+    return seqs, expected, expected_logits
+
+
+def test_greedy_tokens_identical_to_transformers_generate(generations):
+    seqs, expected, _ = generations
+    assert [s.tokens for s in seqs] == expected
+
+
+def test_logits_match_transformers_at_every_position(generations):
+    seqs, _, expected_logits = generations
+    for seq, expected in zip(seqs, expected_logits):
+        torch.testing.assert_close(torch.stack(seq.logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_logits_close_to_transformers_bfloat16(tmp_path):
+    path = make_tiny_model("llama", tmp_path)
+    model = load_model(path, torch.bfloat16, "cpu")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    kv_caches = CacheEngine(model.config, BLOCK_SIZE, 8, 0, torch.bfloat16, "cpu").kv_caches
+    tokens = torch.arange(3, 30)
+    meta = AttentionMetadata.build([[6, 1, 4, 7, 0, 2, 5]], [0], [len(tokens)], BLOCK_SIZE, "cpu")
+    with torch.inference_mode():
+        logits = model.compute_logits(model(tokens, meta.positions, meta, kv_caches))
+        expected = hf(tokens[None]).logits[0].float()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0.1)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
+    single = load_model(make_tiny_model("qwen2", tmp_path / "single"), torch.float32, "cpu")
+    sharded_path = make_tiny_model("qwen2", tmp_path / "sharded", max_shard_size="100KB")
+    assert (sharded_path / "model.safetensors.index.json").exists()
+    sharded = load_model(sharded_path, torch.float32, "cpu")
+    for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_config_reads_the_checkpoint_shape(tmp_path):
+    config = ModelConfig.from_model_dir(make_tiny_model("qwen2", tmp_path))
+    assert (config.architecture, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
+        "Qwen2ForCausalLM", 2, 4, 2, 16)
+    assert config.qkv_bias and not config.o_proj_bias and not config.tie_word_embeddings
+    assert config.torch_dtype == torch.float32 and config.max_model_len == 128
+
+
+def write_config(path, **overrides):
+    config = json.loads((make_tiny_model("llama", path) / "config.json").read_text()) | overrides
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        ModelConfig.from_model_dir(tmp_path)
+
+
+def test_length_dependent_rope_is_rejected(tmp_path):
+    write_config(tmp_path, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="'dynamic'"):
+        ModelConfig.from_model_dir(tmp_path)
+
+
+def test_heads_not_a_multiple_of_kv_heads_is_rejected(tmp_path):
+    write_config(tmp_path, num_key_value_heads=3)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\).*num_key_value_heads \(3\)"):
+        ModelConfig.from_model_dir(tmp_path)
+
+
+def test_missing_and_unexpected_weights_are_named(tmp_path):
+    path = make_tiny_model("llama", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rogue.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight.*"
+                                         r"unexpected: model\.layers\.0\.self_attn\.rogue\.weight"):
+        load_model(path, torch.float32, "cpu")

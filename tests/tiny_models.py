@@ -1,0 +1,40 @@
+"""Tiny random HF checkpoints of every supported architecture, written with transformers itself."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=512, max_position_embeddings=128)
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=32)
+YARN_ROPE = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**SHAPE),
+    "llama_tied": lambda: LlamaConfig(**SHAPE, tie_word_embeddings=True),  # SmolLM2's layout
+    "llama_mha_llama3_rope": lambda: LlamaConfig(**SHAPE | dict(num_key_value_heads=4), rope_parameters=LLAMA3_ROPE),
+    "qwen2": lambda: Qwen2Config(**SHAPE),  # q/k/v projections carry a bias
+    "mistral_yarn": lambda: MistralConfig(**SHAPE, rope_parameters=YARN_ROPE),
+}
+
+
+def make_tiny_model(kind: str, path: Path, seed: int = 0, max_shard_size: str = "50GB") -> Path:
+    """Save a randomly initialised ``kind`` model (float32 safetensors, in shards of at most
+    ``max_shard_size``) to ``path``; return it.
+
+    Every parameter is drawn afresh, norms around 1 and biases too, so that a weight loaded into
+    the wrong place changes the outputs.
+    """
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+            else:
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+    return path
