@@ -2,7 +2,8 @@
 
 A step packs the new tokens of all its sequences one after another. Each sequence's context lives
 in the KV cache (``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer) at the blocks its
-block table names; attention reads K/V only through that table.
+block table names; attention reads K/V only through that table. The metadata turns tables into
+cache slots (``block_id * block_size + offset``) once per step, and every layer reuses them.
 """
 from __future__ import annotations
 
@@ -17,26 +18,24 @@ from torch import Tensor
 class PrefillRow(NamedTuple):
     """A sequence with several new tokens this step (a prompt, or a chunk of one)."""
 
-    seq: int  # index of the sequence in the batch
     start: int  # index of its first new token in the packed batch
     query_len: int
-    seq_len: int  # context length after this step, cached prefix included
+    context_slots: Tensor  # [seq_len] int64: slot of every token of the sequence, cached prefix first
 
 
 @dataclass
 class AttentionMetadata:
     """Where one step's new tokens go in the paged KV cache, and what each of them attends to."""
 
-    block_size: int
     positions: Tensor  # [T] int64: position of each new token in its sequence
-    slot_mapping: Tensor  # [T] int64: cache slot of each new token, block_id * block_size + offset
+    slot_mapping: Tensor  # [T] int64: cache slot of each new token
     query_start_loc: Tensor  # [S + 1] int64: where each sequence's new tokens start in the batch
     seq_lens: Tensor  # [S] int64: context length of each sequence after this step
     block_tables: Tensor  # [S, max_blocks] int64, padded with block 0 (never read past seq_lens)
     # Sequences with one new token are attended as one batch ...
     decode_tokens: Tensor  # [D] int64: their tokens' indices in the packed batch
-    decode_block_tables: Tensor  # [D, blocks of the longest] int64
-    decode_seq_lens: Tensor  # [D] int64
+    decode_slots: Tensor  # [D, L] int64: slots of their contexts, padded with each one's first slot
+    decode_mask: Tensor  # [D, L] bool: True within each context
     # ... the others one by one.
     prefills: list[PrefillRow]
 
@@ -46,31 +45,22 @@ class AttentionMetadata:
         """Metadata of a step in which sequence ``i`` has ``num_computed_tokens[i]`` tokens cached
         and computes ``query_lens[i]`` new ones; its block table must cover all of them."""
         _check_step(block_tables, num_computed_tokens, query_lens, block_size)
-        seq_lens = [c + q for c, q in zip(num_computed_tokens, query_lens)]
+        tables = _pad(block_tables)
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        seq_lens = torch.tensor(num_computed_tokens, dtype=torch.int64) + q_lens
         query_start_loc = F.pad(q_lens.cumsum(0), (1, 0))
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        positions = (torch.arange(int(q_lens.sum())) - query_start_loc[seq_of_token]
-                     + torch.tensor(num_computed_tokens, dtype=torch.int64)[seq_of_token])
-        tables = _pad(block_tables)
-        slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-        decode = [i for i, q in enumerate(query_lens) if q == 1]
-        decode_blocks = -(-max((seq_lens[i] for i in decode), default=0) // block_size)
-        prefills = [PrefillRow(i, int(query_start_loc[i]), q, seq_lens[i])
-                    for i, q in enumerate(query_lens) if q > 1]
-        to = dict(device=device)
-        return cls(
-            block_size=block_size,
-            positions=positions.to(**to),
-            slot_mapping=slot_mapping.to(**to),
-            query_start_loc=query_start_loc.to(**to),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
-            block_tables=tables.to(**to),
-            decode_tokens=query_start_loc[decode].to(**to),
-            decode_block_tables=tables[decode, :decode_blocks].to(**to),
-            decode_seq_lens=torch.tensor([seq_lens[i] for i in decode], dtype=torch.int64, device=device),
-            prefills=prefills,
-        )
+        positions = torch.arange(len(seq_of_token)) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
+        decode = (q_lens == 1).nonzero().flatten()
+        decode_slots, decode_mask = _decode_context(tables, seq_lens, decode, block_size)
+        prefills = [PrefillRow(int(query_start_loc[i]), query_lens[i],
+                               _slots(tables, i, torch.arange(int(seq_lens[i])), block_size).to(device))
+                    for i in (q_lens > 1).nonzero().flatten().tolist()]
+        return cls(positions=positions.to(device),
+                   slot_mapping=_slots(tables, seq_of_token, positions, block_size).to(device),
+                   query_start_loc=query_start_loc.to(device), seq_lens=seq_lens.to(device),
+                   block_tables=tables.to(device), decode_tokens=query_start_loc[decode].to(device),
+                   decode_slots=decode_slots.to(device), decode_mask=decode_mask.to(device), prefills=prefills)
 
     @property
     def last_token_indices(self) -> Tensor:
@@ -91,49 +81,50 @@ def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetad
     """Causal attention of each new token (``query``: ``[T, num_heads, head_dim]``) over its
     sequence's cached context and the new tokens up to itself. K/V of this step must already be
     written. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
+    k_slots, v_slots = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [num_slots, kvh, hd]
     out = torch.empty_like(query)
     if meta.decode_tokens.numel():
-        out[meta.decode_tokens] = _decode(query[meta.decode_tokens], k_cache, v_cache,
-                                          meta.decode_block_tables, meta.decode_seq_lens, scale)
+        # One new token per sequence: all of them in one op, each masked to its own context.
+        keys, values = k_slots[meta.decode_slots], v_slots[meta.decode_slots]  # [D, L, kvh, hd]
+        q = query[meta.decode_tokens][:, :, None]  # [D, H, 1, hd]
+        out[meta.decode_tokens] = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                        meta.decode_mask[:, None, None], scale).squeeze(2)
     for row in meta.prefills:
         rows = slice(row.start, row.start + row.query_len)
-        num_blocks = -(-row.seq_len // meta.block_size)
-        out[rows] = _prefill(query[rows], k_cache, v_cache, meta.block_tables[row.seq, :num_blocks],
-                             row.seq_len, scale)
+        keys, values = k_slots[row.context_slots], v_slots[row.context_slots]  # [C, kvh, hd]
+        mask = _causal_mask(row.query_len, len(row.context_slots), query.device)
+        out[rows] = _sdpa(query[rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                          mask, scale).transpose(0, 1)
     return out
 
 
-def _decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-            scale: float) -> Tensor:
-    """One new token per sequence, all sequences in one batched op over their gathered blocks."""
-    keys = k_cache[block_tables].flatten(1, 2)  # [D, L, kvh, hd]
-    values = v_cache[block_tables].flatten(1, 2)
-    valid = torch.arange(keys.shape[1], device=keys.device) < seq_lens[:, None]  # [D, L]
-    # Slots past a sequence's end hold whatever was there (torch.empty, other tenants, NaN): a
-    # masked score alone would still let 0 * NaN through the weighted sum, so zero them.
-    keys.masked_fill_(~valid[:, :, None, None], 0)
-    values.masked_fill_(~valid[:, :, None, None], 0)
-    out = _sdpa(query[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), valid[:, None, None], scale)
-    return out.squeeze(2)
-
-
-def _prefill(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_len: int,
-             scale: float) -> Tensor:
-    """Several new tokens of one sequence, over its cached prefix and themselves."""
-    keys = k_cache[block_table].flatten(0, 1)[:seq_len].transpose(0, 1)  # [kvh, C, hd]
-    values = v_cache[block_table].flatten(0, 1)[:seq_len].transpose(0, 1)
-    query_len = query.shape[0]
-    mask = None
-    if False:  # a cached prefix: the causal diagonal is shifted right by its length
-        positions = torch.arange(seq_len, device=query.device)
-        mask = positions[None, :] <= positions[seq_len - query_len:, None]
-    return _sdpa(query.transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
-
-
 def _sdpa(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """[..., H, q, hd] x [..., kvh, k, hd]; torch's fused kernel keeps softmax sums in float32."""
+    """[..., H, q, hd] over [..., kvh, k, hd]; mask None means plain causal. torch's fused kernel
+    keeps the softmax in float32 for low-precision inputs."""
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=True)
+
+
+def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> Tensor | None:
+    """None when there is no cached prefix; else the causal mask shifted right by the prefix."""
+    if seq_len == query_len:
+        return None
+    positions = torch.arange(seq_len, device=device)
+    return positions[None, :] <= positions[seq_len - query_len:, None]
+
+
+def _slots(tables: Tensor, seqs: Tensor | int, positions: Tensor | int, block_size: int) -> Tensor:
+    """Cache slot of token ``positions`` of sequence ``seqs`` (broadcast together)."""
+    return tables[seqs, positions // block_size] * block_size + positions % block_size
+
+
+def _decode_context(tables: Tensor, seq_lens: Tensor, decode: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Slots and mask of the decode sequences' contexts, padded to the longest. Padding repeats a
+    slot the sequence itself wrote: unwritten slots may hold NaN, and 0 * NaN would leak through."""
+    context = torch.arange(int(seq_lens[decode].max()) if len(decode) else 0)
+    mask = context < seq_lens[decode, None]
+    seqs = decode[:, None]
+    return torch.where(mask, _slots(tables, seqs, context, block_size), _slots(tables, seqs, 0, block_size)), mask
 
 
 def _pad(block_tables: list[list[int]]) -> Tensor:

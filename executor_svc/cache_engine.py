@@ -16,7 +16,7 @@ class CacheEngine:
 
     def __init__(self, model_config: ModelConfig, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
                  dtype: torch.dtype, device: torch.device | str):
-        device = torch.device(device)
+        self.device = device = torch.device(device)
         self.block_size = block_size
         self.num_device_blocks = num_device_blocks
         self.num_cpu_blocks = num_cpu_blocks

@@ -118,7 +118,7 @@ def _drop_quantizer(model) -> None:
 
 
 def _set_special_token_ids(model, tokenizer) -> None:
-    """Make config.json and generation_config.json agree with the tokenizer (SmolLM2: bos 1, eos 2)."""
+    """Make config.json and generation_config.json agree with the tokenizer (bos 1, eos 2)."""
     for config in (model.config, model.generation_config):
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id

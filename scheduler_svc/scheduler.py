@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.protocol import NewSeq, StepPlan
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.sequence import Sequence, SequenceStatus
 
@@ -31,6 +32,16 @@ class ScheduledStep:
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_tokens.append(num_tokens)
+
+    def to_plan(self, step_no: int, tables: dict[int, list[int]]) -> StepPlan:
+        """The wire form: new sequences in full, running ones as (id, token count) only."""
+        return StepPlan(
+            step=step_no, removed=self.removed,
+            new_seqs=[NewSeq(seq_id=s.seq_id, token_ids=s.token_ids, block_table=tables[s.seq_id],
+                             params=s.request.params.to_dict(),
+                             num_computed_tokens=s.num_computed_tokens) for s in self.new_seqs],
+            seq_ids=[s.seq_id for s in self.seqs], num_tokens=self.num_tokens,
+            block_appends=[x for pair in self.block_appends for x in pair])
 
 
 class Scheduler:

@@ -248,15 +248,7 @@ class SchedulerService:
             self._idle = True  # nothing fits until something changes: wait for an event
             return
         self.step_count += 1
-        plan = p.StepPlan(
-            step=self.step_count, removed=step.removed,
-            new_seqs=[p.NewSeq(seq_id=s.seq_id, token_ids=s.token_ids,
-                               block_table=self.scheduler.block_manager.tables[s.seq_id],
-                               params=s.request.params.to_dict(),
-                               num_computed_tokens=s.num_computed_tokens)
-                      for s in step.new_seqs],
-            seq_ids=[s.seq_id for s in step.seqs], num_tokens=step.num_tokens,
-            block_appends=[x for pair in step.block_appends for x in pair])
+        plan = step.to_plan(self.step_count, self.scheduler.block_manager.tables)
         self.executor.send_multipart([self.executor_id, p.encode(plan)])
         self.in_flight = step
 

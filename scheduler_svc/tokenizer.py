@@ -4,13 +4,13 @@ Built on the `tokenizers` library alone: the scheduler never imports torch or tr
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Sequence
 
 import tokenizers
 
-NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for the bytes of an incomplete character
 # Prompt tokens decoded ahead of the output: some decoders (SentencePiece's) drop the leading
 # space of a text's first word, which the output's first word must keep.
@@ -103,6 +103,12 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Return whatever text is held back, U+FFFD included: call it when the output ends."""
         return self._emit(self._decode(self._ids))
+
+    def fork(self) -> IncrementalDetokenizer:
+        """An independent copy at this point, for a forked sequence (parallel sampling, beams)."""
+        child = copy.copy(self)
+        child._ids, child._deltas = list(self._ids), list(self._deltas)
+        return child
 
     def _emit(self, text: str) -> str:
         if len(text) <= len(self._prefix_text):

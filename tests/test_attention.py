@@ -81,8 +81,9 @@ def test_any_batch_matches_reference(rows, block_size, seed):
 def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():
     meta = AttentionMetadata.build([[3], [1, 2], [0]], [2, 3, 0], [1, 2, 1], 4, "cpu")
     assert meta.decode_tokens.tolist() == [0, 3]
-    assert meta.decode_seq_lens.tolist() == [3, 1]
-    assert [(row.seq, row.start, row.query_len, row.seq_len) for row in meta.prefills] == [(1, 1, 2, 5)]
+    assert meta.decode_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert meta.decode_slots.tolist() == [[12, 13, 14], [0, 0, 0]]  # padded with the sequence's own first slot
+    assert [(row.start, row.query_len, row.context_slots.tolist()) for row in meta.prefills] == [(1, 2, [4, 5, 6, 7, 8])]
 
 
 def test_slots_and_positions_follow_the_block_table():

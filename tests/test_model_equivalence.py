@@ -1,4 +1,4 @@
-"""Our paged Llama-family model against transformers' own, on the same tiny random checkpoints."""
+"""Our paged Llama-family model against transformers' own, on the same checkpoints."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.config import default_model_dir
 from common.sampling import SamplingParams
 from executor_svc.attention import AttentionMetadata
 from executor_svc.cache_engine import CacheEngine
@@ -30,10 +31,6 @@ class Seq:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # per computed position
-
-    @property
-    def done(self) -> bool:
-        return len(self.tokens) - self.prompt_len == MAX_NEW_TOKENS
 
 
 class TinyEngine:
@@ -68,24 +65,36 @@ class TinyEngine:
                 seq.tokens.append(token)
 
 
-@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
-def generations(request, tmp_path_factory):
-    """Three prompts served together (two from step 1, one joining at step 3 while the others
-    decode), and transformers' greedy generation of each prompt on its own."""
-    path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
-    rng = random.Random(1)
-    seqs = [Seq([rng.randrange(512) for _ in range(n)], n, arrival) for n, arrival in ((5, 1), (11, 1), (7, 3))]
-    engine = TinyEngine(load_model(path, torch.float32, "cpu"))
-    step = 0
-    while not all(s.done for s in seqs):
+def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int], max_new_tokens: int) -> list[Seq]:
+    """Serve the prompts as one continuous batch, prompt i joining at step ``arrival_steps[i]``."""
+    seqs = [Seq(list(prompt), len(prompt), arrival) for prompt, arrival in zip(prompts, arrival_steps)]
+    engine, step = TinyEngine(model), 0
+    while unfinished := [s for s in seqs if len(s.tokens) - s.prompt_len < max_new_tokens]:
         step += 1
-        running = [s for s in seqs if s.arrival_step <= step and not s.done]
-        engine.step([(s, min(PREFILL_CHUNK, len(s.tokens) - s.num_computed)) for s in running])
+        engine.step([(s, min(PREFILL_CHUNK, len(s.tokens) - s.num_computed))
+                     for s in unfinished if s.arrival_step <= step])
+    return seqs
+
+
+def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], object]:
+    """transformers' greedy generation of each prompt on its own, and the model that made it."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     hf.generation_config.eos_token_id = None  # a random model may hit EOS; generate every token
     with torch.inference_mode():
-        expected = [hf.generate(torch.tensor([s.tokens[:s.prompt_len]]), max_new_tokens=MAX_NEW_TOKENS,
-                                do_sample=False)[0].tolist() for s in seqs]
+        return [hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+                for prompt in prompts], hf
+
+
+@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
+def generations(request, tmp_path_factory):
+    """Three prompts served together (two from step 1, the longest in two chunks; the third joins
+    at step 3 while the others decode), against transformers on each prompt alone."""
+    path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    rng = random.Random(1)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 11, 7)]
+    seqs = serve_greedy(load_model(path, torch.float32, "cpu"), prompts, [1, 1, 3], MAX_NEW_TOKENS)
+    expected, hf = hf_greedy(path, prompts, MAX_NEW_TOKENS)
+    with torch.inference_mode():
         expected_logits = [hf(torch.tensor([s.tokens[:-1]])).logits[0] for s in seqs]
     return seqs, expected, expected_logits
 
@@ -99,6 +108,17 @@ def test_logits_match_transformers_at_every_position(generations):
     seqs, _, expected_logits = generations
     for seq, expected in zip(seqs, expected_logits):
         torch.testing.assert_close(torch.stack(seq.logits), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_identical_to_transformers_generate():
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        pytest.skip(f"no model at {path}; run `pagedserve prepare-model`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = [tokenizer(text).input_ids for text in ("The capital of France is", "def fibonacci(n):")]
+    seqs = serve_greedy(load_model(path, torch.float32, "cpu"), prompts, [1, 2], MAX_NEW_TOKENS)
+    assert [s.tokens for s in seqs] == hf_greedy(path, prompts, MAX_NEW_TOKENS)[0]
 
 
 def test_bfloat16_logits_close_to_transformers_bfloat16(tmp_path):

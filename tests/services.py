@@ -1,0 +1,95 @@
+"""Start the scheduler and executor as real processes on loopback, for end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
+    """``pagedserve ARGS`` as a child process, run from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
+                            **kwargs)
+
+
+def admin(address: str, cmd: str, timeout_s: float = 5.0) -> dict:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send(json.dumps({"cmd": cmd}).encode())
+        if not sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"admin socket {address} silent")
+        return json.loads(sock.recv())
+    finally:
+        sock.close()
+
+
+class Services:
+    """A scheduler and an executor process; ``stop()`` ends both."""
+
+    def __init__(self, model: str | Path, scheduler_args=(), executor_args=(),
+                 ready_timeout: float = 180.0):
+        client, executor, admin_port = free_ports(3)
+        self.client = f"tcp://127.0.0.1:{client}"
+        self.admin = f"tcp://127.0.0.1:{admin_port}"
+        self.scheduler = pagedserve(
+            "scheduler", "--model", str(model), "--client-port", str(client),
+            "--executor-port", str(executor), "--admin-port", str(admin_port),
+            *scheduler_args)
+        self.executor = pagedserve(
+            "executor", "--model", str(model), "--scheduler", f"tcp://127.0.0.1:{executor}",
+            *executor_args)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for proc in (self.scheduler, self.executor):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[3]} exited with {proc.returncode}")
+            try:
+                if admin(self.admin, "health", 1.0)["status"] == "ready":
+                    return
+            except TimeoutError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("services not ready")
+
+    def pool(self) -> dict:
+        return admin(self.admin, "pool")
+
+    def stop(self) -> None:
+        for proc in (self.executor, self.scheduler):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.executor, self.scheduler):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,199 @@
+"""End to end: scheduler and executor as separate processes on loopback, real SmolLM2."""
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from common import protocol as p
+from common.client import Client, InvalidRequestError
+from common.sampling import SamplingParams
+from services import Services
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a short poem about the sea:",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "My favourite breakfast is",
+    "In 1969, the first person to walk on the moon was",
+    "List three animals that live in Africa: 1.",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def services(smollm2_dir):
+    svc = Services(smollm2_dir, executor_args=["--num-device-blocks", "1024",
+                                               "--num-cpu-blocks", "16"])
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(services):
+    with Client(services.client, timeout=60.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(smollm2_dir):
+    """transformers' own greedy continuation of each prompt, alone (no padding), in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=32, do_sample=False)
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+def test_greedy_outputs_match_transformers_for_concurrent_prompts(client, hf_greedy):
+    outs = client.generate(PROMPTS, GREEDY)  # submitted together: they batch with mixed lengths
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy
+    assert outs[0].outputs[0].text.startswith(" Paris")
+
+
+def test_64_requests_from_4_threads_all_complete(client, services):
+    results: dict[int, object] = {}
+
+    def worker(k: int) -> None:
+        for i in range(k, 64, 4):
+            params = SamplingParams(temperature=0.0, max_tokens=4 + i % 13, ignore_eos=True)
+            results[i] = client.generate(PROMPTS[i % 8] + f" ({i})", params)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(64))
+    for i, out in results.items():
+        assert len(out.outputs[0].token_ids) == 4 + i % 13
+        assert out.outputs[0].finish_reason == "length"
+    assert services.pool()["device"]["used"] == 0
+
+
+def test_streamed_deltas_concatenate_to_the_final_text(client):
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    whole = client.generate(PROMPTS[1], params).outputs[0]
+    deltas = list(client.stream(PROMPTS[1], params))
+    assert len(deltas) > 1 and deltas[-1].finished
+    assert "".join(d.outputs[0].text for d in deltas) == whole.text
+    assert sum((d.outputs[0].token_ids for d in deltas), []) == whole.token_ids
+
+
+def test_stop_string_ends_the_output_and_is_not_returned(client):
+    out = client.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=20,
+                                                     stop=["answer"])).outputs[0]
+    assert out.text == " Paris.\n\nThe "
+    assert (out.finish_reason, out.stop_reason) == ("stop", "answer")
+    streamed = list(client.stream(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=20,
+                                                             stop=["answer"])))
+    assert "".join(d.outputs[0].text for d in streamed) == out.text
+
+
+def test_stop_token_id_and_logprobs(client):
+    out = client.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=20, logprobs=2,
+                                                     stop_token_ids=[198])).outputs[0]
+    assert out.token_ids == [7042, 30, 198]  # " Paris" "." "\n"
+    assert (out.finish_reason, out.stop_reason) == ("stop", 198)
+    assert len(out.logprobs) == 3
+    for token, top in zip(out.token_ids, out.logprobs):
+        assert len(top) == 2 and max(top, key=top.get) == token  # greedy picks the top one
+    assert out.cumulative_logprob == pytest.approx(sum(t[k] for k, t in
+                                                       zip(out.token_ids, out.logprobs)), abs=1e-4)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_companions(client):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
+    alone = client.generate(PROMPTS[3], params).outputs[0].token_ids
+    together = client.generate([PROMPTS[3], PROMPTS[4], PROMPTS[5]],
+                               [params, SamplingParams(temperature=1.0, max_tokens=16),
+                                SamplingParams(temperature=0.0, max_tokens=16)])
+    assert together[0].outputs[0].token_ids == alone
+
+
+def test_abort_stops_the_request_and_frees_its_blocks(client, services):
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    stream = client.stream(PROMPTS[2], params, request_id="to-abort")
+    first = next(stream)
+    assert services.pool()["device"]["used"] > 0
+    client.abort("to-abort")
+    rest = list(stream)
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert len(first.outputs[0].token_ids) + sum(len(d.outputs[0].token_ids) for d in rest) < 2000
+    wait_for(lambda: services.pool()["device"]["used"] == 0)  # released at the next step
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def raw_request(address: str, payload: bytes) -> p.ErrorMsg:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send(payload)
+        assert sock.poll(10_000), "no reply to a bad message"
+        return p.decode(sock.recv())
+    finally:
+        sock.close()
+
+
+def generate_msg(**fields) -> dict:
+    msg = {"v": p.PROTOCOL_VERSION, "type": "generate", "request_id": "bad", "stream": False,
+           "params": {"max_tokens": 4}, "prompt": "hello"}
+    msg.update(fields)
+    return {k: v for k, v in msg.items() if v is not None}
+
+
+BAD_INPUTS = {
+    "malformed msgpack": (b"\xc1\x00garbage", "malformed msgpack"),
+    "not a map": (msgpack.packb([1, 2, 3]), "must be a map"),
+    "unknown type": (msgpack.packb({"v": 1, "type": "launch_rockets"}), "unknown message type"),
+    "wrong version": (msgpack.packb(generate_msg(v=99)), "unsupported protocol version 99"),
+    "missing field": (msgpack.packb(generate_msg(params=None)), "missing field 'params'"),
+    "wrong field type": (msgpack.packb(generate_msg(stream="yes")), "generate.stream"),
+    "negative max_tokens": (msgpack.packb(generate_msg(params={"max_tokens": -3})),
+                            "max_tokens must be >= 1, got -3"),
+    "unknown param": (msgpack.packb(generate_msg(params={"temprature": 1.0})), "temprature"),
+    "prompt too long": (msgpack.packb(generate_msg(prompt="hi " * 9000)), "max_model_len"),
+    "token out of vocab": (msgpack.packb(generate_msg(prompt=None, prompt_token_ids=p.pack_ints(
+        [1, 10**6]))), "outside the vocabulary"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error_and_others_keep_being_served(name, services, client):
+    payload, expected = BAD_INPUTS[name]
+    reply = raw_request(services.client, payload)
+    assert isinstance(reply, p.ErrorMsg) and expected in reply.message
+    out = client.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2))
+    assert out.outputs[0].text == " Paris."
+
+
+def test_invalid_params_raise_typed_error_through_the_client(client):
+    with pytest.raises(InvalidRequestError, match="parallel sampling"):
+        client.generate(PROMPTS[0], SamplingParams(n=2))
+
+
+def test_every_device_block_is_free_at_the_end(services):
+    pool = services.pool()
+    assert pool["device"] == {"total": 1024, "free": 1024, "used": 0}
+    assert pool["running"] == pool["waiting"] == 0

@@ -1,0 +1,103 @@
+"""The sampler: greedy, temperature, top-k, top-p, seeds and logprobs."""
+from __future__ import annotations
+
+import torch
+
+from common.sampling import SamplingParams
+from executor_svc.sampler import Sampler
+
+VOCAB = 100
+
+
+def random_logits(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def sample(logits, params, generators=None):
+    return Sampler()(logits, params, generators or [None] * len(params))
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_greedy_takes_the_argmax():
+    logits = random_logits(8)
+    out = sample(logits, [SamplingParams(temperature=0)] * 8)
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+def test_greedy_rows_keep_the_argmax_in_a_sampled_batch():
+    logits = random_logits(6)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=2.0)] * 3
+    out = sample(logits, params, [None, seeded(1)] * 3)
+    assert torch.equal(out.token_ids[::2], logits[::2].argmax(-1))
+
+
+def test_top_k_1_is_greedy_at_any_temperature():
+    logits = random_logits(6)
+    params = [SamplingParams(temperature=t, top_k=1) for t in (0.1, 0.7, 1.0, 2.0, 10.0, 100.0)]
+    out = sample(logits, params, [None, seeded(3)] * 3)
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+def test_seeded_rows_do_not_depend_on_batch_companions():
+    logits = random_logits(4)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    gen_alone, gen_batched = seeded(7), seeded(7)
+    companions = [SamplingParams(temperature=0.5, top_k=5), params, SamplingParams(temperature=0), SamplingParams()]
+    alone = [sample(logits[1:2], [params], [gen_alone]).token_ids.item() for _ in range(10)]
+    batched = [sample(logits, companions, [None, gen_batched, None, seeded(99)]).token_ids[1].item()
+               for _ in range(10)]
+    assert alone == batched
+    assert len(set(alone)) > 1  # it really sampled
+
+
+def test_sampling_follows_the_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    counts = torch.bincount(sample(probs.log().expand(4000, 4).contiguous(), [SamplingParams()] * 4000).token_ids,
+                            minlength=4)
+    torch.testing.assert_close(counts / 4000, probs, rtol=0, atol=0.03)
+
+
+def test_top_p_excludes_tokens_outside_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4).contiguous()
+    counts = torch.bincount(sample(logits, [SamplingParams(top_p=0.7)] * 4000).token_ids, minlength=4)
+    assert counts[2:].sum() == 0  # 0.5 + 0.3 already covers 0.7
+    torch.testing.assert_close(counts[0] / 4000, torch.tensor(0.5 / 0.8), rtol=0, atol=0.03)
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    torch.manual_seed(0)
+    logits = random_logits(1).expand(2000, VOCAB).contiguous()
+    tokens = sample(logits, [SamplingParams(temperature=5.0, top_k=3)] * 2000).token_ids
+    assert set(tokens.tolist()) == set(logits[0].topk(3).indices.tolist())
+
+
+def test_logprob_is_of_the_sampled_token_under_the_raw_distribution():
+    logits = random_logits(4)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.3), SamplingParams(top_k=4),
+              SamplingParams(temperature=3.0, top_p=0.5)]
+    out = sample(logits, params)
+    expected = torch.log_softmax(logits, -1).gather(-1, out.token_ids[:, None]).squeeze(1)
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, expected)
+
+
+def test_top_logprobs_are_sorted_and_sized_by_the_largest_request():
+    logits = random_logits(3)
+    out = sample(logits, [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0),
+                          SamplingParams(temperature=0, logprobs=5)])
+    logprobs = torch.log_softmax(logits, -1)
+    assert out.top_token_ids.shape == out.top_logprobs.shape == (3, 5)
+    assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
+    assert torch.equal(out.top_token_ids[:, 0], logits.argmax(-1))
+    torch.testing.assert_close(out.top_logprobs, logprobs.gather(-1, out.top_token_ids))
+    torch.testing.assert_close(out.top_logprobs, logprobs.topk(5).values)
+
+
+def test_no_logprobs_requested_gives_zero_columns():
+    out = sample(random_logits(2), [SamplingParams(temperature=0)] * 2)
+    assert out.top_token_ids.shape == out.top_logprobs.shape == (2, 0)
