@@ -89,7 +89,7 @@ class RegisterExecutor:
     model: str                      # model directory the executor loaded
     architecture: str
     vocab_size: int
-    max_position_embeddings: int
+    max_model_len: int              # longest context the model serves exactly
     dtype: str                      # weights and KV cache dtype
     device: str
     kv_bytes_per_token: int         # all layers, K and V

@@ -20,7 +20,8 @@ class PrefillRow(NamedTuple):
 
     start: int  # index of its first new token in the packed batch
     query_len: int
-    context_slots: Tensor  # [seq_len] int64: slot of every token of the sequence, cached prefix first
+    context_slots: Tensor  # [seq_len] int64: slot of each token of the sequence, in order
+    mask: Tensor | None  # [query_len, seq_len] bool, or None for plain causal (no cached prefix)
 
 
 @dataclass
@@ -40,8 +41,9 @@ class AttentionMetadata:
     prefills: list[PrefillRow]
 
     @classmethod
-    def build(cls, block_tables: list[list[int]], num_computed_tokens: list[int], query_lens: list[int],
-              block_size: int, device: torch.device | str) -> "AttentionMetadata":
+    def build(cls, block_tables: list[list[int]], num_computed_tokens: list[int],
+              query_lens: list[int], block_size: int,
+              device: torch.device | str) -> AttentionMetadata:
         """Metadata of a step in which sequence ``i`` has ``num_computed_tokens[i]`` tokens cached
         and computes ``query_lens[i]`` new ones; its block table must cover all of them."""
         _check_step(block_tables, num_computed_tokens, query_lens, block_size)
@@ -50,25 +52,33 @@ class AttentionMetadata:
         seq_lens = torch.tensor(num_computed_tokens, dtype=torch.int64) + q_lens
         query_start_loc = F.pad(q_lens.cumsum(0), (1, 0))
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        positions = torch.arange(len(seq_of_token)) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
+        offsets = torch.arange(len(seq_of_token)) - query_start_loc[seq_of_token]
+        positions = (seq_lens - q_lens)[seq_of_token] + offsets
         decode = (q_lens == 1).nonzero().flatten()
         decode_slots, decode_mask = _decode_context(tables, seq_lens, decode, block_size)
-        prefills = [PrefillRow(int(query_start_loc[i]), query_lens[i],
-                               _slots(tables, i, torch.arange(int(seq_lens[i])), block_size).to(device))
-                    for i in (q_lens > 1).nonzero().flatten().tolist()]
+        starts = query_start_loc.tolist()
+        prefills = [PrefillRow(starts[i], q,
+                               _slots(tables, i, torch.arange(c + q), block_size).to(device),
+                               _causal_mask(q, c + q, device))
+                    for i, (c, q) in enumerate(zip(num_computed_tokens, query_lens)) if q > 1]
         return cls(positions=positions.to(device),
                    slot_mapping=_slots(tables, seq_of_token, positions, block_size).to(device),
-                   query_start_loc=query_start_loc.to(device), seq_lens=seq_lens.to(device),
-                   block_tables=tables.to(device), decode_tokens=query_start_loc[decode].to(device),
-                   decode_slots=decode_slots.to(device), decode_mask=decode_mask.to(device), prefills=prefills)
+                   query_start_loc=query_start_loc.to(device),
+                   seq_lens=seq_lens.to(device),
+                   block_tables=tables.to(device),
+                   decode_tokens=query_start_loc[decode].to(device),
+                   decode_slots=decode_slots.to(device),
+                   decode_mask=decode_mask.to(device),
+                   prefills=prefills)
 
     @property
     def last_token_indices(self) -> Tensor:
-        """[S] index of each sequence's last new token in the packed batch (the one to sample from)."""
+        """[S] index of each sequence's last new token in the batch: the one to sample from."""
         return self.query_start_loc[1:] - 1
 
 
-def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
     """Write the new tokens' keys and values (``[T, num_kv_heads, head_dim]``) into their cache
     slots; a slot of -1 means "do not store"."""
     keep = slot_mapping >= 0
@@ -77,7 +87,8 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     v_cache.flatten(0, 1).index_copy_(0, slots, value[keep])
 
 
-def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
+def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+           scale: float) -> Tensor:
     """Causal attention of each new token (``query``: ``[T, num_heads, head_dim]``) over its
     sequence's cached context and the new tokens up to itself. K/V of this step must already be
     written. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
@@ -92,20 +103,19 @@ def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetad
     for row in meta.prefills:
         rows = slice(row.start, row.start + row.query_len)
         keys, values = k_slots[row.context_slots], v_slots[row.context_slots]  # [C, kvh, hd]
-        mask = _causal_mask(row.query_len, len(row.context_slots), query.device)
         out[rows] = _sdpa(query[rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                          mask, scale).transpose(0, 1)
+                          row.mask, scale).transpose(0, 1)
     return out
 
 
 def _sdpa(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """[..., H, q, hd] over [..., kvh, k, hd]; mask None means plain causal. torch's fused kernel
     keeps the softmax in float32 for low-precision inputs."""
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None,
-                                          scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                          is_causal=mask is None, scale=scale, enable_gqa=True)
 
 
-def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> Tensor | None:
+def _causal_mask(query_len: int, seq_len: int, device: torch.device | str) -> Tensor | None:
     """None when there is no cached prefix; else the causal mask shifted right by the prefix."""
     if seq_len == query_len:
         return None
@@ -118,28 +128,33 @@ def _slots(tables: Tensor, seqs: Tensor | int, positions: Tensor | int, block_si
     return tables[seqs, positions // block_size] * block_size + positions % block_size
 
 
-def _decode_context(tables: Tensor, seq_lens: Tensor, decode: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+def _decode_context(tables: Tensor, seq_lens: Tensor, decode: Tensor,
+                    block_size: int) -> tuple[Tensor, Tensor]:
     """Slots and mask of the decode sequences' contexts, padded to the longest. Padding repeats a
     slot the sequence itself wrote: unwritten slots may hold NaN, and 0 * NaN would leak through."""
     context = torch.arange(int(seq_lens[decode].max()) if len(decode) else 0)
     mask = context < seq_lens[decode, None]
     seqs = decode[:, None]
-    return torch.where(mask, _slots(tables, seqs, context, block_size), _slots(tables, seqs, 0, block_size)), mask
+    first_slots = _slots(tables, seqs, 0, block_size)
+    return torch.where(mask, _slots(tables, seqs, context, block_size), first_slots), mask
 
 
 def _pad(block_tables: list[list[int]]) -> Tensor:
     width = max((len(t) for t in block_tables), default=0)
-    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64).view(-1, width)
+    padded = [table + [0] * (width - len(table)) for table in block_tables]
+    return torch.tensor(padded, dtype=torch.int64).view(-1, width)
 
 
-def _check_step(block_tables: list[list[int]], num_computed_tokens: list[int], query_lens: list[int],
-                block_size: int) -> None:
+def _check_step(block_tables: list[list[int]], num_computed_tokens: list[int],
+                query_lens: list[int], block_size: int) -> None:
     if not len(block_tables) == len(num_computed_tokens) == len(query_lens):
-        raise ValueError(f"a step needs one block table, computed count and query length per sequence; got "
-                         f"{len(block_tables)}, {len(num_computed_tokens)} and {len(query_lens)}")
-    for i, (table, computed, query_len) in enumerate(zip(block_tables, num_computed_tokens, query_lens)):
+        counts = f"{len(block_tables)}, {len(num_computed_tokens)} and {len(query_lens)}"
+        raise ValueError("a step needs a block table, a computed count and a query length per "
+                         f"sequence; got {counts}")
+    for i, (table, computed, query_len) in enumerate(
+            zip(block_tables, num_computed_tokens, query_lens)):
         if query_len < 1:
-            raise ValueError(f"sequence {i} has query_len {query_len}; every sequence in a step needs >= 1")
+            raise ValueError(f"sequence {i} has query_len {query_len}; each needs at least 1")
         if len(table) * block_size < computed + query_len:
-            raise ValueError(f"block table of sequence {i} has {len(table)} blocks of {block_size} slots, "
-                             f"too few for its {computed + query_len} tokens")
+            raise ValueError(f"block table of sequence {i} has {len(table)} blocks of {block_size} "
+                             f"slots, too few for its {computed + query_len} tokens")

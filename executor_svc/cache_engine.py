@@ -1,4 +1,4 @@
-"""The cache engine: the paged KV cache tensors of every layer, on the device and in CPU swap space."""
+"""The cache engine: the paged KV cache of every layer, on the device and in CPU swap space."""
 from __future__ import annotations
 
 import torch
@@ -14,13 +14,14 @@ class CacheEngine:
     copies) hold swapped-out blocks. Both are left uninitialised: a slot is read only after written.
     """
 
-    def __init__(self, model_config: ModelConfig, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, model_config: ModelConfig, block_size: int, num_device_blocks: int,
+                 num_cpu_blocks: int, dtype: torch.dtype, device: torch.device | str):
         self.device = device = torch.device(device)
         self.block_size = block_size
         self.num_device_blocks = num_device_blocks
         self.num_cpu_blocks = num_cpu_blocks
-        self.kv_caches = _allocate(model_config, block_size, num_device_blocks, dtype, device=device)
+        self.kv_caches = _allocate(model_config, block_size, num_device_blocks, dtype,
+                                   device=device)
         self.cpu_caches = _allocate(model_config, block_size, num_cpu_blocks, dtype,
                                     device=torch.device("cpu"), pin_memory=device.type == "cuda")
 
@@ -31,7 +32,8 @@ class CacheEngine:
         return 2 * model_config.num_layers * per_layer
 
     @staticmethod
-    def num_blocks_for_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype, num_bytes: int) -> int:
+    def num_blocks_for_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype,
+                             num_bytes: int) -> int:
         """How many whole blocks fit in ``num_bytes`` (e.g. ``--kv-cache-gb`` * 2**30)."""
         return int(num_bytes // CacheEngine.bytes_per_block(model_config, block_size, dtype))
 

@@ -1,4 +1,4 @@
-"""Our paged implementation of the Llama family (Llama, Mistral, Qwen2, SmolLM) and its weight loader.
+"""Our paged implementation of the Llama family (Llama, Mistral, Qwen2, SmolLM), and its loader.
 
 The numerics follow transformers' own modeling code op for op (RoPE tables in float32, RMSNorm in
 float32), so greedy outputs match ``generate``; attention goes through the paged KV cache instead.
@@ -26,7 +26,7 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 @dataclass
 class ModelConfig:
-    """The shape of a Llama-family checkpoint, read from its config.json as transformers reads it."""
+    """The shape of a Llama-family checkpoint, read from config.json as transformers reads it."""
 
     architecture: str
     num_layers: int
@@ -47,8 +47,8 @@ class ModelConfig:
     hf_config: PretrainedConfig = field(repr=False)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        """Parse and validate ``model_dir/config.json``; an unsupported model is a ``ValueError``."""
+    def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
+        """Parse and validate ``model_dir/config.json``; an unsupported model is a ValueError."""
         hf = AutoConfig.from_pretrained(model_dir)
         architecture = (getattr(hf, "architectures", None) or ["<none>"])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
@@ -81,7 +81,8 @@ class ModelConfig:
     def max_model_len(self) -> int:
         """Longest context this model serves exactly: past a sliding window our full attention
         would see tokens the model's own attention does not."""
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        window = self.sliding_window or self.max_position_embeddings
+        return min(self.max_position_embeddings, window)
 
 
 def _check_supported(hf: PretrainedConfig, num_kv_heads: int) -> None:
@@ -94,12 +95,12 @@ def _check_supported(hf: PretrainedConfig, num_kv_heads: int) -> None:
         raise ValueError("unsupported mlp_bias=True; only bias-free MLPs are supported")
     rope_type = hf.rope_parameters["rope_type"]
     if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"unsupported rope_type {rope_type!r} (its frequencies depend on the sequence "
-                         f"length); supported: {', '.join(STATIC_ROPE_TYPES)}")
+        raise ValueError(f"unsupported rope_type {rope_type!r} (its frequencies depend on the "
+                         f"sequence length); supported: {', '.join(STATIC_ROPE_TYPES)}")
 
 
 def _sliding_window(hf: PretrainedConfig) -> int | None:
-    # Qwen2 lists which layers slide (none unless use_sliding_window); Mistral slides in every layer.
+    # Qwen2 lists which layers slide (none without use_sliding_window); Mistral slides in all.
     layer_types = getattr(hf, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None
@@ -109,7 +110,9 @@ def _sliding_window(hf: PretrainedConfig) -> int | None:
 def _as_dtype(value) -> torch.dtype:
     if value is None:
         return torch.float32
-    return value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."))
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, str(value).removeprefix("torch."))
 
 
 class RotaryEmbedding:
@@ -118,11 +121,12 @@ class RotaryEmbedding:
 
     def __init__(self, config: ModelConfig, device: torch.device | str):
         if config.rope_type == "default":
-            inv_freq, scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config.hf_config)
+            init = LlamaRotaryEmbedding.compute_default_rope_parameters
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[config.rope_type](config.hf_config)
+            init = ROPE_INIT_FUNCTIONS[config.rope_type]
+        inv_freq, scaling = init(config.hf_config)
         if inv_freq.numel() * 2 != config.head_dim:
-            raise ValueError(f"RoPE covers {inv_freq.numel() * 2} of head_dim {config.head_dim} dims; "
+            raise ValueError(f"RoPE covers {inv_freq.numel() * 2} of {config.head_dim} head dims; "
                              "partial rotary embeddings are not supported")
         positions = torch.arange(config.max_position_embeddings, device=device).float()
         freqs = positions[:, None] * inv_freq.to(device)[None, :]
@@ -170,10 +174,11 @@ class MergedLinear(nn.Linear):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-                                     bias=config.qkv_bias)
+        parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_proj = MergedLinear(config.hidden_size, parts, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
         self.scale = config.head_dim ** -0.5
 
@@ -191,7 +196,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=False)
+        parts = {"gate_proj": size, "up_proj": size}
+        self.gate_up_proj = MergedLinear(config.hidden_size, parts, bias=False)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -252,14 +258,16 @@ class PagedLlamaForCausalLM(nn.Module):
         return F.linear(hidden, weight).float()
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> PagedLlamaForCausalLM:
+def load_model(model_dir: str | Path, dtype: torch.dtype,
+               device: torch.device | str) -> PagedLlamaForCausalLM:
     """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
     possibly sharded) with weights in ``dtype`` on ``device``, in eval mode."""
     config = ModelConfig.from_model_dir(model_dir)
     rope = RotaryEmbedding(config, device)
     with torch.device("meta"):
         model = PagedLlamaForCausalLM(config, rope)
-    model = model.to(dtype).to_empty(device=device)  # allocate without initialising: every weight is loaded
+    # Allocate without initialising: every weight is loaded below.
+    model = model.to(dtype).to_empty(device=device)
     load_weights(model, Path(model_dir))
     return model.eval()
 
@@ -268,12 +276,13 @@ def load_weights(model: PagedLlamaForCausalLM, model_dir: Path) -> None:
     """Copy every checkpoint tensor into its (slice of a) parameter; a missing or unexpected tensor
     is a ``ValueError`` naming it."""
     targets = _weight_targets(model)
-    files = {}
+    tensor_files = {}  # checkpoint tensor name -> file; all checked before anything is loaded
     for file in _checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
-            files.update((name, file) for name in f.keys() if not _ignored(name, model.config))
-    _check_names(set(files), set(targets), model_dir)
-    for file in sorted(set(files.values())):
+            names = [name for name in f.keys() if not _ignored(name, model.config)]
+        tensor_files.update(dict.fromkeys(names, file))
+    _check_names(set(tensor_files), set(targets), model_dir)
+    for file in sorted(set(tensor_files.values())):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 if name in targets:
@@ -287,31 +296,36 @@ def _weight_targets(model: nn.Module) -> dict[str, Tensor]:
         for kind, param in module.named_parameters(recurse=False):
             if isinstance(module, MergedLinear):
                 prefix = module_name.rpartition(".")[0]
-                targets.update((f"{prefix}.{part}.{kind}", rows) for part, rows in module.shards(param.data).items())
+                for part, rows in module.shards(param.data).items():
+                    targets[f"{prefix}.{part}.{kind}"] = rows
             else:
                 targets[f"{module_name}.{kind}"] = param.data
     return targets
 
 
 def _ignored(name: str, config: ModelConfig) -> bool:
-    # Old checkpoints carry the RoPE buffer; tied checkpoints may still carry a copy of the embedding.
-    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+    # Old checkpoints carry the RoPE buffer; tied ones may still carry a copy of the embedding.
+    tied_head = config.tie_word_embeddings and name == "lm_head.weight"
+    return name.endswith("rotary_emb.inv_freq") or tied_head
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        return sorted({model_dir / name for name in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({model_dir / name for name in weight_map.values()})
     if (model_dir / "model.safetensors").exists():
         return [model_dir / "model.safetensors"]
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
 def _check_names(found: set[str], expected: set[str], model_dir: Path) -> None:
+    mismatches = (("missing", expected - found), ("unexpected", found - expected))
     problems = [f"{what}: {', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}"
-                for what, names in (("missing", expected - found), ("unexpected", found - expected)) if names]
+                for what, names in mismatches if names]
     if problems:
-        raise ValueError(f"checkpoint in {model_dir} does not match the model; " + "; ".join(problems))
+        raise ValueError(f"checkpoint in {model_dir} does not match the model; "
+                         + "; ".join(problems))
 
 
 def _copy(dst: Tensor, src: Tensor, name: str) -> None:

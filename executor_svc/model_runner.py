@@ -108,23 +108,20 @@ class ModelRunner:
         if not batch:
             empty = np.zeros(0, dtype=np.int32)
             return empty, empty, np.zeros(0, dtype=np.float32), []
-        input_ids, positions = [], []
+        input_ids = []
         for seq, n in batch:
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
+            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
         meta = AttentionMetadata.build([seq.block_table for seq, _ in batch],
                                        [seq.num_computed_tokens for seq, _ in batch],
                                        [n for _, n in batch], self.block_size, self.device)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device), meta,
+        hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
                             self.cache.kv_caches)
         for seq, n in batch:
             seq.num_computed_tokens += n
         # A sequence samples once all its known tokens are in the cache.
         rows = [i for i, (seq, _) in enumerate(batch)
                 if seq.num_computed_tokens == len(seq.token_ids)]
-        last = torch.tensor(np.cumsum([n for _, n in batch]) - 1, device=self.device)[rows]
+        last = meta.last_token_indices[rows]
         logits = self.model.compute_logits(hidden[last])
         sampling = [batch[i][0] for i in rows]
         out = self.sampler(logits, [seq.params for seq in sampling],

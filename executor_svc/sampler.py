@@ -1,4 +1,4 @@
-"""The sampler: from each sequence's logits to its next token and the logprobs the request asked for."""
+"""The sampler: from each sequence's logits to its next token, and the logprobs asked for."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ class SamplerOutput:
 
     token_ids: Tensor  # [S] int64
     logprobs: Tensor  # [S] float32: the sampled token's log-prob under the model's raw distribution
-    top_token_ids: Tensor  # [S, K] int64, most likely first; K = the largest `logprobs` asked in the batch
+    top_token_ids: Tensor  # [S, K] int64, most likely first; K = largest `logprobs` in the batch
     top_logprobs: Tensor  # [S, K] float32
 
 
@@ -35,11 +35,13 @@ class Sampler:
             token_ids = torch.where(greedy, token_ids, _sample(logits, params, generators))
         num_top = max((p.logprobs or 0 for p in params), default=0)
         top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs.gather(-1, token_ids[:, None]).squeeze(1),
+        sampled_logprobs = logprobs.gather(-1, token_ids[:, None]).squeeze(1)
+        return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
                              top_token_ids=top_token_ids, top_logprobs=top_logprobs)
 
 
-def _sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+def _sample(logits: Tensor, params: list[SamplingParams],
+            generators: list[torch.Generator | None]) -> Tensor:
     # Greedy rows get temperature 1 here; their draw is discarded.
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     logits = logits / temperature[:, None]
@@ -57,7 +59,8 @@ def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     k = torch.tensor([k or vocab for k in top_k], device=logits.device)
     p = torch.tensor(top_p, device=logits.device)
     sorted_logits, order = logits.sort(-1, descending=True)
-    sorted_logits.masked_fill_(torch.arange(vocab, device=logits.device) >= k[:, None], float("-inf"))
+    rank = torch.arange(vocab, device=logits.device)
+    sorted_logits.masked_fill_(rank >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs
     # The top token always stays (mass before it is 0); p == 1 rows are left alone even where the

@@ -66,7 +66,7 @@ class ExecutorService:
         register = p.encode(p.RegisterExecutor(
             model=self.model_dir, architecture=self.model_config.architecture,
             vocab_size=self.model_config.vocab_size,
-            max_position_embeddings=self.model_config.max_position_embeddings,
+            max_model_len=self.model_config.max_model_len,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
             kv_bytes_per_token=CacheEngine.bytes_per_block(self.model_config, 1, self.dtype)))
         log.info("registering with scheduler", scheduler=self.config.scheduler)
@@ -117,10 +117,11 @@ class ExecutorService:
         scratch = CacheEngine(self.model_config, configure.block_size, blocks, 0, self.dtype,
                               self.device)
         runner = ModelRunner(self.model, scratch, configure.block_size)
-        runner.execute(p.StepPlan(
+        plan = p.StepPlan(
             step=0, removed=[], seq_ids=[0], num_tokens=[tokens], block_appends=[],
             new_seqs=[p.NewSeq(seq_id=0, token_ids=[0] * tokens,
-                               block_table=list(range(blocks)), params={"temperature": 0.0})]))
+                               block_table=list(range(blocks)), params={"temperature": 0.0})])
+        runner.execute(p.decode(p.encode(plan)))  # as a plan arrives: arrays, not lists
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del runner, scratch

@@ -11,7 +11,7 @@ from torch import Tensor
 
 def reshape_and_cache_reference(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                                 slot_mapping: Tensor) -> None:
-    """Write token ``t``'s key and value into slot ``slot_mapping[t]`` of the caches; skip slot -1."""
+    """Write token ``t``'s key and value into slot ``slot_mapping[t]`` of the caches; skip -1."""
     block_size = key_cache.shape[1]
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
@@ -26,9 +26,10 @@ def paged_attention_reference(query: Tensor, key_cache: Tensor, value_cache: Ten
                               query_lens: Tensor | list[int], scale: float) -> Tensor:
     """Attention of the packed new tokens over their sequences' paged context, in float64.
 
-    Sequence ``i`` has ``seq_lens[i]`` tokens in the cache after this step, the last ``query_lens[i]``
-    of them new; new token ``j`` sees the context up to and including itself. Query head ``h`` reads
-    kv head ``h // (num_heads // num_kv_heads)``. Returns ``[T, num_heads, head_dim]`` float64.
+    Sequence ``i`` has ``seq_lens[i]`` tokens in the cache after this step, the last
+    ``query_lens[i]`` of them new; a new token sees the context up to and including itself. Query
+    head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. Returns ``[T, num_heads,
+    head_dim]`` in float64.
     """
     block_tables, seq_lens, query_lens = (_as_list(x) for x in (block_tables, seq_lens, query_lens))
     num_heads, group = query.shape[1], query.shape[1] // key_cache.shape[2]
@@ -41,7 +42,8 @@ def paged_attention_reference(query: Tensor, key_cache: Tensor, value_cache: Ten
             q = query[start:start + query_len, h].double()
             scores = q @ keys[:, h // group].T * scale
             # new token j sits at position seq_len - query_len + j
-            visible = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - query_len, seq_len)[:, None]
+            query_positions = torch.arange(seq_len - query_len, seq_len)
+            visible = torch.arange(seq_len)[None, :] <= query_positions[:, None]
             scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
             out[start:start + query_len, h] = scores.softmax(-1) @ values[:, h // group]
         start += query_len

@@ -20,15 +20,22 @@ class OutputProcessor:
         seq.append_token(token_id, logprob)
         if top is not None:
             seq.logprobs.append({**top, token_id: logprob})
-        params = seq.request.params
         delta = seq.detokenizer.step([token_id])
         seq.output_text += delta
+        reason = self._stop_reason(seq, token_id, len(delta))
+        if reason is not None and not isinstance(reason[1], str):
+            seq.output_text += seq.detokenizer.flush()  # text held back for a partial character
+        return reason
+
+    def _stop_reason(self, seq: Sequence, token_id: int,
+                     new_chars: int) -> tuple[str, int | str | None] | None:
+        params = seq.request.params
         if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             return "stop", None
         if token_id in params.stop_token_ids:
             return "stop", token_id
         if params.stop:
-            hit = self._find_stop_string(seq, params.stop, len(delta))
+            hit = self._find_stop_string(seq, params.stop, new_chars)
             if hit is not None:
                 return "stop", hit
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:

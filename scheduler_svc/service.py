@@ -206,6 +206,7 @@ class SchedulerService:
             return
         self.executor_id, self.executor_info = identity, msg
         log.info("executor registered", model=msg.model, dtype=msg.dtype, device=msg.device)
+        self._limit_context(msg.max_model_len, "the executor's model serves no more")
         self.executor.send_multipart([identity, p.encode(p.ConfigureExecutor(
             block_size=self.config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
@@ -216,11 +217,7 @@ class SchedulerService:
                           self.config.watermark)
         # Every sequence must fit in the pool on its own, or it could never run.
         fits = (bm.device.num_blocks - bm.watermark_blocks) * self.config.block_size
-        if fits < self.max_model_len:
-            log.warning("KV pool smaller than the context: max_model_len lowered",
-                        max_model_len=fits, blocks=msg.num_device_blocks)
-            self.max_model_len = self.frontend.max_model_len = fits
-            self.processor.max_model_len = fits
+        self._limit_context(fits, "the KV pool holds no more")
         self.scheduler.block_manager = bm
         log.info("executor ready", device_blocks=msg.num_device_blocks,
                  cpu_blocks=msg.num_cpu_blocks, block_size=self.config.block_size)
@@ -233,12 +230,28 @@ class SchedulerService:
         if step is None:
             return
         for request in {seq.request.key: seq.request for seq in step.seqs}.values():
-            for seq in request.seqs:
-                self.scheduler.finish(seq, "abort")
-            self.frontend.output(request)  # forget it; the client gets the error instead
-            self._send_client(request.client, p.ErrorMsg(
-                code="internal", request_id=request.request_id,
-                message=f"the executor rejected a step: {msg.message}"))
+            self._fail(request, p.ErrorMsg(code="internal", request_id=request.request_id,
+                                           message=f"the executor rejected a step: {msg.message}"))
+
+    def _limit_context(self, max_model_len: int, why: str) -> None:
+        """Lower max_model_len; queued prompts that no longer fit get an error."""
+        if max_model_len >= self.max_model_len:
+            return
+        log.warning("max_model_len lowered", max_model_len=max_model_len, reason=why)
+        self.max_model_len = self.frontend.max_model_len = max_model_len
+        self.processor.max_model_len = max_model_len
+        for request in list(self.frontend.requests.values()):
+            if len(request.prompt_token_ids) >= max_model_len:
+                self._fail(request, p.ErrorMsg(
+                    code="invalid_request", request_id=request.request_id,
+                    message=f"the prompt has {len(request.prompt_token_ids)} tokens, but "
+                            f"{why} than {max_model_len} (max_model_len)"))
+
+    def _fail(self, request: Request, error: p.ErrorMsg) -> None:
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        self.frontend.output(request)  # forget the request; its client gets the error
+        self._send_client(request.client, error)
 
     # ------------------------------------------------------------ steps
 

@@ -37,10 +37,12 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
     values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
     for table, (computed, _), k, v in zip(tables, rows, keys, values):
-        prefix_slots = torch.tensor([slot(table, p, block_size) for p in range(computed)], dtype=torch.int64)
+        prefix_slots = torch.tensor([slot(table, p, block_size) for p in range(computed)],
+                                    dtype=torch.int64)
         reshape_and_cache_reference(k[:computed], v[:computed], k_cache, v_cache, prefix_slots)
 
-    meta = AttentionMetadata.build(tables, [c for c, _ in rows], [q for _, q in rows], block_size, "cpu")
+    query_lens = [q for _, q in rows]
+    meta = AttentionMetadata.build(tables, [c for c, _ in rows], query_lens, block_size, "cpu")
     new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, rows)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(values, rows)])
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
@@ -50,13 +52,15 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     query = torch.randn(len(new_k), num_heads, HEAD_DIM, generator=g).to(dtype)
     scale = HEAD_DIM ** -0.5
     out = attend(query, k_cache, v_cache, meta, scale)
-    ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, [q for _, q in rows], scale)
+    ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, query_lens, scale)
     return (out, k_cache, v_cache), (ref, ref_k, ref_v)
 
 
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4), (8, 1)],
+                         ids=["gqa", "mha", "mqa"])
 def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv_heads):
-    (out, k_cache, v_cache), (ref, ref_k, ref_v) = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.float32)
+    ours, reference = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.float32)
+    (out, k_cache, v_cache), (ref, ref_k, ref_v) = ours, reference
     torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0, equal_nan=True)
     assert out.dtype == torch.float32
@@ -82,8 +86,10 @@ def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():
     meta = AttentionMetadata.build([[3], [1, 2], [0]], [2, 3, 0], [1, 2, 1], 4, "cpu")
     assert meta.decode_tokens.tolist() == [0, 3]
     assert meta.decode_mask.tolist() == [[True, True, True], [True, False, False]]
-    assert meta.decode_slots.tolist() == [[12, 13, 14], [0, 0, 0]]  # padded with the sequence's own first slot
-    assert [(row.start, row.query_len, row.context_slots.tolist()) for row in meta.prefills] == [(1, 2, [4, 5, 6, 7, 8])]
+    assert meta.decode_slots.tolist() == [[12, 13, 14], [0, 0, 0]]  # padded with the first slot
+    [row] = meta.prefills
+    assert (row.start, row.query_len, row.context_slots.tolist()) == (1, 2, [4, 5, 6, 7, 8])
+    assert row.mask.tolist() == [[True] * 4 + [False], [True] * 5]  # 3 cached tokens, then causal
 
 
 def test_slots_and_positions_follow_the_block_table():
@@ -96,7 +102,7 @@ def test_slots_and_positions_follow_the_block_table():
 
 
 def test_block_table_too_short_is_rejected():
-    with pytest.raises(ValueError, match="sequence 1 has 1 blocks of 4 slots, too few for its 5 tokens"):
+    with pytest.raises(ValueError, match="sequence 1 has 1 blocks of 4 slots, too few for its 5"):
         AttentionMetadata.build([[0, 1], [2]], [0, 4], [5, 1], 4, "cpu")
 
 

@@ -1,4 +1,4 @@
-"""Our top-level ``kernels`` package must not pass for the PyPI ``kernels`` that transformers probes."""
+"""Our top-level ``kernels`` must not pass for the PyPI ``kernels`` that transformers probes."""
 from __future__ import annotations
 
 import importlib.util

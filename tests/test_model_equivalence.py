@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.config import default_model_dir
 from common.sampling import SamplingParams
 from executor_svc.attention import AttentionMetadata
 from executor_svc.cache_engine import CacheEngine
@@ -40,7 +39,8 @@ class TinyEngine:
 
     def __init__(self, model, num_blocks: int = 64):
         self.model = model
-        self.kv_caches = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, torch.float32, "cpu").kv_caches
+        cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, torch.float32, "cpu")
+        self.kv_caches = cache.kv_caches
         for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
             k_cache.fill_(float("nan"))
             v_cache.fill_(float("nan"))
@@ -51,23 +51,27 @@ class TinyEngine:
         for seq, n in batch:
             while len(seq.block_table) * BLOCK_SIZE < seq.num_computed + n:
                 seq.block_table.append(self.free_blocks.pop())
-        meta = AttentionMetadata.build([s.block_table for s, _ in batch], [s.num_computed for s, _ in batch],
-                                       [n for _, n in batch], BLOCK_SIZE, "cpu")
-        input_ids = torch.tensor([t for s, n in batch for t in s.tokens[s.num_computed:s.num_computed + n]])
+        seqs, query_lens = [s for s, _ in batch], [n for _, n in batch]
+        tables, computed = [s.block_table for s in seqs], [s.num_computed for s in seqs]
+        meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu")
+        input_ids = torch.tensor([t for s, n in batch
+                                  for t in s.tokens[s.num_computed:s.num_computed + n]])
         with torch.inference_mode():
-            logits = self.model.compute_logits(self.model(input_ids, meta.positions, meta, self.kv_caches))
-        sampled = Sampler()(logits[meta.last_token_indices], [SamplingParams(temperature=0)] * len(batch),
-                            [None] * len(batch))
-        for (seq, n), rows, token in zip(batch, logits.split([n for _, n in batch]), sampled.token_ids.tolist()):
+            hidden = self.model(input_ids, meta.positions, meta, self.kv_caches)
+            logits = self.model.compute_logits(hidden)
+        greedy = [SamplingParams(temperature=0)] * len(batch)
+        tokens = Sampler()(logits[meta.last_token_indices], greedy, [None] * len(batch)).token_ids
+        for (seq, n), rows, token in zip(batch, logits.split(query_lens), tokens.tolist()):
             seq.num_computed += n
             seq.logits.extend(rows)
             if seq.num_computed == len(seq.tokens):
                 seq.tokens.append(token)
 
 
-def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int], max_new_tokens: int) -> list[Seq]:
+def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int],
+                 max_new_tokens: int) -> list[Seq]:
     """Serve the prompts as one continuous batch, prompt i joining at step ``arrival_steps[i]``."""
-    seqs = [Seq(list(prompt), len(prompt), arrival) for prompt, arrival in zip(prompts, arrival_steps)]
+    seqs = [Seq(list(prompt), len(prompt), step) for prompt, step in zip(prompts, arrival_steps)]
     engine, step = TinyEngine(model), 0
     while unfinished := [s for s in seqs if len(s.tokens) - s.prompt_len < max_new_tokens]:
         step += 1
@@ -76,13 +80,14 @@ def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int], max_
     return seqs
 
 
-def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], object]:
+def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int):
     """transformers' greedy generation of each prompt on its own, and the model that made it."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     hf.generation_config.eos_token_id = None  # a random model may hit EOS; generate every token
     with torch.inference_mode():
-        return [hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
-                for prompt in prompts], hf
+        outputs = [hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                               do_sample=False)[0].tolist() for prompt in prompts]
+    return outputs, hf
 
 
 @pytest.fixture(scope="module", params=list(TINY_CONFIGS))
@@ -111,14 +116,13 @@ def test_logits_match_transformers_at_every_position(generations):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_identical_to_transformers_generate():
-    path = default_model_dir()
-    if not (path / "config.json").exists():
-        pytest.skip(f"no model at {path}; run `pagedserve prepare-model`")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompts = [tokenizer(text).input_ids for text in ("The capital of France is", "def fibonacci(n):")]
-    seqs = serve_greedy(load_model(path, torch.float32, "cpu"), prompts, [1, 2], MAX_NEW_TOKENS)
-    assert [s.tokens for s in seqs] == hf_greedy(path, prompts, MAX_NEW_TOKENS)[0]
+def test_smollm2_greedy_tokens_identical_to_transformers_generate(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = ("The capital of France is", "def fibonacci(n):")
+    prompts = [tokenizer(text).input_ids for text in texts]
+    model = load_model(smollm2_dir, torch.float32, "cpu")
+    seqs = serve_greedy(model, prompts, [1, 2], MAX_NEW_TOKENS)
+    assert [s.tokens for s in seqs] == hf_greedy(smollm2_dir, prompts, MAX_NEW_TOKENS)[0]
 
 
 def test_bfloat16_logits_close_to_transformers_bfloat16(tmp_path):
@@ -140,14 +144,16 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     sharded_path = make_tiny_model("qwen2", tmp_path / "sharded", max_shard_size="100KB")
     assert (sharded_path / "model.safetensors.index.json").exists()
     sharded = load_model(sharded_path, torch.float32, "cpu")
-    for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    sharded_state = sharded.state_dict()
+    assert single.state_dict().keys() == sharded_state.keys()
+    for name, tensor in single.state_dict().items():
+        assert torch.equal(tensor, sharded_state[name]), name
 
 
 def test_config_reads_the_checkpoint_shape(tmp_path):
     config = ModelConfig.from_model_dir(make_tiny_model("qwen2", tmp_path))
-    assert (config.architecture, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
-        "Qwen2ForCausalLM", 2, 4, 2, 16)
+    shape = (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+    assert config.architecture == "Qwen2ForCausalLM" and shape == (2, 4, 2, 16)
     assert config.qkv_bias and not config.o_proj_bias and not config.tie_word_embeddings
     assert config.torch_dtype == torch.float32 and config.max_model_len == 128
 
@@ -159,14 +165,15 @@ def write_config(path, **overrides):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
         ModelConfig.from_model_dir(tmp_path)
 
 
 def test_length_dependent_rope_is_rejected(tmp_path):
-    write_config(tmp_path, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    write_config(tmp_path, rope_parameters=dynamic)
     with pytest.raises(ValueError, match="'dynamic'"):
         ModelConfig.from_model_dir(tmp_path)
 
@@ -180,7 +187,8 @@ def test_heads_not_a_multiple_of_kv_heads_is_rejected(tmp_path):
 def test_missing_and_unexpected_weights_are_named(tmp_path):
     path = make_tiny_model("llama", tmp_path)
     tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.0.self_attn.rogue.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
+    rogue = tensors.pop("model.layers.1.mlp.up_proj.weight")
+    tensors["model.layers.0.self_attn.rogue.weight"] = rogue
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight.*"
                                          r"unexpected: model\.layers\.0\.self_attn\.rogue\.weight"):

@@ -43,12 +43,13 @@ def test_top_k_1_is_greedy_at_any_temperature():
 
 def test_seeded_rows_do_not_depend_on_batch_companions():
     logits = random_logits(4)
-    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    params = SamplingParams(temperature=1.5, seed=7)
     gen_alone, gen_batched = seeded(7), seeded(7)
-    companions = [SamplingParams(temperature=0.5, top_k=5), params, SamplingParams(temperature=0), SamplingParams()]
+    batch = [SamplingParams(temperature=0.5, top_k=5), params, SamplingParams(temperature=0),
+             SamplingParams(top_p=0.5)]
+    generators = [None, gen_batched, None, seeded(99)]
     alone = [sample(logits[1:2], [params], [gen_alone]).token_ids.item() for _ in range(10)]
-    batched = [sample(logits, companions, [None, gen_batched, None, seeded(99)]).token_ids[1].item()
-               for _ in range(10)]
+    batched = [sample(logits, batch, generators).token_ids[1].item() for _ in range(10)]
     assert alone == batched
     assert len(set(alone)) > 1  # it really sampled
 
@@ -56,15 +57,16 @@ def test_seeded_rows_do_not_depend_on_batch_companions():
 def test_sampling_follows_the_distribution():
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    counts = torch.bincount(sample(probs.log().expand(4000, 4).contiguous(), [SamplingParams()] * 4000).token_ids,
-                            minlength=4)
+    logits = probs.log().expand(4000, 4).contiguous()
+    counts = torch.bincount(sample(logits, [SamplingParams()] * 4000).token_ids, minlength=4)
     torch.testing.assert_close(counts / 4000, probs, rtol=0, atol=0.03)
 
 
 def test_top_p_excludes_tokens_outside_the_nucleus():
     torch.manual_seed(0)
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4).contiguous()
-    counts = torch.bincount(sample(logits, [SamplingParams(top_p=0.7)] * 4000).token_ids, minlength=4)
+    tokens = sample(logits, [SamplingParams(top_p=0.7)] * 4000).token_ids
+    counts = torch.bincount(tokens, minlength=4)
     assert counts[2:].sum() == 0  # 0.5 + 0.3 already covers 0.7
     torch.testing.assert_close(counts[0] / 4000, torch.tensor(0.5 / 0.8), rtol=0, atol=0.03)
 
@@ -78,8 +80,8 @@ def test_top_k_keeps_only_the_k_most_likely():
 
 def test_logprob_is_of_the_sampled_token_under_the_raw_distribution():
     logits = random_logits(4)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.3), SamplingParams(top_k=4),
-              SamplingParams(temperature=3.0, top_p=0.5)]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.3),
+              SamplingParams(top_k=4), SamplingParams(temperature=3.0, top_p=0.5)]
     out = sample(logits, params)
     expected = torch.log_softmax(logits, -1).gather(-1, out.token_ids[:, None]).squeeze(1)
     assert out.logprobs.dtype == torch.float32

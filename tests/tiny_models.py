@@ -10,12 +10,14 @@ SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key
              intermediate_size=128, vocab_size=512, max_position_embeddings=128)
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
                    high_freq_factor=4.0, original_max_position_embeddings=32)
-YARN_ROPE = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32)
+YARN_ROPE = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                 original_max_position_embeddings=32)
+MHA = dict(num_key_value_heads=SHAPE["num_attention_heads"])
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**SHAPE),
     "llama_tied": lambda: LlamaConfig(**SHAPE, tie_word_embeddings=True),  # SmolLM2's layout
-    "llama_mha_llama3_rope": lambda: LlamaConfig(**SHAPE | dict(num_key_value_heads=4), rope_parameters=LLAMA3_ROPE),
+    "llama_mha_llama3_rope": lambda: LlamaConfig(**SHAPE | MHA, rope_parameters=LLAMA3_ROPE),
     "qwen2": lambda: Qwen2Config(**SHAPE),  # q/k/v projections carry a bias
     "mistral_yarn": lambda: MistralConfig(**SHAPE, rope_parameters=YARN_ROPE),
 }
