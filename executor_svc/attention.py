@@ -93,26 +93,33 @@ def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetad
     sequence's cached context and the new tokens up to itself. K/V of this step must already be
     written. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
     k_slots, v_slots = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [num_slots, kvh, hd]
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     out = torch.empty_like(query)
     if meta.decode_tokens.numel():
         # One new token per sequence: all of them in one op, each masked to its own context.
+        # The query heads of one kv head form its "query rows", so K/V are never repeated.
         keys, values = k_slots[meta.decode_slots], v_slots[meta.decode_slots]  # [D, L, kvh, hd]
-        q = query[meta.decode_tokens][:, :, None]  # [D, H, 1, hd]
-        out[meta.decode_tokens] = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2),
-                                        meta.decode_mask[:, None, None], scale).squeeze(2)
+        q = query[meta.decode_tokens].view(-1, num_kv_heads, group, head_dim)
+        attended = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2),
+                         meta.decode_mask[:, None, None], scale)  # [D, kvh, group, hd]
+        out[meta.decode_tokens] = attended.reshape(-1, num_heads, head_dim)
     for row in meta.prefills:
         rows = slice(row.start, row.start + row.query_len)
         keys, values = k_slots[row.context_slots], v_slots[row.context_slots]  # [C, kvh, hd]
-        out[rows] = _sdpa(query[rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                          row.mask, scale).transpose(0, 1)
+        keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, C, hd]
+        values = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        out[rows] = _sdpa(query[rows].transpose(0, 1), keys, values, row.mask,
+                          scale).transpose(0, 1)
     return out
 
 
 def _sdpa(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """[..., H, q, hd] over [..., kvh, k, hd]; mask None means plain causal. torch's fused kernel
-    keeps the softmax in float32 for low-precision inputs."""
+    """torch's fused attention (float32 softmax for low-precision inputs); mask None means
+    plain causal."""
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
-                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+                                          is_causal=mask is None, scale=scale)
 
 
 def _causal_mask(query_len: int, seq_len: int, device: torch.device | str) -> Tensor | None:
