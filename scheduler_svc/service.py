@@ -120,12 +120,11 @@ class SchedulerService:
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(1000):  # bounded, so one busy socket cannot starve the others
             try:
-                identity, payload = sock.recv_multipart(zmq.NOBLOCK)[-2:]
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except ValueError:
-                continue  # a frame count no peer of ours sends
-            handler(identity, payload)
+            # A ROUTER prepends the peer's identity; our peers send exactly one frame.
+            handler(frames[0], frames[1] if len(frames) == 2 else b"")
 
     # ------------------------------------------------------------ clients
 

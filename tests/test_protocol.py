@@ -1,0 +1,86 @@
+"""Wire protocol, sampling params and config: round trips and errors that name the field."""
+import msgpack
+import numpy as np
+import pytest
+
+from common import protocol as p
+from common.config import ExecutorConfig, SchedulerConfig
+from common.sampling import SamplingParams
+
+
+def test_plan_round_trips_with_int_arrays_as_packed_int32():
+    plan = p.StepPlan(step=7, removed=[3], seq_ids=[1, 2], num_tokens=[5, 1], block_appends=[2, 9],
+                      new_seqs=[p.NewSeq(seq_id=1, token_ids=[10, 11, 12, 13, 14],
+                                         block_table=[4], params=SamplingParams().to_dict())])
+    raw = msgpack.unpackb(p.encode(plan))
+    assert raw["v"] == p.PROTOCOL_VERSION and raw["type"] == "step"
+    assert raw["seq_ids"] == np.array([1, 2], dtype="<i4").tobytes()
+    back = p.decode(p.encode(plan))
+    assert back.seq_ids.tolist() == [1, 2] and back.new_seqs[0].token_ids.tolist() == [10, 11, 12, 13, 14]
+    assert back.new_seqs[0].params == SamplingParams().to_dict()
+
+
+def test_pure_decode_step_costs_eight_bytes_per_sequence():
+    def size(n):
+        return len(p.encode(p.StepPlan(step=1, removed=[], new_seqs=[], seq_ids=list(range(n)),
+                                       num_tokens=[1] * n, block_appends=[])))
+    assert (size(256) - size(0)) / 256 < 8.05  # two int32s, plus msgpack length headers
+
+
+def test_result_round_trips_floats_and_top_logprobs():
+    result = p.StepResult(step=1, seq_ids=[4], token_ids=[9], logprobs=np.array([-0.5]),
+                          top_logprobs=[p.TopLogprobs(seq_id=4, token_ids=[9, 3],
+                                                      logprobs=np.array([-0.5, -1.25]))])
+    back = p.decode(p.encode(result))
+    assert back.logprobs.dtype == np.float32 and back.logprobs.tolist() == [-0.5]
+    assert back.top_logprobs[0].logprobs.tolist() == [-0.5, -1.25]
+
+
+@pytest.mark.parametrize("raw, message", [
+    (msgpack.packb({"v": 1, "type": "abort"}), "missing field 'request_id' in 'abort'"),
+    (msgpack.packb({"v": 1, "type": "abort", "request_id": 3}), "'abort.request_id' must be str"),
+    (msgpack.packb({"v": 0, "type": "abort", "request_id": "x"}), "unsupported protocol version 0"),
+    (msgpack.packb({"v": 1, "type": "step", "step": 1, "removed": b"\x00", "new_seqs": [],
+                    "seq_ids": b"", "num_tokens": b"", "block_appends": b""}), "step.removed"),
+    (msgpack.packb({"v": 1, "type": "step", "step": 1, "removed": b"", "seq_ids": b"",
+                    "num_tokens": b"", "block_appends": b"", "new_seqs": [{"seq_id": 1}]}),
+     "missing field 'token_ids' in 'step.new_seqs[0]'"),
+])
+def test_invalid_messages_name_the_bad_field(raw, message):
+    with pytest.raises(p.ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        p.decode(raw)
+
+
+def test_decode_accepts_only_the_expected_types():
+    with pytest.raises(p.ProtocolError, match="expected one of"):
+        p.decode(p.encode(p.Heartbeat()), (p.GenerateRequest, p.AbortRequest))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"), ({"n": 0}, "n"),
+    ({"stop": [""]}, "stop"), ({"logprobs": 21}, "logprobs"), ({"seed": -1}, "seed"),
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"best_of": 1, "n": 2}, "best_of"),
+])
+def test_sampling_params_reject_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="temprature"):
+        SamplingParams.from_dict({"temprature": 0.5})
+    assert SamplingParams.from_dict({"stop": "x", "top_k": -1}).stop == ["x"]
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: SchedulerConfig(block_size=12), "block_size"),
+    (lambda: SchedulerConfig(client_port=70000), "client_port"),
+    (lambda: SchedulerConfig(max_num_seqs=0), "max_num_seqs"),
+    (lambda: ExecutorConfig(device="tpu"), "device"),
+    (lambda: ExecutorConfig(kv_cache_gb=1.0, num_device_blocks=10), "kv_cache_gb"),
+    (lambda: ExecutorConfig(dtype="int8"), "dtype"),
+])
+def test_configs_are_validated_at_construction(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
