@@ -197,3 +197,47 @@ def test_every_device_block_is_free_at_the_end(services):
     pool = services.pool()
     assert pool["device"] == {"total": 1024, "free": 1024, "used": 0}
     assert pool["running"] == pool["waiting"] == 0
+
+
+def test_async_client_generates_and_streams(services):
+    import asyncio
+
+    from common.client import AsyncClient
+
+    async def main():
+        async with AsyncClient(services.client, timeout=60.0) as client:
+            params = SamplingParams(temperature=0.0, max_tokens=8)
+            outs = await asyncio.gather(*(client.generate(x, params) for x in PROMPTS[:3]))
+            deltas = [d async for d in client.stream(PROMPTS[0], params)]
+            return outs, deltas
+
+    outs, deltas = asyncio.run(main())
+    assert outs[0].outputs[0].text == "".join(d.outputs[0].text for d in deltas)
+    assert outs[0].outputs[0].text.startswith(" Paris")
+    assert deltas[0].prompt_token_ids == [504, 3575, 282, 4649, 314]
+
+
+def test_admin_shows_each_running_sequence_block_table(client, services):
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    stream = client.stream(PROMPTS[6], params, request_id="watched")
+    next(stream)
+    from services import admin
+
+    seqs = admin(services.admin, "seqs")["seqs"]
+    (seq,) = [s for s in seqs if s["request_id"] == "watched"]
+    assert len(seq["block_table"]) == -(-seq["num_tokens"] // 16)
+    assert len(set(seq["block_table"])) == len(seq["block_table"])
+    client.abort("watched")
+    list(stream)
+
+
+def test_client_times_out_instead_of_hanging_when_nobody_answers():
+    from common.client import ServerTimeoutError
+    from services import free_ports
+
+    (port,) = free_ports(1)
+    with Client(f"tcp://127.0.0.1:{port}", timeout=1.0) as lonely:
+        start = time.monotonic()
+        with pytest.raises(ServerTimeoutError, match="is the scheduler running"):
+            lonely.generate("hello", SamplingParams(max_tokens=2))
+        assert time.monotonic() - start < 5
