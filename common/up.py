@@ -48,7 +48,9 @@ def main(ready_timeout: float, **kwargs) -> None:
         "--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
         *_flags(kwargs, _names(options.EXECUTOR_OPTIONS) + shared)])
     services = [scheduler, executor]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Set explicitly: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         _wait_ready(services, f"tcp://{connect_host}:{kwargs['admin_port']}", ready_timeout)
         click.echo(f"pagedserve ready\n"
@@ -63,6 +65,10 @@ def main(ready_timeout: float, **kwargs) -> None:
         pass
     finally:
         _stop(services)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_ready(services: list[subprocess.Popen], admin: str, timeout_s: float) -> None:

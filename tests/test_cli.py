@@ -15,7 +15,9 @@ def test_up_then_generate_answers_paris_and_ctrl_c_stops_both(smollm2_dir):
     up = pagedserve("up", "--model", str(smollm2_dir), "--client-port", str(client),
                     "--executor-port", str(executor), "--admin-port", str(admin),
                     "--num-device-blocks", "256", "--num-cpu-blocks", "8",
-                    stdout=subprocess.PIPE, text=True)
+                    stdout=subprocess.PIPE, text=True,
+                    # as `pagedserve up &` in a shell: a background job starts with SIGINT ignored
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert up.stdout.readline().strip() == "pagedserve ready"
         gen = pagedserve("generate", "The capital of France is", "--max-tokens", "12",
