@@ -130,6 +130,13 @@ class StepPlan:
     seq_ids: Ints                   # sequences computed this step, in batch order
     num_tokens: Ints                # tokens each computes this step (1 for a decode)
     block_appends: Ints             # flat (seq_id, block_id) pairs: blocks appended to tables
+    # Block operations, applied in this order before the table updates and the forward pass
+    # (so a block swapped out here may already be handed to another sequence in this plan):
+    swap_out: Ints = field(default_factory=lambda: np.zeros(0, np.int32))  # (device, cpu) pairs
+    swap_in: Ints = field(default_factory=lambda: np.zeros(0, np.int32))   # (cpu, device) pairs
+    copies: Ints = field(default_factory=lambda: np.zeros(0, np.int32))    # (src, dst) device pairs
+    # Copy-on-write changes a table's last entry: flat (seq_id, block_id) pairs.
+    replace_last: Ints = field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 @dataclass
