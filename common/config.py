@@ -25,7 +25,7 @@ class SchedulerConfig:
     model: str | None = None            # HF model directory: tokenizer and context limits
     block_size: int = 16                # tokens per KV block
     max_num_seqs: int = 256             # sequences in one step at most
-    max_num_batched_tokens: int | None = None  # tokens in one step; default max(2048, context)
+    max_num_batched_tokens: int | None = None  # tokens in one step (prompts are chunked); 2048
     max_model_len: int | None = None    # context limit; default the model's own
     watermark: float = 0.01             # fraction of device blocks kept free when admitting
     host: str = "127.0.0.1"

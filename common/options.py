@@ -12,7 +12,8 @@ SCHEDULER_OPTIONS = [
     click.option("--max-num-seqs", type=int, default=256, show_default=True,
                  help="Sequences computed in one step at most."),
     click.option("--max-num-batched-tokens", type=int, default=None,
-                 help="Tokens computed in one step at most [default: max(2048, context)]."),
+                 help="Tokens computed in one step at most; longer prompts are split into chunks "
+                      "across steps [default: 2048]."),
     click.option("--max-model-len", type=int, default=None,
                  help="Context length limit [default: the model's]."),
     click.option("--host", default="127.0.0.1", show_default=True,

@@ -100,32 +100,40 @@ class Scheduler:
         return removed
 
     def _schedule_running(self, step: ScheduledStep) -> bool:
+        """Give every running sequence a slot for its next token (preempting the latest
+        arrivals when blocks run out), then tokens: decodes first, then prompt chunks."""
         queue = deque(self.running)
-        scheduled: list[Sequence] = []
+        kept: list[Sequence] = []
         preempted = False
         while queue:
             seq = queue.popleft()
             while not self.block_manager.can_append_slot(seq):
                 preempted = True
-                if not queue:
-                    self._preempt(seq, step)
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, step)
+                if victim is seq:
                     break
-                self._preempt(queue.pop(), step)
             else:
                 block_id = self.block_manager.append_slot(seq)
                 if block_id is not None:
                     step.block_appends.append((seq.seq_id, block_id))
-                step.add(seq, seq.num_tokens - seq.num_computed_tokens)
-                scheduled.append(seq)
-        self.running = scheduled
+                kept.append(seq)
+        self.running = kept
+        budget = self.max_num_batched_tokens
+        for seq in sorted(kept, key=_is_prefilling):  # stable: arrival order within each kind
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_tokens:
+                step.add(seq, num_tokens)
+                budget -= num_tokens
         return preempted
 
     def _schedule_waiting(self, step: ScheduledStep) -> None:
+        """Admit waiting prompts in arrival order; the last one admitted may get only a
+        chunk of its prompt this step (chunked prefill), the rest in later steps."""
         budget = self.max_num_batched_tokens - sum(step.num_tokens)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_tokens = seq.num_tokens - seq.num_computed_tokens
-            if num_tokens > budget or not self.block_manager.can_allocate(seq):
+            if not self.block_manager.can_allocate(seq):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.block_manager.allocate(seq)
@@ -133,6 +141,7 @@ class Scheduler:
             seq.on_executor = True
             self.running.append(seq)
             step.new_seqs.append(seq)
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             step.add(seq, num_tokens)
             budget -= num_tokens
 
@@ -145,3 +154,7 @@ class Scheduler:
         step.removed.append(seq.seq_id)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _is_prefilling(seq: Sequence) -> bool:
+    return seq.num_tokens - seq.num_computed_tokens > 1

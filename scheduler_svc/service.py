@@ -45,12 +45,11 @@ class SchedulerService:
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         vocab_size, max_positions = read_model_limits(model_dir)
         self.max_model_len = min(config.max_model_len or max_positions, max_positions)
-        max_batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
-        if max_batched < self.max_model_len or max_batched < config.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_batched}) must be at least max_model_len "
-                f"({self.max_model_len}) and max_num_seqs ({config.max_num_seqs}): a prompt "
-                f"is computed in one step")
+        max_batched = config.max_num_batched_tokens or 2048
+        if max_batched < config.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_batched}) must be at least "
+                             f"max_num_seqs ({config.max_num_seqs}): every running sequence "
+                             f"decodes a token each step")
         self.frontend = Frontend(self.tokenizer, vocab_size, self.max_model_len)
         self.processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.scheduler = Scheduler(None, config.max_num_seqs, max_batched)

@@ -44,10 +44,10 @@ def make_runner(path, num_blocks):
     return ModelRunner(model, cache, BLOCK_SIZE)
 
 
-def generate(path, prompts, num_blocks):
+def generate(path, prompts, num_blocks, max_batched=256):
     """Run every prompt to MAX_TOKENS through scheduler -> encoded plan -> runner -> result."""
     runner = make_runner(path, num_blocks)
-    scheduler = Scheduler(BlockManager(BLOCK_SIZE, num_blocks, 0, 0.0), 8, 256)
+    scheduler = Scheduler(BlockManager(BLOCK_SIZE, num_blocks, 0, 0.0), 8, max_batched)
     seqs = []
     for i, ids in enumerate(prompts):
         request = Request(str(i), b"c", SamplingParams(temperature=0.0), ids, stream=False)
@@ -80,6 +80,12 @@ def test_recompute_preemption_continues_exactly(tiny):
     path, prompts, expected = tiny
     outputs, preemptions = generate(path, prompts, num_blocks=12)  # 48 slots for 5 sequences
     assert preemptions > 0
+    assert outputs == expected
+
+
+def test_chunked_prefill_mixed_with_decodes_gives_the_same_tokens(tiny):
+    path, prompts, expected = tiny
+    outputs, _ = generate(path, prompts, num_blocks=64, max_batched=8)  # 30-token prompt: 4+ chunks
     assert outputs == expected
 
 

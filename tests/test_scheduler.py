@@ -30,19 +30,38 @@ def run_step(scheduler):
     step = scheduler.schedule()
     scheduler.update(step)
     for seq in step.seqs:
-        assert seq.num_computed_tokens == seq.num_tokens
+        if seq.num_computed_tokens < seq.num_tokens:
+            continue  # a prompt chunk: nothing sampled yet
         seq.append_token(7, 0.0)
         if seq.num_output_tokens >= seq.request.params.max_tokens:
             scheduler.finish(seq, "length")
     return step
 
 
-def test_admits_in_arrival_order_within_the_token_budget():
+def test_admits_in_arrival_order_chunking_the_prompt_that_meets_the_budget():
     scheduler = make_scheduler(max_batched=20)
     seqs = [add(scheduler, i, 8) for i in range(4)]
     step = scheduler.schedule()
-    assert step.seqs == seqs[:2] and step.num_tokens == [8, 8]  # a third would exceed 20
-    assert list(scheduler.waiting) == seqs[2:]
+    assert step.seqs == seqs[:3] and step.num_tokens == [8, 8, 4]  # the third gets a chunk
+    assert list(scheduler.waiting) == seqs[3:]
+
+
+def test_long_prompt_is_prefilled_in_chunks_beside_decodes():
+    scheduler = make_scheduler(max_batched=8)
+    short = add(scheduler, 0, 3, max_tokens=10)
+    run_step(scheduler)
+    long = add(scheduler, 1, 20)
+    chunks = []
+    while long.num_output_tokens == 0:
+        step = scheduler.schedule()
+        assert step.seqs[0] is short and step.num_tokens[0] == 1  # decodes go first
+        assert sum(step.num_tokens) <= 8
+        chunks.append(dict(zip(step.seqs, step.num_tokens))[long])
+        scheduler.update(step)
+        for seq in step.seqs:
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.append_token(7, 0.0)
+    assert chunks == [7, 7, 6] and long.num_output_tokens == 1
 
 
 def test_max_num_seqs_bounds_the_batch():
