@@ -28,6 +28,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None  # tokens in one step (prompts are chunked); 2048
     max_model_len: int | None = None    # context limit; default the model's own
     watermark: float = 0.01             # fraction of device blocks kept free when admitting
+    preemption_mode: str = "auto"       # auto | swap | recompute
+    enable_prefix_caching: bool = True
     host: str = "127.0.0.1"
     client_port: int = 5555
     executor_port: int = 5556
@@ -41,6 +43,9 @@ class SchedulerConfig:
         _positive("max_num_seqs", self.max_num_seqs)
         _positive_or_none("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_or_none("max_model_len", self.max_model_len)
+        if self.preemption_mode not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preemption_mode must be auto, swap or recompute, "
+                             f"got {self.preemption_mode!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for name in ("client_port", "executor_port", "admin_port"):

@@ -16,6 +16,13 @@ SCHEDULER_OPTIONS = [
                       "across steps [default: 2048]."),
     click.option("--max-model-len", type=int, default=None,
                  help="Context length limit [default: the model's]."),
+    click.option("--preemption-mode", type=click.Choice(["auto", "swap", "recompute"]),
+                 default="auto", show_default=True,
+                 help="When blocks run out: swap the latest arrival to CPU memory, recompute "
+                      "it later, or choose per preemption by measured cost."),
+    click.option("--prefix-caching/--no-prefix-caching", "enable_prefix_caching",
+                 default=True, show_default=True,
+                 help="Reuse the KV of full blocks whose tokens were computed before."),
     click.option("--host", default="127.0.0.1", show_default=True,
                  help="Address the scheduler's sockets bind to."),
     click.option("--client-port", type=int, default=5555, show_default=True),

@@ -156,6 +156,7 @@ class StepResult:
     logprobs: Floats                # the sampled tokens' logprobs, same order
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # for seqs that asked
     execute_ms: float = 0.0         # executor time for the step, for metrics
+    block_ops_ms: float = 0.0       # of which swaps and copies: the swap cost the scheduler learns
 
 
 MESSAGES = {cls.TYPE: cls for cls in (

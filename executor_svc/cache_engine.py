@@ -1,10 +1,15 @@
 """The cache engine: the paged KV cache of every layer, on the device and in CPU swap space."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from executor_svc.model import ModelConfig
+
+_POOLS = {"swap_out": ("device", "cpu"), "swap_in": ("cpu", "device"),
+          "copies": ("device", "device")}  # (source, destination) pool of each block operation
 
 
 class CacheEngine:
@@ -12,6 +17,8 @@ class CacheEngine:
 
     ``kv_caches`` live on the device; ``cpu_caches`` (pinned when the device is CUDA, for async
     copies) hold swapped-out blocks. Both are left uninitialised: a slot is read only after written.
+    Block operations take ``pairs``, an int tensor or array of shape [N, 2], and move all N blocks
+    of every layer's K and V at once.
     """
 
     def __init__(self, model_config: ModelConfig, block_size: int, num_device_blocks: int,
@@ -24,6 +31,8 @@ class CacheEngine:
                                    device=device)
         self.cpu_caches = _allocate(model_config, block_size, num_cpu_blocks, dtype,
                                     device=torch.device("cpu"), pin_memory=device.type == "cuda")
+        # On CUDA, block operations run on a side stream; the forward pass waits for them.
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @staticmethod
     def bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -36,6 +45,73 @@ class CacheEngine:
                              num_bytes: int) -> int:
         """How many whole blocks fit in ``num_bytes`` (e.g. ``--kv-cache-gb`` * 2**30)."""
         return int(num_bytes // CacheEngine.bytes_per_block(model_config, block_size, dtype))
+
+    def swap_out(self, pairs) -> None:
+        """Copy device blocks to CPU swap space: ``pairs`` of (device_block, cpu_block)."""
+        self._copy(self.kv_caches, self.cpu_caches, self._check("swap_out", pairs))
+
+    def swap_in(self, pairs) -> None:
+        """Copy CPU swap blocks to the device: ``pairs`` of (cpu_block, device_block)."""
+        self._copy(self.cpu_caches, self.kv_caches, self._check("swap_in", pairs))
+
+    def copy_blocks(self, pairs) -> None:
+        """Copy device blocks to device blocks (copy-on-write): ``pairs`` of (src, dst).
+
+        The copies run as one batch, not in order, so no block may be both a source and a
+        destination (the scheduler copies only into freshly allocated blocks).
+        """
+        self._copy(self.kv_caches, self.kv_caches, self._check("copies", pairs))
+
+    def check(self, swap_out, swap_in, copies) -> None:
+        """Raise ``ValueError`` naming the bad block id if any of these operations is invalid."""
+        for op, pairs in (("swap_out", swap_out), ("swap_in", swap_in), ("copies", copies)):
+            self._check(op, pairs)
+
+    def _check(self, op: str, pairs) -> Tensor:
+        pairs = torch.as_tensor(pairs, dtype=torch.int64).cpu()
+        if pairs.dim() != 2 or pairs.shape[1] != 2:
+            raise ValueError(f"{op}: pairs must have shape [N, 2], got {list(pairs.shape)}")
+        for ids, pool in zip(pairs.T, _POOLS[op]):
+            size = self.num_device_blocks if pool == "device" else self.num_cpu_blocks
+            bad = ids[(ids < 0) | (ids >= size)]
+            if len(bad):
+                raise ValueError(f"{op}: block id {bad[0].item()} is outside the {pool} pool "
+                                 f"[0, {size})")
+        src, dst = pairs.T.tolist()
+        if len(set(dst)) < len(dst):
+            raise ValueError(f"{op}: a destination block appears twice in {dst}")
+        if op == "copies" and set(src) & set(dst):
+            raise ValueError(f"copies: block ids {sorted(set(src) & set(dst))} are both a "
+                             f"source and a destination")
+        return pairs
+
+    def _copy(self, src_caches: list[tuple[Tensor, Tensor]],
+              dst_caches: list[tuple[Tensor, Tensor]], pairs: Tensor) -> None:
+        if not len(pairs):
+            return
+        with self._side_stream():
+            src_ids = pairs[:, 0].to(src_caches[0][0].device)
+            dst_ids = pairs[:, 1].to(dst_caches[0][0].device)
+            for src_layer, dst_layer in zip(src_caches, dst_caches, strict=True):
+                for src, dst in zip(src_layer, dst_layer):
+                    dst.index_copy_(0, dst_ids, _to(src.index_select(0, src_ids), dst.device))
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        if self._stream is None:
+            yield
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(compute)  # the last forward pass may still write these blocks
+        with torch.cuda.stream(self._stream):
+            yield
+        compute.wait_stream(self._stream)  # the next forward pass reads what was copied
+
+
+def _to(blocks: Tensor, device: torch.device) -> Tensor:
+    # Blocks bound for the host are copied synchronously, since the host-side index_copy_ that
+    # follows must not read them before they land; device-bound ones stay queued on the stream.
+    return blocks.to(device, non_blocking=device.type != "cpu")
 
 
 def _allocate(config: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype,

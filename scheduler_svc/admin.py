@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-from scheduler_svc.block_pool import BlockPool
 
 
 class AdminHandler:
@@ -35,28 +34,23 @@ class AdminHandler:
     def pool(self) -> dict:
         scheduler = self.service.scheduler
         bm = scheduler.block_manager
-        return {"ready": bm is not None,
-                "block_size": self.service.config.block_size,
-                "device": _pool(bm.device if bm else None),
-                "cpu": _pool(bm.cpu if bm else None),
-                "running": len(scheduler.running),
-                "waiting": len(scheduler.waiting),
-                "preemptions": {"recompute": scheduler.num_preemptions}}
+        empty = {"total": 0, "free": 0, "used": 0}
+        stats = bm.stats() if bm else {"device": {**empty, "cached": 0, "shared": 0},
+                                       "cpu": empty,
+                                       "prefix_cache": {"queries": 0, "hits": 0}}
+        return {"ready": bm is not None, "block_size": self.service.config.block_size, **stats,
+                "running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "swapped": len(scheduler.swapped), "preemptions": dict(scheduler.preemptions)}
 
     def seqs(self) -> dict:
         scheduler = self.service.scheduler
         tables = scheduler.block_manager.tables if scheduler.block_manager else {}
-        seqs = list(scheduler.running) + list(scheduler.waiting)
+        seqs = [*scheduler.running, *scheduler.swapped, *scheduler.waiting]
         return {"seqs": [{"seq_id": seq.seq_id, "request_id": seq.request.request_id,
                           "status": seq.status.value, "num_tokens": seq.num_tokens,
                           "num_computed_tokens": seq.num_computed_tokens,
                           "block_table": tables.get(seq.seq_id, [])} for seq in seqs]}
 
-
-def _pool(pool: BlockPool | None) -> dict:
-    if pool is None:
-        return {"total": 0, "free": 0, "used": 0}
-    return {"total": pool.num_blocks, "free": pool.num_free, "used": pool.num_used}
 
 
 def _reply(data: dict) -> bytes:

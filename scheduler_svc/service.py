@@ -17,6 +17,7 @@ from common.config import SchedulerConfig
 from common.log import get_logger
 from scheduler_svc.admin import AdminHandler
 from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.cost_model import PreemptionCostModel
 from scheduler_svc.frontend import Frontend, InvalidRequest
 from scheduler_svc.output_processor import OutputProcessor
 from scheduler_svc.scheduler import ScheduledStep, Scheduler
@@ -52,7 +53,8 @@ class SchedulerService:
                              f"decodes a token each step")
         self.frontend = Frontend(self.tokenizer, vocab_size, self.max_model_len)
         self.processor = OutputProcessor(self.tokenizer, self.max_model_len)
-        self.scheduler = Scheduler(None, config.max_num_seqs, max_batched)
+        self.scheduler = Scheduler(None, config.max_num_seqs, max_batched,
+                                   config.preemption_mode)
         self.admin_handler = AdminHandler(self)
         self.executor_id: bytes | None = None
         self.executor_info: p.RegisterExecutor | None = None
@@ -212,11 +214,13 @@ class SchedulerService:
 
     def _on_ready(self, msg: p.ExecutorReady) -> None:
         bm = BlockManager(self.config.block_size, msg.num_device_blocks, msg.num_cpu_blocks,
-                          self.config.watermark)
+                          self.config.watermark, self.config.enable_prefix_caching)
         # Every sequence must fit in the pool on its own, or it could never run.
         fits = (bm.device.num_blocks - bm.watermark_blocks) * self.config.block_size
         self._limit_context(fits, "the KV pool holds no more")
         self.scheduler.block_manager = bm
+        self.scheduler.cost_model = PreemptionCostModel(
+            self.executor_info.kv_bytes_per_token * self.config.block_size)
         log.info("executor ready", device_blocks=msg.num_device_blocks,
                  cpu_blocks=msg.num_cpu_blocks, block_size=self.config.block_size)
 
@@ -269,7 +273,7 @@ class SchedulerService:
             log.error("result for an unexpected step ignored", step=result.step)
             self.in_flight = step
             return
-        self.scheduler.update(step)
+        self.scheduler.update(step, result.execute_ms, result.block_ops_ms)
         seqs = {seq.seq_id: seq for seq in step.seqs}
         top = {t.seq_id: dict(zip(t.token_ids.tolist(), t.logprobs.tolist()))
                for t in result.top_logprobs}

@@ -37,17 +37,19 @@ def tiny(request, tmp_path_factory):
     return path, prompts, expected
 
 
-def make_runner(path, num_blocks):
+def make_runner(path, num_blocks, num_cpu_blocks=0):
     config = ModelConfig.from_model_dir(path)
     model = load_model(path, torch.float32, torch.device("cpu"))
-    cache = CacheEngine(config, BLOCK_SIZE, num_blocks, 0, torch.float32, "cpu")
+    cache = CacheEngine(config, BLOCK_SIZE, num_blocks, num_cpu_blocks, torch.float32, "cpu")
     return ModelRunner(model, cache, BLOCK_SIZE)
 
 
-def generate(path, prompts, num_blocks, max_batched=256):
+def generate(path, prompts, num_blocks, max_batched=256, mode="recompute", num_cpu_blocks=0,
+             prefix_caching=True):
     """Run every prompt to MAX_TOKENS through scheduler -> encoded plan -> runner -> result."""
-    runner = make_runner(path, num_blocks)
-    scheduler = Scheduler(BlockManager(BLOCK_SIZE, num_blocks, 0, 0.0), 8, max_batched)
+    runner = make_runner(path, num_blocks, num_cpu_blocks)
+    bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0, prefix_caching)
+    scheduler = Scheduler(bm, 8, max_batched, mode)
     seqs = []
     for i, ids in enumerate(prompts):
         request = Request(str(i), b"c", SamplingParams(temperature=0.0), ids, stream=False)
@@ -66,21 +68,33 @@ def generate(path, prompts, num_blocks, max_batched=256):
             if seq.num_output_tokens == MAX_TOKENS:
                 scheduler.finish(seq, "length")
     assert not scheduler.has_work
-    return [s.output_token_ids for s in seqs], scheduler.num_preemptions
+    return [s.output_token_ids for s in seqs], scheduler.preemptions
 
 
 def test_batched_greedy_equals_transformers(tiny):
     path, prompts, expected = tiny
     outputs, preemptions = generate(path, prompts, num_blocks=64)
-    assert preemptions == 0
+    assert preemptions == {"swap": 0, "recompute": 0}
     assert outputs == expected
 
 
-def test_recompute_preemption_continues_exactly(tiny):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_sequences_continue_exactly(tiny, mode):
     path, prompts, expected = tiny
-    outputs, preemptions = generate(path, prompts, num_blocks=12)  # 48 slots for 5 sequences
-    assert preemptions > 0
+    # 48 device slots for 5 sequences of up to 42 tokens: preemption must happen
+    outputs, preemptions = generate(path, prompts, num_blocks=12, mode=mode, num_cpu_blocks=64)
+    assert preemptions[mode] > 0 and sum(preemptions.values()) == preemptions[mode]
     assert outputs == expected
+
+
+def test_shared_prefix_is_computed_once_and_gives_the_same_tokens(tiny):
+    path, prompts, _ = tiny
+    shared = prompts[2][:24]  # six full blocks
+    with_prefix = [shared + [5, 6, 7], shared + [8, 9]]
+    cached, _ = generate(path, with_prefix[:1] + with_prefix, num_blocks=64, max_batched=32)
+    plain, _ = generate(path, with_prefix[:1] + with_prefix, num_blocks=64, max_batched=32,
+                        prefix_caching=False)
+    assert cached == plain
 
 
 def test_chunked_prefill_mixed_with_decodes_gives_the_same_tokens(tiny):
