@@ -127,9 +127,13 @@ def pool(as_json, admin_port, admin) -> None:
         return
     for name in ("device", "cpu"):
         c = data[name]
-        click.echo(f"{name:>6}: {c['used']:>7} used  {c['free']:>7} free  {c['total']:>7} total")
-    click.echo(f"running {data['running']}  waiting {data['waiting']}  "
-               f"preemptions {data['preemptions']}")
+        extra = f"  {c['cached']:>7} cached  {c['shared']:>7} shared" if name == "device" else ""
+        click.echo(f"{name:>6}: {c['used']:>7} used  {c['free']:>7} free  {c['total']:>7} total"
+                   + extra)
+    prefix = data["prefix_cache"]
+    click.echo(f"running {data['running']}  waiting {data['waiting']}  swapped "
+               f"{data['swapped']}  preemptions {data['preemptions']}  prefix cache "
+               f"{prefix['hits']}/{prefix['queries']} tokens hit")
 
 
 @main.command()

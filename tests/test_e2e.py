@@ -193,12 +193,6 @@ def test_invalid_params_raise_typed_error_through_the_client(client):
         client.generate(PROMPTS[0], SamplingParams(n=2))
 
 
-def test_every_device_block_is_free_at_the_end(services):
-    pool = services.pool()
-    assert pool["device"] == {"total": 1024, "free": 1024, "used": 0}
-    assert pool["running"] == pool["waiting"] == 0
-
-
 def test_async_client_generates_and_streams(services):
     import asyncio
 
@@ -241,3 +235,33 @@ def test_client_times_out_instead_of_hanging_when_nobody_answers():
         with pytest.raises(ServerTimeoutError, match="is the scheduler running"):
             lonely.generate("hello", SamplingParams(max_tokens=2))
         assert time.monotonic() - start < 5
+
+
+def test_shared_prefix_is_computed_once_and_output_is_unchanged(client, services, smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prefix = [int(t) for t in client.generate("A long shared system prompt about the sea. " * 24,
+                                              SamplingParams(max_tokens=1)).prompt_token_ids]
+    assert len(prefix) >= 200
+    first, second = prefix + [504, 3575, 282], prefix + [4649, 314]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    client.generate(first, params)
+    before = services.pool()["prefix_cache"]
+    out = client.generate(second, params).outputs[0].token_ids
+    after = services.pool()["prefix_cache"]
+    assert after["queries"] - before["queries"] == len(second)
+    assert after["hits"] - before["hits"] == len(prefix) // 16 * 16  # every full prefix block
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([second]), max_new_tokens=8, do_sample=False,
+                                  min_new_tokens=8)[0, len(second):].tolist()
+    assert out == expected
+
+
+def test_every_device_block_is_free_at_the_end(services):  # keep last: runs after the others
+    pool = services.pool()
+    assert {k: pool["device"][k] for k in ("total", "free", "used")} == {
+        "total": 1024, "free": 1024, "used": 0}
+    assert pool["device"]["shared"] == 0 and 0 < pool["device"]["cached"] <= 1024
+    assert pool["running"] == pool["waiting"] == pool["swapped"] == 0

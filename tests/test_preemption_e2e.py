@@ -1,0 +1,39 @@
+"""Real processes with a device pool too small for the load: every preemption mode completes
+every request with the greedy output of an unconstrained run; prefix caching saves work."""
+import pytest
+
+from common.client import Client
+from common.sampling import SamplingParams
+from services import Services
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [f"Story number {i}: once upon a time in a land far away," for i in range(10)]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+
+
+def run(model, num_device_blocks, *scheduler_args):
+    services = Services(model, scheduler_args=scheduler_args, executor_args=[
+        "--num-device-blocks", str(num_device_blocks), "--num-cpu-blocks", "256"])
+    try:
+        with Client(services.client, timeout=120.0) as client:
+            outs = client.generate(PROMPTS, PARAMS)
+        return [o.outputs[0].token_ids for o in outs], services.pool()
+    finally:
+        services.stop()
+
+
+@pytest.fixture(scope="module")
+def unconstrained(smollm2_dir):
+    return run(smollm2_dir, 512)[0]
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
+def test_every_mode_completes_every_request_exactly(smollm2_dir, unconstrained, mode):
+    # 40 blocks of 16 tokens = 640 slots for 10 sequences that grow to ~110 tokens each
+    outputs, pool = run(smollm2_dir, 40, "--preemption-mode", mode)
+    assert outputs == unconstrained
+    assert sum(pool["preemptions"].values()) > 0
+    if mode != "auto":
+        assert pool["preemptions"][mode] == sum(pool["preemptions"].values())
+    assert pool["device"]["used"] == 0 and pool["cpu"]["used"] == 0
