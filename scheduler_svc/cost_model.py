@@ -13,7 +13,8 @@ SMOOTHING = 0.2
 
 class PreemptionCostModel:
     def __init__(self, bytes_per_block: int):
-        self.swap_s_per_block = bytes_per_block / PRIOR_SWAP_BYTES_PER_S
+        self.prior_swap_s_per_block = bytes_per_block / PRIOR_SWAP_BYTES_PER_S
+        self.swap_s_per_block: float | None = None
         self.prefill_s_per_token: float | None = None
 
     def observe(self, num_tokens: int, execute_ms: float, blocks_moved: int,
@@ -30,7 +31,7 @@ class PreemptionCostModel:
         """Is moving ``num_blocks`` out and back cheaper than recomputing ``num_tokens``?"""
         if self.prefill_s_per_token is None:
             return False  # nothing measured yet: recompute needs no CPU memory
-        swap_s = 2 * num_blocks * self.swap_s_per_block
+        swap_s = 2 * num_blocks * (self.swap_s_per_block or self.prior_swap_s_per_block)
         return swap_s < num_tokens * self.prefill_s_per_token
 
 
