@@ -12,15 +12,15 @@ from common import options
 from common.config import default_model_dir
 
 
-def _names(option_list: list) -> list[str]:
-    return [param.name for param in options.apply(option_list, lambda **_: None).__click_params__]
-
-
-def _flags(kwargs: dict, names: list[str]) -> list[str]:
+def _flags(kwargs: dict, option_list: list) -> list[str]:
+    """The command line that passes ``kwargs`` on to a service taking ``option_list``."""
     flags = []
-    for name in names:
-        if kwargs.get(name) is not None:
-            flags += [f"--{name.replace('_', '-')}", str(kwargs[name])]
+    for param in options.apply(option_list, lambda **_: None).__click_params__:
+        value = kwargs.get(param.name)
+        if param.is_flag:
+            flags.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            flags += [param.opts[0], str(value)]
     return flags
 
 
@@ -41,12 +41,12 @@ def main(ready_timeout: float, **kwargs) -> None:
     Prepares the default model first if it is missing. Ctrl-C stops both services."""
     if kwargs["model"] is None and not (default_model_dir() / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "common.cli", "prepare-model"], check=True)
-    shared = _names(options.SHARED_OPTIONS)
-    scheduler = _service("scheduler", _flags(kwargs, _names(options.SCHEDULER_OPTIONS) + shared))
+    shared = options.SHARED_OPTIONS
+    scheduler = _service("scheduler", _flags(kwargs, options.SCHEDULER_OPTIONS + shared))
     connect_host = "127.0.0.1" if kwargs["host"] in ("0.0.0.0", "*") else kwargs["host"]
     executor = _service("executor", [
         "--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
-        *_flags(kwargs, _names(options.EXECUTOR_OPTIONS) + shared)])
+        *_flags(kwargs, options.EXECUTOR_OPTIONS + shared)])
     services = [scheduler, executor]
     # Set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,7 +14,7 @@ def test_up_then_generate_answers_paris_and_ctrl_c_stops_both(smollm2_dir):
     client, executor, admin = free_ports(3)
     up = pagedserve("up", "--model", str(smollm2_dir), "--client-port", str(client),
                     "--executor-port", str(executor), "--admin-port", str(admin),
-                    "--num-device-blocks", "256", "--num-cpu-blocks", "8",
+                    "--num-device-blocks", "256", "--num-cpu-blocks", "8", "--no-prefix-caching",
                     stdout=subprocess.PIPE, text=True,
                     # as `pagedserve up &` in a shell: a background job starts with SIGINT ignored
                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
