@@ -1,7 +1,6 @@
 """Start the scheduler and executor as real processes on loopback, for end-to-end tests."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -10,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import zmq
+import click
+
+from common.cli import admin_request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +34,11 @@ def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def admin(address: str, cmd: str, timeout_s: float = 5.0) -> dict:
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    """The CLI's admin request, with a silent socket as ``TimeoutError``."""
     try:
-        sock.send(json.dumps({"cmd": cmd}).encode())
-        if not sock.poll(int(timeout_s * 1000)):
-            raise TimeoutError(f"admin socket {address} silent")
-        return json.loads(sock.recv())
-    finally:
-        sock.close()
+        return admin_request(cmd, address, timeout_s)
+    except click.ClickException as exc:
+        raise TimeoutError(exc.message) from None
 
 
 class Services:
