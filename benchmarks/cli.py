@@ -1,12 +1,15 @@
-"""``pagedserve bench``: throughput of the running services on the shared workloads."""
+"""``pagedserve bench``: throughput of the running services on the shared workloads, and
+offline simulations of the block manager (``memory``)."""
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from pathlib import Path
 
 import click
 
+from benchmarks import memory as mem
 from benchmarks.workload import WORKLOADS, fingerprint, make_requests
 from common.client import Client
 from common.sampling import SamplingParams
@@ -14,7 +17,8 @@ from common.sampling import SamplingParams
 
 @click.group()
 def bench() -> None:
-    """Benchmarks against running services (start them with ``pagedserve up``)."""
+    """Benchmarks: ``throughput`` against running services (start them with
+    ``pagedserve up``); ``memory`` offline, traces through the scheduler and block manager."""
 
 
 @bench.command()
@@ -62,3 +66,41 @@ def _timed_run(client: Client, prompts: list, params: list) -> float:
             raise click.ClickException(f"request {out.request_id} produced {got} tokens, "
                                        f"expected {sp.max_tokens}")
     return wall
+
+
+@bench.command()
+@click.option("--requests", "num_requests", type=int, default=mem.MemoryBench.num_requests,
+              show_default=True, help="Requests in the ShareGPT-like utilisation trace.")
+@click.option("--num-blocks", type=int, default=mem.MemoryBench.num_blocks, show_default=True,
+              help="KV blocks: the slot budget is num-blocks x block-size.")
+@click.option("--block-size", type=int, default=mem.MemoryBench.block_size, show_default=True)
+@click.option("--max-model-len", type=int, default=mem.MemoryBench.max_model_len,
+              show_default=True, help="Longest request; what static Max reserves.")
+@click.option("--sampling-requests", type=int, default=mem.MemoryBench.sampling_requests,
+              show_default=True, help="Requests in the Alpaca-like parallel sampling trace.")
+@click.option("--concurrency", type=int, default=mem.MemoryBench.concurrency, show_default=True,
+              help="Parallel sampling requests in flight at once.")
+@click.option("--prefix-len", type=int, default=mem.MemoryBench.prefix_len, show_default=True,
+              help="Tokens of the shared system prompt.")
+@click.option("--prefix-requests", type=int, default=mem.MemoryBench.prefix_requests,
+              show_default=True, help="Requests behind the shared system prompt.")
+@click.option("--seed", type=int, default=mem.MemoryBench.seed, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("benchmarks/results"), show_default=True,
+              help="Folder for memory.png (needs matplotlib: pip install 'pagedserve[bench]').")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def memory(out: Path, as_json: bool, **sizes) -> None:
+    """Reproduce the paper's memory figures on the real block manager, no model needed.
+
+    KV slot utilisation at peak load against static reservation (the paper's Orca
+    baselines), blocks saved by parallel sampling, and prefill saved by a shared prefix.
+    """
+    try:  # sizes that cannot fill the pool, or that the pool cannot hold
+        results = mem.run(mem.MemoryBench(**sizes))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(json.dumps(results) if as_json else mem.format_report(results))
+    plot = out / "memory.png"
+    note = (f"plot: {plot}" if mem.save_plot(results, plot) else
+            "plot skipped: matplotlib is not installed (pip install 'pagedserve[bench]')")
+    click.echo(note, err=True)  # stdout carries the results only

@@ -20,7 +20,7 @@ LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing
     "prepare-model": ("executor_svc.prepare_model:main",
                       "Convert the default model into the local cache."),
     "up": ("common.up:main", "Run scheduler and executor locally."),
-    "bench": ("benchmarks.cli:bench", "Benchmarks against running services."),
+    "bench": ("benchmarks.cli:bench", "Benchmarks: throughput of running services, memory."),
 }
 
 

@@ -119,6 +119,7 @@ class NewSeq:
     block_table: Ints               # blocks for the tokens computed this step
     params: dict                    # SamplingParams.to_dict()
     num_computed_tokens: int = 0    # leading tokens whose KV is already in the cache
+    sample_index: int = 0           # which of its request's samples: seeds draws with the seed
 
 
 @dataclass
@@ -135,7 +136,14 @@ class StepPlan:
     swap_out: Ints = field(default_factory=lambda: np.zeros(0, np.int32))  # (device, cpu) pairs
     swap_in: Ints = field(default_factory=lambda: np.zeros(0, np.int32))   # (cpu, device) pairs
     copies: Ints = field(default_factory=lambda: np.zeros(0, np.int32))    # (src, dst) device pairs
-    # Copy-on-write changes a table's last entry: flat (seq_id, block_id) pairs.
+    # Table updates, applied in this order after the new sequences:
+    # forks: flat (child_id, parent_id, sample_index) triples; the child starts as a copy
+    # of the parent's state (tokens, block table, progress), sharing its blocks.
+    forks: Ints = field(default_factory=lambda: np.zeros(0, np.int32))
+    # Tokens the scheduler chose (beam search): flat (seq_id, token_id) pairs.
+    append_tokens: Ints = field(default_factory=lambda: np.zeros(0, np.int32))
+    # Copy-on-write changes a table's last entry (as it was before this plan's appends):
+    # flat (seq_id, block_id) pairs.
     replace_last: Ints = field(default_factory=lambda: np.zeros(0, np.int32))
 
 
@@ -155,6 +163,9 @@ class StepResult:
     token_ids: Ints                 # the sampled tokens, same order
     logprobs: Floats                # the sampled tokens' logprobs, same order
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # for seqs that asked
+    # Beam search: each beam that reached the end of its tokens gets its top 2 x beam_width
+    # next tokens here instead of a sampled token; the scheduler chooses.
+    beam_candidates: list[TopLogprobs] = field(default_factory=list)
     execute_ms: float = 0.0         # executor time for the step, for metrics
     block_ops_ms: float = 0.0       # of which swaps and copies: the swap cost the scheduler learns
 

@@ -18,7 +18,9 @@ class SamplingParams:
     max_tokens: new tokens at most. stop: strings that end the output (not included in it).
     stop_token_ids: token ids that end the output. ignore_eos: keep going past EOS.
     logprobs: also return the top-N logprobs of every position (the sampled token's always).
-    beam_width > 1: beam search with ``length_penalty`` and ``early_stopping``.
+    beam_width > 1: beam search with ``length_penalty`` and ``early_stopping`` (transformers'
+    semantics); it is deterministic, so temperature, top_p, top_k and seed do not apply,
+    and it returns the ``n`` best of its finished hypotheses.
     """
 
     n: int = 1
@@ -70,6 +72,19 @@ class SamplingParams:
         _check_int("beam_width", self.beam_width, low=1)
         _check_number("length_penalty", self.length_penalty)
         _check_bool("early_stopping", self.early_stopping)
+        if self.beam_width > 1:
+            self._validate_beam_search()
+
+    def _validate_beam_search(self) -> None:
+        if self.n > self.beam_width:
+            raise ValueError(f"n must be <= beam_width ({self.beam_width}) under beam "
+                             f"search, got {self.n}")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must be unset under beam search (beam_width sets how "
+                             f"many beams run), got {self.best_of}")
+        if self.stop:
+            raise ValueError("stop strings are not supported with beam search; "
+                             "use stop_token_ids")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,6 @@ each sequence's known tokens, block table and how many tokens are in the cache.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +18,7 @@ from executor_svc.cache_engine import CacheEngine
 from executor_svc.model import PagedLlamaForCausalLM
 from executor_svc.sampler import Sampler
 
-
 _BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
-_PAIRS = ("block_appends", "replace_last", *_BLOCK_OPS)  # plan fields of flat pairs
 
 
 class PlanError(ValueError):
@@ -34,6 +31,12 @@ class SeqState:
     block_table: list[int]
     num_computed_tokens: int
     params: SamplingParams
+    sample_index: int = 0
+
+    def copy(self, sample_index: int | None = None) -> "SeqState":
+        index = self.sample_index if sample_index is None else sample_index
+        return SeqState(list(self.token_ids), list(self.block_table), self.num_computed_tokens,
+                        self.params, index)
 
 
 class ModelRunner:
@@ -47,110 +50,56 @@ class ModelRunner:
 
     def execute(self, plan: p.StepPlan) -> p.StepResult:
         start = time.perf_counter()
-        self._check(plan)
+        # Build the updated sequence states aside and check the whole plan before any
+        # state or KV changes, so a rejected plan leaves the executor as it was.
+        seqs = _TableUpdate(self.seqs, self.cache.num_device_blocks).apply(plan)
+        self._check_batch(plan, seqs)
+        self._check_block_ops(plan)
         ops_start = time.perf_counter()
         self._apply_block_ops(plan)
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
-        self._apply_table_updates(plan)
-        batch = [(self.seqs[sid], n) for sid, n in zip(plan.seq_ids.tolist(),
-                                                       plan.num_tokens.tolist())]
-        sampled_ids, tokens, logprobs, top = self._run(plan.seq_ids.tolist(), batch)
-        return p.StepResult(step=plan.step, seq_ids=sampled_ids, token_ids=tokens,
-                            logprobs=logprobs, top_logprobs=top, block_ops_ms=block_ops_ms,
-                            execute_ms=(time.perf_counter() - start) * 1e3)
+        self.seqs = seqs
+        batch = [(seqs[sid], n) for sid, n in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist())]
+        result = self._run(plan.seq_ids.tolist(), batch)
+        result.step, result.block_ops_ms = plan.step, block_ops_ms
+        result.execute_ms = (time.perf_counter() - start) * 1e3
+        return result
 
-    def _check(self, plan: p.StepPlan) -> None:
-        """Validate the whole plan before changing any state."""
-        for name in _PAIRS:
-            if len(getattr(plan, name)) % 2:
-                raise PlanError(f"{name} must hold pairs, got {len(getattr(plan, name))} ints")
-        known = self._check_new_seqs(plan)
-        if len(plan.seq_ids) != len(plan.num_tokens):
-            raise PlanError(f"{len(plan.seq_ids)} seq_ids but {len(plan.num_tokens)} num_tokens")
-        missing = set(plan.seq_ids.tolist()) - known
-        missing |= set(plan.block_appends[0::2].tolist()) - known
-        if missing:
-            raise PlanError(f"unknown seq ids {sorted(missing)}")
-        if len(set(plan.seq_ids.tolist())) != len(plan.seq_ids) or (plan.num_tokens < 1).any():
+    def _check_batch(self, plan: p.StepPlan, seqs: dict[int, SeqState]) -> None:
+        """Every scheduled sequence is known, once, and its tokens have slots in its table."""
+        seq_ids = plan.seq_ids.tolist()
+        if len(seq_ids) != len(plan.num_tokens):
+            raise PlanError(f"{len(seq_ids)} seq_ids but {len(plan.num_tokens)} num_tokens")
+        if len(set(seq_ids)) != len(seq_ids) or (plan.num_tokens < 1).any():
             raise PlanError("each scheduled seq appears once with num_tokens >= 1")
-        self._check_blocks(plan)
-        self._check_replace_last(plan, known)
-        self._check_capacity(plan)
+        for seq_id, n in zip(seq_ids, plan.num_tokens.tolist()):
+            seq = seqs.get(seq_id)
+            if seq is None:
+                raise PlanError(f"unknown seq id {seq_id}")
+            end = seq.num_computed_tokens + n
+            if end > len(seq.token_ids) or end > len(seq.block_table) * self.block_size:
+                raise PlanError(f"seq {seq_id}: {n} tokens from {seq.num_computed_tokens} "
+                                f"exceed its {len(seq.token_ids)} tokens or "
+                                f"{len(seq.block_table)} blocks")
 
-    def _check_new_seqs(self, plan: p.StepPlan) -> set[int]:
-        """Check the new sequences; return the ids known once the plan is applied."""
-        known = set(self.seqs) - set(plan.removed.tolist())
-        for new in plan.new_seqs:
-            if new.seq_id in known:
-                raise PlanError(f"new seq {new.seq_id} already exists")
-            if len(new.token_ids) == 0 or not 0 <= new.num_computed_tokens < len(new.token_ids):
-                raise PlanError(f"new seq {new.seq_id}: num_computed_tokens "
-                                f"{new.num_computed_tokens} with {len(new.token_ids)} tokens")
-            SamplingParams.from_dict(new.params)
-            known.add(new.seq_id)
-        return known
-
-    def _check_blocks(self, plan: p.StepPlan) -> None:
-        num_blocks = self.cache.num_device_blocks
-        blocks = [*(b for new in plan.new_seqs for b in new.block_table.tolist()),
-                  *plan.block_appends[1::2].tolist(), *plan.replace_last[1::2].tolist()]
-        bad = [b for b in blocks if not 0 <= b < num_blocks]
-        if bad:
-            raise PlanError(f"block id {bad[0]} is outside the device pool [0, {num_blocks})")
+    def _check_block_ops(self, plan: p.StepPlan) -> None:
         try:
-            self.cache.check(*(_pairs(getattr(plan, name)) for name in _BLOCK_OPS))
+            self.cache.check(*(_pairs(plan, name) for name in _BLOCK_OPS))
         except ValueError as exc:
             raise PlanError(str(exc)) from None
 
-    def _check_replace_last(self, plan: p.StepPlan, known: set[int]) -> None:
-        """Copy-on-write replaces the last entry of a table that exists before this plan's
-        appends; a table that also grows in the same plan would make "last" ambiguous."""
-        new = {n.seq_id: n for n in plan.new_seqs}
-        appended = set(plan.block_appends[0::2].tolist())
-        for seq_id in plan.replace_last[0::2].tolist():
-            if seq_id not in known:
-                raise PlanError(f"replace_last: unknown seq {seq_id}")
-            if not len((new[seq_id] if seq_id in new else self.seqs[seq_id]).block_table):
-                raise PlanError(f"replace_last: seq {seq_id} has no block to replace")
-            if seq_id in appended:
-                raise PlanError(f"replace_last: seq {seq_id} also appends blocks in this plan; "
-                                f"send the copy-on-write and the appends in separate plans")
-
-    def _check_capacity(self, plan: p.StepPlan) -> None:
-        """Every scheduled token must be known and have a slot in the updated block table."""
-        new = {n.seq_id: n for n in plan.new_seqs}
-        appended = Counter(plan.block_appends[0::2].tolist())
-        for seq_id, n in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist()):
-            seq = new.get(seq_id) or self.seqs[seq_id]
-            end = seq.num_computed_tokens + n
-            blocks = len(seq.block_table) + appended[seq_id]
-            if end > len(seq.token_ids) or end > blocks * self.block_size:
-                raise PlanError(f"seq {seq_id}: {n} tokens from {seq.num_computed_tokens} "
-                                f"exceed its {len(seq.token_ids)} tokens or {blocks} blocks")
-
-    def _apply_table_updates(self, plan: p.StepPlan) -> None:
-        for seq_id in plan.removed.tolist():
-            self.seqs.pop(seq_id, None)
-        for new in plan.new_seqs:
-            self.seqs[new.seq_id] = SeqState(new.token_ids.tolist(), new.block_table.tolist(),
-                                             new.num_computed_tokens,
-                                             SamplingParams.from_dict(new.params))
-        for seq_id, block_id in _pairs(plan.block_appends).tolist():
-            self.seqs[seq_id].block_table.append(block_id)
-        for seq_id, block_id in _pairs(plan.replace_last).tolist():
-            self.seqs[seq_id].block_table[-1] = block_id
-
     def _apply_block_ops(self, plan: p.StepPlan) -> None:
         # Swap out first: a block swapped out here may be swapped or copied into in this plan.
-        self.cache.swap_out(_pairs(plan.swap_out))
-        self.cache.swap_in(_pairs(plan.swap_in))
-        self.cache.copy_blocks(_pairs(plan.copies))
+        self.cache.swap_out(_pairs(plan, "swap_out"))
+        self.cache.swap_in(_pairs(plan, "swap_in"))
+        self.cache.copy_blocks(_pairs(plan, "copies"))
 
     @torch.inference_mode()
-    def _run(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]):
+    def _run(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]) -> p.StepResult:
+        result = p.StepResult(step=0, seq_ids=np.zeros(0, np.int32),
+                              token_ids=np.zeros(0, np.int32), logprobs=np.zeros(0, np.float32))
         if not batch:
-            empty = np.zeros(0, dtype=np.int32)
-            return empty, empty, np.zeros(0, dtype=np.float32), []
+            return result
         input_ids = []
         for seq, n in batch:
             input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
@@ -164,32 +113,121 @@ class ModelRunner:
         # A sequence samples once all its known tokens are in the cache.
         rows = [i for i, (seq, _) in enumerate(batch)
                 if seq.num_computed_tokens == len(seq.token_ids)]
-        last = meta.last_token_indices[rows]
-        logits = self.model.compute_logits(hidden[last])
-        sampling = [batch[i][0] for i in rows]
-        out = self.sampler(logits, [seq.params for seq in sampling],
-                           [self._generator(seq) for seq in sampling])
-        tokens = out.token_ids.tolist()
-        for seq, token in zip(sampling, tokens):
+        if not rows:
+            return result
+        logits = self.model.compute_logits(hidden[meta.last_token_indices[rows]])
+        seqs = [batch[i][0] for i in rows]
+        out = self.sampler(logits, [seq.params for seq in seqs],
+                           [self._generator(seq) for seq in seqs])
+        sampled, beams = [], []
+        for j, (i, seq) in enumerate(zip(rows, seqs)):
+            (beams if seq.params.beam_width > 1 else sampled).append((j, seq_ids[i], seq))
+        self._sampled(result, out, sampled)
+        # Beams keep their tokens: the scheduler chooses among the candidates and sends
+        # the chosen token back (append_tokens), possibly to a fork.
+        result.beam_candidates = [_top(out, j, sid, 2 * seq.params.beam_width)
+                                  for j, sid, seq in beams]
+        return result
+
+    @staticmethod
+    def _sampled(result: p.StepResult, out, sampled: list) -> None:
+        """Append each sampled token to its sequence and put it in the result."""
+        rows = [j for j, _, _ in sampled]
+        tokens = out.token_ids[rows].tolist()
+        for (_, _, seq), token in zip(sampled, tokens):
             seq.token_ids.append(token)
-        sampled_ids = [seq_ids[i] for i in rows]
-        top = [p.TopLogprobs(seq_id=sid,
-                             token_ids=out.top_token_ids[j, :seq.params.logprobs].cpu().numpy(),
-                             logprobs=out.top_logprobs[j, :seq.params.logprobs].float().cpu().numpy())
-               for j, (sid, seq) in enumerate(zip(sampled_ids, sampling)) if seq.params.logprobs]
-        return (np.array(sampled_ids, dtype=np.int32), np.array(tokens, dtype=np.int32),
-                out.logprobs.float().cpu().numpy(), top)
+        result.seq_ids = np.array([sid for _, sid, _ in sampled], dtype=np.int32)
+        result.token_ids = np.array(tokens, dtype=np.int32)
+        result.logprobs = out.logprobs[rows].float().cpu().numpy()
+        result.top_logprobs = [_top(out, j, sid, seq.params.logprobs)
+                               for j, sid, seq in sampled if seq.params.logprobs]
 
     def _generator(self, seq: SeqState) -> torch.Generator | None:
-        """Seeded requests draw from (seed, position) alone: batch-independent and exact
-        across preemption, since a recomputed sequence reaches the same positions."""
-        if seq.params.seed is None or seq.params.greedy:
+        """Seeded requests draw from (seed, sample index, position) alone: batch-independent
+        and exact across preemption, since a recomputed sequence reaches the same positions;
+        the n samples of one request draw differently."""
+        if seq.params.seed is None or seq.params.greedy or seq.params.beam_width > 1:
             return None
         gen = torch.Generator(device=self.device)
-        gen.manual_seed((seq.params.seed * 0x9E3779B97F4A7C15 + len(seq.token_ids)) % 2**63)
+        key = (seq.params.seed * 0x9E3779B97F4A7C15 + seq.sample_index * 0xBF58476D1CE4E5B9
+               + len(seq.token_ids))
+        gen.manual_seed(key % 2**63)
         return gen
 
 
-def _pairs(flat: np.ndarray) -> np.ndarray:
-    """Flat (a, b) pairs as an [N, 2] int64 array (a writable copy, as torch wants)."""
-    return flat.astype(np.int64).reshape(-1, 2)
+def _top(out, row: int, seq_id: int, k: int) -> p.TopLogprobs:
+    return p.TopLogprobs(seq_id=seq_id, token_ids=out.top_token_ids[row, :k].cpu().numpy(),
+                         logprobs=out.top_logprobs[row, :k].float().cpu().numpy())
+
+
+def _pairs(plan: p.StepPlan, name: str, width: int = 2) -> np.ndarray:
+    """A plan field of flat (a, b) pairs (or wider tuples) as an [N, width] int64 array
+    (a writable copy, as torch wants)."""
+    flat = getattr(plan, name)
+    if len(flat) % width:
+        kind = "pairs" if width == 2 else f"{width}-tuples"
+        raise PlanError(f"{name} must hold {kind}, got {len(flat)} ints")
+    return flat.astype(np.int64).reshape(-1, width)
+
+
+class _TableUpdate:
+    """The sequence states after a plan's table updates, built beside the current ones.
+
+    Order: removed, new sequences, forks, chosen tokens, copy-on-write replacements, block
+    appends. States are copied before their first change (copy-on-write, as the blocks).
+    """
+
+    def __init__(self, current: dict[int, SeqState], num_blocks: int):
+        self.seqs = dict(current)
+        self.num_blocks = num_blocks
+        self.private: set[int] = set()  # states already copied for this plan
+
+    def apply(self, plan: p.StepPlan) -> dict[int, SeqState]:
+        for seq_id in plan.removed.tolist():
+            self.seqs.pop(seq_id, None)
+        for new in plan.new_seqs:
+            self._add(new.seq_id, self._new_state(new))
+        for child, parent, index in _pairs(plan, "forks", 3).tolist():
+            self._add(child, self._get(parent, "fork parent").copy(sample_index=index))
+        for seq_id, token in _pairs(plan, "append_tokens").tolist():
+            self._edit(seq_id, "append_tokens").token_ids.append(token)
+        for seq_id, block_id in _pairs(plan, "replace_last").tolist():
+            table = self._edit(seq_id, "replace_last").block_table
+            if not table:
+                raise PlanError(f"replace_last: seq {seq_id} has no block to replace")
+            table[-1] = self._block(block_id)
+        for seq_id, block_id in _pairs(plan, "block_appends").tolist():
+            self._edit(seq_id, "block_appends").block_table.append(self._block(block_id))
+        return self.seqs
+
+    def _new_state(self, new: p.NewSeq) -> SeqState:
+        if len(new.token_ids) == 0 or not 0 <= new.num_computed_tokens < len(new.token_ids):
+            raise PlanError(f"new seq {new.seq_id}: num_computed_tokens "
+                            f"{new.num_computed_tokens} with {len(new.token_ids)} tokens")
+        table = [self._block(b) for b in new.block_table.tolist()]
+        return SeqState(new.token_ids.tolist(), table, new.num_computed_tokens,
+                        SamplingParams.from_dict(new.params), new.sample_index)
+
+    def _add(self, seq_id: int, state: SeqState) -> None:
+        if seq_id in self.seqs:
+            raise PlanError(f"new seq {seq_id} already exists")
+        self.seqs[seq_id] = state
+        self.private.add(seq_id)
+
+    def _get(self, seq_id: int, what: str) -> SeqState:
+        if seq_id not in self.seqs:
+            raise PlanError(f"{what}: unknown seq id {seq_id}")
+        return self.seqs[seq_id]
+
+    def _edit(self, seq_id: int, what: str) -> SeqState:
+        state = self._get(seq_id, what)
+        if seq_id not in self.private:
+            state = self.seqs[seq_id] = state.copy()
+            self.private.add(seq_id)
+        return state
+
+    def _block(self, block_id: int) -> int:
+        if not 0 <= block_id < self.num_blocks:
+            raise PlanError(f"block id {block_id} is outside the device pool "
+                            f"[0, {self.num_blocks})")
+        return block_id

@@ -30,14 +30,25 @@ class Sampler:
                  generators: list[torch.Generator | None]) -> SamplerOutput:
         logprobs = torch.log_softmax(logits, -1)
         token_ids = logits.argmax(-1)
-        if not all(p.greedy for p in params):
-            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        if not all(_is_argmax(p) for p in params):
+            greedy = torch.tensor([_is_argmax(p) for p in params], device=logits.device)
             token_ids = torch.where(greedy, token_ids, _sample(logits, params, generators))
-        num_top = max((p.logprobs or 0 for p in params), default=0)
+        num_top = max((_num_top(p) for p in params), default=0)
         top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
         sampled_logprobs = logprobs.gather(-1, token_ids[:, None]).squeeze(1)
         return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
                              top_token_ids=top_token_ids, top_logprobs=top_logprobs)
+
+
+def _is_argmax(params: SamplingParams) -> bool:
+    # Beam search is deterministic: the scheduler chooses among the top candidates.
+    return params.greedy or params.beam_width > 1
+
+
+def _num_top(params: SamplingParams) -> int:
+    """Top tokens to return: the logprobs asked for, and 2 x beam_width beam candidates."""
+    beams = 2 * params.beam_width if params.beam_width > 1 else 0
+    return max(params.logprobs or 0, beams)
 
 
 def _sample(logits: Tensor, params: list[SamplingParams],

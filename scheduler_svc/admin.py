@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 
-
 class AdminHandler:
     def __init__(self, service):
         self.service = service
@@ -39,13 +38,17 @@ class AdminHandler:
                                        "cpu": empty,
                                        "prefix_cache": {"queries": 0, "hits": 0}}
         return {"ready": bm is not None, "block_size": self.service.config.block_size, **stats,
-                "running": len(scheduler.running), "waiting": len(scheduler.waiting),
-                "swapped": len(scheduler.swapped), "preemptions": dict(scheduler.preemptions)}
+                # Requests (sequence groups), as vLLM counts them.
+                "running": len({id(seq.request) for seq in scheduler.running}),
+                "waiting": len({id(seq.request) for seq in scheduler.waiting}),
+                "swapped": len(scheduler.swapped),
+                "preemptions": dict(scheduler.preemptions)}
 
     def seqs(self) -> dict:
         scheduler = self.service.scheduler
         tables = scheduler.block_manager.tables if scheduler.block_manager else {}
-        seqs = [*scheduler.running, *scheduler.swapped, *scheduler.waiting]
+        seqs = [*scheduler.running, *(seq for group in scheduler.swapped for seq in group),
+                *scheduler.waiting]
         return {"seqs": [{"seq_id": seq.seq_id, "request_id": seq.request.request_id,
                           "status": seq.status.value, "num_tokens": seq.num_tokens,
                           "num_computed_tokens": seq.num_computed_tokens,

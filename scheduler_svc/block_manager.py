@@ -1,7 +1,7 @@
 """Block tables: which physical blocks hold each sequence's KV cache.
 
 Mechanism only; the scheduler decides who runs. Paired check-and-act methods
-(``can_allocate``/``allocate``, ``can_append_slot``/``append_slot``,
+(``can_allocate``/``allocate``, ``can_append_slots``/``append_slot``,
 ``can_swap_out``/``swap_out``, ``can_swap_in``/``swap_in``) make a lack of memory a
 scheduling decision, never an exception in the middle of a step.
 """
@@ -50,11 +50,13 @@ class BlockManager:
 
     # ---------------------------------------------------------------- admission
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, num_forks: int = 0) -> bool:
+        """Room for a waiting sequence, and for the copy-on-write of its shared last block
+        by each of ``num_forks`` samples to be forked from it."""
         hits = self._cached_prefix(seq)
         # A hit on a free block needs no fresh block, but it does leave the free queue.
         num_revived = sum(1 for block_id in hits if self.device.refcounts[block_id] == 0)
-        needed = self.blocks_needed(seq.num_tokens) - len(hits) + num_revived
+        needed = self.blocks_needed(seq.num_tokens) - len(hits) + num_revived + num_forks
         # Admission keeps a watermark free so running sequences can still grow.
         return self.device.num_free - needed >= self.watermark_blocks
 
@@ -96,8 +98,24 @@ class BlockManager:
 
     # ---------------------------------------------------------------- decode
 
-    def can_append_slot(self, seq: Sequence) -> bool:
-        return not self._needs_block(seq) or self.device.num_free > 0
+    def can_append_slots(self, seqs: list[Sequence]) -> bool:
+        """Room for ``append_slot`` of every sequence of a group, all or nothing."""
+        return self.num_append_blocks(seqs) <= self.device.num_free
+
+    def num_append_blocks(self, seqs: list[Sequence]) -> int:
+        """Fresh blocks that ``append_slot`` takes for each of ``seqs``: one per full last
+        block, one per copy-on-write of a shared last block."""
+        needed = 0
+        holders: dict[int, int] = {}  # shared last block -> how many of seqs write to it
+        for seq in seqs:
+            table = self._device_table(seq)
+            if len(table) * self.block_size < seq.num_tokens:
+                needed += 1
+            elif self.device.refcounts[table[-1]] > 1:
+                holders[table[-1]] = holders.get(table[-1], 0) + 1
+        # Each writer copies the shared block, except the last one when nobody else holds it.
+        refcounts = self.device.refcounts
+        return needed + sum(k - (refcounts[b] == k) for b, k in holders.items())
 
     def append_slot(self, seq: Sequence) -> AppendResult:
         """Make room for the sequence's last token: a new block when the last one is full,
@@ -135,7 +153,7 @@ class BlockManager:
     # ---------------------------------------------------------------- swap
 
     def can_swap_out(self, seqs: list[Sequence]) -> bool:
-        return self._num_distinct_blocks(seqs) <= self.cpu.num_free
+        return self.num_distinct_blocks(seqs) <= self.cpu.num_free
 
     def swap_out(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         """Move a sequence group to CPU swap space, all or nothing; returns the
@@ -152,7 +170,7 @@ class BlockManager:
 
     def can_swap_in(self, seqs: list[Sequence]) -> bool:
         # No watermark: these sequences were admitted already.
-        return self._num_distinct_blocks(seqs) <= self.device.num_free
+        return self.num_distinct_blocks(seqs) <= self.device.num_free
 
     def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         """Move a swapped-out sequence group back to fresh device blocks, all or nothing;
@@ -183,11 +201,6 @@ class BlockManager:
         # The last prompt token is always computed: its logits sample the first output.
         return self.prefix_cache.match(seq.token_ids, (seq.num_tokens - 1) // self.block_size)
 
-    def _needs_block(self, seq: Sequence) -> bool:
-        table = self._device_table(seq)
-        last_is_full = len(table) * self.block_size < seq.num_tokens
-        return last_is_full or self.device.refcounts[table[-1]] > 1
-
     def _device_table(self, seq: Sequence) -> list[int]:
         assert seq.seq_id not in self.swapped, f"seq {seq.seq_id} is swapped out"
         return self.tables[seq.seq_id]
@@ -211,7 +224,7 @@ class BlockManager:
             self._release(table, src)
         return list(mapping.items())
 
-    def _num_distinct_blocks(self, seqs: list[Sequence]) -> int:
+    def num_distinct_blocks(self, seqs: list[Sequence]) -> int:
         return len({block_id for seq in seqs for block_id in self.tables[seq.seq_id]})
 
     @staticmethod

@@ -1,12 +1,10 @@
 """Client-facing side of the scheduler: validate requests, tokenize, build output messages."""
 from __future__ import annotations
 
-import itertools
-
 from common.protocol import GenerateRequest, RequestOutputMsg
 from common.sampling import SamplingParams
 from scheduler_svc.output_processor import DeltaTracker
-from scheduler_svc.sequence import Request, Sequence
+from scheduler_svc.sequence import Request
 from scheduler_svc.tokenizer import Tokenizer
 
 
@@ -15,25 +13,25 @@ class InvalidRequest(ValueError):
 
 
 class Frontend:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int,
+                 max_num_seqs: int):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.trackers: dict[tuple[bytes, str], DeltaTracker] = {}
-        self._seq_ids = itertools.count()
 
     def create(self, client: bytes, msg: GenerateRequest) -> Request:
         """Validate a generate message and build its request; raises ``InvalidRequest``."""
         if (client, msg.request_id) in self.requests:
             raise InvalidRequest(f"request_id {msg.request_id!r} is already in use by a live "
                                  f"request of this client")
-        params = self._params(msg.params)
+        params = self._params(msg.params, msg.stream)
         prompt_ids = self._prompt_ids(msg)
         request = Request(msg.request_id, client, params, prompt_ids, msg.stream)
-        request.seqs.append(Sequence(next(self._seq_ids) % 2**31, prompt_ids, request))
         self.requests[request.key] = request
-        self.trackers[request.key] = DeltaTracker(request)
+        self.trackers[request.key] = DeltaTracker(request, self.tokenizer)
         return request
 
     def output(self, request: Request) -> RequestOutputMsg:
@@ -49,17 +47,22 @@ class Frontend:
             del self.trackers[request.key]
         return msg
 
-    def _params(self, data: dict) -> SamplingParams:
+    def _params(self, data: dict, stream: bool) -> SamplingParams:
         try:
             params = SamplingParams.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"invalid sampling params: {exc}") from None
-        if params.n > 1 or (params.best_of or 1) > 1:
-            raise InvalidRequest(f"n={params.n}, best_of={params.best_of}: parallel sampling "
-                                 f"is not supported by this server yet; use n=1")
-        if params.beam_width > 1:
-            raise InvalidRequest(f"beam_width={params.beam_width}: beam search is not "
-                                 f"supported by this server yet; use beam_width=1")
+        group = max(params.n, params.best_of or 1, params.beam_width)
+        if group > self.max_num_seqs:
+            raise InvalidRequest(f"the request runs {group} sequences at once (n, best_of or "
+                                 f"beam_width), more than this server's max_num_seqs "
+                                 f"({self.max_num_seqs})")
+        if stream and params.beam_width > 1:
+            raise InvalidRequest("beam search cannot stream: the best beams are known only "
+                                 "at the end; use stream=False")
+        if stream and (params.best_of or params.n) > params.n:
+            raise InvalidRequest(f"best_of={params.best_of} > n={params.n} cannot stream: the "
+                                 f"best samples are known only at the end; use stream=False")
         return params
 
     def _prompt_ids(self, msg: GenerateRequest) -> list[int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from common.protocol import CompletionDelta
+from scheduler_svc.beam_search import BeamSearch, Hypothesis
 from scheduler_svc.sequence import Request, Sequence
 from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -13,6 +14,15 @@ class OutputProcessor:
 
     def start(self, seq: Sequence) -> None:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+
+    def beam_search(self, request: Request) -> BeamSearch:
+        """The beam search of a request, with this model's stop tokens and length limit."""
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.tokenizer.eos_token_ids
+        max_tokens = min(params.max_tokens, self.max_model_len - len(request.prompt_token_ids))
+        return BeamSearch(params, stop_ids, max_tokens)
 
     def append(self, seq: Sequence, token_id: int, logprob: float,
                top: dict[int, float] | None) -> tuple[str, int | str | None] | None:
@@ -55,17 +65,44 @@ class OutputProcessor:
 
 
 class DeltaTracker:
-    """What of a request's output has been sent to its client; builds the next delta."""
+    """What of a request's output has been sent to its client; builds the next delta.
 
-    def __init__(self, request: Request):
+    The client sees ``n`` completions. With ``best_of > n`` they are the ``n`` samples of
+    highest cumulative logprob, and with beam search the ``n`` best hypotheses: both are
+    known only at the end (the frontend refuses to stream them).
+    """
+
+    def __init__(self, request: Request, tokenizer: Tokenizer):
         self.request = request
+        self.tokenizer = tokenizer
         # Text that could still turn into the start of a stop string is held back.
         self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
-        self.sent_text = [0] * len(request.seqs)
-        self.sent_tokens = [0] * len(request.seqs)
+        self.sent_text = [0] * request.params.n
+        self.sent_tokens = [0] * request.params.n
 
     def deltas(self) -> list[CompletionDelta]:
-        return [self._delta(i, seq) for i, seq in enumerate(self.request.seqs)]
+        request, n = self.request, self.request.params.n
+        if request.beam is not None:
+            if not request.is_finished:
+                return []
+            return [self._hypothesis(i, h) for i, h in enumerate(request.beam.best(n))]
+        seqs = request.seqs
+        if len(seqs) > n:
+            if not request.is_finished:
+                return []
+            seqs = sorted(seqs, key=lambda seq: seq.cumulative_logprob, reverse=True)[:n]
+        return [self._delta(i, seq) for i, seq in enumerate(seqs)]
+
+    def _hypothesis(self, index: int, hypothesis: Hypothesis) -> CompletionDelta:
+        detokenizer = IncrementalDetokenizer(self.tokenizer, self.request.prompt_token_ids)
+        text = detokenizer.step(hypothesis.token_ids) + detokenizer.flush()
+        last = hypothesis.token_ids[-1] if hypothesis.token_ids else None
+        stop_reason = last if last in self.request.params.stop_token_ids else None
+        return CompletionDelta(index=index, text=text, token_ids=hypothesis.token_ids,
+                               cumulative_logprob=hypothesis.cumulative_logprob,
+                               finish_reason=hypothesis.finish_reason, stop_reason=stop_reason,
+                               logprobs=hypothesis.logprobs if self.request.params.logprobs
+                               else None)
 
     def _delta(self, index: int, seq: Sequence) -> CompletionDelta:
         visible = len(seq.output_text) if seq.is_finished else max(

@@ -7,13 +7,15 @@ admits waiting prompts in arrival order while the token, sequence and block budg
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from common.protocol import NewSeq, StepPlan
+from scheduler_svc.beam_search import Choice
 from scheduler_svc.block_manager import AppendResult, BlockManager
 from scheduler_svc.cost_model import PreemptionCostModel
-from scheduler_svc.sequence import Sequence, SequenceStatus
+from scheduler_svc.sequence import Request, Sequence, SequenceStatus
 
 
 @dataclass
@@ -28,6 +30,8 @@ class ScheduledStep:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    forks: list[tuple[int, int, int]] = field(default_factory=list)
+    append_tokens: list[tuple[int, int]] = field(default_factory=list)
     replace_last: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -44,11 +48,18 @@ class ScheduledStep:
             step=step_no, removed=self.removed,
             new_seqs=[NewSeq(seq_id=s.seq_id, token_ids=s.token_ids, block_table=tables[s.seq_id],
                              params=s.request.params.to_dict(),
-                             num_computed_tokens=s.num_computed_tokens) for s in self.new_seqs],
+                             num_computed_tokens=s.num_computed_tokens,
+                             sample_index=s.sample_index) for s in self.new_seqs],
             seq_ids=[s.seq_id for s in self.seqs], num_tokens=self.num_tokens,
             block_appends=_flat(self.block_appends), swap_out=_flat(self.swap_out),
-            swap_in=_flat(self.swap_in), copies=_flat(self.copies),
-            replace_last=_flat(self.replace_last))
+            swap_in=_flat(self.swap_in), copies=_flat(self.copies), forks=_flat(self.forks),
+            append_tokens=_flat(self.append_tokens), replace_last=_flat(self.replace_last))
+
+    def drop_edits(self, seq_ids: set[int]) -> None:
+        """Forget forks and chosen tokens of sequences the plan removes (preempted or
+        finished): a preempted sequence comes back whole, as a new one."""
+        self.forks = [f for f in self.forks if f[0] not in seq_ids and f[1] not in seq_ids]
+        self.append_tokens = [a for a in self.append_tokens if a[0] not in seq_ids]
 
     def record(self, seq: Sequence, append: AppendResult) -> None:
         """Put what ``append_slot`` did to a running sequence's table into the plan."""
@@ -61,8 +72,15 @@ class ScheduledStep:
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 
+Group = list[Sequence]  # the sequences of one request that move together
+
 
 class Scheduler:
+    """Queues: ``waiting`` sequences, ``running`` sequences, ``swapped`` groups. The running
+    sequences of one request form a group, preempted all or nothing: swapped out together
+    (their shared blocks stay shared) or, when the CPU pool has no room, each queued again
+    to be recomputed on its own."""
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, preemption_mode: str = "auto",
                  cost_model: PreemptionCostModel | None = None):
@@ -74,19 +92,31 @@ class Scheduler:
         self.cost_model = cost_model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.swapped: deque[Sequence] = deque()
+        self.swapped: deque[Group] = deque()
         self.preemptions = {"swap": 0, "recompute": 0}
+        self.capped: list[Request] = []  # requests ended for lack of blocks: tell their clients
+        self._seq_ids = itertools.count()
         # Finished sequences keep their blocks until the next schedule(): by then the
         # executor has acknowledged the step that last used them, so no block is reused
         # while a step in flight may still write to it.
         self._to_release: list[Sequence] = []
+        # Beam forks and chosen tokens decided from the last result, for the next plan.
+        self._forks: list[tuple[int, int, int]] = []
+        self._append_tokens: list[tuple[int, int]] = []
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self._to_release)
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, request: Request) -> None:
+        """Queue a new request: its samples (n, or best_of) or its first beam."""
+        num_samples = 1 if request.params.beam_width > 1 else (
+            request.params.best_of or request.params.n)
+        request.seqs = [Sequence(next(self._seq_ids) % 2**31, request.prompt_token_ids,
+                                 request, sample_index=i) for i in range(num_samples)]
+        # One prefill for all samples: the others are forked from the first.
+        request.unforked = request.seqs[1:]
+        self.waiting.append(request.seqs[0])
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stop, length or abort); its blocks are released at the next step."""
@@ -96,11 +126,16 @@ class Scheduler:
         self._to_release.append(seq)
 
     def schedule(self) -> ScheduledStep:
-        step = ScheduledStep(removed=self._release_finished())
+        step = ScheduledStep(removed=self._release_finished(), forks=self._forks,
+                             append_tokens=self._append_tokens)
+        self._forks, self._append_tokens = [], []
+        for seq in list(self.running):
+            self._fork_samples(seq, step)
         preempted = self._schedule_running(step)
         # Swapped groups come back before anything new is admitted.
         if not preempted and self._schedule_swapped(step):
             self._schedule_waiting(step)
+        step.drop_edits(set(step.removed))
         return step
 
     def update(self, step: ScheduledStep, execute_ms: float = 0.0,
@@ -113,12 +148,63 @@ class Scheduler:
             self.cost_model.observe(sum(step.num_tokens), execute_ms,
                                     len(step.swap_out) + len(step.swap_in), block_ops_ms)
 
+    def advance_beams(self, request: Request) -> None:
+        """Every live beam has its candidates: carry out the beam search's choice. A beam
+        chosen once continues in place, chosen again it is forked, not chosen it is freed."""
+        beams, search = request.seqs, request.beam
+        choices = search.step(beams)
+        next_beams: list[tuple[Sequence, Choice]] = []
+        for choice in choices:
+            parent = choice.parent
+            seq = parent
+            if any(chosen is parent for chosen, _ in next_beams):
+                seq = parent.fork(next(self._seq_ids) % 2**31)
+                self._fork(parent, seq, self._forks)
+            next_beams.append((seq, choice))
+        # Tokens go on after every fork: a fork copies its parent without the new token
+        # (the executor applies forks before append_tokens too).
+        for seq, choice in next_beams:
+            entry = search.position_logprobs(seq, choice.token_id, choice.logprob)
+            seq.append_token(choice.token_id, choice.logprob)
+            if entry is not None:
+                seq.logprobs.append(entry)
+            seq.candidates = None
+            self._append_tokens.append((seq.seq_id, choice.token_id))
+        survivors = [seq for seq, _ in next_beams]
+        for beam in beams:
+            if not any(beam is seq for seq in survivors):
+                self.finish(beam, "stop")  # freed: pruned, or the search is over
+        request.seqs = survivors or beams
+
+    def _fork(self, parent: Sequence, child: Sequence, forks: list) -> None:
+        """``child`` continues from ``parent``, sharing its blocks until it writes."""
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        child.on_executor = True
+        forks.append((child.seq_id, parent.seq_id, child.sample_index))
+        self.running.append(child)
+
+    def _fork_samples(self, seq: Sequence, step: ScheduledStep) -> Group:
+        """Parallel sampling: once the first sample has computed all of its prompt but the
+        last token, fork the others from it; each computes the last token and draws its
+        own first token. Returns the samples that run now."""
+        request = seq.request
+        if not request.unforked or seq.sample_index != 0 or seq.num_pending_tokens:
+            return [seq]
+        forked, request.unforked = request.unforked, []
+        for child in forked:
+            self._fork(seq, child, step.forks)
+        return [seq, *forked]
+
     def _release_finished(self) -> list[int]:
         removed = []
+        finished = set(map(id, self._to_release))
+        self.running = [seq for seq in self.running if id(seq) not in finished]
+        self.waiting = deque(seq for seq in self.waiting if id(seq) not in finished)
+        groups = [[seq for seq in group if id(seq) not in finished] for group in self.swapped]
+        self.swapped = deque(group for group in groups if group)
         for seq in self._to_release:
-            for queue in (self.running, self.waiting, self.swapped):
-                if seq in queue:
-                    queue.remove(seq)
             if seq.seq_id in self.block_manager.tables:
                 self.block_manager.free(seq)
             if seq.on_executor:
@@ -127,27 +213,40 @@ class Scheduler:
         self._to_release.clear()
         return removed
 
+    def _running_groups(self) -> list[Group]:
+        """The running sequences grouped by request, oldest request first."""
+        groups: dict[int, Group] = {}
+        for seq in sorted(self.running, key=lambda s: (s.request.arrival_time, s.seq_id)):
+            groups.setdefault(id(seq.request), []).append(seq)
+        return list(groups.values())
+
     def _schedule_running(self, step: ScheduledStep) -> bool:
-        """Give every running sequence a slot for its next token (preempting the latest
+        """Give every running group slots for its next tokens (preempting the latest
         arrivals when blocks run out), then tokens: decodes first, then prompt chunks."""
-        queue = deque(self.running)
+        queue = deque(self._running_groups())
         kept: list[Sequence] = []
         preempted = False
         while queue:
-            seq = queue.popleft()
-            while not self.block_manager.can_append_slot(seq):
+            group = queue.popleft()
+            # Beams waiting for their siblings' candidates have nothing to compute.
+            active = [seq for seq in group if seq.num_pending_tokens]
+            while not self.block_manager.can_append_slots(active):
+                if not queue and not kept:
+                    self._cap(group)
+                    break
                 preempted = True
-                victim = queue.pop() if queue else seq
+                victim = queue.pop() if queue else group
                 self._preempt(victim, step)
-                if victim is seq:
+                if victim is group:
                     break
             else:
-                step.record(seq, self.block_manager.append_slot(seq))
-                kept.append(seq)
+                for seq in active:
+                    step.record(seq, self.block_manager.append_slot(seq))
+                kept += group
         self.running = kept
         budget = self.max_num_batched_tokens
         for seq in sorted(kept, key=_is_prefilling):  # stable: arrival order within each kind
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = min(seq.num_pending_tokens, budget)
             if num_tokens:
                 step.add(seq, num_tokens)
                 budget -= num_tokens
@@ -156,24 +255,56 @@ class Scheduler:
     def _schedule_swapped(self, step: ScheduledStep) -> bool:
         """Swap groups back in, oldest first; True when none is left waiting."""
         budget = self.max_num_batched_tokens - sum(step.num_tokens)
-        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.swapped[0]
-            # Room for its blocks and for the slot of its next token.
-            num_blocks = len(self.block_manager.tables[seq.seq_id])
-            if self.block_manager.device.num_free < num_blocks + 1:
+        bm = self.block_manager
+        while self.swapped and budget > 0:
+            group = self.swapped[0]
+            if len(self.running) + len(group) > self.max_num_seqs:
+                return False
+            # Room for its blocks and for the slots of its next tokens.
+            if bm.device.num_free < bm.num_distinct_blocks(group) + len(group):
                 return False
             self.swapped.popleft()
-            step.swap_in += self.block_manager.swap_in([seq])
-            # It arrives as a new sequence with its final table, so only a copy-on-write's
-            # data copy goes into the plan, not its table edit.
-            append = self.block_manager.append_slot(seq)
-            if append.cow is not None:
-                step.copies.append(append.cow)
-            self._start(seq, step)
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            step.add(seq, num_tokens)
-            budget -= num_tokens
+            step.swap_in += bm.swap_in(group)
+            for seq in group:
+                # It arrives as a new sequence with its final table, so only a
+                # copy-on-write's data copy goes into the plan, not its table edit.
+                append = bm.append_slot(seq)
+                if append.cow is not None:
+                    step.copies.append(append.cow)
+                self._start(seq, step)
+            budget = self._add_tokens(group, step, budget)
         return not self.swapped
+
+    def _schedule_waiting(self, step: ScheduledStep) -> None:
+        """Admit waiting sequences in arrival order; the last one admitted may get only a
+        chunk of its prompt this step (chunked prefill), the rest in later steps."""
+        budget = self.max_num_batched_tokens - sum(step.num_tokens)
+        bm = self.block_manager
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            num_forks = len(seq.request.unforked) if seq.sample_index == 0 else 0
+            if len(self.running) + 1 + num_forks > self.max_num_seqs:
+                break
+            if not bm.can_allocate(seq, num_forks):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            bm.allocate(seq)  # counts prefix-cache hits as computed
+            self._start(seq, step)
+            # A prompt whose all but last token hit the prefix cache forks right away.
+            samples = self._fork_samples(seq, step)
+            # The forked samples copy-on-write the shared last block; the first sample
+            # goes last, so it writes in place and its table (sent whole) is what they forked.
+            for sample in reversed(samples[1:]):
+                step.record(sample, bm.append_slot(sample))
+            budget = self._add_tokens(samples, step, budget)
+
+    def _add_tokens(self, group: Group, step: ScheduledStep, budget: int) -> int:
+        for seq in group:
+            num_tokens = min(seq.num_pending_tokens, budget)
+            if num_tokens:
+                step.add(seq, num_tokens)
+                budget -= num_tokens
+        return budget
 
     def _start(self, seq: Sequence, step: ScheduledStep) -> None:
         seq.status = SequenceStatus.RUNNING
@@ -181,50 +312,58 @@ class Scheduler:
         self.running.append(seq)
         step.new_seqs.append(seq)
 
-    def _schedule_waiting(self, step: ScheduledStep) -> None:
-        """Admit waiting prompts in arrival order; the last one admitted may get only a
-        chunk of its prompt this step (chunked prefill), the rest in later steps."""
-        budget = self.max_num_batched_tokens - sum(step.num_tokens)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
-                break  # first come, first served: nobody overtakes the head of the queue
-            self.waiting.popleft()
-            self.block_manager.allocate(seq)  # counts prefix-cache hits as computed
-            self._start(seq, step)
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            step.add(seq, num_tokens)
-            budget -= num_tokens
-
-    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
-        """Take a running sequence off the device: swap its blocks to CPU memory, or drop
+    def _preempt(self, group: Group, step: ScheduledStep) -> None:
+        """Take a running group off the device: swap its blocks to CPU memory, or drop
         them and recompute later. Either way it continues exactly where it stopped."""
-        seq.on_executor = False
-        step.removed.append(seq.seq_id)
-        if self._should_swap(seq):
-            step.swap_out += self.block_manager.swap_out([seq])
-            seq.status = SequenceStatus.SWAPPED
-            self.swapped.append(seq)
+        for seq in group:
+            seq.on_executor = False
+            step.removed.append(seq.seq_id)
+            if seq.candidates is not None:
+                # A beam waiting for its siblings recomputes its last token on return, to
+                # get its candidates again (its KV is rewritten with the same values).
+                seq.candidates = None
+                seq.num_computed_tokens = seq.num_tokens - 1
+        if self._should_swap(group):
+            step.swap_out += self.block_manager.swap_out(group)
+            for seq in group:
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
             self.preemptions["swap"] += 1
             return
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        for seq in reversed(group):
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
         self.preemptions["recompute"] += 1
 
-    def _should_swap(self, seq: Sequence) -> bool:
-        if self.preemption_mode == "recompute" or not self.block_manager.can_swap_out([seq]):
+    def _cap(self, group: Group) -> None:
+        """Alone on the device and still out of blocks, the group can never grow: preempting
+        it would only bring it back to the same point. It ends here, as at max_model_len."""
+        request = group[0].request
+        if request.beam is not None:
+            request.beam.finish(group, "length")
+        for seq in group:
+            self.finish(seq, "length")
+        self.capped.append(request)
+
+    def _should_swap(self, group: Group) -> bool:
+        bm = self.block_manager
+        if not bm.can_swap_out(group):
             return False  # a full CPU pool leaves recompute as the only way
-        if self.preemption_mode == "swap" or self.cost_model is None:
+        if len(group) > 1:
+            # Sequences sharing blocks swap in every mode, as in the paper: recomputed, each
+            # would need its own copy of the shared blocks, and might never fit back at once.
+            return True
+        if self.preemption_mode != "auto" or self.cost_model is None:
             return self.preemption_mode == "swap"
-        num_blocks = len(self.block_manager.tables[seq.seq_id])
-        return self.cost_model.prefers_swap(seq.num_computed_tokens, num_blocks)
+        seq = group[0]
+        return self.cost_model.prefers_swap(seq.num_computed_tokens, len(bm.tables[seq.seq_id]))
 
 
 def _is_prefilling(seq: Sequence) -> bool:
-    return seq.num_tokens - seq.num_computed_tokens > 1
+    return seq.num_pending_tokens > 1
 
 
-def _flat(pairs: list[tuple[int, int]]) -> list[int]:
+def _flat(pairs: list[tuple[int, ...]]) -> list[int]:
     return [x for pair in pairs for x in pair]

@@ -1,11 +1,16 @@
 """Sequence state on the scheduler: tokens, progress through the cache, output and status."""
 from __future__ import annotations
 
+import copy
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from scheduler_svc.beam_search import BeamSearch
 
 
 class SequenceStatus(enum.Enum):
@@ -16,14 +21,22 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """One token stream. ``num_computed_tokens`` tokens have their KV in the cache."""
+    """One token stream. ``num_computed_tokens`` tokens have their KV in the cache.
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], request: "Request"):
+    ``sample_index``: which of its request's samples it is (seeds its draws).
+    ``candidates``: under beam search, the (token_id, logprob) pairs the executor proposed
+    for the next token; the scheduler chooses once every beam of the request has them.
+    """
+
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], request: "Request",
+                 sample_index: int = 0):
         self.seq_id = seq_id
         self.request = request
+        self.sample_index = sample_index
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.candidates: list[tuple[int, float]] | None = None
         self.status = SequenceStatus.WAITING
         self.on_executor = False  # the executor holds state for it (must be told to drop it)
         self.cumulative_logprob = 0.0
@@ -49,6 +62,25 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens to compute before the sequence samples (or forks its samples)."""
+        # A request's first sequence stops one token short of its prompt while its other
+        # samples wait to be forked: each sample then computes the last prompt token itself
+        # and draws its own first token.
+        end = self.num_tokens - (1 if self.request.unforked and self.sample_index == 0 else 0)
+        return end - self.num_computed_tokens
+
+    def fork(self, seq_id: int, sample_index: int | None = None) -> "Sequence":
+        """A copy that continues independently (parallel sampling, beam search)."""
+        child = copy.copy(self)
+        child.seq_id = seq_id
+        child.sample_index = self.sample_index if sample_index is None else sample_index
+        child.token_ids, child.logprobs = list(self.token_ids), list(self.logprobs)
+        if self.detokenizer is not None:
+            child.detokenizer = self.detokenizer.fork()
+        return child
+
     def append_token(self, token_id: int, logprob: float) -> None:
         self.token_ids.append(token_id)
         self.cumulative_logprob += logprob
@@ -69,7 +101,9 @@ class Request:
     prompt_token_ids: list[int]
     stream: bool
     arrival_time: float = field(default_factory=time.monotonic)
-    seqs: list[Sequence] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)  # samples, or the live beams
+    unforked: list[Sequence] = field(default_factory=list)  # samples not yet forked from seqs[0]
+    beam: "BeamSearch | None" = None  # beam search state, when beam_width > 1
     sent_first: bool = False  # the first output message (with the prompt ids) went out
 
     @property
@@ -78,4 +112,6 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(seq.is_finished for seq in self.seqs)

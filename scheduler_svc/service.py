@@ -18,6 +18,7 @@ from common.log import get_logger
 from scheduler_svc.admin import AdminHandler
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.cost_model import PreemptionCostModel
+from scheduler_svc.engine import Engine
 from scheduler_svc.frontend import Frontend, InvalidRequest
 from scheduler_svc.output_processor import OutputProcessor
 from scheduler_svc.scheduler import ScheduledStep, Scheduler
@@ -51,15 +52,16 @@ class SchedulerService:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be at least "
                              f"max_num_seqs ({config.max_num_seqs}): every running sequence "
                              f"decodes a token each step")
-        self.frontend = Frontend(self.tokenizer, vocab_size, self.max_model_len)
+        self.frontend = Frontend(self.tokenizer, vocab_size, self.max_model_len,
+                                 config.max_num_seqs)
         self.processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.scheduler = Scheduler(None, config.max_num_seqs, max_batched,
                                    config.preemption_mode)
+        self.engine = Engine(self.scheduler, self.processor)
         self.admin_handler = AdminHandler(self)
         self.executor_id: bytes | None = None
         self.executor_info: p.RegisterExecutor | None = None
         self.in_flight: ScheduledStep | None = None
-        self.step_count = 0
         self._last_sent: dict[bytes, float] = {}
         self._idle = False
         self._stopped = False
@@ -144,9 +146,7 @@ class SchedulerService:
             self._send_client(client, p.ErrorMsg(code="invalid_request", message=str(exc),
                                                  request_id=msg.request_id))
             return
-        for seq in request.seqs:
-            self.processor.start(seq)
-            self.scheduler.add(seq)
+        self.engine.add(request)
         log.debug("request added", request_id=request.request_id, prompt_tokens=len(
             request.prompt_token_ids))
 
@@ -154,8 +154,7 @@ class SchedulerService:
         request = self.frontend.requests.get((client, request_id))
         if request is None:
             return  # already finished: nothing to abort
-        for seq in request.seqs:
-            self.scheduler.finish(seq, "abort")
+        self.engine.abort(request)
         self._send_client(client, self.frontend.output(request))
         log.info("request aborted", request_id=request_id)
 
@@ -250,43 +249,30 @@ class SchedulerService:
                             f"{why} than {max_model_len} (max_model_len)"))
 
     def _fail(self, request: Request, error: p.ErrorMsg) -> None:
-        for seq in request.seqs:
-            self.scheduler.finish(seq, "abort")
+        self.engine.abort(request)
         self.frontend.output(request)  # forget the request; its client gets the error
         self._send_client(request.client, error)
 
     # ------------------------------------------------------------ steps
 
     def _step(self) -> None:
-        step = self.scheduler.schedule()
-        if step.is_empty and not step.removed:
+        scheduled = self.engine.schedule()
+        for request in self.engine.take_capped():
+            log.warning("request ended: its sequences outgrew the KV pool",
+                        request_id=request.request_id)
+            self._send_client(request.client, self.frontend.output(request))
+        if scheduled is None:
             self._idle = True  # nothing fits until something changes: wait for an event
             return
-        self.step_count += 1
-        plan = step.to_plan(self.step_count, self.scheduler.block_manager.tables)
+        self.in_flight, plan = scheduled
         self.executor.send_multipart([self.executor_id, p.encode(plan)])
-        self.in_flight = step
 
     def _on_result(self, result: p.StepResult) -> None:
         step, self.in_flight = self.in_flight, None
-        if step is None or result.step != self.step_count:
+        if step is None or result.step != self.engine.step_count:
             log.error("result for an unexpected step ignored", step=result.step)
             self.in_flight = step
             return
-        self.scheduler.update(step, result.execute_ms, result.block_ops_ms)
-        seqs = {seq.seq_id: seq for seq in step.seqs}
-        top = {t.seq_id: dict(zip(t.token_ids.tolist(), t.logprobs.tolist()))
-               for t in result.top_logprobs}
-        touched: dict[tuple[bytes, str], Request] = {}
-        for sid, token, logprob in zip(result.seq_ids.tolist(), result.token_ids.tolist(),
-                                       result.logprobs.tolist()):
-            seq = seqs[sid]
-            if seq.is_finished:
-                continue  # aborted while the step was running
-            reason = self.processor.append(seq, token, logprob, top.get(sid))
-            if reason is not None:
-                self.scheduler.finish(seq, *reason)
-            touched[seq.request.key] = seq.request
-        for request in touched.values():
+        for request in self.engine.process(step, result):
             if request.stream or request.is_finished:
                 self._send_client(request.client, self.frontend.output(request))

@@ -122,7 +122,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def append(self, data, token):
         seq = self._draw(data, self._done)
         seq.token_ids.append(token)
-        if not self.bm.can_append_slot(seq):
+        if not self.bm.can_append_slots([seq]):
             seq.token_ids.pop()
             assert self.bm.device.num_free == 0
             return

@@ -135,8 +135,8 @@ class Driver:
                      block_appends=list(appends))
 
 
-def new_seq(seq_id, token_ids, block_table, num_computed_tokens=0):
-    return p.NewSeq(seq_id=seq_id, token_ids=token_ids, block_table=block_table, params=GREEDY,
+def new_seq(seq_id, token_ids, block_table, num_computed_tokens=0, params=GREEDY):
+    return p.NewSeq(seq_id=seq_id, token_ids=token_ids, block_table=block_table, params=params,
                     num_computed_tokens=num_computed_tokens)
 
 
@@ -190,16 +190,44 @@ def test_copy_on_write_gives_each_sharer_its_own_last_block(model, config, promp
     assert driver.tokens[2][len(a):] == [other, *alone(model, config, [*a, other], 4)]
 
 
+def test_a_forked_beam_takes_the_chosen_token_and_continues_exactly(model, config, prompts):
+    a = prompts[0]  # 6 tokens: block 0 full, block 1 holds 2
+    runner = Driver(model, config).runner
+    beams = {"beam_width": 2}
+
+    def run(**fields):
+        step = p.StepPlan(step=1, **EMPTY_PLAN | fields)
+        result = p.decode(p.encode(runner.execute(p.decode(p.encode(step)))))
+        assert len(result.seq_ids) == 0  # beams sample nothing: the scheduler chooses
+        return {c.seq_id: c.token_ids.tolist() for c in result.beam_candidates}
+
+    first = run(new_seqs=[new_seq(1, a, [0, 1], params=beams)], seq_ids=[1], num_tokens=[6])
+    assert len(first[1]) == 4  # 2 x beam_width candidates
+    best, second = first[1][:2]
+    # Beam 1 continues with its best token; beam 2 forks from it with the second best and
+    # writes its token into a copy of the shared partial block.
+    after = run(forks=[2, 1, 0], append_tokens=[1, best, 2, second], copies=[1, 2],
+                replace_last=[2, 2], seq_ids=[1, 2], num_tokens=[1, 1])
+    assert runner.seqs[2].block_table == [0, 2] and runner.seqs[1].block_table == [0, 1]
+    assert after[1][0] == alone(model, config, [*a, best], 1)[0]
+    assert after[2][0] == alone(model, config, [*a, second], 1)[0]
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(swap_out=[0, 0, 8, 1]), "block id 8 is outside the device pool"),
     (dict(swap_out=[0, 0, 1]), "swap_out must hold pairs"),
     (dict(swap_in=[4, 3]), "block id 4 is outside the cpu pool"),
     (dict(copies=[0, 3, 3, 5]), r"\[3\] are both a source and a destination"),
-    (dict(replace_last=[7, 3]), "replace_last: unknown seq 7"),
+    (dict(replace_last=[7, 3]), "replace_last: unknown seq id 7"),
     (dict(replace_last=[1, 8]), "block id 8 is outside the device pool"),
     (dict(replace_last=[2, 4], new_seqs=[new_seq(2, [5], [])], seq_ids=[1], num_tokens=[1]),
      "seq 2 has no block to replace"),
-    (dict(replace_last=[1, 3], block_appends=[1, 4]), "also appends blocks in this plan"),
+    (dict(forks=[3, 7, 1]), "fork parent: unknown seq id 7"),
+    (dict(forks=[2, 1, 1]), "new seq 2 already exists"),
+    (dict(forks=[3, 1]), "forks must hold 3-tuples"),
+    (dict(append_tokens=[9, 5]), "append_tokens: unknown seq id 9"),
+    (dict(forks=[3, 1, 1], append_tokens=[3, 5], seq_ids=[1, 2, 3], num_tokens=[1, 5, 3]),
+     "seq 3: 3 tokens from 6 exceed its 8 tokens"),
 ])
 def test_plan_with_a_bad_block_op_is_rejected_without_changing_state(
         model, config, prompts, bad, message):

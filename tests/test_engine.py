@@ -3,6 +3,7 @@ greedy output equals transformers' own, with and without recompute preemption.""
 import random
 
 import pytest
+import tokenizers
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -12,8 +13,11 @@ from executor_svc.cache_engine import CacheEngine
 from executor_svc.model import ModelConfig, load_model
 from executor_svc.model_runner import ModelRunner, PlanError
 from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.engine import Engine
+from scheduler_svc.output_processor import DeltaTracker, OutputProcessor
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request, Sequence
+from scheduler_svc.sequence import Request
+from scheduler_svc.tokenizer import Tokenizer
 from tiny_models import make_tiny_model
 
 BLOCK_SIZE = 4
@@ -44,31 +48,45 @@ def make_runner(path, num_blocks, num_cpu_blocks=0):
     return ModelRunner(model, cache, BLOCK_SIZE)
 
 
-def generate(path, prompts, num_blocks, max_batched=256, mode="recompute", num_cpu_blocks=0,
-             prefix_caching=True):
-    """Run every prompt to MAX_TOKENS through scheduler -> encoded plan -> runner -> result."""
+def word_tokenizer(eos_token_ids=()):
+    """A tokenizer for the tiny models' 512 ids: id i is the word "t<i>"."""
+    vocab = {f"t{i}": i for i in range(512)}
+    inner = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    inner.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return Tokenizer(inner, set(eos_token_ids))
+
+
+def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cpu_blocks=0,
+        prefix_caching=True, eos_token_ids=(), on_step=None):
+    """Run requests through engine -> encoded plan -> runner -> encoded result, in process.
+    Returns the scheduler (its preemption counters)."""
     runner = make_runner(path, num_blocks, num_cpu_blocks)
     bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0, prefix_caching)
-    scheduler = Scheduler(bm, 8, max_batched, mode)
-    seqs = []
-    for i, ids in enumerate(prompts):
-        request = Request(str(i), b"c", SamplingParams(temperature=0.0), ids, stream=False)
-        seqs.append(Sequence(i, ids, request))
-        scheduler.add(seqs[-1])
-    for step_no in range(1, 500):
-        step = scheduler.schedule()
-        if step.is_empty:
-            break
-        plan = p.decode(p.encode(step.to_plan(step_no, scheduler.block_manager.tables)))
-        result = p.decode(p.encode(runner.execute(plan)))
-        scheduler.update(step)
-        for sid, token in zip(result.seq_ids.tolist(), result.token_ids.tolist()):
-            seq = seqs[sid]
-            seq.append_token(token, 0.0)
-            if seq.num_output_tokens == MAX_TOKENS:
-                scheduler.finish(seq, "length")
-    assert not scheduler.has_work
-    return [s.output_token_ids for s in seqs], scheduler.preemptions
+    engine = Engine(Scheduler(bm, 8, max_batched, mode),
+                    OutputProcessor(word_tokenizer(eos_token_ids), max_model_len=128))
+    for request in requests:
+        engine.add(request)
+    while (scheduled := engine.schedule()) is not None:
+        step, plan = scheduled
+        result = runner.execute(p.decode(p.encode(plan)))
+        engine.process(step, p.decode(p.encode(result)))
+        if on_step is not None:
+            on_step(engine.scheduler)
+    assert not engine.scheduler.has_work and all(r.is_finished for r in requests)
+    assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
+    return engine.scheduler
+
+
+def request(ids, max_tokens=MAX_TOKENS, **params):
+    return Request(str(len(ids)), b"c", SamplingParams(max_tokens=max_tokens, **params), ids,
+                   stream=False)
+
+
+def generate(path, prompts, num_blocks, **kwargs):
+    """Every prompt greedy to MAX_TOKENS: the outputs and the preemption counters."""
+    requests = [request(ids, temperature=0.0, ignore_eos=True) for ids in prompts]
+    scheduler = run(path, requests, num_blocks, **kwargs)
+    return [r.seqs[0].output_token_ids for r in requests], scheduler.preemptions
 
 
 def test_batched_greedy_equals_transformers(tiny):
@@ -108,7 +126,7 @@ def test_invalid_plans_are_rejected_without_changing_state(tiny):
     runner = make_runner(path, 8)
     good = p.NewSeq(seq_id=1, token_ids=prompts[0], block_table=[0, 1], params={})
     cases = {
-        "unknown seq ids": p.StepPlan(step=1, removed=[], new_seqs=[], seq_ids=[5],
+        "unknown seq id": p.StepPlan(step=1, removed=[], new_seqs=[], seq_ids=[5],
                                       num_tokens=[1], block_appends=[]),
         "outside the device pool": p.StepPlan(step=1, removed=[], seq_ids=[1], num_tokens=[5],
                                               block_appends=[], new_seqs=[p.NewSeq(
@@ -121,3 +139,105 @@ def test_invalid_plans_are_rejected_without_changing_state(tiny):
         with pytest.raises(PlanError, match=expected):
             runner.execute(p.decode(p.encode(plan)))
         assert runner.seqs == {}
+
+
+# ---------------------------------------------------------------- parallel sampling
+
+def cpu_blocks(mode):
+    """Groups of several sequences swap whenever the CPU pool has room: no room forces
+    recompute."""
+    return 128 if mode == "swap" else 0
+
+
+@pytest.mark.parametrize("mode, num_blocks", [("recompute", 64), ("swap", 20), ("recompute", 20)])
+def test_greedy_samples_forked_from_one_prefill_all_equal_the_greedy_output(tiny, mode,
+                                                                            num_blocks):
+    path, prompts, expected = tiny
+    requests = [request(ids, n=3, temperature=0.0, ignore_eos=True) for ids in prompts]
+    scheduler = run(path, requests, num_blocks, mode=mode, num_cpu_blocks=cpu_blocks(mode))
+    assert [[s.output_token_ids for s in r.seqs] for r in requests] == [[e] * 3 for e in expected]
+    if num_blocks < 64:
+        assert scheduler.preemptions[mode] > 0
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_seeded_samples_are_reproducible_and_exact_under_preemption(tiny, mode):
+    path, prompts, _ = tiny
+
+    def samples(num_blocks):
+        requests = [request(ids, n=3, seed=11, ignore_eos=True) for ids in prompts]
+        scheduler = run(path, requests, num_blocks, mode=mode, num_cpu_blocks=cpu_blocks(mode))
+        return [[s.output_token_ids for s in r.seqs] for r in requests], scheduler.preemptions
+
+    alone, _ = samples(64)
+    assert samples(64)[0] == alone
+    constrained, preemptions = samples(20)
+    assert preemptions[mode] > 0 and constrained == alone
+    assert all(len({tuple(s) for s in group}) > 1 for group in alone)  # the samples differ
+
+
+def test_n_samples_hold_fewer_blocks_than_n_separate_requests(tiny):
+    path, prompts, _ = tiny
+    prompt = prompts[2]  # 30 tokens: 7 full blocks and a partial one
+
+    def peak_blocks(requests):
+        peak = []
+        run(path, requests, prefix_caching=False,
+            on_step=lambda s: peak.append(s.block_manager.device.num_used))
+        return max(peak)
+
+    grouped = peak_blocks([request(prompt, n=4, seed=3, ignore_eos=True)])
+    separate = peak_blocks([request(prompt, seed=3 + i, ignore_eos=True) for i in range(4)])
+    # 42 tokens at the end: 11 blocks each; the group shares the prompt's 7 full blocks.
+    assert (grouped, separate) == (7 + 4 * 4, 4 * 11)
+
+
+def test_best_of_returns_the_n_samples_of_highest_cumulative_logprob(tiny):
+    path, prompts, _ = tiny
+    req = request(prompts[1], n=2, best_of=4, seed=5, ignore_eos=True)
+    run(path, [req])
+    outputs = DeltaTracker(req, word_tokenizer()).deltas()
+    ranked = sorted(req.seqs, key=lambda s: s.cumulative_logprob, reverse=True)
+    assert [o.token_ids for o in outputs] == [s.output_token_ids for s in ranked[:2]]
+    assert [o.index for o in outputs] == [0, 1]
+
+
+# ---------------------------------------------------------------- beam search
+
+def hf_beam_search(path, ids, eos, **kwargs):
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_TOKENS,
+                          eos_token_id=eos, pad_token_id=eos, **kwargs)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("width, length_penalty, early_stopping",
+                         [(2, 1.0, False), (4, 1.0, True), (3, 0.0, False), (4, 2.0, False)])
+def test_beam_search_finds_the_sequence_transformers_finds(tiny, width, length_penalty,
+                                                           early_stopping):
+    path, prompts, expected = tiny
+    eos = expected[0][2]  # a token these prompts' beams meet, so some hypotheses end early
+    settings = dict(length_penalty=length_penalty, early_stopping=early_stopping)
+    requests = [request(ids, beam_width=width, **settings) for ids in prompts]
+    run(path, requests, eos_token_ids=[eos])
+    want = [hf_beam_search(path, ids, eos, num_beams=width, **settings) for ids in prompts]
+    assert [r.beam.best(1)[0].token_ids for r in requests] == want
+    if length_penalty == 0.0:  # scored by sum alone, a hypothesis that met EOS early wins
+        assert any(r.beam.best(1)[0].finish_reason == "stop" for r in requests)
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_beam_search_continues_exactly_under_preemption(tiny, mode):
+    path, prompts, expected = tiny
+
+    def best(num_blocks):
+        requests = [request(ids, beam_width=3) for ids in prompts]
+        scheduler = run(path, requests, num_blocks, mode=mode, num_cpu_blocks=cpu_blocks(mode),
+                        eos_token_ids=[expected[0][2]])
+        return [[h.token_ids for h in r.beam.best(3)] for r in requests], scheduler.preemptions
+
+    alone, _ = best(128)
+    constrained, preemptions = best(28)
+    assert preemptions[mode] > 0 and constrained == alone

@@ -19,7 +19,7 @@ def feed(tokenizer, text, max_model_len=8192, **params):
     seq = Sequence(0, request.prompt_token_ids, request)
     request.seqs.append(seq)
     processor.start(seq)
-    tracker, sent, reason = DeltaTracker(request), [], None
+    tracker, sent, reason = DeltaTracker(request, processor.tokenizer), [], None
     for token in tokenizer.encode(text):
         reason = processor.append(seq, token, -0.5, None)
         if reason:

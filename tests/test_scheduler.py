@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from common.sampling import SamplingParams
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request, Sequence, SequenceStatus
+from scheduler_svc.sequence import Request, SequenceStatus
 
 BLOCK_SIZE = 4
 
@@ -16,13 +16,12 @@ def make_scheduler(num_blocks=64, max_num_seqs=8, max_batched=64, watermark=0.0)
     return Scheduler(bm, max_num_seqs, max_batched)
 
 
-def add(scheduler, seq_id, prompt_len, max_tokens=4):
-    request = Request(str(seq_id), b"c", SamplingParams(max_tokens=max_tokens),
+def add(scheduler, request_id, prompt_len, max_tokens=4, **params):
+    """Queue a request; returns its first sequence (ids count up from 0 in order of adds)."""
+    request = Request(str(request_id), b"c", SamplingParams(max_tokens=max_tokens, **params),
                       list(range(prompt_len)), stream=False)
-    seq = Sequence(seq_id, request.prompt_token_ids, request)
-    request.seqs.append(seq)
-    scheduler.add(seq)
-    return seq
+    scheduler.add(request)
+    return request.seqs[0]
 
 
 def run_step(scheduler):
