@@ -50,8 +50,12 @@ def main() -> None:
 @main.command()
 @click.argument("prompt")
 @click.option("--max-tokens", type=int, default=16, show_default=True)
-@click.option("--n", type=int, default=1, show_default=True)
-@click.option("--beam-width", type=int, default=1, show_default=True)
+@click.option("--n", type=int, default=1, show_default=True,
+              help="Completions to return (parallel sampling, or the best beams).")
+@click.option("--best-of", type=int, default=None,
+              help="Samples to draw; the n of highest cumulative logprob are returned.")
+@click.option("--beam-width", type=int, default=1, show_default=True,
+              help="Above 1: beam search (deterministic).")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -63,14 +67,18 @@ def main() -> None:
               help="The scheduler's client endpoint.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds of server silence before giving up.")
-def generate(prompt, max_tokens, n, beam_width, temperature, top_p, top_k, seed, stream,
-             as_json, server, timeout) -> None:
+def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top_k, seed,
+             stream, as_json, server, timeout) -> None:
     """Generate a continuation of PROMPT."""
     from common.client import Client, PagedServeError
 
+    if stream and (n > 1 or beam_width > 1 or (best_of or 1) > 1):
+        raise click.UsageError("--stream prints one completion: use it with --n 1, "
+                               "--best-of 1 and --beam-width 1")
     try:
-        params = SamplingParams(n=n, beam_width=beam_width, temperature=temperature,
-                                top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+        params = SamplingParams(n=n, best_of=best_of, beam_width=beam_width,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                max_tokens=max_tokens)
         with Client(server, timeout=timeout) as client:
             if stream and not as_json:
                 for delta in client.stream(prompt, params):
@@ -85,9 +93,11 @@ def generate(prompt, max_tokens, n, beam_width, temperature, top_p, top_k, seed,
             "request_id": out.request_id, "prompt": out.prompt,
             "prompt_token_ids": out.prompt_token_ids,
             "outputs": [vars(o) for o in out.outputs]}, default=str))
+    elif len(out.outputs) == 1:
+        click.echo(out.outputs[0].text)
     else:
         for o in out.outputs:
-            click.echo(o.text)
+            click.echo(f"[{o.index}] {o.text}")
 
 
 def admin_request(cmd: str, admin: str, timeout_s: float = 5.0) -> dict:

@@ -43,20 +43,27 @@ def client(services):
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(smollm2_dir):
-    """transformers' own greedy continuation of each prompt, alone (no padding), in fp32."""
+def hf_generate(smollm2_dir):
+    """transformers' own generate on one prompt alone (no padding), in fp32: the new ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    outputs = []
-    for prompt in PROMPTS:
+
+    def generate(prompt: str, **kwargs) -> list[int]:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=32, do_sample=False)
-        outputs.append(out[0, ids.shape[1]:].tolist())
-    return outputs
+            out = model.generate(ids, do_sample=False, **kwargs)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = model.generation_config.eos_token_id  # beams that end early are padded with it
+        return new[:new.index(eos) + 1] if eos in new else new
+    return generate
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_generate):
+    return [hf_generate(prompt, max_new_tokens=32) for prompt in PROMPTS]
 
 
 def test_greedy_outputs_match_transformers_for_concurrent_prompts(client, hf_greedy):
@@ -189,8 +196,44 @@ def test_bad_input_gets_a_clear_error_and_others_keep_being_served(name, service
 
 
 def test_invalid_params_raise_typed_error_through_the_client(client):
-    with pytest.raises(InvalidRequestError, match="parallel sampling"):
-        client.generate(PROMPTS[0], SamplingParams(n=2))
+    with pytest.raises(InvalidRequestError, match="more than this server's max_num_seqs"):
+        client.generate(PROMPTS[0], SamplingParams(n=1000))
+    with pytest.raises(InvalidRequestError, match="beam search cannot stream"):
+        list(client.stream(PROMPTS[0], SamplingParams(beam_width=2)))
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_beam_search_returns_the_best_sequence_transformers_returns(client, hf_generate,
+                                                                    width):
+    prompts = PROMPTS[:4]
+    outs = client.generate(prompts, SamplingParams(beam_width=width, n=2, max_tokens=16))
+    want = [hf_generate(prompt, num_beams=width, max_new_tokens=16) for prompt in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert all(len(o.outputs) == 2 and o.outputs[0].text for o in outs)
+
+
+def test_seeded_parallel_samples_are_reproducible_and_differ(client):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    first = client.generate(PROMPTS[5], params)
+    again = client.generate(PROMPTS[5], params)
+    samples = [o.token_ids for o in first.outputs]
+    assert [o.index for o in first.outputs] == [0, 1, 2]
+    assert samples == [o.token_ids for o in again.outputs]
+    assert len({tuple(s) for s in samples}) == 3
+    streamed = [[], [], []]
+    for delta in client.stream(PROMPTS[5], params):
+        for out in delta.outputs:
+            streamed[out.index] += out.token_ids
+    assert streamed == samples
+
+
+def test_best_of_returns_the_most_likely_of_its_samples(client):
+    params = SamplingParams(n=1, best_of=4, temperature=1.0, seed=3, max_tokens=8)
+    best = client.generate(PROMPTS[6], params).outputs
+    samples = client.generate(PROMPTS[6], SamplingParams(
+        n=4, temperature=1.0, seed=3, max_tokens=8)).outputs
+    assert len(best) == 1
+    assert best[0].token_ids == max(samples, key=lambda o: o.cumulative_logprob).token_ids
 
 
 def test_async_client_generates_and_streams(services):
