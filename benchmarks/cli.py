@@ -88,17 +88,37 @@ def _timed_run(client: Client, prompts: list, params: list) -> float:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("benchmarks/results"), show_default=True,
               help="Folder for memory.png (needs matplotlib: pip install 'pagedserve[bench]').")
+@click.option("--beams", is_flag=True,
+              help="Also measure beam search (widths 2, 4, 6): runs --model in process, "
+                   "a few minutes on CPU.")
+@click.option("--beam-requests", type=int, default=32, show_default=True)
+@click.option("--beam-concurrency", type=int, default=8, show_default=True)
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="HF model directory for --beams (default: the prepared "
+                                 "default model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def memory(out: Path, as_json: bool, **sizes) -> None:
+def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concurrency: int,
+           model: Path | None, **sizes) -> None:
     """Reproduce the paper's memory figures on the real block manager, no model needed.
 
     KV slot utilisation at peak load against static reservation (the paper's Orca
     baselines), blocks saved by parallel sampling, and prefill saved by a shared prefix.
     """
     try:  # sizes that cannot fill the pool, or that the pool cannot hold
-        results = mem.run(mem.MemoryBench(**sizes))
+        bench_sizes = mem.MemoryBench(**sizes)
+        results = mem.run(bench_sizes)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if beams:
+        from benchmarks.beam_memory import beam_search_rows
+        from common.config import default_model_dir
+
+        model = model or default_model_dir()
+        results["sharing"]["rows"] += beam_search_rows(
+            model, bench_sizes.widths, beam_requests, beam_concurrency,
+            bench_sizes.block_size, bench_sizes.seed)
+        results["sharing"]["beams"] = {"model": model.name, "requests": beam_requests,
+                                       "concurrency": beam_concurrency}
     click.echo(json.dumps(results) if as_json else mem.format_report(results))
     plot = out / "memory.png"
     note = (f"plot: {plot}" if mem.save_plot(results, plot) else

@@ -6,8 +6,9 @@ many tokens it has. Three measurements, each on a seeded synthetic trace:
 1. KV slot utilisation at peak load (paper, Fig. 2): a ShareGPT-like trace through the real
    scheduler and block manager, against static contiguous reservation (the paper's Orca
    baselines) simulated on the same trace and the same slot budget.
-2. Blocks saved by sharing among parallel samples (Fig. 15): Alpaca-like requests whose
-   prompt is allocated once and forked; each sample grows with copy-on-write.
+2. Blocks saved by sharing among parallel samples (Fig. 15): Alpaca-like requests through
+   the real scheduler, one prefill forked into n samples that grow with copy-on-write.
+   Beam search needs the model's scores: ``benchmarks.beam_memory`` adds its rows.
 3. Prefill tokens saved by a shared system prompt (prefix caching).
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ from scheduler_svc.sequence import Request, Sequence
 PAPER_UTILISATION = {  # Fig. 2: share of KV memory holding token states
     "pagedserve": ("vLLM", 0.963), "static Max": ("Orca (Max)", 0.204),
     "static Pow2": ("Orca (Pow2)", 0.268), "static Oracle": ("Orca (Oracle)", 0.382)}
-PAPER_SAVED = {"parallel sampling": (0.061, 0.098)}  # Fig. 15, Alpaca: widths 2 to 6
+PAPER_SAVED = {"parallel sampling": (0.061, 0.098),  # Fig. 15, Alpaca: widths 2 to 6
+               "beam search": (0.376, 0.552)}
 BUSY = 0.9          # a step counts as busy when this share of the slots is allocated
 SUFFIX_LENS = (20, 80)  # request-specific tokens behind the shared prefix
 
@@ -243,47 +245,37 @@ def parallel_sampling_savings(trace: list[TraceRequest], n: int, block_size: int
     """Share of blocks that sharing saves, 1 - blocks in use / blocks in all tables,
     averaged over the steps with ``concurrency`` requests in flight.
 
-    Each request's prompt is allocated once and forked n - 1 times; every sample then
-    grows one token a step (copy-on-write splits the shared last block) until its own
-    output length, the first n of ``output_lens``. A finished request makes room for the
-    next. The pool is large enough that nothing waits for blocks.
+    Requests of ``n`` samples go through the real scheduler: the first sample prefills the
+    prompt but its last token, the others are forked from it, sharing its blocks; each
+    computes the last prompt token itself and grows a token a step (copy-on-write splits
+    the shared last block) until its own output length, the first n of ``output_lens``. A
+    finished request makes room for the next. The pool is large enough that nothing waits.
     """
     longest = max(len(r.prompt_token_ids) + max(r.output_lens[:n]) for r in trace)
-    bm = BlockManager(block_size, concurrency * n * math.ceil(longest / block_size), 0,
-                      watermark=0.0, enable_prefix_caching=False)
+    num_blocks = concurrency * n * (math.ceil(longest / block_size) + 1)
+    bm = BlockManager(block_size, num_blocks, 0, watermark=0.0, enable_prefix_caching=False)
+    scheduler = Scheduler(bm, concurrency * n, num_blocks * block_size)
     pending = deque(enumerate(trace))
-    live: list[tuple[Sequence, int]] = []  # each sample with its output length
+    # Each request in flight, by id, with its samples' output lengths.
+    live: dict[str, tuple[Request, list[int]]] = {}
     saved = []
-    while pending or live:
-        while pending and _num_requests(live) < concurrency:
-            live += _fork_samples(bm, *pending.popleft(), n)
-        for seq, _ in live:
-            seq.append_token(TOKEN_LO, 0.0)
-            bm.append_slot(seq)
-        if _num_requests(live) == concurrency:
+    while pending or scheduler.has_work:
+        while pending and len(live) < concurrency:
+            i, traced = pending.popleft()
+            request = _request(i, traced.prompt_token_ids, max(traced.output_lens[:n]), n)
+            scheduler.add(request)
+            live[request.request_id] = request, traced.output_lens[:n]
+        step = scheduler.schedule()
+        if len(live) == concurrency:
             saved.append(1 - bm.device.num_used / sum(map(len, bm.tables.values())))
-        for seq, output_len in live:
-            if seq.num_output_tokens == output_len:
-                bm.free(seq)
-        live = [(seq, output_len) for seq, output_len in live if seq.seq_id in bm.tables]
+        scheduler.update(step)
+        for seq in step.seqs:
+            if seq.num_computed_tokens == seq.num_tokens:  # all in the cache: it samples
+                seq.append_token(TOKEN_LO, 0.0)
+                if seq.num_output_tokens == live[seq.request.request_id][1][seq.sample_index]:
+                    scheduler.finish(seq, "length")
+        live = {key: entry for key, entry in live.items() if not entry[0].is_finished}
     return statistics.fmean(saved)
-
-
-def _fork_samples(bm: BlockManager, request_no: int, request: TraceRequest,
-                  n: int) -> list[tuple[Sequence, int]]:
-    """Allocate the prompt once and fork it into n samples sharing all its blocks."""
-    group = _request(request_no, request.prompt_token_ids, max(request.output_lens[:n]), n)
-    first = Sequence(request_no * n, request.prompt_token_ids, group)
-    bm.allocate(first)
-    group.seqs = [first] + [Sequence(first.seq_id + k, first.token_ids, group)
-                            for k in range(1, n)]
-    for child in group.seqs[1:]:
-        bm.fork(first, child)
-    return list(zip(group.seqs, request.output_lens))
-
-
-def _num_requests(live: list[tuple[Sequence, int]]) -> int:
-    return len({seq.request.request_id for seq, _ in live})
 
 
 # ------------------------------------------------------------------- 3. prefix
@@ -363,6 +355,10 @@ def _sharing_table(results: dict) -> str:
     rows = [f"   {r['kind']:<18} {r['width']:>5} {r['saved']:>7.1%}   "
             f"{PAPER_SAVED[r['kind']][0]:.1%}-{PAPER_SAVED[r['kind']][1]:.1%}"
             for r in s["rows"]]
+    if "beams" in s:
+        b = s["beams"]
+        rows.append(f"   beam search: {b['model']} in process, {b['requests']} Alpaca-style "
+                    f"instructions, {b['concurrency']} in flight, output limits drawn as above")
     return "\n".join([header, *rows])
 
 

@@ -54,11 +54,12 @@ def test_parallel_sampling_savings_grow_with_width():
 @pytest.mark.parametrize("prompt_len", [20, 32])  # last prompt block partial, or full
 @pytest.mark.parametrize("n", [2, 4, 6])
 def test_one_token_samples_save_the_shared_full_blocks(prompt_len, n):
-    # Each sample writes one token and dies: into a copy of the shared partial last block,
-    # or into a new block after a full one. Only the full prompt blocks stay shared.
-    full = prompt_len // 16
+    # Step 1 prefills all but the last prompt token: nothing is shared yet. Step 2 forks
+    # the samples; each computes the last prompt token into its own copy of the shared last
+    # block (n - 1 copies; one writes in place), draws its one token and ends.
+    blocks = -(-prompt_len // 16)
     trace = [TraceRequest([7] * prompt_len, [1] * n)]
-    expected = 1 - (full + n) / (n * (full + 1))
+    expected = (0 + 1 - (blocks + n - 1) / (n * blocks)) / 2
     assert mem.parallel_sampling_savings(trace, n, 16, concurrency=1) == pytest.approx(expected)
 
 
@@ -105,3 +106,24 @@ def test_memory_command_prints_tables_and_skips_the_plot_without_matplotlib(tmp_
     assert "1. KV slot utilisation" in result.output and "96.3% vLLM" in result.output
     assert "plot skipped: matplotlib is not installed" in result.output
     assert not (tmp_path / "memory.png").exists()
+
+
+def test_beams_share_blocks_and_leave_the_runner_empty(tmp_path):
+    import torch
+
+    from benchmarks.beam_memory import beam_search_savings
+    from executor_svc.cache_engine import CacheEngine
+    from executor_svc.model import ModelConfig, load_model
+    from executor_svc.model_runner import ModelRunner
+    from scheduler_svc.output_processor import OutputProcessor
+    from tiny_models import make_tiny_model, word_tokenizer
+
+    path = make_tiny_model("llama", tmp_path)
+    cache = CacheEngine(ModelConfig.from_model_dir(path), 4, 256, 0, torch.float32, "cpu")
+    runner = ModelRunner(load_model(path, torch.float32, torch.device("cpu")), cache, 4)
+    processor = OutputProcessor(word_tokenizer(), max_model_len=128)
+    prompts = [[5 + i, 9, 13, 21, 30 + i] for i in range(4)]
+    saved = [beam_search_savings(runner, processor, prompts, [12, 16, 10, 14], width, 2)
+             for width in (2, 4)]
+    assert 0 < saved[0] < saved[1] < 1  # wider searches share more of their prefixes
+    assert runner.seqs == {}  # every beam was removed from the executor: safe to reuse

@@ -138,6 +138,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
         else:
             assert result == AppendResult() and after == before
 
+    @precondition(lambda self: any(all(map(self._done, g)) for g in self.groups.values()))
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 3), min_size=8, max_size=8))
+    def append_group(self, data, tokens):
+        """A group decodes together: ``num_append_blocks`` predicts exactly how many fresh
+        blocks the appends take (new blocks and copies of shared last blocks)."""
+        gids = sorted(g for g, seqs in self.groups.items() if all(map(self._done, seqs)))
+        group = self.groups[data.draw(st.sampled_from(gids))]
+        for seq, token in zip(group, tokens * len(group)):
+            seq.token_ids.append(token)
+        needed = self.bm.num_append_blocks(group)
+        if not self.bm.can_append_slots(group):
+            assert needed > self.bm.device.num_free
+            for seq in group:
+                seq.token_ids.pop()
+            return
+        free_before = self.bm.device.num_free
+        for seq in group:
+            cow = self.bm.append_slot(seq).cow
+            if cow is not None:
+                self.device_kv[cow[1]] = self.device_kv[cow[0]]
+        assert free_before - self.bm.device.num_free == needed
+
     @precondition(lambda self: any(self._done(s) for s in self.seqs.values()))
     @rule(data=st.data())
     def fork(self, data):

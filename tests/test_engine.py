@@ -3,7 +3,6 @@ greedy output equals transformers' own, with and without recompute preemption.""
 import random
 
 import pytest
-import tokenizers
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -17,8 +16,7 @@ from scheduler_svc.engine import Engine
 from scheduler_svc.output_processor import DeltaTracker, OutputProcessor
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Request
-from scheduler_svc.tokenizer import Tokenizer
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, word_tokenizer
 
 BLOCK_SIZE = 4
 PROMPT_LENS = [5, 17, 30, 9, 1]
@@ -46,14 +44,6 @@ def make_runner(path, num_blocks, num_cpu_blocks=0):
     model = load_model(path, torch.float32, torch.device("cpu"))
     cache = CacheEngine(config, BLOCK_SIZE, num_blocks, num_cpu_blocks, torch.float32, "cpu")
     return ModelRunner(model, cache, BLOCK_SIZE)
-
-
-def word_tokenizer(eos_token_ids=()):
-    """A tokenizer for the tiny models' 512 ids: id i is the word "t<i>"."""
-    vocab = {f"t{i}": i for i in range(512)}
-    inner = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
-    inner.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return Tokenizer(inner, set(eos_token_ids))
 
 
 def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cpu_blocks=0,

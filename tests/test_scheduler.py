@@ -1,5 +1,6 @@
 """Continuous-batching policy against a simulated executor."""
 import random
+from collections import Counter
 
 from hypothesis import given, settings, strategies as st
 
@@ -133,3 +134,67 @@ def test_every_request_completes_and_the_pool_ends_empty(requests, num_blocks, s
     assert all(s.is_finished for s in seqs) and not pending
     assert [s.num_output_tokens for s in seqs] == [m for _, m in requests]
     assert scheduler.block_manager.device.num_free == num_blocks
+
+
+def test_samples_fork_after_the_prompt_but_its_last_token_and_copy_the_shared_block():
+    scheduler = make_scheduler()
+    first = add(scheduler, 0, 6, n=3, seed=1)  # 6 tokens: block 0 full, block 1 holds 2
+    request = first.request
+    step = scheduler.schedule()
+    assert step.seqs == [first] and step.num_tokens == [5] and step.forks == []
+    run_after(scheduler, step)
+    step = scheduler.schedule()
+    children = request.seqs[1:]
+    assert step.forks == [(c.seq_id, first.seq_id, c.sample_index) for c in children]
+    assert [c.sample_index for c in children] == [1, 2]
+    # Each computes the last prompt token; two of the three copy the shared partial block.
+    assert step.seqs == request.seqs and step.num_tokens == [1, 1, 1]
+    assert len(step.copies) == 2 and len(step.replace_last) == 2
+    tables = scheduler.block_manager.tables
+    assert len({tables[s.seq_id][0] for s in request.seqs}) == 1  # the full block is shared
+    assert len({tables[s.seq_id][1] for s in request.seqs}) == 3
+
+
+def run_after(scheduler, step):
+    scheduler.update(step)
+    for seq in step.seqs:
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.append_token(7, 0.0)
+            if seq.num_output_tokens >= seq.request.params.max_tokens:
+                scheduler.finish(seq, "length")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 10), st.integers(1, 3)),
+                min_size=1, max_size=12),
+       st.integers(12, 40), st.sampled_from([0, 8, 64]),
+       st.sampled_from(["swap", "recompute", "auto"]), st.integers(0, 2**16))
+def test_groups_move_whole_and_every_sample_completes(requests, num_blocks, num_cpu_blocks,
+                                                      mode, seed):
+    rng = random.Random(seed)
+    bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0)
+    scheduler = Scheduler(bm, 8, 64, mode)
+    firsts, pending = [], list(enumerate(requests))
+    for _ in range(3000):
+        while pending and rng.random() < 0.5:
+            i, (prompt_len, max_tokens, n) = pending.pop(0)
+            firsts.append(add(scheduler, i, prompt_len, max_tokens, n=n, seed=i))
+        if not scheduler.has_work and not pending:
+            break
+        run_step(scheduler)
+        for pool, swapped in ((bm.device, False), (bm.cpu, True)):
+            held = Counter(b for sid, t in bm.tables.items() if (sid in bm.swapped) == swapped
+                           for b in t)
+            assert all(pool.refcounts[b] == k for b, k in held.items())
+            assert pool.num_used == len(held)
+        running = {id(s.request) for s in scheduler.running}
+        swapped = {id(s.request) for group in scheduler.swapped for s in group}
+        assert not running & swapped  # a group is on the device or in CPU memory, whole
+    assert not pending and not scheduler.has_work
+    for first in firsts:
+        seqs = first.request.seqs
+        assert len(seqs) == first.request.params.n and all(s.is_finished for s in seqs)
+        # A group that alone outgrows the pool ends early ("length"), like max_model_len.
+        assert all(s.num_output_tokens == s.request.params.max_tokens
+                   or first.request in scheduler.capped for s in seqs)
+    assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks

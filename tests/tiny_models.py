@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tokenizers
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -40,3 +41,13 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, max_shard_size: str = 
                 param.normal_(0.0, 0.1)
     model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
     return path
+
+
+def word_tokenizer(eos_token_ids=()):
+    """A tokenizer for the tiny models' 512 ids: id i is the word "t<i>"."""
+    from scheduler_svc.tokenizer import Tokenizer
+
+    vocab = {f"t{i}": i for i in range(SHAPE["vocab_size"])}
+    inner = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    inner.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return Tokenizer(inner, set(eos_token_ids))
