@@ -123,10 +123,12 @@ class ModelRunner:
         for j, (i, seq) in enumerate(zip(rows, seqs)):
             (beams if seq.params.beam_width > 1 else sampled).append((j, seq_ids[i], seq))
         self._sampled(result, out, sampled)
-        # Beams keep their tokens: the scheduler chooses among the candidates and sends
-        # the chosen token back (append_tokens), possibly to a fork.
-        result.beam_candidates = [_top(out, j, sid, 2 * seq.params.beam_width)
-                                  for j, sid, seq in beams]
+        # Beams keep their tokens: the scheduler chooses among the candidates (the top
+        # 2 x beam_width, or the logprobs asked for if more) and sends the chosen token
+        # back (append_tokens), possibly to a fork.
+        result.beam_candidates = [
+            _top(out, j, sid, max(2 * seq.params.beam_width, seq.params.logprobs or 0))
+            for j, sid, seq in beams]
         return result
 
     @staticmethod

@@ -198,3 +198,16 @@ def test_groups_move_whole_and_every_sample_completes(requests, num_blocks, num_
         assert all(s.num_output_tokens == s.request.params.max_tokens
                    or first.request in scheduler.capped for s in seqs)
     assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
+
+
+def test_a_group_that_outgrows_the_pool_alone_ends_with_length_instead_of_looping():
+    scheduler = make_scheduler(num_blocks=6)  # 24 slots; 3 samples of 4 + 20 tokens need 18
+    first = add(scheduler, 0, 4, max_tokens=20, n=3, seed=0)
+    for _ in range(50):
+        if not scheduler.has_work:
+            break
+        run_step(scheduler)
+    seqs = first.request.seqs
+    assert scheduler.capped == [first.request] and not scheduler.has_work
+    assert all(s.finish_reason == "length" and 0 < s.num_output_tokens < 20 for s in seqs)
+    assert scheduler.block_manager.device.num_free == 6
