@@ -1,9 +1,16 @@
 """Fixtures shared by the test suite."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in triton's interpreter on CPU tensors. The variable
+# must be set before any kernel is defined, that is before ``kernels`` is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
