@@ -69,7 +69,7 @@ class ExecutorConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card's memory to use
     swap_space_gb: float = 4.0
     num_cpu_blocks: int | None = None
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"     # auto: triton on CUDA, torch on CPU
     tensor_parallel_size: int = 1
     log_format: str = "console"
 
@@ -89,9 +89,9 @@ class ExecutorConfig:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
             raise ValueError(f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
-        if self.attention_backend != "torch":
-            raise ValueError(f"attention_backend {self.attention_backend!r} is not available; "
-                             f"this build has: torch")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not "
                              f"supported yet; use 1")
@@ -100,7 +100,15 @@ class ExecutorConfig:
     def model_dir(self) -> Path:
         return Path(self.model) if self.model else default_model_dir()
 
+    def resolved_attention_backend(self) -> str:
+        """``auto``: the Triton kernels on CUDA; on CPU torch's fused attention (the kernels
+        would run in triton's interpreter, exact but slow)."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "torch" if self.device == "cpu" else "triton"
 
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

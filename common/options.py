@@ -45,8 +45,10 @@ EXECUTOR_OPTIONS = [
                  help="CPU swap space for preempted sequences, in GiB."),
     click.option("--num-cpu-blocks", type=int, default=None,
                  help="CPU swap space in blocks (instead of --swap-space-gb)."),
-    click.option("--attention-backend", type=click.Choice(["torch"]), default="torch",
-                 show_default=True),
+    click.option("--attention-backend", type=click.Choice(["auto", "torch", "triton"]),
+                 default="auto", show_default=True,
+                 help="auto: triton on CUDA, torch on CPU (triton on CPU runs in triton's "
+                      "interpreter: for tests)."),
     click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
 ]
 

@@ -1,18 +1,43 @@
-"""The ``torch`` attention backend: paged KV writes and attention through block tables.
+"""Attention over the paged KV cache: the per-step metadata, the backends, and the ``torch``
+backend itself.
 
 A step packs the new tokens of all its sequences one after another. Each sequence's context lives
 in the KV cache (``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer) at the blocks its
 block table names; attention reads K/V only through that table. The metadata turns tables into
 cache slots (``block_id * block_size + offset``) once per step, and every layer reuses them.
+Two backends share that interface: ``torch`` (gathers and torch's fused attention; the fast path
+on CPU) and ``triton`` (the paged kernels of ``kernels``; the path on CUDA).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class AttentionBackend(NamedTuple):
+    """How the model writes new K/V into the cache and attends over it."""
+
+    name: str
+    write_kv: Callable[..., None]  # (key, value, k_cache, v_cache, slot_mapping)
+    attend: Callable[..., Tensor]  # (query, k_cache, v_cache, meta, scale) -> [T, heads, dim]
+
+
+BACKENDS = ("torch", "triton")
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend called ``name``; ``triton`` imports triton and the kernels only when asked."""
+    if name == "torch":
+        return AttentionBackend("torch", write_kv, attend)
+    if name == "triton":
+        from executor_svc import triton_attention
+        return AttentionBackend("triton", triton_attention.write_kv, triton_attention.attend)
+    raise ValueError(f"unknown attention backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
 class PrefillRow(NamedTuple):
@@ -31,21 +56,24 @@ class AttentionMetadata:
     positions: Tensor  # [T] int64: position of each new token in its sequence
     slot_mapping: Tensor  # [T] int64: cache slot of each new token
     query_start_loc: Tensor  # [S + 1] int64: where each sequence's new tokens start in the batch
-    seq_lens: Tensor  # [S] int64: context length of each sequence after this step
-    block_tables: Tensor  # [S, max_blocks] int64, padded with block 0 (never read past seq_lens)
-    # Sequences with one new token are attended as one batch ...
-    decode_tokens: Tensor  # [D] int64: their tokens' indices in the packed batch
-    decode_slots: Tensor  # [D, L] int64: slots of their contexts, padded with each one's first slot
-    decode_mask: Tensor  # [D, L] bool: True within each context
+    seq_lens: Tensor  # [S] context length of each sequence after this step (int32 for triton)
+    block_tables: Tensor  # [S, max_blocks], padded with block 0 (never read past seq_lens)
+    max_query_len: int
+    backend: AttentionBackend
+    # torch backend only. Sequences with one new token are attended as one batch ...
+    decode_tokens: Tensor | None = None  # [D] int64: their tokens' indices in the packed batch
+    decode_slots: Tensor | None = None  # [D, L] int64: their contexts' slots, padded with the first
+    decode_mask: Tensor | None = None  # [D, L] bool: True within each context
     # ... the others one by one.
-    prefills: list[PrefillRow]
+    prefills: list[PrefillRow] | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], num_computed_tokens: list[int],
-              query_lens: list[int], block_size: int,
-              device: torch.device | str) -> AttentionMetadata:
+              query_lens: list[int], block_size: int, device: torch.device | str,
+              backend: AttentionBackend | None = None) -> AttentionMetadata:
         """Metadata of a step in which sequence ``i`` has ``num_computed_tokens[i]`` tokens cached
         and computes ``query_lens[i]`` new ones; its block table must cover all of them."""
+        backend = backend or get_backend("torch")
         _check_step(block_tables, num_computed_tokens, query_lens, block_size)
         tables = _pad(block_tables)
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
@@ -54,6 +82,14 @@ class AttentionMetadata:
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
         offsets = torch.arange(len(seq_of_token)) - query_start_loc[seq_of_token]
         positions = (seq_lens - q_lens)[seq_of_token] + offsets
+        common = dict(positions=positions.to(device),
+                      slot_mapping=_slots(tables, seq_of_token, positions, block_size).to(device),
+                      query_start_loc=query_start_loc.to(device),
+                      max_query_len=max(query_lens, default=0), backend=backend)
+        if backend.name != "torch":
+            # The kernels take int32 tables and lengths.
+            return cls(**common, seq_lens=seq_lens.to(device, torch.int32),
+                       block_tables=tables.to(device, torch.int32))
         decode = (q_lens == 1).nonzero().flatten()
         decode_slots, decode_mask = _decode_context(tables, seq_lens, decode, block_size)
         starts = query_start_loc.tolist()
@@ -61,14 +97,9 @@ class AttentionMetadata:
                                _slots(tables, i, torch.arange(c + q), block_size).to(device),
                                _causal_mask(q, c + q, device))
                     for i, (c, q) in enumerate(zip(num_computed_tokens, query_lens)) if q > 1]
-        return cls(positions=positions.to(device),
-                   slot_mapping=_slots(tables, seq_of_token, positions, block_size).to(device),
-                   query_start_loc=query_start_loc.to(device),
-                   seq_lens=seq_lens.to(device),
-                   block_tables=tables.to(device),
+        return cls(**common, seq_lens=seq_lens.to(device), block_tables=tables.to(device),
                    decode_tokens=query_start_loc[decode].to(device),
-                   decode_slots=decode_slots.to(device),
-                   decode_mask=decode_mask.to(device),
+                   decode_slots=decode_slots.to(device), decode_mask=decode_mask.to(device),
                    prefills=prefills)
 
     @property

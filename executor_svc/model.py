@@ -17,7 +17,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from executor_svc.attention import AttentionMetadata, attend, write_kv
+from executor_svc.attention import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE types whose frequencies do not depend on the sequence length, so one table serves all steps.
@@ -187,8 +187,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, -1)
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *rope)
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        write_kv(k, v.view(-1, self.num_kv_heads, self.head_dim), *kv_cache, meta.slot_mapping)
-        out = attend(q, *kv_cache, meta, self.scale)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        meta.backend.write_kv(k, v, *kv_cache, meta.slot_mapping)
+        out = meta.backend.attend(q, *kv_cache, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
 

@@ -13,7 +13,7 @@ import torch
 
 from common import protocol as p
 from common.sampling import SamplingParams
-from executor_svc.attention import AttentionMetadata
+from executor_svc.attention import AttentionMetadata, get_backend
 from executor_svc.cache_engine import CacheEngine
 from executor_svc.model import PagedLlamaForCausalLM
 from executor_svc.sampler import Sampler
@@ -40,11 +40,13 @@ class SeqState:
 
 
 class ModelRunner:
-    def __init__(self, model: PagedLlamaForCausalLM, cache: CacheEngine, block_size: int):
+    def __init__(self, model: PagedLlamaForCausalLM, cache: CacheEngine, block_size: int,
+                 attention_backend: str = "torch"):
         self.model = model
         self.cache = cache
         self.block_size = block_size
         self.device = cache.device
+        self.attention = get_backend(attention_backend)
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
 
@@ -105,7 +107,8 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
         meta = AttentionMetadata.build([seq.block_table for seq, _ in batch],
                                        [seq.num_computed_tokens for seq, _ in batch],
-                                       [n for _, n in batch], self.block_size, self.device)
+                                       [n for _, n in batch], self.block_size, self.device,
+                                       self.attention)
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
                             self.cache.kv_caches)
         for seq, n in batch:

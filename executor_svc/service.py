@@ -6,6 +6,8 @@ answered by one ``result``, or by an ``error`` when the plan is invalid.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import zmq
 
@@ -38,7 +40,13 @@ class ExecutorService:
         model_dir = str(config.model_dir())
         self.model_config = ModelConfig.from_model_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        log.info("loading model", model=model_dir, dtype=str(self.dtype), device=str(self.device))
+        self.attention = config.resolved_attention_backend()
+        if self.attention == "triton" and self.device.type == "cpu":
+            # Must precede the kernels' import: on CPU tensors they only run interpreted.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            log.warning("triton attention on CPU runs in triton's interpreter: slow")
+        log.info("loading model", model=model_dir, dtype=str(self.dtype), device=str(self.device),
+                 attention=self.attention)
         self.model = load_model(model_dir, self.dtype, self.device)
         self.model_dir = model_dir
         self.runner: ModelRunner | None = None
@@ -89,7 +97,7 @@ class ExecutorService:
                 int(self.config.swap_space_gb * GIB))
         cache = CacheEngine(self.model_config, configure.block_size, num_device, num_cpu,
                             self.dtype, self.device)
-        self.runner = ModelRunner(self.model, cache, configure.block_size)
+        self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention)
         self.sock.send(p.encode(p.ExecutorReady(num_device_blocks=num_device,
                                                 num_cpu_blocks=num_cpu)))
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
@@ -116,7 +124,7 @@ class ExecutorService:
         blocks = -(-tokens // configure.block_size)
         scratch = CacheEngine(self.model_config, configure.block_size, blocks, 0, self.dtype,
                               self.device)
-        runner = ModelRunner(self.model, scratch, configure.block_size)
+        runner = ModelRunner(self.model, scratch, configure.block_size, self.attention)
         plan = p.StepPlan(
             step=0, removed=[], seq_ids=[0], num_tokens=[tokens], block_appends=[],
             new_seqs=[p.NewSeq(seq_id=0, token_ids=[0] * tokens,
