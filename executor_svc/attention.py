@@ -59,6 +59,7 @@ class AttentionMetadata:
     seq_lens: Tensor  # [S] context length of each sequence after this step (int32 for triton)
     block_tables: Tensor  # [S, max_blocks], padded with block 0 (never read past seq_lens)
     max_query_len: int
+    max_seq_len: int
     backend: AttentionBackend
     # torch backend only. Sequences with one new token are attended as one batch ...
     decode_tokens: Tensor | None = None  # [D] int64: their tokens' indices in the packed batch
@@ -85,7 +86,8 @@ class AttentionMetadata:
         common = dict(positions=positions.to(device),
                       slot_mapping=_slots(tables, seq_of_token, positions, block_size).to(device),
                       query_start_loc=query_start_loc.to(device),
-                      max_query_len=max(query_lens, default=0), backend=backend)
+                      max_query_len=max(query_lens, default=0),
+                      max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0, backend=backend)
         if backend.name != "torch":
             # The kernels take int32 tables and lengths.
             return cls(**common, seq_lens=seq_lens.to(device, torch.int32),

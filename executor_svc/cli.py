@@ -1,6 +1,7 @@
 """``pagedserve executor``: run the executor service in the foreground."""
 from __future__ import annotations
 
+import os
 import signal
 
 import click
@@ -19,6 +20,10 @@ def main(**kwargs) -> None:
     try:
         config = ExecutorConfig(**kwargs)
         setup_logging(config.log_format)
+        if config.resolved_attention_backend() == "triton" and config.device == "cpu":
+            # On CPU tensors the kernels run only in triton's interpreter, which must be
+            # chosen before triton is first imported (transformers imports it).
+            os.environ["TRITON_INTERPRET"] = "1"
         from executor_svc.service import ExecutorService
 
         service = ExecutorService(config)

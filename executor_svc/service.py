@@ -42,8 +42,9 @@ class ExecutorService:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.attention = config.resolved_attention_backend()
         if self.attention == "triton" and self.device.type == "cpu":
-            # Must precede the kernels' import: on CPU tensors they only run interpreted.
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("triton attention on CPU needs TRITON_INTERPRET=1 from the "
+                                 "start of the process (pagedserve executor sets it)")
             log.warning("triton attention on CPU runs in triton's interpreter: slow")
         log.info("loading model", model=model_dir, dtype=str(self.dtype), device=str(self.device),
                  attention=self.attention)

@@ -23,7 +23,7 @@ def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetad
     prompt tokens takes the prefill kernel for all its sequences, decodes included."""
     if meta.max_query_len == 1:
         return kernels.paged_decode_attention(query, k_cache, v_cache, meta.block_tables,
-                                              meta.seq_lens, scale)
+                                              meta.seq_lens, scale, max_seq_len=meta.max_seq_len)
     return kernels.paged_prefill_attention(query, k_cache, v_cache, meta.block_tables,
                                            meta.seq_lens, meta.query_start_loc, scale,
                                            max_query_len=meta.max_query_len)

@@ -1,10 +1,23 @@
-"""Paged attention kernels and their float64 pure-torch references.
+"""Paged attention kernels (Triton) and their float64 pure-torch references.
+
+- ``paged_decode_attention``: one new token per sequence over its paged context; a one-pass
+  kernel for short contexts, split-K with a log-sum-exp reduce for long ones.
+- ``paged_prefill_attention``: the packed new tokens of many sequences, causal, over each
+  sequence's cached prefix and themselves.
+- ``reshape_and_cache``: write new tokens' K/V into their cache slots (-1: skip).
+
+On CPU tensors they run only in triton's interpreter (``TRITON_INTERPRET=1`` set before this
+package is imported).
 
 transformers probes for the unrelated PyPI package ``kernels`` by import name and takes it as
 installed only at a version in its supported range. Ours has no ``__version__`` and ships in the
 ``pagedserve`` distribution (0.x), so the probe says "not installed"; tests/test_kernels_package.py
 holds it to that. Keep this module free of a ``__version__``.
 """
+from .cache_ops import reshape_and_cache
+from .decode import paged_decode_attention
+from .prefill import paged_prefill_attention
 from .reference import paged_attention_reference, reshape_and_cache_reference
 
-__all__ = ["paged_attention_reference", "reshape_and_cache_reference"]
+__all__ = ["paged_attention_reference", "paged_decode_attention", "paged_prefill_attention",
+           "reshape_and_cache", "reshape_and_cache_reference"]

@@ -28,7 +28,9 @@ def free_ports(n: int) -> list[int]:
 
 def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
     """``pagedserve ARGS`` as a child process, run from this checkout."""
+    # Each service chooses triton's interpreter itself: not inherited from the test process.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
     return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
                             **kwargs)
 

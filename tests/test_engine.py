@@ -39,18 +39,19 @@ def tiny(request, tmp_path_factory):
     return path, prompts, expected
 
 
-def make_runner(path, num_blocks, num_cpu_blocks=0):
+def make_runner(path, num_blocks, num_cpu_blocks=0, attention_backend="torch", device="cpu"):
     config = ModelConfig.from_model_dir(path)
-    model = load_model(path, torch.float32, torch.device("cpu"))
-    cache = CacheEngine(config, BLOCK_SIZE, num_blocks, num_cpu_blocks, torch.float32, "cpu")
-    return ModelRunner(model, cache, BLOCK_SIZE)
+    model = load_model(path, torch.float32, torch.device(device))
+    cache = CacheEngine(config, BLOCK_SIZE, num_blocks, num_cpu_blocks, torch.float32, device)
+    return ModelRunner(model, cache, BLOCK_SIZE, attention_backend)
 
 
 def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cpu_blocks=0,
-        prefix_caching=True, eos_token_ids=(), on_step=None):
+        prefix_caching=True, eos_token_ids=(), on_step=None, attention_backend="torch",
+        device="cpu"):
     """Run requests through engine -> encoded plan -> runner -> encoded result, in process.
     Returns the scheduler (its preemption counters)."""
-    runner = make_runner(path, num_blocks, num_cpu_blocks)
+    runner = make_runner(path, num_blocks, num_cpu_blocks, attention_backend, device)
     bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0, prefix_caching)
     engine = Engine(Scheduler(bm, 8, max_batched, mode),
                     OutputProcessor(word_tokenizer(eos_token_ids), max_model_len=128))

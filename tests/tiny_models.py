@@ -21,6 +21,8 @@ TINY_CONFIGS = {
     "llama_mha_llama3_rope": lambda: LlamaConfig(**SHAPE | MHA, rope_parameters=LLAMA3_ROPE),
     "qwen2": lambda: Qwen2Config(**SHAPE),  # q/k/v projections carry a bias
     "mistral_yarn": lambda: MistralConfig(**SHAPE, rope_parameters=YARN_ROPE),
+    # head_dim 64, a size the Triton kernels are built for (the others have 16)
+    "llama_hd64": lambda: LlamaConfig(**SHAPE | dict(hidden_size=256)),
 }
 
 

@@ -1,0 +1,230 @@
+"""The Triton decode attention and reshape_and_cache kernels against the float64 references.
+
+Without a GPU, conftest.py has the kernels run in triton's interpreter on CPU tensors, so sizes
+stay small; the compile test still builds every kernel for sm_80 and sm_90.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.cache_ops import reshape_and_cache, reshape_and_cache_launch
+from kernels.decode import (
+    BUSY_GRID,
+    LONG_CONTEXT,
+    PARTITION_SIZE,
+    TILE_TOKENS,
+    decode_launches,
+    paged_decode_attention,
+    use_split_k,
+)
+from kernels.reference import paged_attention_reference, reshape_and_cache_reference
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+# (num_heads, num_kv_heads, head_dim, block_size, dtype): each head layout, head dim, block size
+# and dtype at least once, not their full product (the interpreter is slow).
+CASES = [
+    pytest.param(8, 2, 64, 16, torch.float32, id="gqa-d64-b16-fp32"),
+    pytest.param(4, 4, 80, 8, torch.float32, id="mha-d80-b8-fp32"),
+    pytest.param(4, 1, 80, 8, torch.float16, id="mqa-d80-b8-fp16"),
+    pytest.param(8, 2, 128, 32, torch.float16, id="gqa-d128-b32-fp16"),
+    pytest.param(4, 4, 128, 32, torch.bfloat16, id="mha-d128-b32-bf16"),
+    pytest.param(4, 1, 64, 16, torch.bfloat16, id="mqa-d64-b16-bf16"),
+]
+
+
+def context_lens(block_size: int) -> list[int]:
+    """One sequence each: a lone token, one short of a block, a full block, one past it, many."""
+    return [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3]
+
+
+def make_batch(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """Random queries and a cache holding each sequence's context in shuffled blocks.
+
+    Every cache entry outside a context is NaN, block 0 among them, and block tables are padded
+    with 0: a kernel that reads past a context returns NaN.
+    """
+    g = torch.Generator().manual_seed(seed)
+    blocks_needed = [triton.cdiv(n, block_size) for n in seq_lens]
+    num_blocks = sum(blocks_needed) + 3
+    pool = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables = [[pool.pop() for _ in range(n)] + [0] * (max(blocks_needed) - n)
+              for n in blocks_needed]
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache, value_cache = (torch.full(shape, float("nan"), dtype=dtype) for _ in range(2))
+    for table, seq_len in zip(tables, seq_lens):
+        for position in range(seq_len):
+            block_id, offset = table[position // block_size], position % block_size
+            key_cache[block_id, offset] = torch.randn(num_kv_heads, head_dim, generator=g)
+            value_cache[block_id, offset] = torch.randn(num_kv_heads, head_dim, generator=g)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=g).to(dtype)
+    return tuple(t.to(DEVICE) for t in (query, key_cache, value_cache,
+                                        torch.tensor(tables, dtype=torch.int32),
+                                        torch.tensor(seq_lens, dtype=torch.int32)))
+
+
+def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, **options):
+    """Our output, written over NaN, equals the reference within the dtype's tolerance."""
+    query, key_cache, value_cache, block_tables, lens = make_batch(
+        seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    scale = head_dim ** -0.5
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(query, key_cache, value_cache, block_tables, lens, scale, out=out,
+                           **options)
+    expected = paged_attention_reference(query, key_cache, value_cache, block_tables, lens,
+                                         [1] * len(seq_lens), scale)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, dtype", CASES)
+@pytest.mark.parametrize("split_k", [False, True], ids=["one-pass", "split-k"])
+def test_decode_matches_reference_on_both_paths(num_heads, num_kv_heads, head_dim, block_size,
+                                                dtype, split_k):
+    # the smallest partition, so that the longest context spans several
+    check_decode(context_lens(block_size), num_heads, num_kv_heads, head_dim, block_size, dtype,
+                 split_k=split_k, partition_size=TILE_TOKENS)
+
+
+def test_split_k_rule_splits_long_contexts_unless_the_grid_is_busy():
+    assert not use_split_k(PARTITION_SIZE, num_programs=1)
+    assert use_split_k(PARTITION_SIZE + 1, num_programs=1)
+    assert not use_split_k(LONG_CONTEXT, num_programs=BUSY_GRID)
+    assert use_split_k(LONG_CONTEXT + 1, num_programs=BUSY_GRID)
+
+
+def test_automatic_choice_splits_a_long_context_and_matches_reference():
+    seq_lens, shape = [PARTITION_SIZE + 37, 3], (4, 2, 64, 16, torch.float32)
+    query, key_cache, value_cache, block_tables, lens = make_batch(seq_lens, *shape)
+    launches = decode_launches(query, key_cache, value_cache, block_tables, lens, 1.0,
+                               torch.empty_like(query), max_seq_len=None, split_k=None,
+                               partition_size=PARTITION_SIZE)
+    assert [grid for _, grid, _ in launches] == [(2, 2, 2), (2, 4)]  # partitions, then reduce
+    check_decode(seq_lens, *shape)
+
+
+def test_automatic_choice_keeps_a_short_context_in_one_pass():
+    query, key_cache, value_cache, block_tables, lens = make_batch([9, 3], 4, 2, 64, 8,
+                                                                   torch.float32)
+    launches = decode_launches(query, key_cache, value_cache, block_tables, lens, 1.0,
+                               torch.empty_like(query), max_seq_len=None, split_k=None,
+                               partition_size=PARTITION_SIZE)
+    assert [grid for _, grid, _ in launches] == [(2, 2)]
+
+
+def decode_args() -> dict:
+    query, key_cache, value_cache, block_tables, seq_lens = make_batch([5, 2], 8, 4, 64, 8,
+                                                                       torch.float16)
+    return {"query": query, "key_cache": key_cache, "value_cache": value_cache,
+            "block_tables": block_tables, "seq_lens": seq_lens, "scale": 0.125}
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("query", lambda a: a["query"][:, :6], r"multiple of num_kv_heads 4, got \(2, 6, 64\)"),
+    ("query", lambda a: a["query"].float(), "got query torch.float32 and caches torch.float16"),
+    ("value_cache", lambda a: a["value_cache"][:, :4], "value_cache shape"),
+    ("block_tables", lambda a: a["block_tables"].long(), "block_tables must be int32"),
+    ("seq_lens", lambda a: a["seq_lens"][:1], r"seq_lens must be int32 \[2\].*\(1,\)"),
+    ("out", lambda a: torch.empty_like(a["query"][:1]), r"got torch.float16 \(1, 8, 64\)"),
+    ("partition_size", lambda a: 48, "got 48"),
+])
+def test_decode_rejects_bad_inputs_naming_the_value(name, bad, message):
+    args = decode_args()
+    args[name] = bad(args)
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_writes_mapped_slots_and_nothing_else(dtype):
+    g = torch.Generator().manual_seed(0)
+    num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 6, 8, 2, 80, 12
+    # key and value as strided views of one [num_tokens, 2, heads, head_dim] projection
+    key, value = torch.randn(num_tokens, 2, num_kv_heads, head_dim, generator=g).to(
+        dtype).to(DEVICE).unbind(1)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[[1, 6, 7]] = -1
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache, value_cache = (torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+                              for _ in range(2))
+    expected_key, expected_value = key_cache.clone(), value_cache.clone()
+    reshape_and_cache_reference(key, value, expected_key, expected_value, slots)
+    reshape_and_cache(key, value, key_cache, value_cache, slots.to(DEVICE))
+    assert torch.equal(key_cache, expected_key) and torch.equal(value_cache, expected_value)
+
+
+def test_reshape_and_cache_rejects_a_slot_mapping_of_the_wrong_length():
+    key = torch.zeros(3, 2, 64, device=DEVICE)
+    cache = torch.zeros(4, 8, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"slot_mapping must be int32 or int64 \[3\].*\(2,\)"):
+        reshape_and_cache(key, key, cache, cache.clone(), torch.zeros(2, dtype=torch.int64,
+                                                                       device=DEVICE))
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    # Under TRITON_INTERPRET the kernels are interpreter wrappers, so compile in a fresh Python
+    # without it; it imports this module and runs compile_launcher_configurations.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = "import test_kernels_decode as t; t.compile_launcher_configurations()"
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    # 3 configurations x (one pass, partitions, reduce, reshape_and_cache) x 2 targets
+    assert result.stdout.split() == ["compiled"] * 24
+
+
+def compile_launcher_configurations() -> None:
+    """Compile each kernel configuration the launchers pick for sm_80 and sm_90: both decode
+    paths, fp16/bf16/fp32 (tf32 or IEEE dots), padded and unpadded head dims; print "compiled"
+    per kernel and target."""
+    configs = [(torch.float16, 64, 16), (torch.bfloat16, 128, 32), (torch.float32, 80, 8)]
+    launches = []
+    for dtype, head_dim, block_size in configs:
+        query = torch.empty(2, 8, head_dim, dtype=dtype)
+        key_cache = torch.empty(4, block_size, 2, head_dim, dtype=dtype)
+        for split_k in (False, True):
+            launches += decode_launches(query, key_cache, key_cache.clone(),
+                                        torch.zeros(2, 4, dtype=torch.int32),
+                                        torch.ones(2, dtype=torch.int32), 1.0, query, None,
+                                        split_k, TILE_TOKENS)
+        key = torch.empty(2, *key_cache.shape[2:], dtype=dtype)
+        launches.append(reshape_and_cache_launch(key, key, key_cache, key_cache.clone(),
+                                                 torch.zeros(2, dtype=torch.int64)))
+    for capability in (80, 90):
+        for kernel, _, args in launches:
+            compiled = triton.compile(ASTSource(kernel, *signature(kernel, args)),
+                                      target=GPUTarget("cuda", capability, 32))
+            assert compiled.asm["cubin"] and compiled.asm["ptx"]
+            print("compiled")
+
+
+def signature(kernel, args: dict) -> tuple[dict, dict]:
+    """Triton's ``(signature, constexprs)`` for calling ``kernel`` with ``args``."""
+    types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+             torch.int32: "*i32", torch.int64: "*i64"}
+    sig, constexprs = {}, {}
+    for param in kernel.params:
+        value = args[param.name]
+        if param.is_constexpr:
+            sig[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[param.name] = types[value.dtype]
+        else:
+            sig[param.name] = "fp32" if isinstance(value, float) else "i32"
+    return sig, constexprs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [None, False], ids=["automatic", "one-pass"])
+def test_long_contexts_on_gpu_match_reference(dtype, split_k):
+    check_decode([LONG_CONTEXT + 100, 3000, 1, 17, 700], 32, 8, 128, 16, dtype, split_k=split_k)

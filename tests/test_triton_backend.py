@@ -1,0 +1,80 @@
+"""The ``triton`` attention backend inside the model: the kernels (in triton's interpreter
+without a GPU) give the same greedy tokens as the ``torch`` backend, through the engine with
+mixed prefill and decode steps, chunked prefill, prefix caching and parallel samples."""
+import random
+
+import pytest
+import torch
+
+from executor_svc.attention import AttentionMetadata, get_backend
+from executor_svc.model import load_model
+from test_engine import BLOCK_SIZE, request, run
+from tiny_models import make_tiny_model
+
+PROMPT_LENS = [5, 21, 3, 12]
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_model("llama_hd64", tmp_path_factory.mktemp("llama_hd64"))
+    rng = random.Random(5)
+    return path, [[rng.randrange(3, 512) for _ in range(n)] for n in PROMPT_LENS]
+
+
+def greedy(path, prompts, backend, **kwargs):
+    requests = [request(ids, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, n=2)
+                for ids in prompts]
+    run(path, requests, attention_backend=backend, **kwargs)
+    return [[s.output_token_ids for s in r.seqs] for r in requests]
+
+
+def test_triton_backend_gives_the_torch_backend_tokens(tiny):
+    path, prompts = tiny
+    # max_batched 16 splits the 21-token prompt into chunks beside decoding sequences
+    assert greedy(path, prompts, "triton", max_batched=16) == greedy(path, prompts, "torch")
+
+
+def test_triton_and_torch_backends_agree_on_a_mixed_step(tiny):
+    """One step with a chunk over a cached prefix, a fresh prompt and two decodes: the
+    hidden states agree to float32 rounding."""
+    path, _ = tiny
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    tables = [[3, 7, 1], [0, 5], [6], [2, 4]]
+    computed, query_lens = [6, 0, 3, 5], [4, 7, 1, 1]
+    ids = torch.randint(3, 512, (sum(query_lens),), generator=torch.Generator().manual_seed(0))
+    hidden = {}
+    for name in ("torch", "triton"):
+        shape = (8, BLOCK_SIZE, model.config.num_kv_heads, model.config.head_dim)
+        torch.manual_seed(1)  # the same "cached" K/V in both runs
+        caches = [(torch.randn(shape), torch.randn(shape)) for _ in model.model.layers]
+        meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu",
+                                       get_backend(name))
+        with torch.inference_mode():
+            hidden[name] = model(ids, meta.positions, meta, caches)
+    torch.testing.assert_close(hidden["triton"], hidden["torch"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_on_cuda_each_backend_gives_the_cpu_tokens(tiny, backend):
+    path, prompts = tiny
+    on_cuda = greedy(path, prompts, backend, max_batched=16, device="cuda")
+    assert on_cuda == greedy(path, prompts, "torch")
+
+
+@pytest.mark.slow
+def test_executor_with_triton_attention_serves_smollm2_greedy(smollm2_dir):
+    from common.client import Client
+    from common.sampling import SamplingParams
+    from services import Services
+
+    services = Services(smollm2_dir, executor_args=["--attention-backend", "triton",
+                                                    "--num-device-blocks", "64"])
+    try:
+        with Client(services.client, timeout=120.0) as client:
+            out = client.generate("The capital of France is",
+                                  SamplingParams(temperature=0.0, max_tokens=6))
+        assert out.outputs[0].text == " Paris.\n\nThe answer"
+    finally:
+        services.stop()
