@@ -136,8 +136,8 @@ def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['device']}, {report['dtype']}, device copy bandwidth "
-             f"{report['copy_GBps']:.0f} GB/s",
+    lines = [(f"{report['device']}, {report['dtype']}, device copy bandwidth "
+              f"{report['copy_GBps']:.0f} GB/s"),
              "decode: batch context  paged_us  sdpa_us  paged/sdpa  GB/s  of copy bw"]
     lines += [f"        {r['batch']:>5} {r['context']:>7} {r['paged_us']:>9.1f} "
               f"{r['sdpa_us']:>8.1f} {r['paged_over_sdpa']:>10.2f} {r['GBps']:>6.0f} "

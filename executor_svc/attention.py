@@ -83,11 +83,11 @@ class AttentionMetadata:
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
         offsets = torch.arange(len(seq_of_token)) - query_start_loc[seq_of_token]
         positions = (seq_lens - q_lens)[seq_of_token] + offsets
-        common = dict(positions=positions.to(device),
-                      slot_mapping=_slots(tables, seq_of_token, positions, block_size).to(device),
-                      query_start_loc=query_start_loc.to(device),
-                      max_query_len=max(query_lens, default=0),
-                      max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0, backend=backend)
+        common = {"positions": positions.to(device),
+                  "slot_mapping": _slots(tables, seq_of_token, positions, block_size).to(device),
+                  "query_start_loc": query_start_loc.to(device),
+                  "max_query_len": max(query_lens, default=0),
+                  "max_seq_len": int(seq_lens.max()) if len(seq_lens) else 0, "backend": backend}
         if backend.name != "torch":
             # The kernels take int32 tables and lengths.
             return cls(**common, seq_lens=seq_lens.to(device, torch.int32),
