@@ -148,15 +148,18 @@ def pool(as_json, admin_port, admin) -> None:
 
 @main.command()
 @admin_options
-def health(admin_port, admin) -> None:
-    """Exit 0 when the scheduler is up and an executor is ready, 1 otherwise."""
+@click.option("--live", is_flag=True,
+              help="Healthy once the scheduler answers, before an executor registers.")
+def health(admin_port, admin, live) -> None:
+    """Exit 0 when the scheduler is up and an executor is ready (with --live: when the
+    scheduler answers at all), 1 otherwise."""
     try:
         data = admin_request("health", _admin_address(admin, admin_port), timeout_s=3.0)
     except click.ClickException as exc:
         click.echo(exc.message, err=True)
         sys.exit(1)
     click.echo(json.dumps(data))
-    sys.exit(0 if data.get("status") == "ready" else 1)
+    sys.exit(0 if live or data.get("status") == "ready" else 1)
 
 
 if __name__ == "__main__":
