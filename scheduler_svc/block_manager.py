@@ -184,14 +184,41 @@ class BlockManager:
     # ---------------------------------------------------------------- admin
 
     def stats(self) -> dict:
-        """Block counts for the admin view. ``cached``: free device blocks still holding a
-        reusable prefix; ``shared``: device blocks with refcount > 1."""
+        """Block counts for the admin view, per pool: total, free, used, ``cached`` (free
+        device blocks still holding a reusable prefix; always 0 on CPU), ``shared``
+        (refcount > 1) and the refcount histogram of used blocks."""
         refcounts = self.device.refcounts
         cached = sum(1 for block_id in self.prefix_cache.blocks if refcounts[block_id] == 0)
-        shared = sum(1 for refcount in refcounts if refcount > 1)
-        return {"device": {**self.device.stats(), "cached": cached, "shared": shared},
-                "cpu": self.cpu.stats(),
+        return {"device": {**self.device.stats(), "cached": cached},
+                "cpu": {**self.cpu.stats(), "cached": 0},
                 "prefix_cache": {"queries": self.prefix_queries, "hits": self.prefix_hits}}
+
+    def slots(self, seqs: list[Sequence]) -> dict:
+        """Token slots of the used device blocks: ``allocated`` (blocks x block size) and
+        ``used`` (holding a token of one of ``seqs``, the sequences on the device).
+
+        Every block but the last of a table is full, so only last blocks leave slots empty:
+        O(len(seqs)), cheap enough for an admin poll."""
+        last_fill: dict[int, int] = {}  # a last block shared by forks counts once
+        for seq in seqs:
+            table = self.tables.get(seq.seq_id)
+            if table and seq.seq_id not in self.swapped:
+                fill = min(self.block_size, seq.num_tokens - (len(table) - 1) * self.block_size)
+                last_fill[table[-1]] = max(fill, last_fill.get(table[-1], 0))
+        allocated = self.device.num_used * self.block_size
+        empty = sum(self.block_size - fill for fill in last_fill.values())
+        return {"used": allocated - empty, "allocated": allocated}
+
+    def block_states(self) -> dict:
+        """The pools' maps, one character per block by block id. Device: free ``.``,
+        cached ``c`` (free, holding a prefix), used ``u``, shared ``s``; CPU: free ``.``,
+        swapped ``w`` (holding a swapped-out sequence's KV)."""
+        device = list(self.device.block_states())
+        for block_id in self.prefix_cache.blocks:
+            if device[block_id] == ".":
+                device[block_id] = "c"
+        cpu = self.cpu.block_states().replace("u", "w").replace("s", "w")
+        return {"device": "".join(device), "cpu": cpu}
 
     # ---------------------------------------------------------------- internals
 

@@ -1,7 +1,7 @@
 """A pool of physical KV blocks: refcounts and an LRU free queue, O(1) allocate and free."""
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 
 class BlockPool:
@@ -50,4 +50,14 @@ class BlockPool:
             self.free_queue[block_id] = None
 
     def stats(self) -> dict:
-        return {"total": self.num_blocks, "free": self.num_free, "used": self.num_used}
+        """Block counts: ``shared`` blocks have refcount > 1; ``refcounts`` maps each refcount
+        of a used block to how many blocks have it."""
+        histogram = Counter(self.refcounts)
+        histogram.pop(0, None)
+        return {"total": self.num_blocks, "free": self.num_free, "used": self.num_used,
+                "shared": sum(n for refcount, n in histogram.items() if refcount > 1),
+                "refcounts": {str(refcount): n for refcount, n in sorted(histogram.items())}}
+
+    def block_states(self) -> str:
+        """One character per block, by block id: free ``.``, used ``u``, shared ``s``."""
+        return "".join(["." if r == 0 else "u" if r == 1 else "s" for r in self.refcounts])

@@ -43,6 +43,24 @@ def admin(address: str, cmd: str, timeout_s: float = 5.0) -> dict:
         raise TimeoutError(exc.message) from None
 
 
+def wait_ready(admin_address: str, processes: list[subprocess.Popen],
+               timeout_s: float = 180.0) -> None:
+    """Until the scheduler at ``admin_address`` reports a ready executor; a process that exits
+    first is an error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in processes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if admin(admin_address, "health", 1.0)["status"] == "ready":
+                return
+        except TimeoutError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("services not ready")
+
+
 class Services:
     """A scheduler and an executor process; ``stop()`` ends both."""
 
@@ -59,24 +77,10 @@ class Services:
             "executor", "--model", str(model), "--scheduler", f"tcp://127.0.0.1:{executor}",
             *executor_args)
         try:
-            self._wait_ready(ready_timeout)
+            wait_ready(self.admin, [self.scheduler, self.executor], ready_timeout)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for proc in (self.scheduler, self.executor):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args[3]} exited with {proc.returncode}")
-            try:
-                if admin(self.admin, "health", 1.0)["status"] == "ready":
-                    return
-            except TimeoutError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("services not ready")
 
     def pool(self) -> dict:
         return admin(self.admin, "pool")

