@@ -24,7 +24,11 @@ def main(**kwargs) -> None:
             # On CPU tensors the kernels run only in triton's interpreter, which must be
             # chosen before triton is first imported (transformers imports it).
             os.environ["TRITON_INTERPRET"] = "1"
-        from executor_svc.service import ExecutorService
+        try:
+            from executor_svc.service import ExecutorService
+        except ModuleNotFoundError as exc:  # a base install: scheduler and client only
+            raise click.ClickException(f"the executor needs the model side ({exc}): "
+                                       f"pip install 'pagedserve[executor]'") from None
 
         service = ExecutorService(config)
     except (OSError, ValueError) as exc:
