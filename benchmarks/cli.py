@@ -12,6 +12,7 @@ import click
 from benchmarks import memory as mem
 from benchmarks.workload import WORKLOADS, fingerprint, make_requests
 from common.client import Client
+from common.progress import progress
 from common.sampling import SamplingParams
 
 
@@ -38,7 +39,11 @@ def throughput(workload: str, repeats: int, server: str, as_json: bool) -> None:
     with Client(server, timeout=120.0) as client:
         # Warm-up on ids below the workload's range, so it leaves nothing for the cache.
         client.generate(list(range(100, 140)), SamplingParams(temperature=0.0, max_tokens=4))
-        walls = [_timed_run(client, prompts, params) for _ in range(repeats)]
+        walls = []
+        with progress(repeats, f"{workload}: timed runs") as advance:
+            for _ in range(repeats):
+                walls.append(_timed_run(client, prompts, params))
+                advance(f"{walls[-1]:.1f} s")
     wall = statistics.median(walls)
     prompt_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(r.output_len for r in requests)

@@ -21,6 +21,10 @@ LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing
                       "Convert the default model into the local cache."),
     "up": ("common.up:main", "Run scheduler and executor locally."),
     "bench": ("benchmarks.cli:bench", "Benchmarks: throughput of running services, memory."),
+    "pool": ("common.admin_cli:pool", "Show the device and CPU block pools and their map."),
+    "seqs": ("common.admin_cli:seqs", "List the running, swapped and waiting sequences."),
+    "seq": ("common.admin_cli:seq", "Show one sequence's block table."),
+    "stats": ("common.admin_cli:stats", "Throughput, queues and latency percentiles."),
 }
 
 
@@ -100,14 +104,15 @@ def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top
             click.echo(f"[{o.index}] {o.text}")
 
 
-def admin_request(cmd: str, admin: str, timeout_s: float = 5.0) -> dict:
-    """Ask the scheduler's admin socket; raises ``click.ClickException`` if it is silent."""
+def admin_request(cmd: str, admin: str, timeout_s: float = 5.0, **fields) -> dict:
+    """Ask the scheduler's admin socket ``{"cmd": cmd, **fields}``; raises
+    ``click.ClickException`` if it is silent."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(admin)
     try:
-        sock.send(json.dumps({"cmd": cmd}).encode())
+        sock.send(json.dumps({"cmd": cmd, **fields}).encode())
         if not sock.poll(int(timeout_s * 1000)):
             raise click.ClickException(f"no reply from the admin socket {admin} within "
                                        f"{timeout_s:g} s: is the scheduler running?")
@@ -122,28 +127,9 @@ def admin_options(func):
     return click.option("--admin-port", type=int, default=5557, show_default=True)(func)
 
 
-def _admin_address(admin: str | None, admin_port: int) -> str:
+def admin_address(admin: str | None, admin_port: int) -> str:
+    """The admin endpoint from the ``admin_options``."""
     return admin or f"tcp://127.0.0.1:{admin_port}"
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-@admin_options
-def pool(as_json, admin_port, admin) -> None:
-    """Show the device and CPU block pools."""
-    data = admin_request("pool", _admin_address(admin, admin_port))
-    if as_json:
-        click.echo(json.dumps(data))
-        return
-    for name in ("device", "cpu"):
-        c = data[name]
-        extra = f"  {c['cached']:>7} cached  {c['shared']:>7} shared" if name == "device" else ""
-        click.echo(f"{name:>6}: {c['used']:>7} used  {c['free']:>7} free  {c['total']:>7} total"
-                   + extra)
-    prefix = data["prefix_cache"]
-    click.echo(f"running {data['running']}  waiting {data['waiting']}  swapped "
-               f"{data['swapped']}  preemptions {data['preemptions']}  prefix cache "
-               f"{prefix['hits']}/{prefix['queries']} tokens hit")
 
 
 @main.command()
@@ -154,7 +140,7 @@ def health(admin_port, admin, live) -> None:
     """Exit 0 when the scheduler is up and an executor is ready (with --live: when the
     scheduler answers at all), 1 otherwise."""
     try:
-        data = admin_request("health", _admin_address(admin, admin_port), timeout_s=3.0)
+        data = admin_request("health", admin_address(admin, admin_port), timeout_s=3.0)
     except click.ClickException as exc:
         click.echo(exc.message, err=True)
         sys.exit(1)

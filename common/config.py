@@ -34,6 +34,8 @@ class SchedulerConfig:
     client_port: int = 5555
     executor_port: int = 5556
     admin_port: int = 5557
+    metrics_port: int | None = None     # Prometheus /metrics over HTTP; None: off
+    log_stats_interval: float = 5.0     # seconds between status log lines; 0: off
     log_format: str = "console"
 
     def __post_init__(self) -> None:
@@ -50,6 +52,12 @@ class SchedulerConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for name in ("client_port", "executor_port", "admin_port"):
             _port(name, getattr(self, name))
+        if self.metrics_port is not None:
+            _port("metrics_port", self.metrics_port)
+        if isinstance(self.log_stats_interval, bool) or not isinstance(
+                self.log_stats_interval, (int, float)) or self.log_stats_interval < 0:
+            raise ValueError(f"log_stats_interval must be a number of seconds >= 0 (0 turns "
+                             f"the status line off), got {self.log_stats_interval!r}")
         _log_format(self.log_format)
 
     def model_dir(self) -> Path:

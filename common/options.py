@@ -28,6 +28,11 @@ SCHEDULER_OPTIONS = [
     click.option("--client-port", type=int, default=5555, show_default=True),
     click.option("--executor-port", type=int, default=5556, show_default=True),
     click.option("--admin-port", type=int, default=5557, show_default=True),
+    click.option("--metrics-port", type=int, default=None,
+                 help="Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]."),
+    click.option("--log-stats-interval", type=float, default=5.0, show_default=True,
+                 help="Seconds between status log lines while busy (throughput, queues, KV "
+                      "usage, prefix hit rate); 0 turns them off."),
 ]
 
 EXECUTOR_OPTIONS = [

@@ -57,7 +57,9 @@ def main(ready_timeout: float, **kwargs) -> None:
                    f"  client    tcp://{kwargs['host']}:{kwargs['client_port']}\n"
                    f"  admin     tcp://{kwargs['host']}:{kwargs['admin_port']}\n"
                    f"  executor  tcp://{kwargs['host']}:{kwargs['executor_port']}\n"
-                   f"Ctrl-C stops both services.", err=False)
+                   + (f"  metrics   http://{kwargs['host']}:{kwargs['metrics_port']}/metrics\n"
+                      if kwargs["metrics_port"] else "")
+                   + "Ctrl-C stops both services.", err=False)
         while all(s.poll() is None for s in services):
             time.sleep(0.2)
         raise click.ClickException("a service exited; stopping the other")

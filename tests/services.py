@@ -35,10 +35,10 @@ def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
                             **kwargs)
 
 
-def admin(address: str, cmd: str, timeout_s: float = 5.0) -> dict:
+def admin(address: str, cmd: str, timeout_s: float = 5.0, **fields) -> dict:
     """The CLI's admin request, with a silent socket as ``TimeoutError``."""
     try:
-        return admin_request(cmd, address, timeout_s)
+        return admin_request(cmd, address, timeout_s, **fields)
     except click.ClickException as exc:
         raise TimeoutError(exc.message) from None
 
@@ -62,17 +62,18 @@ def wait_ready(admin_address: str, processes: list[subprocess.Popen],
 
 
 class Services:
-    """A scheduler and an executor process; ``stop()`` ends both."""
+    """A scheduler and an executor process; ``stop()`` ends both. ``scheduler_stderr``: a
+    file for the scheduler's log (default: inherited)."""
 
     def __init__(self, model: str | Path, scheduler_args=(), executor_args=(),
-                 ready_timeout: float = 180.0):
+                 ready_timeout: float = 180.0, scheduler_stderr=None):
         client, executor, admin_port = free_ports(3)
         self.client = f"tcp://127.0.0.1:{client}"
         self.admin = f"tcp://127.0.0.1:{admin_port}"
         self.scheduler = pagedserve(
             "scheduler", "--model", str(model), "--client-port", str(client),
             "--executor-port", str(executor), "--admin-port", str(admin_port),
-            *scheduler_args)
+            *scheduler_args, stderr=scheduler_stderr)
         self.executor = pagedserve(
             "executor", "--model", str(model), "--scheduler", f"tcp://127.0.0.1:{executor}",
             *executor_args)
@@ -84,6 +85,9 @@ class Services:
 
     def pool(self) -> dict:
         return admin(self.admin, "pool")
+
+    def admin_cmd(self, cmd: str, **fields) -> dict:
+        return admin(self.admin, cmd, **fields)
 
     def stop(self) -> None:
         for proc in (self.executor, self.scheduler):

@@ -251,6 +251,31 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 parent = cache.blocks[parent].parent
             assert self.device_kv[block_id] == prefix
 
+    @invariant()
+    def admin_views_agree_with_a_block_by_block_count(self):
+        bm = self.bm
+        stats, states = bm.stats(), bm.block_states()
+        for name, pool in (("device", bm.device), ("cpu", bm.cpu)):
+            used = [r for r in pool.refcounts if r > 0]
+            assert stats[name]["free"] + stats[name]["used"] == stats[name]["total"]
+            assert stats[name]["shared"] == sum(1 for r in used if r > 1)
+            assert stats[name]["refcounts"] == {str(r): n for r, n in sorted(Counter(used).items())}
+        cached = [b for b in bm.prefix_cache.blocks if bm.device.refcounts[b] == 0]
+        assert stats["device"]["cached"] == len(cached)
+        assert Counter(states["device"]) == Counter({
+            ".": bm.device.num_free - len(cached), "c": len(cached),
+            "u": stats["device"]["used"] - stats["device"]["shared"],
+            "s": stats["device"]["shared"]}) - Counter()
+        assert states["cpu"].count("w") == stats["cpu"]["used"]
+        fill: dict[int, int] = {}  # block -> tokens in it, over the sequences on the device
+        on_device = [seq for seq in self.seqs.values() if seq.seq_id not in bm.swapped]
+        for seq in on_device:
+            for i, block_id in enumerate(bm.tables[seq.seq_id]):
+                tokens = max(0, min(BLOCK_SIZE, seq.num_tokens - i * BLOCK_SIZE))
+                fill[block_id] = max(fill.get(block_id, 0), tokens)
+        assert bm.slots(on_device) == {"used": sum(fill.values()),
+                                       "allocated": BLOCK_SIZE * bm.device.num_used}
+
     def teardown(self):
         for seq in self.seqs.values():
             self.bm.free(seq)
@@ -384,7 +409,8 @@ def test_a_freed_cached_block_is_reused_from_the_free_queue():
     bm.free(a)
     bm.free(other)
     assert list(bm.device.free_queue) == table_a[::-1] + table_other[::-1]
-    assert bm.stats()["device"] == {"total": 4, "free": 4, "used": 0, "cached": 2, "shared": 0}
+    assert bm.stats()["device"] == {"total": 4, "free": 4, "used": 0, "cached": 2, "shared": 0,
+                                    "refcounts": {}}
     # Two hits (free) plus three fresh blocks would need 5 of the 4 free blocks.
     assert not bm.can_allocate(make_seq(2, 4 * BLOCK_SIZE + 1))
     b = make_seq(2, 2 * BLOCK_SIZE + 1)
