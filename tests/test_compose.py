@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_every_compose_file_is_valid(files):
     assert result.returncode == 0, result.stderr
 
 
-def test_gpu_deployment_has_both_services_healthchecks_and_only_the_client_port_published():
+def test_gpu_deployment_has_both_services_healthchecks_and_only_client_and_metrics_published():
     services = resolved(GPU)
     assert set(services) == {"prepare-model", "scheduler", "executor"}
     scheduler, executor = services["scheduler"], services["executor"]
@@ -49,7 +50,7 @@ def test_gpu_deployment_has_both_services_healthchecks_and_only_the_client_port_
         {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "--device=cuda" in executor["command"]
     assert [(p["host_ip"], p["target"], p["published"]) for p in scheduler["ports"]] == [
-        ("127.0.0.1", 5555, "5555")]
+        ("127.0.0.1", 5555, "5555"), ("127.0.0.1", 8000, "8000")]
     assert "ports" not in executor and services["prepare-model"]["network_mode"] == "none"
     assert set(executor["networks"]) == {"internal"}
     assert scheduler["healthcheck"]["test"][:3] == executor["healthcheck"]["test"][:3] == [
@@ -71,11 +72,12 @@ def test_cpu_variant_drops_the_gpu_reservation():
 def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path):
     """Each service's entrypoint + command and environment exactly as the CPU deployment
     resolves them, with loopback addresses and free ports given through its variables."""
-    client_port, executor_port, admin_port = free_ports(3)
+    client_port, executor_port, admin_port, metrics_port = free_ports(4)
     env = {"PAGEDSERVE_BIND": "127.0.0.1", "PAGEDSERVE_SCHEDULER_HOST": "127.0.0.1",
            "PAGEDSERVE_CLIENT_PORT": str(client_port),
            "PAGEDSERVE_EXECUTOR_PORT": str(executor_port),
-           "PAGEDSERVE_ADMIN_PORT": str(admin_port), "PAGEDSERVE_KV_CACHE_GB": "0.25",
+           "PAGEDSERVE_ADMIN_PORT": str(admin_port), "PAGEDSERVE_METRICS_PORT": str(metrics_port),
+           "PAGEDSERVE_KV_CACHE_GB": "0.25",
            "PAGEDSERVE_SWAP_SPACE_GB": "0.25", "PAGEDSERVE_LOG_FORMAT": "console",
            "PAGEDSERVE_CACHE_DIR": str(smollm2_dir.parents[1])}
     services = resolved(CPU, env)
@@ -87,6 +89,8 @@ def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path):
             out = client.generate("The capital of France is",
                                   SamplingParams(temperature=0.0, max_tokens=2))
         assert out.outputs[0].text == " Paris."
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert b"vllm:generation_tokens_total" in r.read()
     finally:
         for process in started:
             process.terminate()
