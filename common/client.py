@@ -39,6 +39,12 @@ class ServerError(PagedServeError):
     """The server failed the request or could not understand the client."""
 
 
+class OverloadedError(ServerError):
+    """The server's queue is full; retry later (with backoff)."""
+
+    retriable = True
+
+
 class ServerTimeoutError(PagedServeError, TimeoutError):
     """No word from the server within the client's timeout; the request may be retried."""
 
@@ -267,4 +273,6 @@ def _merge(total: RequestOutput, delta: RequestOutput) -> RequestOutput:
 def _error(msg: p.ErrorMsg) -> PagedServeError:
     if msg.code == "invalid_request":
         return InvalidRequestError(msg.message)
+    if msg.code == "overloaded":
+        return OverloadedError(msg.message)
     return ServerError(f"{msg.code}: {msg.message}")

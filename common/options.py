@@ -16,6 +16,9 @@ SCHEDULER_OPTIONS = [
                       "across steps [default: 2048]."),
     click.option("--max-model-len", type=int, default=None,
                  help="Context length limit [default: the model's]."),
+    click.option("--max-waiting", type=int, default=4096, show_default=True,
+                 help="Requests queued before admission at most; beyond it new requests get "
+                      "an 'overloaded' error instead of growing memory without bound."),
     click.option("--preemption-mode", type=click.Choice(["auto", "swap", "recompute"]),
                  default="auto", show_default=True,
                  help="When blocks run out: swap the latest arrival to CPU memory, recompute "

@@ -169,6 +169,15 @@ class SchedulerService:
         if isinstance(msg, p.AbortRequest):
             self._abort(client, msg.request_id)
             return
+        # Sequences waiting for admission: one per request, except requests whose samples
+        # were preempted for recompute (then one per sample): O(1), and errs on the safe side.
+        num_waiting = len(self.scheduler.waiting)
+        if num_waiting >= self.config.max_waiting:
+            self._send_client(client, p.ErrorMsg(
+                code="overloaded", request_id=msg.request_id,
+                message=f"{num_waiting} requests are already waiting (max_waiting "
+                        f"{self.config.max_waiting}): retry later"))
+            return
         try:
             request = self.frontend.create(client, msg)
         except InvalidRequest as exc:

@@ -11,7 +11,7 @@ import zmq
 from common import protocol as p
 from common.client import Client, InvalidRequestError
 from common.sampling import SamplingParams
-from services import Services
+from services import Services, admin, free_ports, pagedserve
 
 pytestmark = pytest.mark.slow
 
@@ -309,3 +309,26 @@ def test_every_device_block_is_free_at_the_end(services):  # keep last: runs aft
         "total": 1024, "free": 1024, "used": 0}
     assert pool["device"]["shared"] == 0 and 0 < pool["device"]["cached"] <= 1024
     assert pool["running"] == pool["waiting"] == pool["swapped"] == 0
+
+
+def test_beyond_max_waiting_new_requests_get_overloaded_and_the_rest_complete(smollm2_dir):
+    from common.client import OverloadedError
+
+    # No executor: nothing is admitted, so the queue only grows.
+    client_port, executor_port, admin_port = free_ports(3)
+    scheduler = pagedserve("scheduler", "--model", str(smollm2_dir), "--max-waiting", "3",
+                           "--client-port", str(client_port), "--executor-port",
+                           str(executor_port), "--admin-port", str(admin_port))
+    try:
+        with Client(f"tcp://127.0.0.1:{client_port}", timeout=30.0) as client:
+            queued = [client.stream(PROMPTS[0], GREEDY, request_id=f"q{i}") for i in range(3)]
+            for stream in queued:  # the first output (or heartbeat) proves it is queued
+                threading.Thread(target=list, args=(stream,), daemon=True).start()
+            wait_for(lambda: admin(f"tcp://127.0.0.1:{admin_port}", "pool")["waiting"] == 3)
+            with pytest.raises(OverloadedError, match="max_waiting 3"):
+                client.generate(PROMPTS[1], GREEDY)
+            for i in range(3):
+                client.abort(f"q{i}")
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=15)
