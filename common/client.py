@@ -78,9 +78,14 @@ class RequestOutput:
     finished: bool
 
 
+HEARTBEAT_S = 1.0
+
+
 class AsyncClient:
     """asyncio client; ``timeout`` is how long the server may stay silent (it sends a
-    heartbeat every second while requests are live) before ``ServerTimeoutError``."""
+    heartbeat every second while requests are live) before ``ServerTimeoutError``. The
+    client sends one every second too while it has live requests: a client that stops is
+    taken for gone, and its requests are aborted (the scheduler's ``--client-timeout``)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0):
         self.address = address
@@ -91,6 +96,7 @@ class AsyncClient:
         self._sock.connect(address)
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -99,8 +105,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._pinger):
+            if task is not None:
+                task.cancel()
         self._ctx.destroy(linger=0)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -166,8 +173,18 @@ class AsyncClient:
                 return msg
 
     def _start_reader(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = loop.create_task(self._read())
+        if self._pinger is None or self._pinger.done():
+            self._pinger = loop.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        """While requests are live, tell the server every second that this client is here."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self._queues:
+                await self._sock.send(p.encode(p.Heartbeat()))
 
     async def _read(self) -> None:
         while True:

@@ -26,6 +26,7 @@ class SchedulerConfig:
     block_size: int = 16                # tokens per KV block
     max_num_seqs: int = 256             # sequences in one step at most
     max_waiting: int = 4096             # requests queued before admission at most
+    client_timeout: float = 30.0        # silence after which a client's requests are aborted
     max_num_batched_tokens: int | None = None  # tokens in one step (prompts are chunked); 2048
     max_model_len: int | None = None    # context limit; default the model's own
     watermark: float = 0.01             # fraction of device blocks kept free when admitting
@@ -45,6 +46,7 @@ class SchedulerConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_waiting", self.max_waiting)
+        _positive("client_timeout", self.client_timeout)
         _positive_or_none("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_or_none("max_model_len", self.max_model_len)
         if self.preemption_mode not in ("auto", "swap", "recompute"):

@@ -16,6 +16,10 @@ SCHEDULER_OPTIONS = [
                       "across steps [default: 2048]."),
     click.option("--max-model-len", type=int, default=None,
                  help="Context length limit [default: the model's]."),
+    click.option("--client-timeout", type=float, default=30.0, show_default=True,
+                 help="Seconds a client with live requests may stay silent (clients send a "
+                      "heartbeat every second) before it is taken for gone and its requests "
+                      "are aborted."),
     click.option("--max-waiting", type=int, default=4096, show_default=True,
                  help="Requests queued before admission at most; beyond it new requests get "
                       "an 'overloaded' error instead of growing memory without bound."),

@@ -78,7 +78,8 @@ class ErrorMsg:
 @dataclass
 class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
-    # sent to clients with live requests at least once a second, so silence means trouble
+    # both ways, at least once a second while a client has live requests: silence from the
+    # scheduler means trouble for the client; silence from a client means it is gone
 
 
 # ---------------------------------------------------------------- executor <-> scheduler

@@ -68,7 +68,8 @@ class SchedulerService:
         self.executor_id: bytes | None = None
         self.executor_info: p.RegisterExecutor | None = None
         self.in_flight: ScheduledStep | None = None
-        self._last_sent: dict[bytes, float] = {}
+        self._last_sent: dict[bytes, float] = {}   # client -> when we last sent it anything
+        self._last_heard: dict[bytes, float] = {}  # client -> when it last sent us anything
         self._idle = False
         self._stopped = False
         self._bind_sockets()
@@ -122,7 +123,7 @@ class SchedulerService:
                     self._drain(self.executor, self._on_executor)
                 if self.admin in events:
                     self.admin.send(self.admin_handler.handle(self.admin.recv()))
-                self._send_heartbeats()
+                self._keep_alive()
                 if self._can_step():
                     self._step()
                 self.metrics.refresh(self.scheduler)
@@ -161,10 +162,13 @@ class SchedulerService:
     # ------------------------------------------------------------ clients
 
     def _on_client(self, client: bytes, payload: bytes) -> None:
+        self._last_heard[client] = time.monotonic()
         try:
-            msg = p.decode(payload, (p.GenerateRequest, p.AbortRequest))
+            msg = p.decode(payload, (p.GenerateRequest, p.AbortRequest, p.Heartbeat))
         except p.ProtocolError as exc:
             self._send_client(client, p.ErrorMsg(code="protocol_error", message=str(exc)))
+            return
+        if isinstance(msg, p.Heartbeat):
             return
         if isinstance(msg, p.AbortRequest):
             self._abort(client, msg.request_id)
@@ -200,14 +204,29 @@ class SchedulerService:
         self.clients.send_multipart([client, p.encode(msg)])
         self._last_sent[client] = time.monotonic()
 
-    def _send_heartbeats(self) -> None:
+    def _keep_alive(self) -> None:
+        """A heartbeat to each client with live requests that heard nothing for a second; a
+        client silent for longer than ``client_timeout`` is gone: its requests are aborted
+        and their blocks freed."""
         now = time.monotonic()
-        live = {request.client for request in self.frontend.requests.values()}
-        for client in live:
-            if now - self._last_sent.get(client, 0.0) >= HEARTBEAT_S:
+        live: dict[bytes, list[Request]] = {}
+        for request in self.frontend.requests.values():
+            live.setdefault(request.client, []).append(request)
+        for client, requests in live.items():
+            if now - self._last_heard.get(client, now) > self.config.client_timeout:
+                self._forget(requests)
+            elif now - self._last_sent.get(client, 0.0) >= HEARTBEAT_S:
                 self._send_client(client, p.Heartbeat())
-        for client in set(self._last_sent) - live:
-            del self._last_sent[client]
+        for book in (self._last_sent, self._last_heard):
+            for client in set(book) - set(live):
+                del book[client]
+
+    def _forget(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.engine.abort(request)
+            self.frontend.output(request)  # nobody to send it to
+            log.warning("client gone: request aborted", request_id=request.request_id,
+                        client_timeout=self.config.client_timeout)
 
     # ------------------------------------------------------------ executor
 

@@ -1,8 +1,11 @@
 """End to end: scheduler and executor as separate processes on loopback, real SmolLM2."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -26,12 +29,13 @@ PROMPTS = [
     "List three animals that live in Africa: 1.",
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+CLIENT_TIMEOUT_S = 5  # live clients send a heartbeat every second
 
 
 @pytest.fixture(scope="module")
 def services(smollm2_dir):
-    svc = Services(smollm2_dir, executor_args=["--num-device-blocks", "1024",
-                                               "--num-cpu-blocks", "16"])
+    svc = Services(smollm2_dir, scheduler_args=["--client-timeout", str(CLIENT_TIMEOUT_S)],
+                   executor_args=["--num-device-blocks", "1024", "--num-cpu-blocks", "16"])
     yield svc
     svc.stop()
 
@@ -142,6 +146,29 @@ def test_abort_stops_the_request_and_frees_its_blocks(client, services):
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert len(first.outputs[0].token_ids) + sum(len(d.outputs[0].token_ids) for d in rest) < 2000
     wait_for(lambda: services.pool()["device"]["used"] == 0)  # released at the next step
+
+
+def test_requests_of_a_client_that_died_are_aborted_and_their_blocks_freed(services, client):
+    script = (
+        "import sys\n"
+        "from common.client import Client\n"
+        "from common.sampling import SamplingParams\n"
+        f"with Client({services.client!r}) as c:\n"
+        "    params = SamplingParams(temperature=0.0, max_tokens=100000, ignore_eos=True)\n"
+        f"    for _ in c.stream({PROMPTS[1]!r}, params):\n"
+        "        print('streaming', flush=True)\n")
+    doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[1], text=True)
+    try:
+        assert doomed.stdout.readline() == "streaming\n"
+        assert services.pool()["device"]["used"] > 0
+        doomed.kill()  # no abort, no goodbye: only its heartbeats stop
+        doomed.wait()
+        wait_for(lambda: services.pool()["device"]["used"] == 0, timeout_s=CLIENT_TIMEOUT_S + 10)
+    finally:
+        doomed.kill()
+    out = client.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2))
+    assert out.outputs[0].text == " Paris."
 
 
 def wait_for(condition, timeout_s: float = 5.0) -> None:
