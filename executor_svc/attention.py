@@ -24,7 +24,8 @@ class AttentionBackend(NamedTuple):
 
     name: str
     write_kv: Callable[..., None]  # (key, value, k_cache, v_cache, slot_mapping)
-    attend: Callable[..., Tensor]  # (query, k_cache, v_cache, meta, scale) -> [T, heads, dim]
+    # (query, key, value, k_cache, v_cache, meta, scale) -> [T, heads, dim]
+    attend: Callable[..., Tensor]
 
 
 BACKENDS = ("torch", "triton")
@@ -45,8 +46,10 @@ class PrefillRow(NamedTuple):
 
     start: int  # index of its first new token in the packed batch
     query_len: int
-    context_slots: Tensor  # [seq_len] int64: slot of each token of the sequence, in order
-    mask: Tensor | None  # [query_len, seq_len] bool, or None for plain causal (no cached prefix)
+    context_len: int  # tokens it attends over: cached prefix + new tokens
+    context_blocks: Tensor | None  # [ceil(context_len / block_size)] int64, or None when
+    #                                nothing is cached: then the step's own K/V are the context
+    mask: Tensor | None  # [query_len, context_len] bool, or None for plain causal
 
 
 @dataclass
@@ -61,19 +64,27 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     backend: AttentionBackend
-    # torch backend only. Sequences with one new token are attended as one batch ...
+    # torch backend only. Sequences with one new token are attended as one batch, reading
+    # their contexts block by block ...
     decode_tokens: Tensor | None = None  # [D] int64: their tokens' indices in the packed batch
-    decode_slots: Tensor | None = None  # [D, L] int64: their contexts' slots, padded with the first
-    decode_mask: Tensor | None = None  # [D, L] bool: True within each context
+    decode_tables: Tensor | None = None  # [D, B] int64: their blocks, padded with the null block
+    decode_mask: Tensor | None = None  # [D, B * block_size] bool: True within each context
+    decode_last: Tensor | None = None  # [D] int64: index in the table of each last block
+    decode_tail: Tensor | None = None  # [D, block_size] bool: last-block slots past the context
     # ... the others one by one.
     prefills: list[PrefillRow] | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], num_computed_tokens: list[int],
               query_lens: list[int], block_size: int, device: torch.device | str,
-              backend: AttentionBackend | None = None) -> AttentionMetadata:
+              backend: AttentionBackend | None = None,
+              null_block: int | None = None) -> AttentionMetadata:
         """Metadata of a step in which sequence ``i`` has ``num_computed_tokens[i]`` tokens cached
-        and computes ``query_lens[i]`` new ones; its block table must cover all of them."""
+        and computes ``query_lens[i]`` new ones; its block table must cover all of them.
+
+        The torch backend reads whole blocks and pads the decode rows' tables with
+        ``null_block``, a block of zeros that no sequence owns (``CacheEngine.null_block``):
+        it needs one whenever decode rows have tables of different lengths."""
         backend = backend or get_backend("torch")
         _check_step(block_tables, num_computed_tokens, query_lens, block_size)
         tables = _pad(block_tables)
@@ -92,16 +103,18 @@ class AttentionMetadata:
             # The kernels take int32 tables and lengths.
             return cls(**common, seq_lens=seq_lens.to(device, torch.int32),
                        block_tables=tables.to(device, torch.int32))
-        decode = (q_lens == 1).nonzero().flatten()
-        decode_slots, decode_mask = _decode_context(tables, seq_lens, decode, block_size)
+        decode = [i for i, q in enumerate(query_lens) if q == 1]
+        decode_meta = _decode_context([block_tables[i] for i in decode],
+                                      seq_lens[decode], block_size, null_block)
         starts = query_start_loc.tolist()
-        prefills = [PrefillRow(starts[i], q,
-                               _slots(tables, i, torch.arange(c + q), block_size).to(device),
+        prefills = [PrefillRow(starts[i], q, c + q,
+                               torch.tensor(block_tables[i][:-(-(c + q) // block_size)],
+                                            device=device) if c else None,
                                _causal_mask(q, c + q, device))
                     for i, (c, q) in enumerate(zip(num_computed_tokens, query_lens)) if q > 1]
         return cls(**common, seq_lens=seq_lens.to(device), block_tables=tables.to(device),
                    decode_tokens=query_start_loc[decode].to(device),
-                   decode_slots=decode_slots.to(device), decode_mask=decode_mask.to(device),
+                   **{name: t.to(device) for name, t in decode_meta.items()},
                    prefills=prefills)
 
     @property
@@ -114,45 +127,71 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
     """Write the new tokens' keys and values (``[T, num_kv_heads, head_dim]``) into their cache
     slots; a slot of -1 means "do not store"."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.flatten(0, 1).index_copy_(0, slots, key[keep])
-    v_cache.flatten(0, 1).index_copy_(0, slots, value[keep])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, key)
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, value)
 
 
-def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-           scale: float) -> Tensor:
+def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+           meta: AttentionMetadata, scale: float) -> Tensor:
     """Causal attention of each new token (``query``: ``[T, num_heads, head_dim]``) over its
-    sequence's cached context and the new tokens up to itself. K/V of this step must already be
-    written. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
-    k_slots, v_slots = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [num_slots, kvh, hd]
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    sequence's cached context and the new tokens up to itself. K/V of this step (``key``,
+    ``value``: ``[T, num_kv_heads, head_dim]``) must already be written to the cache. Query
+    head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
     out = torch.empty_like(query)
     if meta.decode_tokens.numel():
-        # One new token per sequence: all of them in one op, each masked to its own context.
-        # The query heads of one kv head form its "query rows", so K/V are never repeated.
-        keys, values = k_slots[meta.decode_slots], v_slots[meta.decode_slots]  # [D, L, kvh, hd]
-        q = query[meta.decode_tokens].view(-1, num_kv_heads, group, head_dim)
-        attended = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2),
-                         meta.decode_mask[:, None, None], scale)  # [D, kvh, group, hd]
-        out[meta.decode_tokens] = attended.reshape(-1, num_heads, head_dim)
+        out[meta.decode_tokens] = _decode(query[meta.decode_tokens], k_cache, v_cache, meta,
+                                          scale)
+    group = query.shape[1] // k_cache.shape[2]
     for row in meta.prefills:
         rows = slice(row.start, row.start + row.query_len)
-        keys, values = k_slots[row.context_slots], v_slots[row.context_slots]  # [C, kvh, hd]
+        if row.context_blocks is None:  # nothing cached: the step's own K/V are the context
+            keys, values = key[rows], value[rows]
+        else:
+            keys = k_cache.index_select(0, row.context_blocks).flatten(0, 1)[:row.context_len]
+            values = v_cache.index_select(0, row.context_blocks).flatten(0, 1)[:row.context_len]
         keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, C, hd]
         values = values.transpose(0, 1).repeat_interleave(group, dim=0)
-        out[rows] = _sdpa(query[rows].transpose(0, 1), keys, values, row.mask,
-                          scale).transpose(0, 1)
+        out[rows] = F.scaled_dot_product_attention(
+            query[rows].transpose(0, 1), keys, values, attn_mask=row.mask,
+            is_causal=row.mask is None, scale=scale).transpose(0, 1)
     return out
 
 
-def _sdpa(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """torch's fused attention (float32 softmax for low-precision inputs); mask None means
-    plain causal."""
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
-                                          is_causal=mask is None, scale=scale)
+def _decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+            scale: float) -> Tensor:
+    """One new token per sequence (``query``: ``[D, H, hd]``), all sequences in two batched
+    matmuls. Each sequence's blocks are gathered whole into a contiguous ``[L, kvh * hd]``
+    context. Query heads are spread block-diagonally over the kv heads' columns, so one
+    matmul scores every head against its own kv head (the other columns multiply zeros),
+    and the kv head's columns of the output are kept."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    width = num_kv_heads * head_dim
+    blocks = meta.decode_tables.flatten()
+    # Low-precision caches are attended in float32, as torch's fused attention does.
+    keys = k_cache.index_select(0, blocks).view(num_seqs, -1, width).float()  # [D, L, kvh*hd]
+    values = v_cache.index_select(0, blocks).view(num_seqs, -1, k_cache.shape[1], width).float()
+    # Slots past a context in its last block were never written by this sequence: they may
+    # hold anything, and 0 * NaN would leak through the second matmul. Keys need no care:
+    # their scores are masked out.
+    rows = torch.arange(num_seqs, device=query.device)
+    values[rows, meta.decode_last] = values[rows, meta.decode_last].masked_fill(
+        meta.decode_tail[..., None], 0)
+    values = values.view(num_seqs, -1, width)
+    spread = torch.eye(num_kv_heads, device=query.device)
+    spread_query = (query.float().view(num_seqs, num_kv_heads, group, 1, head_dim)
+                    * spread.view(1, num_kv_heads, 1, num_kv_heads, 1)).view(
+                        num_seqs, num_heads, width)
+    scores = torch.bmm(spread_query, keys.transpose(1, 2)).mul_(scale)  # [D, H, L]
+    scores.masked_fill_(~meta.decode_mask[:, None], float("-inf"))
+    out = torch.bmm(scores.softmax(-1), values).view(num_seqs, num_kv_heads, group,
+                                                     num_kv_heads, head_dim)
+    return torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(
+        num_seqs, num_heads, head_dim).to(query.dtype)
 
 
 def _causal_mask(query_len: int, seq_len: int, device: torch.device | str) -> Tensor | None:
@@ -168,15 +207,23 @@ def _slots(tables: Tensor, seqs: Tensor | int, positions: Tensor | int, block_si
     return tables[seqs, positions // block_size] * block_size + positions % block_size
 
 
-def _decode_context(tables: Tensor, seq_lens: Tensor, decode: Tensor,
-                    block_size: int) -> tuple[Tensor, Tensor]:
-    """Slots and mask of the decode sequences' contexts, padded to the longest. Padding repeats a
-    slot the sequence itself wrote: unwritten slots may hold NaN, and 0 * NaN would leak through."""
-    context = torch.arange(int(seq_lens[decode].max()) if len(decode) else 0)
-    mask = context < seq_lens[decode, None]
-    seqs = decode[:, None]
-    first_slots = _slots(tables, seqs, 0, block_size)
-    return torch.where(mask, _slots(tables, seqs, context, block_size), first_slots), mask
+def _decode_context(tables: list[list[int]], seq_lens: Tensor, block_size: int,
+                    null_block: int | None) -> dict[str, Tensor]:
+    """Block tables of the decode rows cut to their contexts and padded to the longest with
+    the null block; the mask of real positions; where each last block is and which of its
+    slots lie past the context."""
+    num_blocks = (seq_lens + block_size - 1) // block_size
+    width = int(num_blocks.max()) if len(tables) else 0
+    if null_block is None and bool((num_blocks < width).any()):
+        raise ValueError("decode rows with tables of different lengths need a null_block")
+    padded = [table[:n] + [null_block] * (width - n)
+              for table, n in zip(tables, num_blocks.tolist())]
+    context = torch.arange(width * block_size)
+    last = num_blocks - 1
+    return {"decode_tables": torch.tensor(padded, dtype=torch.int64).view(len(tables), width),
+            "decode_mask": context < seq_lens[:, None],
+            "decode_last": last,
+            "decode_tail": torch.arange(block_size) >= (seq_lens - last * block_size)[:, None]}
 
 
 def _pad(block_tables: list[list[int]]) -> Tensor:

@@ -16,7 +16,9 @@ class CacheEngine:
     """Per layer a K and a V tensor ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 
     ``kv_caches`` live on the device; ``cpu_caches`` (pinned when the device is CUDA, for async
-    copies) hold swapped-out blocks. Both are left uninitialised: a slot is read only after written.
+    copies) hold swapped-out blocks. Both are left uninitialised: attention never uses a slot
+    its sequence did not write. The device caches end with one more block, ``null_block``:
+    zeros that no sequence owns and no plan may name, which pads tables for attention.
     Block operations take ``pairs``, an int tensor or array of shape [N, 2], and move all N blocks
     of every layer's K and V at once.
     """
@@ -27,8 +29,12 @@ class CacheEngine:
         self.block_size = block_size
         self.num_device_blocks = num_device_blocks
         self.num_cpu_blocks = num_cpu_blocks
-        self.kv_caches = _allocate(model_config, block_size, num_device_blocks, dtype,
+        self.null_block = num_device_blocks
+        self.kv_caches = _allocate(model_config, block_size, num_device_blocks + 1, dtype,
                                    device=device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[self.null_block].zero_()
+            v_cache[self.null_block].zero_()
         self.cpu_caches = _allocate(model_config, block_size, num_cpu_blocks, dtype,
                                     device=torch.device("cpu"), pin_memory=device.type == "cuda")
         # On CUDA, block operations run on a side stream; the forward pass waits for them.

@@ -18,6 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from executor_svc.attention import AttentionMetadata
+from executor_svc.cpu import PackedLinear, pack_linears
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE types whose frequencies do not depend on the sequence length, so one table serves all steps.
@@ -178,18 +179,19 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_sizes = list(parts.values())
         self.qkv_proj = MergedLinear(config.hidden_size, parts, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
         self.scale = config.head_dim ** -0.5
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, -1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, -1)
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *rope)
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         meta.backend.write_kv(k, v, *kv_cache, meta.slot_mapping)
-        out = meta.backend.attend(q, *kv_cache, meta, self.scale)
+        out = meta.backend.attend(q, k, v, *kv_cache, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
 
@@ -241,6 +243,17 @@ class PagedLlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed_head: PackedLinear | None = None  # see prepack
+
+    def prepack(self) -> int:
+        """On CPU, prepack every projection and the LM head for oneDNN's GEMM where it
+        serves the dtype (``executor_svc.cpu``); returns how many matrices were packed. A
+        tied head gets its own packed copy: the embedding keeps the dense table."""
+        count = pack_linears(self)
+        if count and self.config.tie_word_embeddings:
+            self.packed_head = PackedLinear(self.model.embed_tokens.weight, None, batch_hint=32)
+            count += 1
+        return count
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -254,15 +267,18 @@ class PagedLlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits ``[N, vocab]`` of the given hidden states."""
-        tied = self.config.tie_word_embeddings
-        weight = self.model.embed_tokens.weight if tied else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.packed_head is not None:
+            return self.packed_head(hidden).float()
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.model.embed_tokens.weight).float()
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype,
-               device: torch.device | str) -> PagedLlamaForCausalLM:
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
+               prepack: bool = True) -> PagedLlamaForCausalLM:
     """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
-    possibly sharded) with weights in ``dtype`` on ``device``, in eval mode."""
+    possibly sharded) with weights in ``dtype`` on ``device``, in eval mode; on CPU its
+    GEMMs are prepacked unless ``prepack`` is False."""
     config = ModelConfig.from_model_dir(model_dir)
     rope = RotaryEmbedding(config, device)
     with torch.device("meta"):
@@ -270,7 +286,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype,
     # Allocate without initialising: every weight is loaded below.
     model = model.to(dtype).to_empty(device=device)
     load_weights(model, Path(model_dir))
-    return model.eval()
+    model.eval()
+    if prepack and torch.device(device).type == "cpu":
+        model.prepack()
+    return model
 
 
 def load_weights(model: PagedLlamaForCausalLM, model_dir: Path) -> None:

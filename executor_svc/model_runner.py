@@ -108,7 +108,7 @@ class ModelRunner:
         meta = AttentionMetadata.build([seq.block_table for seq, _ in batch],
                                        [seq.num_computed_tokens for seq, _ in batch],
                                        [n for _, n in batch], self.block_size, self.device,
-                                       self.attention)
+                                       self.attention, self.cache.null_block)
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
                             self.cache.kv_caches)
         for seq, n in batch:

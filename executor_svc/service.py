@@ -15,6 +15,7 @@ from common import protocol as p
 from common.config import ExecutorConfig
 from common.log import get_logger
 from executor_svc.cache_engine import CacheEngine
+from executor_svc.cpu import tune_allocator
 from executor_svc.model import ModelConfig, load_model
 from executor_svc.model_runner import ModelRunner, PlanError
 
@@ -40,6 +41,8 @@ class ExecutorService:
         model_dir = str(config.model_dir())
         self.model_config = ModelConfig.from_model_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        if self.device.type == "cpu" and not tune_allocator():
+            log.warning("could not tune the C allocator (not glibc?): steps may page-fault")
         self.attention = config.resolved_attention_backend()
         if self.attention == "triton" and self.device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":
@@ -111,8 +114,9 @@ class ExecutorService:
             free_bytes = self._profile_cuda(configure)
         else:
             free_bytes = int((self.config.kv_cache_gb or 4.0) * GIB)
+        # Less one: the cache adds its null block.
         num = CacheEngine.num_blocks_for_bytes(self.model_config, configure.block_size,
-                                               self.dtype, free_bytes)
+                                               self.dtype, free_bytes) - 1
         if num < 1:
             raise RuntimeError(f"no memory left for the KV cache ({free_bytes} bytes)")
         return num

@@ -17,9 +17,9 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
     kernels.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
-def attend(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-           scale: float) -> Tensor:
-    """A pure decode step (one new token per sequence) takes the decode kernel; a step with
+def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+           meta: AttentionMetadata, scale: float) -> Tensor:
+    """``key`` and ``value`` are read from the cache, where they were written. A pure decode step (one new token per sequence) takes the decode kernel; a step with
     prompt tokens takes the prefill kernel for all its sequences, decodes included."""
     if meta.max_query_len == 1:
         return kernels.paged_decode_attention(query, k_cache, v_cache, meta.block_tables,

@@ -32,8 +32,10 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     num_blocks = sum(blocks_needed) + 3  # spare blocks that nobody writes
     pool = torch.randperm(num_blocks, generator=g).tolist()
     tables = [[pool.pop() for _ in range(n)] for n in blocks_needed]
-    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    null_block = num_blocks  # zeros, after the blocks: pads the decode rows' tables
+    shape = (num_blocks + 1, block_size, num_kv_heads, HEAD_DIM)
     k_cache, v_cache = (torch.full(shape, float("nan"), dtype=dtype) for _ in range(2))
+    k_cache[null_block] = v_cache[null_block] = 0
     keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
     values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
     for table, (computed, _), k, v in zip(tables, rows, keys, values):
@@ -42,7 +44,8 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
         reshape_and_cache_reference(k[:computed], v[:computed], k_cache, v_cache, prefix_slots)
 
     query_lens = [q for _, q in rows]
-    meta = AttentionMetadata.build(tables, [c for c, _ in rows], query_lens, block_size, "cpu")
+    meta = AttentionMetadata.build(tables, [c for c, _ in rows], query_lens, block_size, "cpu",
+                                   null_block=null_block)
     new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, rows)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(values, rows)])
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
@@ -51,7 +54,7 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
 
     query = torch.randn(len(new_k), num_heads, HEAD_DIM, generator=g).to(dtype)
     scale = HEAD_DIM ** -0.5
-    out = attend(query, k_cache, v_cache, meta, scale)
+    out = attend(query, new_k, new_v, k_cache, v_cache, meta, scale)
     ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, query_lens, scale)
     return (out, k_cache, v_cache), (ref, ref_k, ref_v)
 
@@ -83,13 +86,23 @@ def test_any_batch_matches_reference(rows, block_size, seed):
 
 
 def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():
-    meta = AttentionMetadata.build([[3], [1, 2], [0]], [2, 3, 0], [1, 2, 1], 4, "cpu")
+    meta = AttentionMetadata.build([[3, 6], [1, 2], [0], [5]], [4, 3, 0, 0], [1, 2, 1, 3], 4,
+                                   "cpu", null_block=9)
     assert meta.decode_tokens.tolist() == [0, 3]
-    assert meta.decode_mask.tolist() == [[True, True, True], [True, False, False]]
-    assert meta.decode_slots.tolist() == [[12, 13, 14], [0, 0, 0]]  # padded with the first slot
-    [row] = meta.prefills
-    assert (row.start, row.query_len, row.context_slots.tolist()) == (1, 2, [4, 5, 6, 7, 8])
-    assert row.mask.tolist() == [[True] * 4 + [False], [True] * 5]  # 3 cached tokens, then causal
+    assert meta.decode_tables.tolist() == [[3, 6], [0, 9]]  # padded with the null block
+    assert meta.decode_mask.tolist() == [[True] * 5 + [False] * 3, [True] + [False] * 7]
+    assert meta.decode_last.tolist() == [1, 0]
+    assert meta.decode_tail.tolist() == [[False, True, True, True], [False, True, True, True]]
+    cached, fresh = meta.prefills
+    assert (cached.start, cached.query_len, cached.context_len) == (1, 2, 5)
+    assert cached.context_blocks.tolist() == [1, 2]
+    assert cached.mask.tolist() == [[True] * 4 + [False], [True] * 5]  # 3 cached, then causal
+    assert (fresh.start, fresh.query_len, fresh.context_blocks, fresh.mask) == (4, 3, None, None)
+
+
+def test_decode_rows_of_different_lengths_need_a_null_block():
+    with pytest.raises(ValueError, match="need a null_block"):
+        AttentionMetadata.build([[3, 6], [0]], [4, 0], [1, 1], 4, "cpu")
 
 
 def test_slots_and_positions_follow_the_block_table():

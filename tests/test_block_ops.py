@@ -40,11 +40,17 @@ def prompts():
 
 
 def make_cache(config, num_device_blocks=8, num_cpu_blocks=4):
-    """A cache whose every slot holds NaN, so that a read of an unwritten slot shows."""
+    """A cache whose every slot holds NaN, so that a read of an unwritten slot shows (all
+    but the device's null block, which is zeros by design)."""
     cache = CacheEngine(config, BLOCK_SIZE, num_device_blocks, num_cpu_blocks, torch.float32,
                         "cpu")
     for tensor in all_tensors(cache):
         tensor.fill_(float("nan"))
+    for tensor in cache.kv_caches[0] + cache.kv_caches[-1]:
+        assert len(tensor) == num_device_blocks + 1
+    for layer in cache.kv_caches:
+        for tensor in layer:
+            tensor[cache.null_block].zero_()
     return cache
 
 

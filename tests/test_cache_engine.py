@@ -21,8 +21,10 @@ def test_every_layer_has_a_k_and_a_v_tensor_of_blocks(config):
     cache = CacheEngine(config, block_size=16, num_device_blocks=10, num_cpu_blocks=4,
                         dtype=torch.bfloat16, device="cpu")
     assert len(cache.kv_caches) == len(cache.cpu_caches) == 3
+    assert cache.null_block == 10
     for (k, v), (cpu_k, cpu_v) in zip(cache.kv_caches, cache.cpu_caches):
-        assert k.shape == v.shape == (10, 16, 2, 16)
+        assert k.shape == v.shape == (11, 16, 2, 16)  # and the null block
+        assert not k[cache.null_block].any() and not v[cache.null_block].any()
         assert cpu_k.shape == cpu_v.shape == (4, 16, 2, 16)
         assert {t.dtype for t in (k, v, cpu_k, cpu_v)} == {torch.bfloat16}
         assert cpu_k.device.type == "cpu" and not cpu_k.is_pinned()

@@ -40,10 +40,10 @@ class TinyEngine:
     def __init__(self, model, num_blocks: int = 64):
         self.model = model
         cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, torch.float32, "cpu")
-        self.kv_caches = cache.kv_caches
+        self.kv_caches, self.null_block = cache.kv_caches, cache.null_block
         for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
-            k_cache.fill_(float("nan"))
-            v_cache.fill_(float("nan"))
+            k_cache[:num_blocks].fill_(float("nan"))
+            v_cache[:num_blocks].fill_(float("nan"))
         self.free_blocks = list(range(num_blocks))
         random.Random(0).shuffle(self.free_blocks)
 
@@ -53,7 +53,8 @@ class TinyEngine:
                 seq.block_table.append(self.free_blocks.pop())
         seqs, query_lens = [s for s, _ in batch], [n for _, n in batch]
         tables, computed = [s.block_table for s in seqs], [s.num_computed for s in seqs]
-        meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu")
+        meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu",
+                                       null_block=self.null_block)
         input_ids = torch.tensor([t for s, n in batch
                                   for t in s.tokens[s.num_computed:s.num_computed + n]])
         with torch.inference_mode():

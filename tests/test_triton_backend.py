@@ -45,11 +45,13 @@ def test_triton_and_torch_backends_agree_on_a_mixed_step(tiny):
     ids = torch.randint(3, 512, (sum(query_lens),), generator=torch.Generator().manual_seed(0))
     hidden = {}
     for name in ("torch", "triton"):
-        shape = (8, BLOCK_SIZE, model.config.num_kv_heads, model.config.head_dim)
-        torch.manual_seed(1)  # the same "cached" K/V in both runs
-        caches = [(torch.randn(shape), torch.randn(shape)) for _ in model.model.layers]
+        shape = (9, BLOCK_SIZE, model.config.num_kv_heads, model.config.head_dim)
+        torch.manual_seed(1)  # the same "cached" K/V in both runs; block 8 is the null block
+        caches = [(torch.randn(shape).index_fill_(0, torch.tensor([8]), 0),
+                   torch.randn(shape).index_fill_(0, torch.tensor([8]), 0))
+                  for _ in model.model.layers]
         meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu",
-                                       get_backend(name))
+                                       get_backend(name), null_block=8)
         with torch.inference_mode():
             hidden[name] = model(ids, meta.positions, meta, caches)
     torch.testing.assert_close(hidden["triton"], hidden["torch"], rtol=1e-4, atol=1e-4)
