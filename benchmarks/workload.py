@@ -34,8 +34,9 @@ class BenchRequest:
     output_len: int
 
 
-def make_requests(name: str) -> list[BenchRequest]:
-    spec = WORKLOADS[name]
+def make_requests(workload: str | WorkloadSpec) -> list[BenchRequest]:
+    """The requests of a named workload, or of any spec by the same rule."""
+    spec = WORKLOADS[workload] if isinstance(workload, str) else workload
     rng = random.Random(spec.seed)
     requests = []
     for _ in range(spec.num_requests):

@@ -5,8 +5,9 @@ A step packs the new tokens of all its sequences one after another. Each sequenc
 in the KV cache (``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer) at the blocks its
 block table names; attention reads K/V only through that table. The metadata turns tables into
 cache slots (``block_id * block_size + offset``) once per step, and every layer reuses them.
-Two backends share that interface: ``torch`` (gathers and torch's fused attention; the fast path
-on CPU) and ``triton`` (the paged kernels of ``kernels``; the path on CUDA).
+Two backends share that interface: ``torch`` (the fast path on CPU: decode rows in a compiled
+kernel, ``cpu_attention``, or in batched matmuls; prompts in torch's fused attention) and
+``triton`` (the paged kernels of ``kernels``; the path on CUDA).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from executor_svc import cpu_attention
 
 
 class AttentionBackend(NamedTuple):
@@ -68,6 +71,7 @@ class AttentionMetadata:
     # their contexts block by block ...
     decode_tokens: Tensor | None = None  # [D] int64: their tokens' indices in the packed batch
     decode_tables: Tensor | None = None  # [D, B] int64: their blocks, padded with the null block
+    decode_lens: Tensor | None = None  # [D] int64: their context lengths
     decode_mask: Tensor | None = None  # [D, B * block_size] bool: True within each context
     decode_last: Tensor | None = None  # [D] int64: index in the table of each last block
     decode_tail: Tensor | None = None  # [D, block_size] bool: last-block slots past the context
@@ -162,8 +166,17 @@ def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
 
 def _decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
             scale: float) -> Tensor:
-    """One new token per sequence (``query``: ``[D, H, hd]``), all sequences in two batched
-    matmuls. Each sequence's blocks are gathered whole into a contiguous ``[L, kvh * hd]``
+    """One new token per sequence (``query``: ``[D, H, hd]``): the compiled kernel where it
+    serves (float32 on the CPU), reading the cache in place; else gathered."""
+    if cpu_attention.serves(query, k_cache):
+        return cpu_attention.paged_decode(query, k_cache, v_cache, meta.decode_tables,
+                                          meta.decode_lens, scale)
+    return _decode_gathered(query, k_cache, v_cache, meta, scale)
+
+
+def _decode_gathered(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                     scale: float) -> Tensor:
+    """All sequences in two batched matmuls. Each sequence's blocks are gathered whole into a contiguous ``[L, kvh * hd]``
     context. Query heads are spread block-diagonally over the kv heads' columns, so one
     matmul scores every head against its own kv head (the other columns multiply zeros),
     and the kv head's columns of the output are kept."""
@@ -221,6 +234,7 @@ def _decode_context(tables: list[list[int]], seq_lens: Tensor, block_size: int,
     context = torch.arange(width * block_size)
     last = num_blocks - 1
     return {"decode_tables": torch.tensor(padded, dtype=torch.int64).view(len(tables), width),
+            "decode_lens": seq_lens,
             "decode_mask": context < seq_lens[:, None],
             "decode_last": last,
             "decode_tail": torch.arange(block_size) >= (seq_lens - last * block_size)[:, None]}

@@ -1,15 +1,17 @@
-"""The admin socket: read-only JSON views of the block pools, sequences and statistics.
+"""The admin socket: JSON views of the block pools, sequences and statistics, and one action.
 
 A request is a JSON object ``{"cmd": "pool" | "seqs" | "seq" | "stats" | "health"}``
 (``seq`` also takes ``"seq_id"``); the reply is JSON, ``{"error": ...}`` for a bad request.
 Every view costs O(blocks) at most, so the socket can be polled at 10 Hz under load.
+``reset_prefix_cache`` forgets every cached prefix (vLLM's endpoint of that name); it is
+refused while any sequence holds blocks.
 """
 from __future__ import annotations
 
 import json
 import time
 
-COMMANDS = ("pool", "seqs", "seq", "stats", "health")
+COMMANDS = ("pool", "seqs", "seq", "stats", "health", "reset_prefix_cache")
 
 
 class AdminError(ValueError):
@@ -41,6 +43,14 @@ class AdminHandler:
                 "executor": None if info is None else {
                     "model": info.model, "dtype": info.dtype, "device": info.device},
                 "max_model_len": service.max_model_len}
+
+    def reset_prefix_cache(self, request: dict) -> dict:
+        bm = self.service.scheduler.block_manager
+        if bm is None:
+            raise AdminError("no executor is ready yet: there is no prefix cache")
+        if not bm.reset_prefix_cache():
+            raise AdminError("requests hold blocks: reset the prefix cache when idle")
+        return {"reset": True}
 
     def pool(self, request: dict) -> dict:
         """Both pools' counts and maps, token slots, prefix cache, preemptions, queues."""

@@ -96,6 +96,15 @@ class BlockManager:
             self.prefix_cache.insert(self.tables[seq.seq_id], seq.token_ids, start, end)
             self._num_offered[seq.seq_id] = end
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, so that the next prompts compute from scratch (as a
+        benchmark's repeated runs must); False, changing nothing, while any block is in use."""
+        if self.tables:
+            return False
+        for block_id in list(self.prefix_cache.blocks):
+            self.prefix_cache.evict(block_id)
+        return True
+
     # ---------------------------------------------------------------- decode
 
     def can_append_slots(self, seqs: list[Sequence]) -> bool:

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from executor_svc import cpu_attention
 from executor_svc.attention import AttentionMetadata, attend, write_kv
 from kernels import paged_attention_reference, reshape_and_cache_reference
 
@@ -59,9 +60,21 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     return (out, k_cache, v_cache), (ref, ref_k, ref_v)
 
 
+@pytest.fixture(params=["kernel", "gathered"])
+def decode_path(request, monkeypatch):
+    """Decode rows through the compiled CPU kernel (as served by default) or gathered."""
+    if request.param == "kernel":
+        if cpu_attention.load() is None:
+            pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
+    else:
+        monkeypatch.setattr(cpu_attention, "serves", lambda *_: False)
+    return request.param
+
+
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4), (8, 1)],
                          ids=["gqa", "mha", "mqa"])
-def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv_heads):
+def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv_heads,
+                                                               decode_path):
     ours, reference = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.float32)
     (out, k_cache, v_cache), (ref, ref_k, ref_v) = ours, reference
     torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
@@ -77,12 +90,40 @@ def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
     torch.testing.assert_close(out.double(), ref, rtol=1.6e-2, atol=1e-2)
 
 
-@settings(max_examples=40, deadline=None)
+# The fixture only chooses the decode path: the same choice serves every example.
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), min_size=1, max_size=6),
-       block_size=st.sampled_from([1, 3, 4, 16]), seed=st.integers(0, 2**16))
-def test_any_batch_matches_reference(rows, block_size, seed):
-    (out, *_), (ref, *_) = run_step(rows, 4, 2, torch.float32, block_size=block_size, seed=seed)
+       block_size=st.sampled_from([1, 3, 4, 16]), seed=st.integers(0, 2**16),
+       num_heads=st.sampled_from([2, 6]))
+def test_any_batch_matches_reference(rows, block_size, seed, num_heads, decode_path):
+    (out, *_), (ref, *_) = run_step(rows, num_heads, 2, torch.float32, block_size=block_size,
+                                    seed=seed)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_is_cached_per_machine_and_rebuilt_into_a_fresh_cache(tmp_path, monkeypatch):
+    if cpu_attention.load() is None:
+        pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path))
+    cpu_attention.load.cache_clear()
+    try:
+        assert cpu_attention.load() is not None
+        [built] = (tmp_path / "kernels").iterdir()
+        assert built.name.startswith("paged_decode_cpu-") and built.suffix == ".so"
+    finally:
+        cpu_attention.load.cache_clear()
+
+
+def test_without_a_compiler_decode_takes_the_gathered_path(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    cpu_attention.load.cache_clear()
+    try:
+        assert cpu_attention.load() is None
+        (out, *_), (ref, *_) = run_step(MIXED_BATCH, 4, 2, torch.float32)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        cpu_attention.load.cache_clear()
 
 
 def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():

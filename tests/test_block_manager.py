@@ -352,6 +352,21 @@ def test_prefix_hit_computes_only_the_remaining_tokens():
     assert [bm.device.refcounts[block_id] for block_id in table_b] == [2, 2, 2, 1]
 
 
+def test_reset_prefix_cache_is_refused_while_blocks_are_held_then_forgets_every_prefix():
+    bm = BlockManager(BLOCK_SIZE, num_device_blocks=16, num_cpu_blocks=0, watermark=0.0)
+    prompt = list(range(3 * BLOCK_SIZE + 1))
+    first = Sequence(0, prompt, request=None)
+    bm.allocate(first)
+    compute(bm, first)
+    assert not bm.reset_prefix_cache()  # first still holds its blocks
+    bm.free(first)
+    assert bm.reset_prefix_cache()
+    assert bm.stats()["device"]["cached"] == 0 and bm.device.num_free == 16
+    again = Sequence(1, prompt, request=None)
+    bm.allocate(again)
+    assert again.num_computed_tokens == 0
+
+
 def test_only_computed_blocks_are_cached():
     bm = BlockManager(BLOCK_SIZE, num_device_blocks=16, num_cpu_blocks=0, watermark=0.0)
     a = make_seq(0, 3 * BLOCK_SIZE)

@@ -1,0 +1,238 @@
+"""``pagedserve bench compare``: pagedserve, transformers and vLLM's CPU build on the same
+requests, one after another in one invocation, and the ratios of their throughputs.
+
+Request sets: the shared workloads (``fixed``, ``mixed``; every request submitted at once) and
+a concurrency sweep (``c`` requests of 128 prompt + 128 output tokens, submitted at once, for
+each ``c``). Every request is greedy with EOS ignored, given as token ids.
+
+- pagedserve: ``pagedserve up`` with its defaults on free loopback ports, through the client;
+  the prefix cache is reset (admin ``reset_prefix_cache``) before every timed run.
+- transformers: ``benchmarks/peer_run.py`` in this environment, static batches.
+- vLLM: ``benchmarks/peer_run.py`` in vLLM's own environment (``--vllm-python``), with both
+  cores for its model threads and, where installed, tcmalloc and Intel OpenMP preloaded: the
+  best configuration in ../shared/peers/RESULTS.md.
+
+Machines drift: compare the ratios of one run, not times across runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.workload import WORKLOADS, WorkloadSpec, make_requests
+from common.cli import admin_request
+from common.client import Client
+from common.config import default_model_dir
+from common.sampling import SamplingParams
+
+SYSTEMS = ("pagedserve", "transformers", "vllm")
+SWEEP = (1, 4, 16, 64)
+PEER_RUN = Path(__file__).with_name("peer_run.py")
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def request_sets(workloads: list[str], repeats: int, sweep: list[int],
+                 mixed_repeats_hf: int) -> dict[str, dict]:
+    """Named request sets: each a list of {prompt, output_len} and its number of timed runs."""
+    sets = {}
+    for name in workloads:
+        sets[name] = {"requests": _as_dicts(make_requests(WORKLOADS[name])), "repeats": repeats}
+    for c in sweep:
+        spec = WorkloadSpec(c, (128, 128), (128, 128))
+        sets[f"sweep-{c}"] = {"requests": _as_dicts(make_requests(spec)), "repeats": 1}
+    if "mixed" in sets:
+        sets["mixed"]["repeats_transformers"] = mixed_repeats_hf
+    return sets
+
+
+def _as_dicts(requests) -> list[dict]:
+    return [{"prompt": r.prompt_token_ids, "output_len": r.output_len} for r in requests]
+
+
+def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
+                   model: str | None = None) -> dict:
+    """Start ``pagedserve up`` with its defaults, time every set, stop it."""
+    client_port, executor_port, admin_port = ports
+    admin = f"tcp://127.0.0.1:{admin_port}"
+    log = open(log_dir / "pagedserve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "up", "--client-port", str(client_port),
+         "--executor-port", str(executor_port), "--admin-port", str(admin_port),
+         "--log-stats-interval", "0", *(["--model", model] if model else [])], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        _wait_ready(admin, proc)
+        results = {}
+        with Client(f"tcp://127.0.0.1:{client_port}", timeout=300.0) as client:
+            client.generate(list(range(100, 140)), SamplingParams(temperature=0.0,
+                                                                  max_tokens=4))
+            for name, request_set in sets.items():
+                walls = []
+                for _ in range(request_set["repeats"]):
+                    reset = admin_request("reset_prefix_cache", admin)
+                    if "error" in reset:
+                        raise RuntimeError(f"reset_prefix_cache: {reset['error']}")
+                    walls.append(_timed_run(client, request_set["requests"]))
+                    print(f"  pagedserve {name}: {walls[-1]:.1f} s", flush=True)
+                results[name] = {"runs_s": walls, "median_s": statistics.median(walls)}
+        health = admin_request("health", admin)
+        return {"engine": "pagedserve", "executor": health["executor"], "results": results}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def _wait_ready(admin: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pagedserve up exited with {proc.returncode}")
+        try:
+            if admin_request("health", admin, 1.0).get("status") == "ready":
+                return
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("pagedserve did not become ready")
+
+
+def _timed_run(client: Client, requests: list[dict]) -> float:
+    prompts = [r["prompt"] for r in requests]
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r["output_len"])
+              for r in requests]
+    start = time.perf_counter()
+    outputs = client.generate(prompts, params)
+    wall = time.perf_counter() - start
+    got = [len(o.outputs[0].token_ids) for o in outputs]
+    if got != [r["output_len"] for r in requests]:
+        raise RuntimeError("pagedserve produced other output lengths than asked")
+    return wall
+
+
+def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype: str,
+             hf_batch_size: int, log_dir: Path) -> dict:
+    peer_sets = {name: {"requests": s["requests"],
+                        "repeats": s.get(f"repeats_{engine}", s["repeats"])}
+                 for name, s in sets.items()}
+    job = {"model": model, "dtype": dtype, "threads": 2, "hf_batch_size": hf_batch_size,
+           "sets": peer_sets}
+    env = dict(os.environ)
+    preload = [TCMALLOC] if Path(TCMALLOC).exists() else []
+    if engine == "vllm":
+        iomp = Path(python).parent.parent / "lib" / "libiomp5.so"
+        preload += [str(iomp)] if iomp.exists() else []
+        env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="0-1",
+                   VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    with tempfile.TemporaryDirectory() as tmp:
+        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps(job))
+        with open(log_dir / f"{engine}.log", "w") as log:
+            subprocess.run([python, str(PEER_RUN), "--engine", engine, "--job", str(job_file),
+                            "--out", str(out_file)], env=env, stdout=log,
+                           stderr=subprocess.STDOUT, check=True)
+        return json.loads(out_file.read_text())
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def throughput(sets: dict[str, dict], result: dict) -> dict[str, float]:
+    """Total tokens (prompt + output) per second of each set's median run."""
+    out = {}
+    for name, timing in result["results"].items():
+        tokens = sum(len(r["prompt"]) + r["output_len"] for r in sets[name]["requests"])
+        out[name] = tokens / timing["median_s"]
+    return out
+
+
+def format_table(sets: dict[str, dict], results: dict[str, dict]) -> str:
+    rates = {system: throughput(sets, r) for system, r in results.items()}
+    systems = [s for s in SYSTEMS if s in rates]
+    peers = [s for s in systems if s != "pagedserve"]
+    header = (["request set", "requests"] + [f"{s} tok/s" for s in systems]
+              + [f"pagedserve / {p}" for p in peers if "pagedserve" in rates])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, request_set in sets.items():
+        row = [name, str(len(request_set["requests"]))]
+        row += [f"{rates[s][name]:.1f}" if name in rates[s] else "-" for s in systems]
+        if "pagedserve" in rates:
+            row += [f"{rates['pagedserve'][name] / rates[p][name]:.2f}x"
+                    if name in rates[p] and name in rates["pagedserve"] else "-" for p in peers]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bool:
+    """Throughput against concurrent requests, one line per system; False without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, result in results.items():
+        rates = throughput(sets, result)
+        points = sorted((int(name.split("-")[1]), rate) for name, rate in rates.items()
+                        if name.startswith("sweep-"))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests (128 prompt + 128 output tokens each)")
+    ax.set_ylabel("total tokens / s")
+    ax.set_title("Throughput against concurrency, same CPU, one run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[int],
+            vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
+            out: Path, model: str | None = None) -> dict:
+    """Run the systems one after another; returns {sets, results} and writes
+    ``compare.json`` and ``compare.png`` into ``out``."""
+    peer_model = model or str(default_model_dir())
+    sets = request_sets(workloads, repeats, sweep, hf_mixed_repeats)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for system in systems:
+        print(f"{system} ...", flush=True)
+        if system == "pagedserve":
+            results[system] = run_pagedserve(sets, free_ports(3), out, model)
+        elif system == "transformers":
+            results[system] = run_peer("transformers", sys.executable, sets, peer_model, dtype,
+                                       hf_batch_size, out)
+        else:
+            if not vllm_python:
+                raise ValueError("vllm needs --vllm-python (the peers' install script makes "
+                                 "one: ../shared/peers/install_vllm_cpu.sh)")
+            results[system] = run_peer("vllm", vllm_python, sets, peer_model, dtype,
+                                       hf_batch_size, out)
+    (out / "compare.json").write_text(json.dumps({"sets": {
+        name: {"requests": len(s["requests"]),
+               "tokens": sum(len(r["prompt"]) + r["output_len"] for r in s["requests"])}
+        for name, s in sets.items()}, "results": results}, indent=1))
+    return {"sets": sets, "results": results}

@@ -1,0 +1,183 @@
+/* Paged decode attention on the CPU, float32: one new token per sequence, attending over its
+ * context straight from the paged KV cache, with no gathered copy of it.
+ *
+ * Layouts (all contiguous):
+ *   query, out        [num_seqs, num_heads, head_dim]
+ *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]
+ *   block_tables      [num_seqs, max_blocks] int64
+ *   seq_lens          [num_seqs] int64 (context length, this step's token included)
+ *
+ * One work item is a sequence: its heads walk the context one block at a time with an online
+ * softmax, each block's K/V read front to back while it is in cache. Sequences are split
+ * across num_threads POSIX threads (the caller runs one share itself).
+ *
+ * Written with GCC vector extensions, 8 floats wide (one AVX2 register), so head_dim must be
+ * a multiple of 8. Scores of four tokens are accumulated side by side (four independent FMA
+ * chains), and exp runs on 8 scores at a time. Built by executor_svc/cpu_attention.py with
+ * -O3 -march=native.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEADS 64
+#define MAX_BLOCK 256
+#define MAX_VECS 32 /* head_dim / 8 */
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum(v8 x) {
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+/* exp for x <= 0 (scores minus their running max): Cody-Waite reduction to r in
+ * [-ln2/2, ln2/2], a degree-6 polynomial, then 2^n through the exponent bits. Below -87 it
+ * returns about 1e-38 instead of 0, far under float32 resolution of a sum that holds 1. */
+static inline v8 exp8(v8 x) {
+    const v8 lo = splat(-87.0f);
+    const i8 below = x < lo; /* all ones where true */
+    x = (v8)(((i8)lo & below) | ((i8)x & ~below));
+    const v8 magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    v8 r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    v8 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+    return p * (v8)bits;
+}
+
+typedef struct {
+    const float *query, *k_cache, *v_cache;
+    const int64_t *block_tables, *seq_lens;
+    float *out;
+    int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+    float scale;
+    int64_t first, last; /* work items [first, last) */
+} Work;
+
+static void attend_item(const Work *w, int64_t seq) {
+    const int64_t kvh = w->num_kv_heads, hd = w->head_dim, bs = w->block_size;
+    const int64_t heads = w->num_heads, group = heads / kvh, vecs = hd / 8;
+    const int64_t len = w->seq_lens[seq];
+    const int64_t row = kvh * hd; /* floats between consecutive slots of a block */
+    v8 q[MAX_HEADS][MAX_VECS], acc[MAX_HEADS][MAX_VECS];
+    float max[MAX_HEADS], sum[MAX_HEADS];
+    float scores[MAX_BLOCK] __attribute__((aligned(32)));
+    const float *qs = w->query + seq * heads * hd;
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t c = 0; c < vecs; c++) {
+            q[h][c] = *(const v8u *)(qs + h * hd + c * 8) * splat(w->scale);
+            acc[h][c] = splat(0.0f);
+        }
+        max[h] = -INFINITY;
+        sum[h] = 0.0f;
+    }
+    for (int64_t b = 0; b * bs < len; b++) {
+        const int64_t block = w->block_tables[seq * w->max_blocks + b];
+        const int64_t n = len - b * bs < bs ? len - b * bs : bs;
+        for (int64_t h = 0; h < heads; h++) {
+            /* Query head h reads kv head h / group: its K/V rows within the block. */
+            const float *k = w->k_cache + (block * bs * kvh + h / group) * hd;
+            const float *v = w->v_cache + (block * bs * kvh + h / group) * hd;
+            int64_t j = 0;
+            for (; j + 4 <= n; j += 4) {
+                const float *k0 = k + j * row;
+                v8 a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t c = 0; c < vecs; c++) {
+                    const v8 qc = q[h][c];
+                    a0 += qc * *(const v8u *)(k0 + c * 8);
+                    a1 += qc * *(const v8u *)(k0 + row + c * 8);
+                    a2 += qc * *(const v8u *)(k0 + 2 * row + c * 8);
+                    a3 += qc * *(const v8u *)(k0 + 3 * row + c * 8);
+                }
+                scores[j] = hsum(a0), scores[j + 1] = hsum(a1);
+                scores[j + 2] = hsum(a2), scores[j + 3] = hsum(a3);
+            }
+            for (; j < n; j++) {
+                v8 a = splat(0.0f);
+                for (int64_t c = 0; c < vecs; c++)
+                    a += q[h][c] * *(const v8u *)(k + j * row + c * 8);
+                scores[j] = hsum(a);
+            }
+            float block_max = scores[0];
+            for (j = 1; j < n; j++) block_max = scores[j] > block_max ? scores[j] : block_max;
+            const float new_max = block_max > max[h] ? block_max : max[h];
+            const float correction = expf(max[h] - new_max); /* 0 on the first block */
+            for (j = n; j < ((n + 7) & ~7); j++) scores[j] = -INFINITY; /* pad to 8 */
+            float block_sum = 0.0f;
+            for (j = 0; j < n; j += 8) {
+                v8 p = exp8(*(v8 *)(scores + j) - splat(new_max));
+                for (int64_t i = 0; i < 8 && j + i < n; i++) block_sum += p[i];
+                *(v8 *)(scores + j) = p;
+            }
+            sum[h] = sum[h] * correction + block_sum;
+            v8 *a = acc[h];
+            for (int64_t c = 0; c < vecs; c++) a[c] *= splat(correction);
+            for (j = 0; j < n; j++) {
+                const v8 p = splat(scores[j]);
+                const float *vj = v + j * row;
+                for (int64_t c = 0; c < vecs; c++) a[c] += p * *(const v8u *)(vj + c * 8);
+            }
+            max[h] = new_max;
+        }
+    }
+    float *o = w->out + seq * heads * hd;
+    for (int64_t h = 0; h < heads; h++) {
+        const v8 inv = splat(1.0f / sum[h]);
+        for (int64_t c = 0; c < vecs; c++) *(v8u *)(o + h * hd + c * 8) = acc[h][c] * inv;
+    }
+}
+
+static void *run(void *arg) {
+    const Work *w = (const Work *)arg;
+    for (int64_t item = w->first; item < w->last; item++) attend_item(w, item);
+    return NULL;
+}
+
+/* Returns 0, or -1 for shapes it does not serve (the caller checks them first). */
+int paged_decode_f32(const float *query, const float *k_cache, const float *v_cache,
+                     const int64_t *block_tables, const int64_t *seq_lens, float *out,
+                     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                     int64_t block_size, int64_t max_blocks, float scale, int64_t num_threads) {
+    if (num_kv_heads < 1 || num_heads % num_kv_heads || num_heads > MAX_HEADS ||
+        head_dim % 8 || head_dim / 8 > MAX_VECS || block_size > MAX_BLOCK || num_threads < 1)
+        return -1;
+    const int64_t items = num_seqs;
+    if (num_threads > items) num_threads = items > 0 ? items : 1;
+    Work *works = malloc(sizeof(Work) * num_threads);
+    pthread_t *threads = malloc(sizeof(pthread_t) * num_threads);
+    int *started = malloc(sizeof(int) * num_threads);
+    if (!works || !threads || !started) {
+        free(works), free(threads), free(started);
+        return -1;
+    }
+    for (int64_t t = 0; t < num_threads; t++) {
+        works[t] = (Work){query, k_cache, v_cache, block_tables, seq_lens, out, num_heads,
+                          num_kv_heads, head_dim, block_size, max_blocks, scale,
+                          items * t / num_threads, items * (t + 1) / num_threads};
+    }
+    /* Threads 1.. run beside this one; if one cannot start, this thread does its share. */
+    for (int64_t t = 1; t < num_threads; t++)
+        started[t] = pthread_create(&threads[t], NULL, run, &works[t]) == 0;
+    run(&works[0]);
+    for (int64_t t = 1; t < num_threads; t++) {
+        if (started[t])
+            pthread_join(threads[t], NULL);
+        else
+            run(&works[t]);
+    }
+    free(works), free(threads), free(started);
+    return 0;
+}
