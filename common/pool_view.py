@@ -127,6 +127,11 @@ def render_stats(data: dict) -> str:
         s = data[key]
         lines.append(f"{name:>20}: " + "  ".join(
             f"{q} {_ms(s[q])}" for q in ("p50", "p90", "p99")) + f"  ({s['count']} samples)")
+    cost = data.get("step_cost", {})
+    if cost.get("steps"):
+        lines.append(f"{'step':>20}: p50 {cost['wall_ms_p50']:.1f} ms at {cost['seqs_p50']:g} "
+                     f"seqs, {cost['outside_forward_perc']:.2f}% outside the forward pass "
+                     f"({cost['steps']} steps)")
     return "\n".join(lines)
 
 

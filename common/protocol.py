@@ -169,6 +169,7 @@ class StepResult:
     beam_candidates: list[TopLogprobs] = field(default_factory=list)
     execute_ms: float = 0.0         # executor time for the step, for metrics
     block_ops_ms: float = 0.0       # of which swaps and copies: the swap cost the scheduler learns
+    forward_ms: float = 0.0         # of which the forward pass, logits and sampling
 
 
 MESSAGES = {cls.TYPE: cls for cls in (

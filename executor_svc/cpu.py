@@ -41,6 +41,16 @@ def tune_allocator() -> bool:
                 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the system (glibc ``malloc_trim``): after loading,
+    the dense copies of packed weights would otherwise stay resident under the raised trim
+    threshold. A no-op elsewhere."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class PackedLinear(nn.Module):
     """``F.linear(x, weight, bias)`` with the weight prepacked once for oneDNN's GEMM.
 

@@ -26,7 +26,7 @@ from common.log import get_logger
 
 log = get_logger("executor")
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 

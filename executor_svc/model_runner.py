@@ -62,9 +62,12 @@ class ModelRunner:
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
         self.seqs = seqs
         batch = [(seqs[sid], n) for sid, n in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist())]
+        forward_start = time.perf_counter()
         result = self._run(plan.seq_ids.tolist(), batch)
+        end = time.perf_counter()
         result.step, result.block_ops_ms = plan.step, block_ops_ms
-        result.execute_ms = (time.perf_counter() - start) * 1e3
+        result.forward_ms = (end - forward_start) * 1e3
+        result.execute_ms = (end - start) * 1e3
         return result
 
     def _check_batch(self, plan: p.StepPlan, seqs: dict[int, SeqState]) -> None:

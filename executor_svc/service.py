@@ -15,7 +15,7 @@ from common import protocol as p
 from common.config import ExecutorConfig
 from common.log import get_logger
 from executor_svc.cache_engine import CacheEngine
-from executor_svc.cpu import tune_allocator
+from executor_svc.cpu import release_free_memory, tune_allocator
 from executor_svc.model import ModelConfig, load_model
 from executor_svc.model_runner import ModelRunner, PlanError
 
@@ -52,6 +52,8 @@ class ExecutorService:
         log.info("loading model", model=model_dir, dtype=str(self.dtype), device=str(self.device),
                  attention=self.attention)
         self.model = load_model(model_dir, self.dtype, self.device)
+        if self.device.type == "cpu":
+            release_free_memory()
         self.model_dir = model_dir
         self.runner: ModelRunner | None = None
         self._stopped = False

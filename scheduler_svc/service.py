@@ -68,6 +68,7 @@ class SchedulerService:
         self.executor_id: bytes | None = None
         self.executor_info: p.RegisterExecutor | None = None
         self.in_flight: ScheduledStep | None = None
+        self._step_start = 0.0  # perf_counter when the step in flight began to be scheduled
         self._last_sent: dict[bytes, float] = {}   # client -> when we last sent it anything
         self._last_heard: dict[bytes, float] = {}  # client -> when it last sent us anything
         self._idle = False
@@ -313,6 +314,7 @@ class SchedulerService:
     # ------------------------------------------------------------ steps
 
     def _step(self) -> None:
+        self._step_start = time.perf_counter()
         scheduled = self.engine.schedule()
         for request in self.engine.take_capped():
             log.warning("request ended: its sequences outgrew the KV pool",
@@ -341,3 +343,5 @@ class SchedulerService:
                           output_tokens=request.num_generated)
             if request.stream or request.is_finished:
                 self._send_client(request.client, self.frontend.output(request))
+        self.metrics.observe_step((time.perf_counter() - self._step_start) * 1e3,
+                                  result.forward_ms, len(step.seqs))

@@ -210,6 +210,9 @@ def test_stats_count_every_request_and_token(run):
     assert 0 < stats["ttft_s"]["p50"] <= stats["ttft_s"]["p90"] <= stats["ttft_s"]["p99"]
     assert 0 < stats["itl_s"]["p50"] <= stats["itl_s"]["p99"] < stats["e2e_s"]["p99"]
     assert stats["queues"] == {"running": 0, "waiting": 0, "swapped": 0}
+    cost = stats["step_cost"]
+    assert cost["steps"] > 0 and cost["wall_ms_p50"] > cost["outside_forward_ms_p50"] > 0
+    assert 0 < cost["outside_forward_perc"] < 100
 
 
 def test_metrics_scraped_under_load_carry_vllm_names(run):

@@ -39,7 +39,8 @@ class TinyEngine:
 
     def __init__(self, model, num_blocks: int = 64):
         self.model = model
-        cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, torch.float32, "cpu")
+        dtype = model.model.embed_tokens.weight.dtype
+        cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, dtype, "cpu")
         self.kv_caches, self.null_block = cache.kv_caches, cache.null_block
         for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
             k_cache[:num_blocks].fill_(float("nan"))
@@ -81,9 +82,9 @@ def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int],
     return seqs
 
 
-def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int):
+def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32):
     """transformers' greedy generation of each prompt on its own, and the model that made it."""
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     hf.generation_config.eos_token_id = None  # a random model may hit EOS; generate every token
     with torch.inference_mode():
         outputs = [hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
@@ -124,6 +125,18 @@ def test_smollm2_greedy_tokens_identical_to_transformers_generate(smollm2_dir):
     model = load_model(smollm2_dir, torch.float32, "cpu")
     seqs = serve_greedy(model, prompts, [1, 2], MAX_NEW_TOKENS)
     assert [s.tokens for s in seqs] == hf_greedy(smollm2_dir, prompts, MAX_NEW_TOKENS)[0]
+
+
+def test_smollm2_bfloat16_greedy_tokens_identical_to_transformers_bfloat16(smollm2_dir):
+    """The half-precision path (bf16 weights and cache; decode attention gathered, since the
+    CPU kernel is float32 only) against transformers in bf16, prompt and decode steps."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [tokenizer(text).input_ids for text in ("The capital of France is",
+                                                      "Water boils at")]
+    seqs = serve_greedy(load_model(smollm2_dir, torch.bfloat16, "cpu"), prompts, [1, 2], 8)
+    expected, _ = hf_greedy(smollm2_dir, prompts, 8, dtype=torch.bfloat16)
+    assert [s.tokens for s in seqs] == expected
+    assert tokenizer.decode(seqs[0].tokens[len(prompts[0]):]).startswith(" Paris.")
 
 
 def test_bfloat16_logits_close_to_transformers_bfloat16(tmp_path):

@@ -1,0 +1,53 @@
+"""``pagedserve bench compare``: its request sets, its ratio table, and a real run of two
+systems on one request (vLLM is not installed in CI; its runner shares the transformers path
+through ``peer_run.py``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import compare
+from benchmarks.workload import fingerprint, make_requests
+
+
+def test_request_sets_are_the_shared_workloads_and_the_sweep():
+    sets = compare.request_sets(["fixed", "mixed"], repeats=3, sweep=[1, 4], mixed_repeats_hf=1)
+    assert list(sets) == ["fixed", "mixed", "sweep-1", "sweep-4"]
+    fixed = make_requests("fixed")
+    assert sets["fixed"]["requests"] == [{"prompt": r.prompt_token_ids, "output_len": 128}
+                                         for r in fixed]
+    assert fingerprint(fixed) == "be159fed4dfd6398"  # the peers' workload, request for request
+    assert sets["mixed"]["repeats"] == 3 and sets["mixed"]["repeats_transformers"] == 1
+    assert [len(sets[f"sweep-{c}"]["requests"]) for c in (1, 4)] == [1, 4]
+    assert all(len(r["prompt"]) == 128 and r["output_len"] == 128
+               for r in sets["sweep-4"]["requests"])
+
+
+def test_table_gives_total_tokens_per_second_and_ratios_against_each_peer():
+    sets = {"a": {"requests": [{"prompt": [1] * 100, "output_len": 100}]}}
+    results = {"pagedserve": {"results": {"a": {"median_s": 1.0}}},
+               "transformers": {"results": {"a": {"median_s": 4.0}}},
+               "vllm": {"results": {"a": {"median_s": 2.0}}}}
+    table = compare.format_table(sets, results)
+    assert table.splitlines()[0] == ("| request set | requests | pagedserve tok/s | "
+                                     "transformers tok/s | vllm tok/s | pagedserve / "
+                                     "transformers | pagedserve / vllm |")
+    assert table.splitlines()[2] == "| a | 1 | 200.0 | 50.0 | 100.0 | 4.00x | 2.00x |"
+
+
+def test_vllm_without_its_python_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--vllm-python"):
+        compare.compare(["vllm"], [], 1, [1], None, "float32", 32, 1, tmp_path)
+
+
+def test_pagedserve_and_transformers_side_by_side_on_one_request(smollm2_dir, tmp_path):
+    run = compare.compare(["pagedserve", "transformers"], [], 1, [1], None, "float32", 32, 1,
+                          tmp_path, model=str(smollm2_dir))
+    for system in ("pagedserve", "transformers"):
+        timing = run["results"][system]["results"]["sweep-1"]
+        assert len(timing["runs_s"]) == 1 and timing["median_s"] > 0
+    assert run["results"]["pagedserve"]["executor"]["dtype"] == "float32"
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["sets"]["sweep-1"] == {"requests": 1, "tokens": 256}
+    assert "| sweep-1 | 1 |" in compare.format_table(run["sets"], run["results"])
