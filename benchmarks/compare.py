@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
+
 from benchmarks.workload import WORKLOADS, WorkloadSpec, make_requests
 from common.cli import admin_request
 from common.client import Client
@@ -99,7 +101,7 @@ def _wait_ready(admin: str, proc: subprocess.Popen, timeout_s: float = 600.0) ->
         try:
             if admin_request("health", admin, 1.0).get("status") == "ready":
                 return
-        except Exception:  # noqa: BLE001 - not listening yet
+        except click.ClickException:  # not answering yet
             pass
         time.sleep(0.5)
     raise TimeoutError("pagedserve did not become ready")
