@@ -147,6 +147,7 @@ def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype:
 
 
 def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free at the moment of asking."""
     socks = [socket.socket() for _ in range(n)]
     for sock in socks:
         sock.bind(("127.0.0.1", 0))

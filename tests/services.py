@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,19 +10,10 @@ from pathlib import Path
 
 import click
 
+from benchmarks.compare import free_ports  # noqa: F401 - the tests take it from here
 from common.cli import admin_request
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
