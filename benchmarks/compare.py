@@ -68,7 +68,8 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.cli", "up", "--client-port", str(client_port),
          "--executor-port", str(executor_port), "--admin-port", str(admin_port),
-         "--log-stats-interval", "0", *(["--model", model] if model else [])], stdout=log, stderr=subprocess.STDOUT,
+         "--log-stats-interval", "0", *(["--model", model] if model else [])],
+        stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
         _wait_ready(admin, proc)

@@ -176,10 +176,10 @@ def _decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMeta
 
 def _decode_gathered(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
                      scale: float) -> Tensor:
-    """All sequences in two batched matmuls. Each sequence's blocks are gathered whole into a contiguous ``[L, kvh * hd]``
-    context. Query heads are spread block-diagonally over the kv heads' columns, so one
-    matmul scores every head against its own kv head (the other columns multiply zeros),
-    and the kv head's columns of the output are kept."""
+    """All sequences in two batched matmuls. Each sequence's blocks are gathered whole into a
+    contiguous ``[L, kvh * hd]`` context. Query heads are spread block-diagonally over the kv
+    heads' columns, so one matmul scores every head against its own kv head (the other
+    columns multiply zeros), and the kv head's columns of the output are kept."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads

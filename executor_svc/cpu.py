@@ -1,6 +1,6 @@
 """What the executor does differently on a CPU: a steadier allocator and prepacked weights.
 
-Both were measured (BENCHMARKS.md, "Where a step's time goes"):
+Both were measured (BENCHMARKS.md, "What changed in the executor"):
 
 - glibc serves every allocation above its mmap threshold with a fresh ``mmap``, and returns
   it on free; each step then page-faults its activations in again. On this project's VM that

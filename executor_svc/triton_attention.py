@@ -19,8 +19,9 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
 
 def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
            meta: AttentionMetadata, scale: float) -> Tensor:
-    """``key`` and ``value`` are read from the cache, where they were written. A pure decode step (one new token per sequence) takes the decode kernel; a step with
-    prompt tokens takes the prefill kernel for all its sequences, decodes included."""
+    """``key`` and ``value`` are read from the cache, where they were written. A pure decode
+    step (one new token per sequence) takes the decode kernel; a step with prompt tokens
+    takes the prefill kernel for all its sequences, decodes included."""
     if meta.max_query_len == 1:
         return kernels.paged_decode_attention(query, k_cache, v_cache, meta.block_tables,
                                               meta.seq_lens, scale, max_seq_len=meta.max_seq_len)
