@@ -4,16 +4,24 @@ steps.
 
     python -m benchmarks.steps --workload fixed
     python -m benchmarks.steps --workload mixed --profile-from 120
+    python -m benchmarks.steps --device cuda --dtype bfloat16 --attention-backend triton \
+        --model CONFIG_DIR --random-weights
 
-Prints the median prefill-carrying and pure-decode step times, the total, and (with
-``--profile-from N``) the torch operators of 10 decode steps from step N on. Compiled code that
-torch does not see (the C decode kernel) shows in the step times, not in the operator table.
+Prints the median prefill-carrying and pure-decode step times, the total, the generated tokens
+per second, and (with ``--profile-from N``) the torch operators of 10 decode steps from step N
+on. Compiled code that torch does not see (the C decode kernel) shows in the step times, not in
+the operator table. ``--random-weights`` builds a checkpoint of the same shape from the model
+directory's config.json (and its tokenizer): step times do not depend on the weights' values,
+and the workloads ignore EOS, so a machine without the checkpoint measures the same work.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,24 +40,45 @@ from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Request
 from scheduler_svc.tokenizer import Tokenizer
 
-BLOCK_SIZE, NUM_BLOCKS, PROFILED_STEPS = 16, 4000, 10
+BLOCK_SIZE, NUM_BLOCKS, MAX_NUM_SEQS, PROFILED_STEPS = 16, 4000, 256, 10
 
 
-def run(workload: str, profile_from: int | None = None) -> dict:
-    """Serve ``workload`` as the services would (executor defaults on CPU) and time its steps."""
-    tune_allocator()
-    model_dir = default_model_dir()
-    model = load_model(model_dir, torch.float32, "cpu")
+def random_checkpoint(model_dir: Path, out: Path) -> Path:
+    """A checkpoint with ``model_dir``'s config and tokenizer and random weights, in ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
+def run(workload: str, profile_from: int | None = None, *, model_dir: Path | None = None,
+        device: str = "cpu", dtype: torch.dtype = torch.float32,
+        attention_backend: str = "torch", eager: bool = False) -> dict:
+    """Serve ``workload`` as the services would (the executor's defaults on CPU) and time its
+    steps."""
+    if device == "cpu":
+        tune_allocator()
+    model_dir = model_dir or default_model_dir()
+    model = load_model(model_dir, dtype, device)
     release_free_memory()
-    runner = ModelRunner(model, CacheEngine(model.config, BLOCK_SIZE, NUM_BLOCKS, 0,
-                                            torch.float32, "cpu"), BLOCK_SIZE)
+    runner = ModelRunner(model, CacheEngine(model.config, BLOCK_SIZE, NUM_BLOCKS, 0, dtype,
+                                            device), BLOCK_SIZE, attention_backend)
+    graphs = torch.device(device).type == "cuda" and attention_backend == "triton" and not eager
+    if graphs:  # as the executor does by default
+        runner.use_decode_graphs(MAX_NUM_SEQS, model.config.max_model_len)
     block_manager = BlockManager(BLOCK_SIZE, NUM_BLOCKS, 0)
-    engine = Engine(Scheduler(block_manager, 256, 2048),
+    engine = Engine(Scheduler(block_manager, MAX_NUM_SEQS, 2048),
                     OutputProcessor(Tokenizer.from_model_dir(model_dir), 8192))
     for i, r in enumerate(make_requests(workload)):
         engine.add(Request(str(i), b"bench", SamplingParams(
             temperature=0.0, ignore_eos=True, max_tokens=r.output_len), r.prompt_token_ids,
             stream=False))
+    generated = sum(r.output_len for r in make_requests(workload))
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
     profiler, table = None, None
     start = time.perf_counter()
@@ -72,7 +101,10 @@ def run(workload: str, profile_from: int | None = None) -> dict:
                 table = profiler.key_averages().table(sort_by="self_cpu_time_total",
                                                       row_limit=20)
                 profiler = None
-    return {"workload": workload, "wall_s": time.perf_counter() - start,
+    wall = time.perf_counter() - start
+    return {"workload": workload, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "attention_backend": attention_backend, "decode_graphs": graphs, "wall_s": wall,
+            "generated_tok_s": generated / wall,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
             **{f"{kind}_ms_p50": statistics.median(ts) * 1e3 for kind, ts in times.items()
                if ts},
@@ -84,8 +116,24 @@ def main() -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="fixed")
     parser.add_argument("--profile-from", type=int, default=None,
                         help="Profile 10 decode steps from this decode step on.")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="No CUDA graphs for decode steps (CUDA with triton attention).")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="Model directory (default: the prepared SmolLM2).")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="Random weights in the shape of --model's config.json.")
     args = parser.parse_args()
-    result = run(args.workload, args.profile_from)
+    options = dict(device=args.device, dtype=getattr(torch, args.dtype),
+                   attention_backend=args.attention_backend, eager=args.enforce_eager)
+    if args.random_weights:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = random_checkpoint(args.model or default_model_dir(), Path(tmp))
+            result = run(args.workload, args.profile_from, model_dir=model_dir, **options)
+    else:
+        result = run(args.workload, args.profile_from, model_dir=args.model, **options)
     if result["profile"]:
         print(result["profile"])
     for key, value in result.items():

@@ -82,6 +82,7 @@ class ExecutorConfig:
     swap_space_gb: float = 4.0
     num_cpu_blocks: int | None = None
     attention_backend: str = "auto"     # auto: triton on CUDA, torch on CPU
+    enforce_eager: bool = False         # CUDA + triton: no decode graphs
     tensor_parallel_size: int = 1
     log_format: str = "console"
 

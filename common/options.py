@@ -61,6 +61,9 @@ EXECUTOR_OPTIONS = [
                  default="auto", show_default=True,
                  help="auto: triton on CUDA, torch on CPU (triton on CPU runs in triton's "
                       "interpreter: for tests)."),
+    click.option("--enforce-eager/--no-enforce-eager", default=False, show_default=True,
+                 help="Run every step eagerly: no CUDA graphs for decode steps (on CUDA with "
+                      "triton attention, pure-decode steps replay a graph per batch size)."),
     click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
 ]
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from common import protocol as p
 from common.sampling import SamplingParams
 from executor_svc.attention import AttentionMetadata, get_backend
 from executor_svc.cache_engine import CacheEngine
+from executor_svc.cuda_graphs import DecodeGraphs
 from executor_svc.model import PagedLlamaForCausalLM
 from executor_svc.sampler import Sampler
 
@@ -49,6 +51,15 @@ class ModelRunner:
         self.attention = get_backend(attention_backend)
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
+        self.graphs: DecodeGraphs | None = None
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int,
+                          capture: bool = True) -> None:
+        """Run pure-decode steps of up to ``max_num_seqs`` sequences (contexts up to
+        ``max_model_len``) from CUDA graphs, captured now (``executor_svc.cuda_graphs``)."""
+        self.graphs = DecodeGraphs(self.model, self.cache.kv_caches, self.attention,
+                                   self.block_size, self.cache.null_block, max_num_seqs,
+                                   max_model_len, capture)
 
     def execute(self, plan: p.StepPlan) -> p.StepResult:
         start = time.perf_counter()
@@ -105,15 +116,7 @@ class ModelRunner:
                               token_ids=np.zeros(0, np.int32), logprobs=np.zeros(0, np.float32))
         if not batch:
             return result
-        input_ids = []
-        for seq, n in batch:
-            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
-        meta = AttentionMetadata.build([seq.block_table for seq, _ in batch],
-                                       [seq.num_computed_tokens for seq, _ in batch],
-                                       [n for _, n in batch], self.block_size, self.device,
-                                       self.attention, self.cache.null_block)
-        hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
-                            self.cache.kv_caches)
+        hidden, last_token_indices = self._forward(batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
         # A sequence samples once all its known tokens are in the cache.
@@ -121,7 +124,7 @@ class ModelRunner:
                 if seq.num_computed_tokens == len(seq.token_ids)]
         if not rows:
             return result
-        logits = self.model.compute_logits(hidden[meta.last_token_indices[rows]])
+        logits = self.model.compute_logits(hidden[last_token_indices[rows]])
         seqs = [batch[i][0] for i in rows]
         out = self.sampler(logits, [seq.params for seq in seqs],
                            [self._generator(seq) for seq in seqs])
@@ -136,6 +139,25 @@ class ModelRunner:
             _top(out, j, sid, max(2 * seq.params.beam_width, seq.params.logprobs or 0))
             for j, sid, seq in beams]
         return result
+
+    def _forward(self, batch: list[tuple[SeqState, int]]) -> tuple[Tensor, Tensor]:
+        """The hidden states of the step's new tokens, and where each sequence's last one is;
+        from a graph when every sequence computes one token and one fits."""
+        tables = [seq.block_table for seq, _ in batch]
+        computed = [seq.num_computed_tokens for seq, _ in batch]
+        if (self.graphs is not None and all(n == 1 for _, n in batch)
+                and self.graphs.serves(len(batch), max(map(len, tables)))):
+            hidden = self.graphs.run([seq.token_ids[seq.num_computed_tokens] for seq, _ in batch],
+                                     computed, tables)
+            return hidden, torch.arange(len(batch), device=self.device)
+        input_ids = []
+        for seq, n in batch:
+            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+        meta = AttentionMetadata.build(tables, computed, [n for _, n in batch], self.block_size,
+                                       self.device, self.attention, self.cache.null_block)
+        hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
+                            self.cache.kv_caches)
+        return hidden, meta.last_token_indices
 
     @staticmethod
     def _sampled(result: p.StepResult, out, sampled: list) -> None:

@@ -7,6 +7,7 @@ answered by one ``result``, or by an ``error`` when the plan is invalid.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import zmq
@@ -104,6 +105,13 @@ class ExecutorService:
         cache = CacheEngine(self.model_config, configure.block_size, num_device, num_cpu,
                             self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention)
+        if (self.device.type == "cuda" and self.attention == "triton"
+                and not self.config.enforce_eager):
+            start = time.perf_counter()
+            self.runner.use_decode_graphs(configure.max_num_seqs, configure.max_model_len)
+            log.info("decode graphs captured", batch_sizes=len(self.runner.graphs.buckets),
+                     max_batch=self.runner.graphs.max_batch,
+                     seconds=round(time.perf_counter() - start, 1))
         self.sock.send(p.encode(p.ExecutorReady(num_device_blocks=num_device,
                                                 num_cpu_blocks=num_cpu)))
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,

@@ -48,10 +48,10 @@ def make_runner(path, num_blocks, num_cpu_blocks=0, attention_backend="torch", d
 
 def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cpu_blocks=0,
         prefix_caching=True, eos_token_ids=(), on_step=None, attention_backend="torch",
-        device="cpu"):
-    """Run requests through engine -> encoded plan -> runner -> encoded result, in process.
-    Returns the scheduler (its preemption counters)."""
-    runner = make_runner(path, num_blocks, num_cpu_blocks, attention_backend, device)
+        device="cpu", runner=None):
+    """Run requests through engine -> encoded plan -> runner -> encoded result, in process
+    (``runner``, or a new one). Returns the scheduler (its preemption counters)."""
+    runner = runner or make_runner(path, num_blocks, num_cpu_blocks, attention_backend, device)
     bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0, prefix_caching)
     engine = Engine(Scheduler(bm, 8, max_batched, mode),
                     OutputProcessor(word_tokenizer(eos_token_ids), max_model_len=128))
@@ -165,6 +165,19 @@ def test_seeded_samples_are_reproducible_and_exact_under_preemption(tiny, mode):
     constrained, preemptions = samples(20)
     assert preemptions[mode] > 0 and constrained == alone
     assert all(len({tuple(s) for s in group}) > 1 for group in alone)  # the samples differ
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_on_cuda_swapped_and_forked_samples_give_the_transformers_tokens(tiny, backend):
+    """On a GPU: groups swap out to pinned host memory and back, and forked samples copy their
+    shared last block on write; the greedy samples still equal transformers' output."""
+    path, prompts, expected = tiny
+    requests = [request(ids, n=3, temperature=0.0, ignore_eos=True) for ids in prompts]
+    scheduler = run(path, requests, 20, mode="swap", num_cpu_blocks=cpu_blocks("swap"),
+                    attention_backend=backend, device="cuda")
+    assert scheduler.preemptions["swap"] > 0
+    assert [[s.output_token_ids for s in r.seqs] for r in requests] == [[e] * 3 for e in expected]
 
 
 def test_n_samples_hold_fewer_blocks_than_n_separate_requests(tiny):

@@ -1,6 +1,7 @@
 """The ``triton`` attention backend inside the model: the kernels (in triton's interpreter
 without a GPU) give the same greedy tokens as the ``torch`` backend, through the engine with
 mixed prefill and decode steps, chunked prefill, prefix caching and parallel samples."""
+import os
 import random
 
 import pytest
@@ -8,11 +9,16 @@ import torch
 
 from executor_svc.attention import AttentionMetadata, get_backend
 from executor_svc.model import load_model
-from test_engine import BLOCK_SIZE, request, run
+from executor_svc.cuda_graphs import batch_buckets
+from test_engine import BLOCK_SIZE, make_runner, request, run
 from tiny_models import make_tiny_model
 
 PROMPT_LENS = [5, 21, 3, 12]
 MAX_TOKENS = 6
+# Triton runs kernels on CPU tensors only in its interpreter, which conftest chooses when there
+# is no GPU; with one, the CPU variants skip.
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +35,14 @@ def greedy(path, prompts, backend, **kwargs):
     return [[s.output_token_ids for s in r.seqs] for r in requests]
 
 
+@interpreted
 def test_triton_backend_gives_the_torch_backend_tokens(tiny):
     path, prompts = tiny
     # max_batched 16 splits the 21-token prompt into chunks beside decoding sequences
     assert greedy(path, prompts, "triton", max_batched=16) == greedy(path, prompts, "torch")
 
 
+@interpreted
 def test_triton_and_torch_backends_agree_on_a_mixed_step(tiny):
     """One step with a chunk over a cached prefix, a fresh prompt and two decodes: the
     hidden states agree to float32 rounding."""
@@ -63,6 +71,35 @@ def test_on_cuda_each_backend_gives_the_cpu_tokens(tiny, backend):
     path, prompts = tiny
     on_cuda = greedy(path, prompts, backend, max_batched=16, device="cuda")
     assert on_cuda == greedy(path, prompts, "torch")
+
+
+def test_batch_buckets_cover_every_batch_up_to_the_limit():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(256)[-3:] == [240, 248, 256]
+    assert batch_buckets(10_000)[-1] == 512
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA device"))])
+def test_decode_graphs_give_the_eager_tokens(tiny, device):
+    """Pure-decode steps through the graphs' static, padded buffers (captured and replayed on
+    CUDA; run eagerly on CPU) give the tokens of the eager torch backend, with parallel
+    samples forking and copying blocks, and with groups swapped out and back."""
+    path, prompts = tiny
+    for num_blocks, mode in ((64, "recompute"), (10, "swap")):
+        runner = make_runner(path, num_blocks, 32, "triton", device)
+        # 8 sequences at most (run's scheduler): buckets 1, 2, 4 and 8, with padding rows
+        runner.use_decode_graphs(max_num_seqs=8, max_model_len=128, capture=device != "cpu")
+        counters = []
+        tokens = greedy(path, prompts, "triton", max_batched=16, runner=runner, mode=mode,
+                        num_blocks=num_blocks, num_cpu_blocks=32,
+                        on_step=lambda scheduler: counters.append(dict(scheduler.preemptions)))
+        assert runner.graphs.steps > 0
+        assert (counters[-1]["swap"] > 0) == (mode == "swap")
+        assert tokens == greedy(path, prompts, "torch")
 
 
 @pytest.mark.slow

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one run that fits a short lease of a GPU machine:
+#   kernel-tests  the kernel tests, against float64 references
+#   tests    the engine's CUDA-only tests: swaps, copy-on-write and decode graphs on the GPU
+#   kernels  python -m benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
+#   steps    python -m benchmarks.steps on the shared workloads, bf16, with decode graphs, with
+#            --enforce-eager, and with the torch backend
+#   serve    pagedserve up on the GPU, then bench throughput on both workloads, with decode
+#            graphs and with --enforce-eager
+# Steps and serve use SmolLM2's shape with random weights: step times do not depend on the
+# weights' values, and the workloads ignore EOS.
+#
+#   bash benchmarks/gpu_checks.sh OUT_DIR CONFIG_DIR [PART...]     (default: every part)
+#
+# CONFIG_DIR holds SmolLM2's config.json and tokenizer files (no weights needed). Each part has
+# its own time limits, so that one slow part still leaves the others' results in OUT_DIR.
+set -uo pipefail
+out=${1:?OUT_DIR}
+config=${2:?CONFIG_DIR}
+shift 2
+parts=${*:-kernel-tests tests kernels steps serve}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+device=${DEVICE:-cuda}  # DEVICE=cpu tries the script out on a machine without a GPU
+model=/tmp/pagedserve-random-smollm2
+
+nvidia-smi -L
+"$py" -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', \
+triton.__version__, '| transformers', transformers.__version__, '|', \
+torch.cuda.get_device_name())"
+if [[ $parts == *steps* || $parts == *serve* ]] && [[ ! -d $model ]]; then
+    "$py" -c "import sys; from pathlib import Path; from benchmarks.steps import random_checkpoint
+random_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]))" "$config" "$model" 2>&1 | grep -v Writing
+fi
+
+if [[ $parts == *kernel-tests* ]]; then
+    echo "== kernel tests on the GPU"
+    timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py \
+        tests/test_kernels_prefill.py 2>&1 | tee "$out/kernel-tests.log" \
+        | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
+fi
+
+if [[ " $parts " == *" tests "* ]]; then
+    echo "== engine tests on the GPU"
+    timeout 90 "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py \
+        tests/test_triton_backend.py -k "cuda or graphs" -m "not slow" 2>&1 \
+        | tee "$out/tests.log" | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
+fi
+
+if [[ $parts == *kernels* ]]; then
+    echo "== kernel benchmark"
+    timeout 150 "$py" -m benchmarks.kernels --json > "$out/kernels.json" 2> "$out/kernels.err"
+    echo "rc=$?"; tail -3 "$out/kernels.err"
+fi
+
+if [[ $parts == *steps* ]]; then
+    echo "== engine steps in process"
+    for run in "fixed triton" "fixed triton --enforce-eager" "mixed triton" "fixed torch"; do
+        set -- $run
+        timeout 90 "$py" -m benchmarks.steps --workload "$1" --attention-backend "$2" ${3:-} \
+            --device "$device" --dtype bfloat16 --model "$model" 2>&1 \
+            | tee -a "$out/steps.txt" | grep -E "workload|backend|graphs|tok_s|ms_p50|Error"
+    done
+fi
+
+if [[ $parts == *serve* ]]; then
+    echo "== pagedserve up on the GPU, bench throughput"
+    for eager in --no-enforce-eager --enforce-eager; do
+        "$py" -m common.cli up --device "$device" --model "$model" "$eager" --ready-timeout 150 \
+            > "$out/up$eager.log" 2>&1 &
+        up=$!
+        for _ in $(seq 150); do
+            grep -q "pagedserve ready" "$out/up$eager.log" && break
+            kill -0 $up 2> /dev/null || break
+            sleep 1
+        done
+        for workload in fixed mixed; do
+            echo "$eager $workload"
+            timeout 60 "$py" -m common.cli bench throughput --workload $workload --json 2>&1 \
+                | tee -a "$out/serve.jsonl" | tail -2
+        done
+        kill -INT $up; wait $up
+        grep -E "graphs captured|Error|error" "$out/up$eager.log" | tail -5
+    done
+fi

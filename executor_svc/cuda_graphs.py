@@ -1,0 +1,143 @@
+"""Pure-decode steps replayed from CUDA graphs.
+
+A decode step of a small model is mostly kernel launches: on an H200, SmolLM2's 32-sequence
+decode step spent 2.5 ms on the GPU and about 25 ms launching some 900 kernels from Python
+(BENCHMARKS.md, "GPU"). So, as vLLM does, the model's forward for a step in which every
+sequence computes one token is captured once per batch-size bucket and replayed: one launch
+per step.
+
+A graph replays fixed addresses and shapes. Its inputs are static buffers, refilled before each
+replay: token ids, positions, cache slots, context lengths and block tables, the tables at the
+full width of ``max_model_len``, so that the decode kernel's launch (split-K, partitions) is
+fixed at capture. A batch of ``n`` runs in the smallest bucket ``b >= n``; rows ``n..b`` are
+padding: slot -1 (no cache write) and a one-token context in the null block (zeros), so they
+stay finite and write nothing. Only the triton backend is captured; it makes no host sync.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from executor_svc.attention import AttentionBackend, AttentionMetadata
+from executor_svc.model import PagedLlamaForCausalLM
+
+MAX_BUCKET = 512
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes given a graph: 1, 2, 4, then every multiple of 8 up to the first one that
+    holds ``max_num_seqs`` (at most ``MAX_BUCKET``)."""
+    limit = min(max_num_seqs, MAX_BUCKET)
+    buckets = []
+    for size in (1, 2, 4, *range(8, MAX_BUCKET + 1, 8)):
+        buckets.append(size)
+        if size >= limit:
+            return buckets
+    return buckets
+
+
+class DecodeGraphs:
+    """Static inputs and one graph per bucket for ``model`` over ``kv_caches``.
+
+    ``capture=False`` runs the same padded static-buffer forward eagerly: what the tests use
+    without a GPU, and a fallback with the same numerics."""
+
+    def __init__(self, model: PagedLlamaForCausalLM, kv_caches: list[tuple[Tensor, Tensor]],
+                 backend: AttentionBackend, block_size: int, null_block: int,
+                 max_num_seqs: int, max_model_len: int, capture: bool = True):
+        if backend.name != "triton":
+            raise ValueError(f"decode graphs need the triton attention backend, not "
+                             f"{backend.name!r}: it makes no host sync")
+        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.block_size, self.null_block = block_size, null_block
+        self.width = -(-max_model_len // block_size)  # blocks per table
+        self.buckets = batch_buckets(max_num_seqs)
+        device = kv_caches[0][0].device
+        size = self.buckets[-1]
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((size, self.width), null_block, dtype=torch.int32,
+                                       device=device)
+        self.query_start_loc = torch.arange(size + 1, device=device)  # one token per sequence
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.steps = 0  # steps run here
+        if capture:
+            self._capture()
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def serves(self, num_seqs: int, max_blocks: int) -> bool:
+        return 0 < num_seqs <= self.max_batch and max_blocks <= self.width
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], num_computed: list[int],
+            tables: list[list[int]]) -> Tensor:
+        """Hidden states ``[n, hidden]`` of one new token for each of ``n`` sequences: token
+        ``token_ids[i]`` at position ``num_computed[i]`` of the sequence whose blocks are
+        ``tables[i]``. The result is a view of a static buffer, valid until the next run."""
+        num_seqs = len(token_ids)
+        bucket = next(b for b in self.buckets if b >= num_seqs)
+        self._fill(bucket, token_ids, num_computed, tables)
+        self.steps += 1
+        if bucket in self.graphs:
+            self.graphs[bucket].replay()
+            return self.outputs[bucket][:num_seqs]
+        return self._forward(bucket)[:num_seqs]
+
+    def _fill(self, bucket: int, token_ids: list[int], num_computed: list[int],
+              tables: list[list[int]]) -> None:
+        num_seqs = len(token_ids)
+        positions = np.zeros(bucket, np.int64)
+        positions[:num_seqs] = num_computed
+        padded = np.full((bucket, self.width), self.null_block, np.int32)
+        for row, table in enumerate(tables):
+            padded[row, :len(table)] = table
+        rows = np.arange(num_seqs)
+        slots = np.full(bucket, -1, np.int64)
+        slots[:num_seqs] = (padded[rows, positions[:num_seqs] // self.block_size].astype(np.int64)
+                            * self.block_size + positions[:num_seqs] % self.block_size)
+        ids = np.zeros(bucket, np.int64)
+        ids[:num_seqs] = token_ids
+        lens = np.ones(bucket, np.int32)
+        lens[:num_seqs] = positions[:num_seqs] + 1
+        for buffer, host in ((self.input_ids, ids), (self.positions, positions),
+                             (self.slot_mapping, slots), (self.seq_lens, lens),
+                             (self.block_tables, padded)):
+            buffer[:bucket].copy_(torch.from_numpy(host), non_blocking=True)
+
+    def _meta(self, bucket: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            positions=self.positions[:bucket], slot_mapping=self.slot_mapping[:bucket],
+            query_start_loc=self.query_start_loc[:bucket + 1],
+            seq_lens=self.seq_lens[:bucket], block_tables=self.block_tables[:bucket],
+            max_query_len=1, max_seq_len=self.width * self.block_size, backend=self.backend)
+
+    def _forward(self, bucket: int) -> Tensor:
+        return self.model(self.input_ids[:bucket], self.positions[:bucket], self._meta(bucket),
+                          self.kv_caches)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Largest bucket first, all in one memory pool: each smaller graph reuses the
+        largest one's activations. A warm-up forward before each capture compiles the
+        kernels and sets up cuBLAS outside the graph."""
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bucket in reversed(self.buckets):
+                self._forward(bucket)  # padding rows only: slots -1, nothing is written
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[bucket] = self._forward(bucket)
+                pool = graph.pool()
+                self.graphs[bucket] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
