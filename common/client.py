@@ -45,6 +45,12 @@ class OverloadedError(ServerError):
     retriable = True
 
 
+class RequestLostError(ServerError):
+    """The scheduler restarted and no longer holds the request; submit it again."""
+
+    retriable = True
+
+
 class ServerTimeoutError(PagedServeError, TimeoutError):
     """No word from the server within the client's timeout; the request may be retried."""
 
@@ -95,6 +101,7 @@ class AsyncClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(address)
         self._queues: dict[str, asyncio.Queue] = {}
+        self._sent: set[str] = set()  # live requests the server has been sent
         self._reader: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
 
@@ -147,6 +154,7 @@ class AsyncClient:
         finished = False
         try:
             await self._sock.send(p.encode(msg))
+            self._sent.add(request_id)
             prompt_ids: list[int] = []
             while not finished:
                 out = await self._next(queue, request_id)
@@ -156,6 +164,7 @@ class AsyncClient:
                 yield _to_output(out, prompt if isinstance(prompt, str) else None, prompt_ids)
         finally:
             del self._queues[request_id]
+            self._sent.discard(request_id)
             if not finished:
                 await self.abort(request_id)
 
@@ -180,11 +189,12 @@ class AsyncClient:
             self._pinger = loop.create_task(self._ping())
 
     async def _ping(self) -> None:
-        """While requests are live, tell the server every second that this client is here."""
+        """While requests are live, tell the server every second that this client is here,
+        and which requests it waits for: a restarted server answers that it lost them."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self._queues:
-                await self._sock.send(p.encode(p.Heartbeat()))
+                await self._sock.send(p.encode(p.Heartbeat(request_ids=sorted(self._sent))))
 
     async def _read(self) -> None:
         while True:
@@ -292,4 +302,6 @@ def _error(msg: p.ErrorMsg) -> PagedServeError:
         return InvalidRequestError(msg.message)
     if msg.code == "overloaded":
         return OverloadedError(msg.message)
+    if msg.code == "request_lost":
+        return RequestLostError(msg.message)
     return ServerError(f"{msg.code}: {msg.message}")

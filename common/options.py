@@ -20,6 +20,11 @@ SCHEDULER_OPTIONS = [
                  help="Seconds a client with live requests may stay silent (clients send a "
                       "heartbeat every second) before it is taken for gone and its requests "
                       "are aborted."),
+    click.option("--executor-timeout", type=float, default=1.5, show_default=True,
+                 help="Seconds the registered executor may stay silent (it sends a heartbeat "
+                      "every 0.25 s, even mid-step) before it is taken for dead: its running "
+                      "and swapped sequences wait to be recomputed on the next executor that "
+                      "registers."),
     click.option("--max-waiting", type=int, default=4096, show_default=True,
                  help="Requests queued before admission at most; beyond it new requests get "
                       "an 'overloaded' error instead of growing memory without bound."),

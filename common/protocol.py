@@ -70,7 +70,8 @@ class RequestOutputMsg:
 @dataclass
 class ErrorMsg:
     TYPE: ClassVar[str] = "error"
-    code: str                       # invalid_request | protocol_error | overloaded | internal
+    code: str  # invalid_request | protocol_error | overloaded | request_lost | unavailable
+    #            | internal
     message: str
     request_id: str | None = None   # set when the error belongs to one request
 
@@ -79,7 +80,15 @@ class ErrorMsg:
 class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
     # both ways, at least once a second while a client has live requests: silence from the
-    # scheduler means trouble for the client; silence from a client means it is gone
+    # scheduler means trouble for the client; silence from a client means it is gone. The
+    # executor's heartbeat socket (routing id: its own + HEARTBEAT_SUFFIX) sends one every
+    # EXECUTOR_HEARTBEAT_S, answered only while it is the registered executor.
+    request_ids: list[str] | None = None  # from a client: its live requests, so that a
+    #                                      restarted scheduler can say which it lost
+
+
+HEARTBEAT_SUFFIX = b"/heartbeat"
+EXECUTOR_HEARTBEAT_S = 0.25
 
 
 # ---------------------------------------------------------------- executor <-> scheduler

@@ -11,6 +11,8 @@ import click
 from common import options
 from common.config import default_model_dir
 
+RESTARTS_PER_MINUTE = 5
+
 
 def _flags(kwargs: dict, option_list: list) -> list[str]:
     """The command line that passes ``kwargs`` on to a service taking ``option_list``."""
@@ -42,12 +44,12 @@ def main(ready_timeout: float, **kwargs) -> None:
     if kwargs["model"] is None and not (default_model_dir() / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "common.cli", "prepare-model"], check=True)
     shared = options.SHARED_OPTIONS
-    scheduler = _service("scheduler", _flags(kwargs, options.SCHEDULER_OPTIONS + shared))
     connect_host = "127.0.0.1" if kwargs["host"] in ("0.0.0.0", "*") else kwargs["host"]
-    executor = _service("executor", [
-        "--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
-        *_flags(kwargs, options.EXECUTOR_OPTIONS + shared)])
-    services = [scheduler, executor]
+    commands = {
+        "scheduler": _flags(kwargs, options.SCHEDULER_OPTIONS + shared),
+        "executor": ["--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
+                     *_flags(kwargs, options.EXECUTOR_OPTIONS + shared)]}
+    services = [_service(name, flags) for name, flags in commands.items()]
     # Set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
@@ -60,13 +62,33 @@ def main(ready_timeout: float, **kwargs) -> None:
                    + (f"  metrics   http://{kwargs['host']}:{kwargs['metrics_port']}/metrics\n"
                       if kwargs["metrics_port"] else "")
                    + "Ctrl-C stops both services.", err=False)
-        while all(s.poll() is None for s in services):
-            time.sleep(0.2)
-        raise click.ClickException("a service exited; stopping the other")
+        _supervise(services, commands)
     except KeyboardInterrupt:
         pass
     finally:
         _stop(services)
+
+
+def _supervise(services: list[subprocess.Popen], commands: dict[str, list[str]]) -> None:
+    """Restart a service that exits, as compose's restart policy does: the scheduler then
+    takes a restarted executor's sequences for lost and recomputes them; a restarted
+    scheduler's clients get a retriable error, and the executor registers with it by
+    itself. More than RESTARTS_PER_MINUTE restarts of one service in a minute: give up."""
+    restarts: dict[str, list[float]] = {name: [] for name in commands}
+    while True:
+        time.sleep(0.2)
+        for i, name in enumerate(commands):
+            code = services[i].poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            recent = restarts[name] = [t for t in restarts[name] if now - t < 60] + [now]
+            if len(recent) > RESTARTS_PER_MINUTE:
+                raise click.ClickException(f"the {name} exited {len(recent)} times within a "
+                                           f"minute (last code {code}): stopping")
+            click.echo(f"pagedserve up: the {name} exited with code {code}; restarting it",
+                       err=True)
+            services[i] = _service(name, commands[name])
 
 
 def _interrupt(*_) -> None:

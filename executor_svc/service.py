@@ -3,11 +3,18 @@
 Handshake: ``register`` (model shape) -> ``configure`` (block size and budgets, from the
 scheduler) -> size the KV pool -> ``ready`` (block counts). Then every ``step`` plan is
 answered by one ``result``, or by an ``error`` when the plan is invalid.
+
+A thread sends a heartbeat every 0.25 s on a socket of its own, mid-step too, so that the
+scheduler notices a dead executor within its ``--executor-timeout``. Heard back from nobody
+for ``SCHEDULER_TIMEOUT_S`` (the scheduler died or restarted, or took this executor for dead),
+the executor drops its state and registers again.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
+import uuid
 
 import torch
 import zmq
@@ -22,6 +29,7 @@ from executor_svc.model_runner import ModelRunner, PlanError
 
 log = get_logger("executor")
 REGISTER_RETRY_MS = 2000
+SCHEDULER_TIMEOUT_S = 3.0
 GIB = 1 << 30
 
 
@@ -58,23 +66,69 @@ class ExecutorService:
         self.model_dir = model_dir
         self.runner: ModelRunner | None = None
         self._stopped = False
+        self.identity = f"executor-{uuid.uuid4().hex[:12]}".encode()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.identity)
         self.sock.connect(config.scheduler)
+        self._registered = threading.Event()  # set while the scheduler knows us
+        self._lost = threading.Event()  # set by the heartbeat thread: the scheduler is gone
+        self._heartbeat = threading.Thread(target=self._beat, daemon=True,
+                                           name="executor-heartbeat")
 
     def stop(self) -> None:
         self._stopped = True
 
     def serve_forever(self) -> None:
+        self._heartbeat.start()
         try:
-            configure = self._register()
-            if configure is not None:
+            while not self._stopped:
+                configure = self._register()
+                if configure is None:
+                    break
                 self._start_cache(configure)
+                self._lost.clear()
+                self._registered.set()
                 self._loop()
+                self._registered.clear()
+                if self._lost.is_set():
+                    log.warning("lost the scheduler: dropping every sequence, registering "
+                                "again")
+                    self._drop_cache()
         finally:
+            self._stopped = True
+            self._heartbeat.join()
             self.ctx.destroy(linger=0)
             log.info("executor stopped")
+
+    def _beat(self) -> None:
+        """Heartbeats to the scheduler; silence back while registered sets ``_lost``."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity + p.HEARTBEAT_SUFFIX)
+        sock.connect(self.config.scheduler)
+        beat = p.encode(p.Heartbeat())
+        heard = time.monotonic()
+        try:
+            while not self._stopped:
+                sock.send(beat)
+                deadline = time.monotonic() + p.EXECUTOR_HEARTBEAT_S
+                while (left := deadline - time.monotonic()) > 0:
+                    if sock.poll(int(left * 1000) + 1):
+                        sock.recv()
+                        heard = time.monotonic()
+                if not self._registered.is_set():
+                    heard = time.monotonic()  # only silence after registering counts
+                elif time.monotonic() - heard > SCHEDULER_TIMEOUT_S:
+                    self._lost.set()
+        finally:
+            sock.close(linger=0)
+
+    def _drop_cache(self) -> None:
+        self.runner = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _register(self) -> p.ConfigureExecutor | None:
         """Announce the model until the scheduler answers with its configuration."""
@@ -87,12 +141,24 @@ class ExecutorService:
         log.info("registering with scheduler", scheduler=self.config.scheduler)
         while not self._stopped:
             self.sock.send(register)
-            if not self.sock.poll(REGISTER_RETRY_MS):
-                continue
-            msg = p.decode(self.sock.recv(), (p.ConfigureExecutor, p.ErrorMsg))
-            if isinstance(msg, p.ErrorMsg):
-                raise RuntimeError(f"scheduler refused registration: {msg.message}")
-            return msg
+            deadline = time.monotonic() + REGISTER_RETRY_MS / 1000
+            while not self._stopped and (left := deadline - time.monotonic()) > 0:
+                if not self.sock.poll(int(left * 1000) + 1):
+                    continue
+                try:
+                    msg = p.decode(self.sock.recv())
+                except p.ProtocolError as exc:
+                    log.error("bad message from scheduler", error=str(exc))
+                    continue
+                if isinstance(msg, p.ConfigureExecutor):
+                    return msg
+                if isinstance(msg, p.ErrorMsg) and msg.code == "unavailable":
+                    log.warning("scheduler busy, registering again", reason=msg.message)
+                    time.sleep(REGISTER_RETRY_MS / 1000)
+                    break
+                if isinstance(msg, p.ErrorMsg):
+                    raise RuntimeError(f"scheduler refused registration: {msg.message}")
+                # a plan meant for before a restart: nothing to answer
         return None
 
     def _start_cache(self, configure: p.ConfigureExecutor) -> None:
@@ -153,7 +219,7 @@ class ExecutorService:
         return int(total * self.config.gpu_memory_utilization) - peak
 
     def _loop(self) -> None:
-        while not self._stopped:
+        while not self._stopped and not self._lost.is_set():
             if not self.sock.poll(200):
                 continue
             payload = self.sock.recv()

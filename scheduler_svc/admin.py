@@ -42,6 +42,7 @@ class AdminHandler:
         return {"status": "ready" if service.ready else "waiting_for_executor",
                 "executor": None if info is None else {
                     "model": info.model, "dtype": info.dtype, "device": info.device},
+                "executors_lost": service.executors_lost,
                 "max_model_len": service.max_model_len}
 
     def reset_prefix_cache(self, request: dict) -> dict:

@@ -363,6 +363,28 @@ class Scheduler:
             self.waiting.appendleft(seq)
         self.preemptions["recompute"] += 1
 
+    def recompute_all(self) -> int:
+        """The executor is gone, and every block with it: each sequence it held (running,
+        or swapped to its CPU memory) waits to be recomputed from its tokens, ahead of the
+        requests that never ran, in arrival order. Finished sequences are forgotten; the
+        block manager is dropped until an executor is ready again. Returns how many
+        sequences wait to be recomputed."""
+        finished = set(map(id, self._to_release))
+        self._to_release.clear()
+        self._forks, self._append_tokens = [], []
+        held = [seq for seq in self.running if id(seq) not in finished]
+        held += [seq for group in self.swapped for seq in group if id(seq) not in finished]
+        self.running, self.swapped = [], deque()
+        for seq in held:
+            seq.on_executor = False
+            seq.candidates = None
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        held.sort(key=lambda s: (s.request.arrival_time, s.seq_id))
+        self.waiting = deque([*held, *(s for s in self.waiting if id(s) not in finished)])
+        self.block_manager = None
+        return len(held)
+
     def _cap(self, group: Group) -> None:
         """Alone on the device and still out of blocks, the group can never grow: preempting
         it would only bring it back to the same point. It ends here, as at max_model_len."""

@@ -3,6 +3,11 @@
 One thread, one poller. A step is in flight at most once: the next plan is built only
 after the executor's result for the previous one, which is what lets the scheduler free
 blocks the moment it builds a plan.
+
+The executor sends a heartbeat every 0.25 s from a thread of its own, even mid-step. Silent for
+``executor_timeout`` (or registering anew), it is taken for dead with every block it held:
+its sequences wait to be recomputed, and the scheduler serves on once an executor registers
+again. No request is lost while the scheduler lives.
 """
 from __future__ import annotations
 
@@ -67,6 +72,8 @@ class SchedulerService:
         self._busy_since_status = False
         self.executor_id: bytes | None = None
         self.executor_info: p.RegisterExecutor | None = None
+        self._executor_heard = 0.0  # monotonic time of the registered executor's last word
+        self.executors_lost = 0
         self.in_flight: ScheduledStep | None = None
         self._step_start = 0.0  # perf_counter when the step in flight began to be scheduled
         self._last_sent: dict[bytes, float] = {}   # client -> when we last sent it anything
@@ -125,6 +132,7 @@ class SchedulerService:
                 if self.admin in events:
                     self.admin.send(self.admin_handler.handle(self.admin.recv()))
                 self._keep_alive()
+                self._check_executor()
                 if self._can_step():
                     self._step()
                 self.metrics.refresh(self.scheduler)
@@ -170,6 +178,7 @@ class SchedulerService:
             self._send_client(client, p.ErrorMsg(code="protocol_error", message=str(exc)))
             return
         if isinstance(msg, p.Heartbeat):
+            self._answer_lost(client, msg.request_ids or [])
             return
         if isinstance(msg, p.AbortRequest):
             self._abort(client, msg.request_id)
@@ -192,6 +201,17 @@ class SchedulerService:
         self.engine.add(request)
         log.debug("request added", request_id=request.request_id, prompt_tokens=len(
             request.prompt_token_ids))
+
+    def _answer_lost(self, client: bytes, request_ids: list[str]) -> None:
+        """A client waits for requests this scheduler does not hold: it restarted since
+        (or they just finished, and the client has yet to read their last output, which was
+        sent before this answer). Each gets a retriable ``request_lost`` error."""
+        for request_id in request_ids:
+            if (client, request_id) not in self.frontend.requests:
+                self._send_client(client, p.ErrorMsg(
+                    code="request_lost", request_id=request_id,
+                    message=f"the scheduler holds no request {request_id!r}: it was lost in "
+                            f"a scheduler restart; submit it again"))
 
     def _abort(self, client: bytes, request_id: str) -> None:
         request = self.frontend.requests.get((client, request_id))
@@ -232,6 +252,9 @@ class SchedulerService:
     # ------------------------------------------------------------ executor
 
     def _on_executor(self, identity: bytes, payload: bytes) -> None:
+        if identity.endswith(p.HEARTBEAT_SUFFIX):
+            self._on_executor_heartbeat(identity, payload)
+            return
         try:
             msg = p.decode(payload, (p.RegisterExecutor, p.ExecutorReady, p.StepResult,
                                      p.ErrorMsg))
@@ -240,6 +263,8 @@ class SchedulerService:
             self.executor.send_multipart([identity, p.encode(
                 p.ErrorMsg(code="protocol_error", message=str(exc)))])
             return
+        if identity == self.executor_id:
+            self._executor_heard = time.monotonic()
         if isinstance(msg, p.RegisterExecutor):
             self._on_register(identity, msg)
         elif identity != self.executor_id:
@@ -254,14 +279,17 @@ class SchedulerService:
     def _on_register(self, identity: bytes, msg: p.RegisterExecutor) -> None:
         if self.executor_id is not None and identity != self.executor_id:
             self.executor.send_multipart([identity, p.encode(p.ErrorMsg(
-                code="invalid_request", message="an executor is already registered"))])
+                code="unavailable", message="another executor is registered; retry"))])
             return
+        if identity == self.executor_id:  # it restarted, or lost us: nothing it held is left
+            self._executor_lost("it registered again")
         if msg.vocab_size < self.frontend.vocab_size:
             self.executor.send_multipart([identity, p.encode(p.ErrorMsg(
                 code="invalid_request", message=f"executor model has vocab_size "
                 f"{msg.vocab_size}, the scheduler's model {self.frontend.vocab_size}"))])
             return
         self.executor_id, self.executor_info = identity, msg
+        self._executor_heard = time.monotonic()
         log.info("executor registered", model=msg.model, dtype=msg.dtype, device=msg.device)
         self._limit_context(msg.max_model_len, "the executor's model serves no more")
         self.executor.send_multipart([identity, p.encode(p.ConfigureExecutor(
@@ -280,6 +308,41 @@ class SchedulerService:
             self.executor_info.kv_bytes_per_token * self.config.block_size)
         log.info("executor ready", device_blocks=msg.num_device_blocks,
                  cpu_blocks=msg.num_cpu_blocks, block_size=self.config.block_size)
+
+    def _on_executor_heartbeat(self, identity: bytes, payload: bytes) -> None:
+        """Answered for the registered executor only: an executor that hears nothing back
+        registers again (after a scheduler restart, or after being taken for dead)."""
+        if self.executor_id is None or identity != self.executor_id + p.HEARTBEAT_SUFFIX:
+            return
+        try:
+            p.decode(payload, (p.Heartbeat,))
+        except p.ProtocolError as exc:
+            log.error("bad heartbeat from executor", error=str(exc))
+            return
+        self._executor_heard = time.monotonic()
+        self.executor.send_multipart([identity, p.encode(p.Heartbeat())])
+
+    def _check_executor(self) -> None:
+        if self.executor_id is None:
+            return
+        if time.monotonic() - self._executor_heard <= self.config.executor_timeout:
+            return
+        # A long turn of the loop may have left its heartbeats unread: read them first.
+        self._drain(self.executor, self._on_executor)
+        silent = time.monotonic() - self._executor_heard
+        if self.executor_id is not None and silent > self.config.executor_timeout:
+            self._executor_lost(f"silent for {silent:.1f} s")
+
+    def _executor_lost(self, why: str) -> None:
+        """Forget the executor and everything it held; its sequences wait to be recomputed
+        by the next one that registers (``pagedserve up`` and compose restart it)."""
+        self.executor_id = self.executor_info = None
+        self.in_flight = None  # its result will never come: its tokens are recomputed
+        self._idle = False
+        requeued = self.scheduler.recompute_all()
+        self.executors_lost += 1
+        log.error("executor lost: waiting for one to register", reason=why,
+                  sequences_to_recompute=requeued)
 
     def _on_executor_error(self, msg: p.ErrorMsg) -> None:
         """The executor rejected the plan in flight: a scheduler bug, so fail its requests

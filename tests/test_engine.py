@@ -112,6 +112,38 @@ def test_chunked_prefill_mixed_with_decodes_gives_the_same_tokens(tiny):
     assert outputs == expected
 
 
+@pytest.mark.parametrize("lose_at", [2, 9, 14])
+def test_after_a_lost_executor_every_sequence_continues_exactly_on_a_new_one(tiny, lose_at):
+    """The executor dies with a step in flight (its result never comes) while sequences are
+    running, swapped, forked and waiting: ``recompute_all`` queues them again, and a fresh
+    executor and block manager finish every request with the undisturbed tokens."""
+    path, prompts, expected = tiny
+    requests = [request(ids, n=2, temperature=0.0, ignore_eos=True) for ids in prompts]
+    engine = Engine(Scheduler(BlockManager(BLOCK_SIZE, 20, 64), 8, 16, "swap"),
+                    OutputProcessor(word_tokenizer(), max_model_len=128))
+    for r in requests:
+        engine.add(r)
+    runner, states, swapped_at_loss = make_runner(path, 20, 64), set(), 0
+    for step_no in range(1, 1000):
+        scheduled = engine.schedule()
+        if scheduled is None:
+            break
+        step, plan = scheduled
+        states |= {s.status.value for r in requests for s in r.seqs}
+        if step_no == lose_at:  # this plan is lost with the executor
+            swapped_at_loss = len(engine.scheduler.swapped)
+            assert engine.scheduler.recompute_all() > 0
+            assert all(s.num_computed_tokens == 0 for s in engine.scheduler.waiting)
+            engine.scheduler.block_manager = BlockManager(BLOCK_SIZE, 20, 64)
+            runner = make_runner(path, 20, 64)
+            continue
+        engine.process(step, runner.execute(p.decode(p.encode(plan))))
+    assert {"running", "waiting"} <= states
+    assert (swapped_at_loss > 0) == (lose_at > 2)  # groups swapped to the lost CPU memory
+    assert [[s.output_token_ids for s in r.seqs] for r in requests] == [[e] * 2 for e in expected]
+    assert engine.scheduler.block_manager.device.num_free == 20
+
+
 def test_invalid_plans_are_rejected_without_changing_state(tiny):
     path, prompts, _ = tiny
     runner = make_runner(path, 8)
