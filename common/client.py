@@ -85,6 +85,7 @@ class RequestOutput:
 
 
 HEARTBEAT_S = 1.0
+MAX_MESSAGE_MB = 16.0  # the scheduler's --max-message-mb default
 
 
 class AsyncClient:
@@ -93,9 +94,11 @@ class AsyncClient:
     client sends one every second too while it has live requests: a client that stops is
     taken for gone, and its requests are aborted (the scheduler's ``--client-timeout``)."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0):
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
+                 max_message_mb: float = MAX_MESSAGE_MB):
         self.address = address
         self.timeout = timeout
+        self.max_message_bytes = int(max_message_mb * (1 << 20))
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -149,11 +152,17 @@ class AsyncClient:
             msg.prompt = prompt
         else:
             msg.prompt_token_ids = list(prompt)
+        payload = p.encode(msg)
+        if len(payload) > self.max_message_bytes:
+            # the server would cut the connection off without reading it
+            raise InvalidRequestError(
+                f"the request is {len(payload)} bytes on the wire, more than the server's "
+                f"{self.max_message_bytes} (--max-message-mb)")
         self._start_reader()
         queue = self._queues[request_id] = asyncio.Queue()
         finished = False
         try:
-            await self._sock.send(p.encode(msg))
+            await self._sock.send(payload)
             self._sent.add(request_id)
             prompt_ids: list[int] = []
             while not finished:
@@ -215,12 +224,13 @@ class AsyncClient:
 class Client:
     """Blocking client with the methods of ``AsyncClient``; safe to share between threads."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0):
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
+                 max_message_mb: float = MAX_MESSAGE_MB):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="pagedserve-client")
         self._thread.start()
-        self._async = self._call(_make_async(address, timeout))
+        self._async = self._call(_make_async(address, timeout, max_message_mb))
 
     def __enter__(self) -> "Client":
         return self
@@ -271,8 +281,8 @@ class Client:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
 
-async def _make_async(address: str, timeout: float) -> AsyncClient:
-    return AsyncClient(address, timeout)
+async def _make_async(address: str, timeout: float, max_message_mb: float) -> AsyncClient:
+    return AsyncClient(address, timeout, max_message_mb)
 
 
 def _to_output(msg: p.RequestOutputMsg, prompt: str | None, prompt_ids: list[int]) -> RequestOutput:

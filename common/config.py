@@ -28,6 +28,7 @@ class SchedulerConfig:
     max_waiting: int = 4096             # requests queued before admission at most
     client_timeout: float = 30.0        # silence after which a client's requests are aborted
     executor_timeout: float = 1.5       # silence after which the executor is taken for dead
+    max_message_mb: float = 16.0        # larger messages on any scheduler socket: peer cut off
     max_num_batched_tokens: int | None = None  # tokens in one step (prompts are chunked); 2048
     max_model_len: int | None = None    # context limit; default the model's own
     watermark: float = 0.01             # fraction of device blocks kept free when admitting
@@ -49,6 +50,7 @@ class SchedulerConfig:
         _positive("max_waiting", self.max_waiting)
         _positive("client_timeout", self.client_timeout)
         _positive("executor_timeout", self.executor_timeout)
+        _positive("max_message_mb", self.max_message_mb)
         _positive_or_none("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_or_none("max_model_len", self.max_model_len)
         if self.preemption_mode not in ("auto", "swap", "recompute"):

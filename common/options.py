@@ -25,6 +25,9 @@ SCHEDULER_OPTIONS = [
                       "every 0.25 s, even mid-step) before it is taken for dead: its running "
                       "and swapped sequences wait to be recomputed on the next executor that "
                       "registers."),
+    click.option("--max-message-mb", type=float, default=16.0, show_default=True,
+                 help="Largest message the scheduler accepts on any socket; a peer that sends "
+                      "a larger one is disconnected before it is read into memory."),
     click.option("--max-waiting", type=int, default=4096, show_default=True,
                  help="Requests queued before admission at most; beyond it new requests get "
                       "an 'overloaded' error instead of growing memory without bound."),

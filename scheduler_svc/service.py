@@ -103,6 +103,8 @@ class SchedulerService:
     def _bind(self, kind: int, host: str, port: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a peer whose message is larger, before buffering it
+        sock.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb * (1 << 20)))
         try:
             sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:

@@ -60,6 +60,7 @@ class Services:
         client, executor, admin_port = free_ports(3)
         self.client = f"tcp://127.0.0.1:{client}"
         self.admin = f"tcp://127.0.0.1:{admin_port}"
+        self.executor_link = f"tcp://127.0.0.1:{executor}"
         self.scheduler = pagedserve(
             "scheduler", "--model", str(model), "--client-port", str(client),
             "--executor-port", str(executor), "--admin-port", str(admin_port),
