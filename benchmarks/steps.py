@@ -30,7 +30,7 @@ from common import protocol as p
 from common.config import default_model_dir
 from common.sampling import SamplingParams
 from executor_svc.cache_engine import CacheEngine
-from executor_svc.cpu import release_free_memory, tune_allocator
+from executor_svc.cpu import bound_primitive_cache, release_free_memory, tune_allocator
 from executor_svc.model import load_model
 from executor_svc.model_runner import ModelRunner
 from scheduler_svc.block_manager import BlockManager
@@ -61,7 +61,8 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
         attention_backend: str = "torch", eager: bool = False) -> dict:
     """Serve ``workload`` as the services would (the executor's defaults on CPU) and time its
     steps."""
-    if device == "cpu":
+    if device == "cpu":  # as the executor sets up
+        bound_primitive_cache()
         tune_allocator()
     model_dir = model_dir or default_model_dir()
     model = load_model(model_dir, dtype, device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ log = get_logger("executor")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
 _TRIM_THRESHOLD = 1 << 30
+PRIMITIVE_CACHE_CAPACITY = 64
 
 
 def tune_allocator() -> bool:
@@ -39,6 +41,15 @@ def tune_allocator() -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE_CAPACITY) -> None:
+    """Keep at most ``capacity`` oneDNN primitives (unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
+    says otherwise); call before the first GEMM. oneDNN caches one primitive per GEMM shape,
+    so one per batch size each step brings, and its default of 1024 let an executor's
+    resident memory grow run after run (BENCHMARKS.md, "Memory under load"). Steps whose
+    batch size was evicted build it again, about a millisecond per weight shape."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def release_free_memory() -> None:

@@ -23,7 +23,7 @@ from common import protocol as p
 from common.config import ExecutorConfig
 from common.log import get_logger
 from executor_svc.cache_engine import CacheEngine
-from executor_svc.cpu import release_free_memory, tune_allocator
+from executor_svc.cpu import bound_primitive_cache, release_free_memory, tune_allocator
 from executor_svc.model import ModelConfig, load_model
 from executor_svc.model_runner import ModelRunner, PlanError
 
@@ -50,8 +50,11 @@ class ExecutorService:
         model_dir = str(config.model_dir())
         self.model_config = ModelConfig.from_model_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        if self.device.type == "cpu" and not tune_allocator():
-            log.warning("could not tune the C allocator (not glibc?): steps may page-fault")
+        if self.device.type == "cpu":
+            bound_primitive_cache()
+            if not tune_allocator():
+                log.warning("could not tune the C allocator (not glibc?): steps may "
+                            "page-fault")
         self.attention = config.resolved_attention_backend()
         if self.attention == "triton" and self.device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":

@@ -43,6 +43,7 @@ class AdminHandler:
                 "executor": None if info is None else {
                     "model": info.model, "dtype": info.dtype, "device": info.device},
                 "executors_lost": service.executors_lost,
+                "live_requests": len(service.frontend.requests),
                 "max_model_len": service.max_model_len}
 
     def reset_prefix_cache(self, request: dict) -> dict:
