@@ -11,7 +11,7 @@ from collections.abc import Callable
 import click
 
 from common import pool_view
-from common.cli import admin_address, admin_options, admin_request
+from common.cli import AdminEndpoint, admin_options, admin_request
 
 CLEAR_LINE, CLEAR_BELOW, HOME = "\x1b[K", "\x1b[J", "\x1b[H"
 
@@ -27,16 +27,16 @@ def view_options(func):
 
 
 def show(cmd: str, render: Callable[[dict], str], as_json: bool, watch: bool,
-         interval: float, admin: str | None, admin_port: int, **fields) -> None:
+         interval: float, admin: AdminEndpoint, **fields) -> None:
     """Ask the admin socket and print the reply rendered (or as JSON); with ``watch``
     again every ``interval`` seconds, in place on a terminal, until Ctrl-C."""
     if interval <= 0:
         raise click.BadParameter(f"must be a positive number of seconds, got {interval}",
                                  param_hint="--interval")
-    address = admin_address(admin, admin_port)
+    address = admin.address
 
     def text() -> str:
-        data = admin_request(cmd, address, **fields)
+        data = admin_request(cmd, admin, **fields)
         if "error" in data:
             raise click.ClickException(data["error"])
         return json.dumps(data) if as_json else render(data)
@@ -70,34 +70,34 @@ def _map_width() -> int:
 
 @click.command()
 @view_options
-def pool(as_json, watch, interval, admin, admin_port) -> None:
+def pool(as_json, watch, interval, admin) -> None:
     """Show the device and CPU block pools: block counts (free + used = total; cached:
     free blocks still holding a reusable prefix; shared: refcount > 1), the refcount
     histogram, token slots used vs allocated, prefix cache hits, preemptions, queues, and a
     map of the pools, one cell per block (or per run of blocks, for large pools)."""
     show("pool", lambda data: pool_view.render_pool(data, _map_width(), _color()),
-         as_json, watch, interval, admin, admin_port)
+         as_json, watch, interval, admin)
 
 
 @click.command()
 @view_options
-def seqs(as_json, watch, interval, admin, admin_port) -> None:
+def seqs(as_json, watch, interval, admin) -> None:
     """List the running, swapped and waiting sequences with their block counts."""
-    show("seqs", pool_view.render_seqs, as_json, watch, interval, admin, admin_port)
+    show("seqs", pool_view.render_seqs, as_json, watch, interval, admin)
 
 
 @click.command()
 @click.argument("seq_id", type=int)
 @view_options
-def seq(seq_id, as_json, watch, interval, admin, admin_port) -> None:
+def seq(seq_id, as_json, watch, interval, admin) -> None:
     """Show sequence SEQ_ID's block table: each block's id, refcount and fill (tokens)."""
-    show("seq", pool_view.render_seq, as_json, watch, interval, admin, admin_port,
+    show("seq", pool_view.render_seq, as_json, watch, interval, admin,
          seq_id=seq_id)
 
 
 @click.command()
 @view_options
-def stats(as_json, watch, interval, admin, admin_port) -> None:
+def stats(as_json, watch, interval, admin) -> None:
     """Show throughput (tokens/s over the last 10 s), queue lengths, and percentiles (p50,
     p90, p99) of time to first token, inter-token and end-to-end latency."""
-    show("stats", pool_view.render_stats, as_json, watch, interval, admin, admin_port)
+    show("stats", pool_view.render_stats, as_json, watch, interval, admin)

@@ -5,13 +5,18 @@ subcommands), so ``pagedserve generate`` or ``pagedserve pool`` never import tor
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
+from dataclasses import dataclass
 
 import click
 import zmq
 
+from common import options
+from common.auth import PeerKeys, peer_keys
+from common.auth import keygen as keygen_files
 from common.sampling import SamplingParams
 
 LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing it)
@@ -71,8 +76,9 @@ def main() -> None:
               help="The scheduler's client endpoint.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds of server silence before giving up.")
+@lambda f: options.apply(options.AUTH_OPTIONS, f)
 def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top_k, seed,
-             stream, as_json, server, timeout) -> None:
+             stream, as_json, server, timeout, auth, keys) -> None:
     """Generate a continuation of PROMPT."""
     from common.client import Client, PagedServeError
 
@@ -83,7 +89,8 @@ def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top
         params = SamplingParams(n=n, best_of=best_of, beam_width=beam_width,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_tokens=max_tokens)
-        with Client(server, timeout=timeout) as client:
+        client_keys = peer_keys("client", keys) if auth else None
+        with Client(server, timeout=timeout, keys=client_keys) as client:
             if stream and not as_json:
                 for delta in client.stream(prompt, params):
                     click.echo(delta.outputs[0].text, nl=False)
@@ -104,48 +111,90 @@ def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top
             click.echo(f"[{o.index}] {o.text}")
 
 
-def admin_request(cmd: str, admin: str, timeout_s: float = 5.0, **fields) -> dict:
+@dataclass(frozen=True)
+class AdminEndpoint:
+    """The scheduler's admin socket, and the client keys if it runs with ``--auth``."""
+
+    address: str
+    keys: PeerKeys | None = None
+
+    def __str__(self) -> str:
+        return self.address
+
+
+def admin_request(cmd: str, admin: str | AdminEndpoint, timeout_s: float = 5.0,
+                  **fields) -> dict:
     """Ask the scheduler's admin socket ``{"cmd": cmd, **fields}``; raises
-    ``click.ClickException`` if it is silent."""
+    ``click.ClickException`` if it is silent (or lets nobody in without the right key)."""
+    endpoint = admin if isinstance(admin, AdminEndpoint) else AdminEndpoint(admin)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(admin)
+    if endpoint.keys is not None:
+        endpoint.keys.secure(sock)
+    sock.connect(endpoint.address)
     try:
         sock.send(json.dumps({"cmd": cmd, **fields}).encode())
         if not sock.poll(int(timeout_s * 1000)):
-            raise click.ClickException(f"no reply from the admin socket {admin} within "
-                                       f"{timeout_s:g} s: is the scheduler running?")
+            raise click.ClickException(f"no reply from the admin socket {endpoint} within "
+                                       f"{timeout_s:g} s: is the scheduler running (and, "
+                                       f"with --auth, are these its keys)?")
         return json.loads(sock.recv())
     finally:
         sock.close()
 
 
 def admin_options(func):
-    func = click.option("--admin", default=None,
-                        help="Admin endpoint, tcp://HOST:PORT (overrides --admin-port).")(func)
-    return click.option("--admin-port", type=int, default=5557, show_default=True)(func)
+    """``--admin``, ``--admin-port``, ``--auth`` and ``--keys``, passed on to ``func`` as one
+    ``admin`` argument, an ``AdminEndpoint``."""
 
+    @functools.wraps(func)
+    def command(*args, admin, admin_port, auth, keys, **kwargs):
+        try:
+            client_keys = peer_keys("client", keys) if auth else None
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        return func(*args, admin=AdminEndpoint(admin or f"tcp://127.0.0.1:{admin_port}",
+                                               client_keys), **kwargs)
 
-def admin_address(admin: str | None, admin_port: int) -> str:
-    """The admin endpoint from the ``admin_options``."""
-    return admin or f"tcp://127.0.0.1:{admin_port}"
+    command = options.apply(options.AUTH_OPTIONS, command)
+    command = click.option("--admin", default=None, help="Admin endpoint, tcp://HOST:PORT "
+                           "(overrides --admin-port).")(command)
+    return click.option("--admin-port", type=int, default=5557, show_default=True)(command)
 
 
 @main.command()
 @admin_options
 @click.option("--live", is_flag=True,
               help="Healthy once the scheduler answers, before an executor registers.")
-def health(admin_port, admin, live) -> None:
+def health(admin, live) -> None:
     """Exit 0 when the scheduler is up and an executor is ready (with --live: when the
     scheduler answers at all), 1 otherwise."""
     try:
-        data = admin_request("health", admin_address(admin, admin_port), timeout_s=3.0)
+        data = admin_request("health", admin, timeout_s=3.0)
     except click.ClickException as exc:
         click.echo(exc.message, err=True)
         sys.exit(1)
     click.echo(json.dumps(data))
     sys.exit(0 if live or data.get("status") == "ready" else 1)
+
+
+@main.command()
+@click.option("--keys", type=click.Path(file_okay=False), default=None,
+              help="Where to write them [default: $PAGEDSERVE_KEYS or "
+                   "~/.config/pagedserve/keys].")
+@click.option("--force", is_flag=True, help="Replace existing keys.")
+def keygen(keys, force) -> None:
+    """Make the CURVE key pairs for --auth: scheduler, executor and client. Give each
+    process the directory (or its keys as PAGEDSERVE_<ROLE>_PUBLIC_KEY / _SECRET_KEY):
+    the scheduler needs its own pair and the others' public keys, the executor and the
+    clients their own pair and the scheduler's public key."""
+    try:
+        written = keygen_files(keys, force)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        click.echo(path)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@
         out = client.generate("The capital of France is", SamplingParams(max_tokens=12))
         print(out.outputs[0].text)
 
+Against a scheduler started with ``--auth``, pass ``keys=common.auth.peer_keys("client")``.
 ``AsyncClient`` offers the same methods as coroutines. ``Client`` runs an ``AsyncClient``
 on a private event-loop thread, so one ``Client`` may be shared by many threads.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from common import protocol as p
+from common.auth import PeerKeys
 from common.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -95,13 +98,15 @@ class AsyncClient:
     taken for gone, and its requests are aborted (the scheduler's ``--client-timeout``)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
-                 max_message_mb: float = MAX_MESSAGE_MB):
+                 max_message_mb: float = MAX_MESSAGE_MB, keys: PeerKeys | None = None):
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = int(max_message_mb * (1 << 20))
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:  # a scheduler started with --auth: common.auth.peer_keys("client")
+            keys.secure(self._sock)
         self._sock.connect(address)
         self._queues: dict[str, asyncio.Queue] = {}
         self._sent: set[str] = set()  # live requests the server has been sent
@@ -137,7 +142,19 @@ class AsyncClient:
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its output ends with finish_reason "abort"."""
-        await self._sock.send(p.encode(p.AbortRequest(request_id=request_id)))
+        await self._send(p.encode(p.AbortRequest(request_id=request_id)), request_id)
+
+    async def _send(self, payload: bytes, request_id: str) -> None:
+        """Send, or raise ``ServerTimeoutError`` when no connection to the server is up within
+        ``timeout`` (a DEALER holds messages until one is: the server is down, or turns this
+        client's key away)."""
+        try:
+            await asyncio.wait_for(self._sock.send(payload), self.timeout)
+        except asyncio.TimeoutError:
+            raise ServerTimeoutError(
+                f"could not reach {self.address} within {self.timeout:g} s for request "
+                f"{request_id}: is the scheduler running (and, if it runs with --auth, are "
+                f"these its keys)?") from None
 
     async def _run(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
                    stream: bool) -> AsyncIterator[RequestOutput]:
@@ -162,7 +179,7 @@ class AsyncClient:
         queue = self._queues[request_id] = asyncio.Queue()
         finished = False
         try:
-            await self._sock.send(payload)
+            await self._send(payload, request_id)
             self._sent.add(request_id)
             prompt_ids: list[int] = []
             while not finished:
@@ -173,9 +190,11 @@ class AsyncClient:
                 yield _to_output(out, prompt if isinstance(prompt, str) else None, prompt_ids)
         finally:
             del self._queues[request_id]
+            sent = request_id in self._sent
             self._sent.discard(request_id)
-            if not finished:
-                await self.abort(request_id)
+            if sent and not finished:
+                with contextlib.suppress(ServerTimeoutError):
+                    await self.abort(request_id)
 
     async def _next(self, queue: asyncio.Queue, request_id: str) -> p.RequestOutputMsg:
         while True:
@@ -225,12 +244,12 @@ class Client:
     """Blocking client with the methods of ``AsyncClient``; safe to share between threads."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
-                 max_message_mb: float = MAX_MESSAGE_MB):
+                 max_message_mb: float = MAX_MESSAGE_MB, keys: PeerKeys | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="pagedserve-client")
         self._thread.start()
-        self._async = self._call(_make_async(address, timeout, max_message_mb))
+        self._async = self._call(_make_async(address, timeout, max_message_mb, keys))
 
     def __enter__(self) -> "Client":
         return self
@@ -281,8 +300,9 @@ class Client:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
 
-async def _make_async(address: str, timeout: float, max_message_mb: float) -> AsyncClient:
-    return AsyncClient(address, timeout, max_message_mb)
+async def _make_async(address: str, timeout: float, max_message_mb: float,
+                      keys: PeerKeys | None) -> AsyncClient:
+    return AsyncClient(address, timeout, max_message_mb, keys)
 
 
 def _to_output(msg: p.RequestOutputMsg, prompt: str | None, prompt_ids: list[int]) -> RequestOutput:

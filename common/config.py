@@ -41,6 +41,8 @@ class SchedulerConfig:
     metrics_port: int | None = None     # Prometheus /metrics over HTTP; None: off
     log_stats_interval: float = 5.0     # seconds between status log lines; 0: off
     log_format: str = "console"
+    auth: bool = False                  # CURVE on every socket (common.auth)
+    keys: str | None = None             # keys directory for --auth (default: common.auth)
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -89,6 +91,8 @@ class ExecutorConfig:
     enforce_eager: bool = False         # CUDA + triton: no decode graphs
     tensor_parallel_size: int = 1
     log_format: str = "console"
+    auth: bool = False                  # CURVE to the scheduler (common.auth)
+    keys: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

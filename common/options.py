@@ -75,7 +75,18 @@ EXECUTOR_OPTIONS = [
     click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
 ]
 
+AUTH_OPTIONS = [
+    click.option("--auth/--no-auth", default=False, show_default=True,
+                 help="CurveZMQ on every socket: encrypted, and only peers with the right key "
+                      "get in (pagedserve keygen makes the keys)."),
+    click.option("--keys", type=click.Path(file_okay=False), default=None,
+                 help="Keys directory for --auth [default: $PAGEDSERVE_KEYS or "
+                      "~/.config/pagedserve/keys]; PAGEDSERVE_<ROLE>_PUBLIC_KEY / "
+                      "_SECRET_KEY override single keys."),
+]
+
 SHARED_OPTIONS = [
+    *AUTH_OPTIONS,
     click.option("--model", type=click.Path(file_okay=False), default=None,
                  help="HF model directory [default: the prepared SmolLM2-135M-Instruct]."),
     click.option("--log-format", type=click.Choice(["console", "json"]), default="console",

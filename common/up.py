@@ -9,6 +9,8 @@ import time
 import click
 
 from common import options
+from common.auth import peer_keys
+from common.cli import AdminEndpoint, admin_request
 from common.config import default_model_dir
 
 RESTARTS_PER_MINUTE = 5
@@ -54,7 +56,12 @@ def main(ready_timeout: float, **kwargs) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:
-        _wait_ready(services, f"tcp://{connect_host}:{kwargs['admin_port']}", ready_timeout)
+        try:
+            keys = peer_keys("client", kwargs["keys"]) if kwargs["auth"] else None
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        admin = AdminEndpoint(f"tcp://{connect_host}:{kwargs['admin_port']}", keys)
+        _wait_ready(services, admin, ready_timeout)
         click.echo(f"pagedserve ready\n"
                    f"  client    tcp://{kwargs['host']}:{kwargs['client_port']}\n"
                    f"  admin     tcp://{kwargs['host']}:{kwargs['admin_port']}\n"
@@ -95,9 +102,8 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_ready(services: list[subprocess.Popen], admin: str, timeout_s: float) -> None:
-    from common.cli import admin_request
-
+def _wait_ready(services: list[subprocess.Popen], admin: AdminEndpoint,
+                timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(s.poll() is not None for s in services):

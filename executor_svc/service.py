@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from common import protocol as p
+from common.auth import peer_keys
 from common.config import ExecutorConfig
 from common.log import get_logger
 from executor_svc.cache_engine import CacheEngine
@@ -70,11 +71,9 @@ class ExecutorService:
         self.runner: ModelRunner | None = None
         self._stopped = False
         self.identity = f"executor-{uuid.uuid4().hex[:12]}".encode()
+        self.keys = peer_keys("executor", config.keys) if config.auth else None
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        self.sock.connect(config.scheduler)
+        self.sock = self._connect(self.identity)
         self._registered = threading.Event()  # set while the scheduler knows us
         self._lost = threading.Event()  # set by the heartbeat thread: the scheduler is gone
         self._heartbeat = threading.Thread(target=self._beat, daemon=True,
@@ -105,12 +104,18 @@ class ExecutorService:
             self.ctx.destroy(linger=0)
             log.info("executor stopped")
 
-    def _beat(self) -> None:
-        """Heartbeats to the scheduler; silence back while registered sets ``_lost``."""
+    def _connect(self, identity: bytes) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity + p.HEARTBEAT_SUFFIX)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        if self.keys is not None:
+            self.keys.secure(sock)
         sock.connect(self.config.scheduler)
+        return sock
+
+    def _beat(self) -> None:
+        """Heartbeats to the scheduler; silence back while registered sets ``_lost``."""
+        sock = self._connect(self.identity + p.HEARTBEAT_SUFFIX)
         beat = p.encode(p.Heartbeat())
         heard = time.monotonic()
         try:

@@ -19,6 +19,7 @@ import structlog
 import zmq
 
 from common import protocol as p
+from common.auth import SchedulerAuth
 from common.config import SchedulerConfig
 from common.log import get_logger
 from scheduler_svc.admin import AdminHandler
@@ -88,10 +89,17 @@ class SchedulerService:
 
     def _bind_sockets(self) -> None:
         self.ctx = zmq.Context()
+        self.auth = None
+        if self.config.auth:
+            try:
+                self.auth = SchedulerAuth(self.ctx, self.config.keys)
+            except ValueError:
+                self.ctx.destroy(linger=0)
+                raise
         host = self.config.host
-        self.clients = self._bind(zmq.ROUTER, host, self.config.client_port)
-        self.executor = self._bind(zmq.ROUTER, host, self.config.executor_port)
-        self.admin = self._bind(zmq.REP, host, self.config.admin_port)
+        self.clients = self._bind(zmq.ROUTER, host, self.config.client_port, "client")
+        self.executor = self._bind(zmq.ROUTER, host, self.config.executor_port, "executor")
+        self.admin = self._bind(zmq.REP, host, self.config.admin_port, "admin")
         if self.config.metrics_port is not None:
             try:
                 self.metrics_server = self.metrics.prometheus.serve(host,
@@ -100,14 +108,18 @@ class SchedulerService:
                 self.ctx.destroy(linger=0)
                 raise
 
-    def _bind(self, kind: int, host: str, port: int) -> zmq.Socket:
+    def _bind(self, kind: int, host: str, port: int, domain: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.auth is not None:
+            self.auth.secure(sock, domain)
         # libzmq drops a peer whose message is larger, before buffering it
         sock.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb * (1 << 20)))
         try:
             sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.destroy(linger=0)
             raise OSError(f"cannot bind tcp://{host}:{port}: {exc}") from None
         return sock
@@ -140,6 +152,8 @@ class SchedulerService:
                 self.metrics.refresh(self.scheduler)
                 self._log_status()
         finally:
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.destroy(linger=0)
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
