@@ -80,7 +80,7 @@ if [[ $parts == *serve* ]]; then
             timeout 60 "$py" -m common.cli bench throughput --workload $workload --json 2>&1 \
                 | tee -a "$out/serve.jsonl" | tail -2
         done
-        kill -INT $up; wait $up
+        kill -INT $up; wait $up || true
         grep -E "graphs captured|Error|error" "$out/up$eager.log" | tail -5
     done
 fi

@@ -46,9 +46,9 @@ def tune_allocator() -> bool:
 def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE_CAPACITY) -> None:
     """Keep at most ``capacity`` oneDNN primitives (unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
     says otherwise); call before the first GEMM. oneDNN caches one primitive per GEMM shape,
-    so one per batch size each step brings, and its default of 1024 let an executor's
-    resident memory grow run after run (BENCHMARKS.md, "Memory under load"). Steps whose
-    batch size was evicted build it again, about a millisecond per weight shape."""
+    so one per batch size each step brings; its default of 1024 let an executor's resident
+    memory grow run after run (BENCHMARKS.md, "Memory under load"). Steps whose batch size
+    was evicted build it again, about a millisecond per weight shape."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 

@@ -31,6 +31,7 @@ from executor_svc.model_runner import ModelRunner, PlanError
 log = get_logger("executor")
 REGISTER_RETRY_MS = 2000
 SCHEDULER_TIMEOUT_S = 3.0
+IDLE_TRIM_S = 1.0
 GIB = 1 << 30
 
 
@@ -227,9 +228,16 @@ class ExecutorService:
         return int(total * self.config.gpu_memory_utilization) - peak
 
     def _loop(self) -> None:
+        last_step, trimmed = time.monotonic(), True
         while not self._stopped and not self._lost.is_set():
             if not self.sock.poll(200):
+                if not trimmed and time.monotonic() - last_step > IDLE_TRIM_S:
+                    # Idle: give back what the allocator kept for the steps (cpu.py keeps up
+                    # to 1 GiB of freed memory in the heap while busy).
+                    release_free_memory()
+                    trimmed = True
                 continue
+            last_step, trimmed = time.monotonic(), False
             payload = self.sock.recv()
             try:
                 plan = p.decode(payload, (p.StepPlan,))
