@@ -85,6 +85,8 @@ class AdminHandler:
             raise AdminError(f"no live sequence with id {seq_id!r}: "
                              f"`pagedserve seqs` lists them")
         bm = self.service.scheduler.block_manager
+        if bm is None:  # no executor (yet, or it was lost): nothing holds blocks
+            return {**_describe(seq), "pool": None, "blocks": []}
         table = self._tables().get(seq.seq_id, [])
         on_cpu = seq.seq_id in bm.swapped
         refcounts = (bm.cpu if on_cpu else bm.device).refcounts

@@ -211,3 +211,37 @@ def test_a_group_that_outgrows_the_pool_alone_ends_with_length_instead_of_loopin
     assert scheduler.capped == [first.request] and not scheduler.has_work
     assert all(s.finish_reason == "length" and 0 < s.num_output_tokens < 20 for s in seqs)
     assert scheduler.block_manager.device.num_free == 6
+
+
+def test_recompute_all_requeues_every_held_sequence_and_admin_still_describes_them():
+    """After the executor is lost: running and swapped sequences wait again, computed from
+    scratch, oldest first, and ``pagedserve seq`` shows them without a block manager."""
+    import json
+    from types import SimpleNamespace
+
+    from scheduler_svc.admin import AdminHandler
+
+    scheduler = Scheduler(BlockManager(4, 8, 8), max_num_seqs=8, max_num_batched_tokens=64,
+                          preemption_mode="swap")
+    requests = [Request(str(i), b"c", SamplingParams(max_tokens=50, ignore_eos=True),
+                        list(range(3, 13)), stream=False) for i in range(4)]
+    for request in requests:
+        scheduler.add(request)
+    for _ in range(6):  # prefill, then decodes until blocks run out and a group is swapped
+        step = scheduler.schedule()
+        scheduler.update(step)
+        for seq in step.seqs:
+            if seq.num_pending_tokens == 0:
+                seq.append_token(7, 0.0)
+    late = Request("late", b"c", SamplingParams(), [5, 6], stream=False)
+    scheduler.add(late)  # never ran: stays behind the ones that did
+    assert scheduler.running and scheduler.swapped and len(scheduler.waiting) == 1
+    assert scheduler.recompute_all() == 4
+    assert scheduler.block_manager is None and not scheduler.running and not scheduler.swapped
+    assert [s.request.request_id for s in scheduler.waiting] == ["0", "1", "2", "3", "late"]
+    assert all(s.num_computed_tokens == 0 and s.status == SequenceStatus.WAITING
+               for s in scheduler.waiting)
+    handler = AdminHandler(SimpleNamespace(scheduler=scheduler))
+    seq_id = scheduler.waiting[0].seq_id
+    reply = json.loads(handler.handle(json.dumps({"cmd": "seq", "seq_id": seq_id}).encode()))
+    assert reply["blocks"] == [] and reply["pool"] is None
