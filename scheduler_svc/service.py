@@ -90,23 +90,21 @@ class SchedulerService:
     def _bind_sockets(self) -> None:
         self.ctx = zmq.Context()
         self.auth = None
-        if self.config.auth:
-            try:
+        try:
+            if self.config.auth:
                 self.auth = SchedulerAuth(self.ctx, self.config.keys)
-            except ValueError:
-                self.ctx.destroy(linger=0)
-                raise
-        host = self.config.host
-        self.clients = self._bind(zmq.ROUTER, host, self.config.client_port, "client")
-        self.executor = self._bind(zmq.ROUTER, host, self.config.executor_port, "executor")
-        self.admin = self._bind(zmq.REP, host, self.config.admin_port, "admin")
-        if self.config.metrics_port is not None:
-            try:
+            host = self.config.host
+            self.clients = self._bind(zmq.ROUTER, host, self.config.client_port, "client")
+            self.executor = self._bind(zmq.ROUTER, host, self.config.executor_port, "executor")
+            self.admin = self._bind(zmq.REP, host, self.config.admin_port, "admin")
+            if self.config.metrics_port is not None:
                 self.metrics_server = self.metrics.prometheus.serve(host,
                                                                     self.config.metrics_port)
-            except OSError:
-                self.ctx.destroy(linger=0)
-                raise
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.destroy(linger=0)
+            raise
 
     def _bind(self, kind: int, host: str, port: int, domain: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -118,9 +116,6 @@ class SchedulerService:
         try:
             sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:
-            if self.auth is not None:
-                self.auth.stop()
-            self.ctx.destroy(linger=0)
             raise OSError(f"cannot bind tcp://{host}:{port}: {exc}") from None
         return sock
 
