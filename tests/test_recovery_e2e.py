@@ -42,6 +42,7 @@ def up(smollm2_dir, tmp_path):
         wait_ready(services.admin, [proc])
         yield services
     finally:
+        print(log_path.read_text()[-8000:])  # shown by pytest when the test fails
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
