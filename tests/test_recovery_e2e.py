@@ -40,6 +40,10 @@ def up(smollm2_dir, tmp_path):
                                admin=f"tcp://127.0.0.1:{admin_port}", log=log_path)
     try:
         wait_ready(services.admin, [proc])
+        # up itself polls for readiness: until it says so, a service exiting is a failed start
+        deadline = time.monotonic() + 30
+        while "pagedserve ready" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         yield services
     finally:
         print(log_path.read_text()[-8000:])  # shown by pytest when the test fails
