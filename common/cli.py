@@ -89,8 +89,7 @@ def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top
         params = SamplingParams(n=n, best_of=best_of, beam_width=beam_width,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_tokens=max_tokens)
-        client_keys = peer_keys("client", keys) if auth else None
-        with Client(server, timeout=timeout, keys=client_keys) as client:
+        with Client(server, timeout=timeout, keys=client_keys(auth, keys)) as client:
             if stream and not as_json:
                 for delta in client.stream(prompt, params):
                     click.echo(delta.outputs[0].text, nl=False)
@@ -144,18 +143,25 @@ def admin_request(cmd: str, admin: str | AdminEndpoint, timeout_s: float = 5.0,
         sock.close()
 
 
+def client_keys(auth: bool, keys: str | None) -> PeerKeys | None:
+    """The client's keys for ``--auth`` from the ``--keys`` directory (or the environment);
+    None without ``--auth``. Missing keys are a ``click.ClickException``."""
+    if not auth:
+        return None
+    try:
+        return peer_keys("client", keys)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def admin_options(func):
     """``--admin``, ``--admin-port``, ``--auth`` and ``--keys``, passed on to ``func`` as one
     ``admin`` argument, an ``AdminEndpoint``."""
 
     @functools.wraps(func)
     def command(*args, admin, admin_port, auth, keys, **kwargs):
-        try:
-            client_keys = peer_keys("client", keys) if auth else None
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
         return func(*args, admin=AdminEndpoint(admin or f"tcp://127.0.0.1:{admin_port}",
-                                               client_keys), **kwargs)
+                                               client_keys(auth, keys)), **kwargs)
 
     command = options.apply(options.AUTH_OPTIONS, command)
     command = click.option("--admin", default=None, help="Admin endpoint, tcp://HOST:PORT "

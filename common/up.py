@@ -9,8 +9,7 @@ import time
 import click
 
 from common import options
-from common.auth import peer_keys
-from common.cli import AdminEndpoint, admin_request
+from common.cli import AdminEndpoint, admin_request, client_keys
 from common.config import default_model_dir
 
 RESTARTS_PER_MINUTE = 5
@@ -56,11 +55,8 @@ def main(ready_timeout: float, **kwargs) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:
-        try:
-            keys = peer_keys("client", kwargs["keys"]) if kwargs["auth"] else None
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        admin = AdminEndpoint(f"tcp://{connect_host}:{kwargs['admin_port']}", keys)
+        admin = AdminEndpoint(f"tcp://{connect_host}:{kwargs['admin_port']}",
+                              client_keys(kwargs["auth"], kwargs["keys"]))
         _wait_ready(services, admin, ready_timeout)
         click.echo(f"pagedserve ready\n"
                    f"  client    tcp://{kwargs['host']}:{kwargs['client_port']}\n"
@@ -73,7 +69,7 @@ def main(ready_timeout: float, **kwargs) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        _stop(services)
+        stop_processes(services)
 
 
 def _supervise(services: list[subprocess.Popen], commands: dict[str, list[str]]) -> None:
@@ -117,13 +113,15 @@ def _wait_ready(services: list[subprocess.Popen], admin: AdminEndpoint,
     raise click.ClickException(f"not ready after {timeout_s:g} s")
 
 
-def _stop(services: list[subprocess.Popen]) -> None:
-    for service in reversed(services):  # executor first, then the scheduler
+def stop_processes(services: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM each process still running, last first (executor, then scheduler); kill any
+    that has not exited ``timeout_s`` later."""
+    for service in reversed(services):
         if service.poll() is None:
             service.send_signal(signal.SIGTERM)
     for service in services:
         try:
-            service.wait(timeout=10)
+            service.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             service.kill()
             service.wait()

@@ -149,7 +149,7 @@ class ModelRunner:
                 and self.graphs.serves(len(batch), max(map(len, tables)))):
             hidden = self.graphs.run([seq.token_ids[seq.num_computed_tokens] for seq, _ in batch],
                                      computed, tables)
-            return hidden, torch.arange(len(batch), device=self.device)
+            return hidden, self.graphs.query_start_loc[:len(batch)]  # token i is sequence i's
         input_ids = []
         for seq, n in batch:
             input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])

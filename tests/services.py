@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import click
 
 from benchmarks.compare import free_ports  # noqa: F401 - the tests take it from here
 from common.cli import admin_request
+from common.up import stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,12 +81,4 @@ class Services:
         return admin(self.admin, cmd, **fields)
 
     def stop(self) -> None:
-        for proc in (self.executor, self.scheduler):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (self.executor, self.scheduler):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([self.scheduler, self.executor], timeout_s=15)

@@ -15,6 +15,7 @@ from common import protocol as p
 from common.auth import key_pair, peer_keys, public_key
 from common.cli import AdminEndpoint
 from common.client import Client, ServerTimeoutError
+from common.up import stop_processes
 from common.sampling import SamplingParams
 from services import ROOT, admin, free_ports, pagedserve, wait_ready
 
@@ -79,14 +80,7 @@ def test_only_peers_with_the_right_keys_get_in(smollm2_dir, keys):
         assert out.stdout == " Paris.\n\n"
         assert admin(authed, "pool")["ready"]
     finally:
-        for proc in reversed(processes):
-            proc.terminate()
-        for proc in processes:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(processes, timeout_s=15)
 
 
 def registers(link: str, keys) -> bool:
