@@ -5,8 +5,8 @@
 #   kernels  python -m benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
 #   steps    python -m benchmarks.steps on the shared workloads, bf16, with decode graphs, with
 #            --enforce-eager, and with the torch backend
-#   serve    pagedserve up on the GPU, then bench throughput on both workloads, with decode
-#            graphs and with --enforce-eager
+#   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
+#            cost from stats): with the defaults, --no-async-scheduling and --enforce-eager
 # Steps and serve use SmolLM2's shape with random weights: step times do not depend on the
 # weights' values, and the workloads ignore EOS.
 #
@@ -66,21 +66,26 @@ fi
 
 if [[ $parts == *serve* ]]; then
     echo "== pagedserve up on the GPU, bench throughput"
-    for eager in --no-enforce-eager --enforce-eager; do
-        "$py" -m common.cli up --device "$device" --model "$model" "$eager" --ready-timeout 150 \
-            > "$out/up$eager.log" 2>&1 &
+    # the defaults (decode graphs, async scheduling), then each turned off
+    for flags in --defaults --no-async-scheduling --enforce-eager; do
+        [[ $flags == --defaults ]] && set -- || set -- $flags
+        "$py" -m common.cli up --device "$device" --model "$model" "$@" --ready-timeout 150 \
+            > "$out/up$flags.log" 2>&1 &
         up=$!
         for _ in $(seq 150); do
-            grep -q "pagedserve ready" "$out/up$eager.log" && break
+            grep -q "pagedserve ready" "$out/up$flags.log" && break
             kill -0 $up 2> /dev/null || break
             sleep 1
         done
         for workload in fixed mixed; do
-            echo "$eager $workload"
+            echo "$flags $workload"
             timeout 60 "$py" -m common.cli bench throughput --workload $workload --json 2>&1 \
                 | tee -a "$out/serve.jsonl" | tail -2
+            "$py" -m common.cli stats --json 2>&1 | "$py" -c \
+                "import json, sys; print(json.dumps(json.load(sys.stdin)['step_cost']))" \
+                | tee -a "$out/serve.jsonl"
         done
         kill -INT $up; wait $up || true
-        grep -E "graphs captured|Error|error" "$out/up$eager.log" | tail -5
+        grep -E "graphs captured|Error|error" "$out/up$flags.log" | tail -5
     done
 fi

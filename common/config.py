@@ -34,6 +34,7 @@ class SchedulerConfig:
     watermark: float = 0.01             # fraction of device blocks kept free when admitting
     preemption_mode: str = "auto"       # auto | swap | recompute
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True       # build the next decode step while one runs
     host: str = "127.0.0.1"
     client_port: int = 5555
     executor_port: int = 5556

@@ -38,6 +38,10 @@ SCHEDULER_OPTIONS = [
     click.option("--prefix-caching/--no-prefix-caching", "enable_prefix_caching",
                  default=True, show_default=True,
                  help="Reuse the KV of full blocks whose tokens were computed before."),
+    click.option("--async-scheduling/--no-async-scheduling", default=True, show_default=True,
+                 help="While a step runs, build and send the next one when it only continues "
+                      "the same decodes, so that the executor never waits for the scheduler "
+                      "between such steps."),
     click.option("--host", default="127.0.0.1", show_default=True,
                  help="Address the scheduler's sockets bind to."),
     click.option("--client-port", type=int, default=5555, show_default=True),

@@ -131,7 +131,7 @@ def render_stats(data: dict) -> str:
     if cost.get("steps"):
         lines.append(f"{'step':>20}: p50 {cost['wall_ms_p50']:.1f} ms at {cost['seqs_p50']:g} "
                      f"seqs, {cost['outside_forward_perc']:.2f}% outside the forward pass "
-                     f"({cost['steps']} steps)")
+                     f"({cost['steps']} steps, {cost['ahead_perc']:.0f}% sent ahead)")
     return "\n".join(lines)
 
 

@@ -117,26 +117,27 @@ class BlockManager:
         return (len(table) * self.block_size < seq.num_tokens
                 or self.device.refcounts[table[-1]] > 1)
 
-    def num_append_blocks(self, seqs: list[Sequence]) -> int:
-        """Fresh blocks that ``append_slot`` takes for each of ``seqs``: one per full last
-        block, one per copy-on-write of a shared last block."""
+    def num_append_blocks(self, seqs: list[Sequence], ahead: int = 0) -> int:
+        """Fresh blocks that ``append_slot(seq, ahead)`` takes for each of ``seqs``: one per
+        full last block, one per copy-on-write of a shared last block."""
         needed = 0
         holders: dict[int, int] = {}  # shared last block -> how many of seqs write to it
         refcounts, block_size = self.device.refcounts, self.block_size
         for seq in seqs:
             table = self._device_table(seq)
-            if len(table) * block_size < seq.num_tokens:
+            if len(table) * block_size < seq.num_tokens + ahead:
                 needed += 1
             elif refcounts[table[-1]] > 1:
                 holders[table[-1]] = holders.get(table[-1], 0) + 1
         # Each writer copies the shared block, except the last one when nobody else holds it.
         return needed + sum(k - (refcounts[b] == k) for b, k in holders.items())
 
-    def append_slot(self, seq: Sequence) -> AppendResult:
+    def append_slot(self, seq: Sequence, ahead: int = 0) -> AppendResult:
         """Make room for the sequence's last token: a new block when the last one is full,
-        a copy of the last one when it is shared (copy-on-write)."""
+        a copy of the last one when it is shared (copy-on-write). ``ahead``: for that many
+        tokens more, not yet sampled (async scheduling; at most a block's worth)."""
         table = self._device_table(seq)
-        if len(table) * self.block_size < seq.num_tokens:
+        if len(table) * self.block_size < seq.num_tokens + ahead:
             # Tables only grow at the end; copy-on-write changes the last entry only.
             table.append(self._allocate(self.device))
             return AppendResult(new_block=table[-1])

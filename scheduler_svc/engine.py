@@ -1,8 +1,8 @@
 """The scheduler's core without sockets: requests in, step plans out, step results in.
 
 The service wraps it in ZeroMQ; tests and benchmarks drive it in process with a model
-runner. One step is in flight at a time: ``schedule`` builds the next step only after
-``process`` took the result of the previous one.
+runner. ``schedule`` builds a step when none is in flight; ``schedule_ahead`` builds the next
+decode step while one is (async scheduling). Results are processed in step order.
 """
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ class Engine:
         step = self.scheduler.schedule()
         if step.is_empty and not step.removed:
             return None
+        return self._numbered(step)
+
+    def schedule_ahead(self, in_flight: ScheduledStep) -> tuple[ScheduledStep, p.StepPlan] | None:
+        """The step after ``in_flight``, built while it runs (``Scheduler.schedule_ahead``),
+        or None when it must wait for ``in_flight``'s result."""
+        step = self.scheduler.schedule_ahead(
+            in_flight, lambda seq: self.processor.at_length(seq, ahead=1))
+        return None if step is None else self._numbered(step)
+
+    def _numbered(self, step: ScheduledStep) -> tuple[ScheduledStep, p.StepPlan]:
         self.step_count += 1
         return step, step.to_plan(self.step_count, self.scheduler.block_manager.tables)
 

@@ -53,24 +53,27 @@ class Metrics:
         self.snapshot: dict = {}
         self.prometheus = PrometheusMetrics(model_name, lambda: self.snapshot)
         # (step wall ms, forward ms, sequences) of recent steps: the cost around the model.
-        self.steps: deque[tuple[float, float, int]] = deque(maxlen=WINDOW)
+        self.steps: deque[tuple[float, float, int, bool]] = deque(maxlen=WINDOW)
 
-    def observe_step(self, wall_ms: float, forward_ms: float, num_seqs: int) -> None:
-        """One step from the start of scheduling it to the end of processing its result,
-        and the executor's forward pass (model, logits, sampling) within it."""
-        self.steps.append((wall_ms, forward_ms, num_seqs))
+    def observe_step(self, wall_ms: float, forward_ms: float, num_seqs: int,
+                     ahead: bool = False) -> None:
+        """One step from the start of scheduling it (or, when it was sent ahead, from the
+        end of the step before) to the end of processing its result, and the executor's
+        forward pass (model, logits, sampling) within it."""
+        self.steps.append((wall_ms, forward_ms, num_seqs, ahead))
 
     def step_cost(self) -> dict:
         """Recent steps' wall time and the share of it outside the forward pass: scheduling,
         encoding, the round trip, the executor's table updates and block ops, processing."""
         if not self.steps:
             return {"steps": 0}
-        walls, forwards, seqs = zip(*self.steps)
+        walls, forwards, seqs, ahead = zip(*self.steps)
         outside = sum(walls) - sum(forwards)
         return {"steps": len(walls), "wall_ms_p50": percentile(walls, 50),
-                "outside_forward_ms_p50": percentile([w - f for w, f, _ in self.steps], 50),
+                "outside_forward_ms_p50": percentile([w - f for w, f, *_ in self.steps], 50),
                 "outside_forward_perc": round(100 * outside / sum(walls), 2),
-                "seqs_p50": percentile(seqs, 50)}
+                "seqs_p50": percentile(seqs, 50),
+                "ahead_perc": round(100 * sum(ahead) / len(ahead), 2)}
 
     def observe(self, requests: list[Request], now: float) -> None:
         """Record the output the last step gave ``requests``."""

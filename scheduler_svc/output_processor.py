@@ -48,9 +48,15 @@ class OutputProcessor:
             hit = self._find_stop_string(seq, params.stop, new_chars)
             if hit is not None:
                 return "stop", hit
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self.at_length(seq):
             return "length", None
         return None
+
+    def at_length(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether the sequence has reached its length limit (max_tokens, or the context
+        limit), or will have once ``ahead`` more tokens are appended."""
+        return (seq.num_output_tokens + ahead >= seq.request.params.max_tokens
+                or seq.num_tokens + ahead >= self.max_model_len)
 
     @staticmethod
     def _find_stop_string(seq: Sequence, stops: list[str], new_chars: int) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.protocol import NewSeq, StepPlan
@@ -144,10 +145,49 @@ class Scheduler:
         step.drop_edits(set(step.removed))
         return step
 
+    def schedule_ahead(self, in_flight: ScheduledStep,
+                       ends: Callable[[Sequence], bool]) -> ScheduledStep | None:
+        """The step after ``in_flight``, built while it runs (async scheduling), or None when
+        that step depends on its result.
+
+        Only a pure continuation qualifies: every running sequence is in ``in_flight`` and
+        samples there, so each decodes the token being sampled now, and nothing waits or is
+        swapped (admitting them takes the normal path once the pipeline drains). Beams wait
+        for the scheduler's choice and samples for their fork, so they never go ahead.
+        ``ends(seq)`` says whether the token in flight ends the sequence by its length; a
+        stop token is only seen in the result, so a stopped sequence computes one token in
+        vain, never read. The executor runs plans in order, so blocks freed here (finished
+        sequences) may go to others in this plan: the step in flight writes them first.
+        """
+        if self.waiting or self.swapped or self._forks or self._append_tokens:
+            return None
+        live = [(seq, n) for seq, n in zip(in_flight.seqs, in_flight.num_tokens)
+                if not seq.is_finished]
+        if len(live) != sum(not seq.is_finished for seq in self.running):
+            return None  # a running sequence sits this step out (beams, token budget)
+        for seq, num_tokens in live:
+            request = seq.request
+            if (request.beam is not None or request.unforked
+                    or seq.num_computed_tokens + num_tokens != seq.num_tokens):
+                return None
+        going_on = [seq for seq, _ in live if not ends(seq)]
+        bm = self.block_manager
+        if not going_on or bm.num_append_blocks(going_on, ahead=1) > bm.device.num_free:
+            return None  # nothing to run, or a preemption to decide: after the result
+        step = ScheduledStep(removed=self._release_finished())
+        for seq in going_on:
+            step.record(seq, bm.append_slot(seq, ahead=1))
+            step.add(seq, 1)
+        return step
+
     def update(self, step: ScheduledStep, execute_ms: float = 0.0,
                block_ops_ms: float = 0.0) -> None:
-        """The executor acknowledged ``step``: its tokens are now in the cache."""
+        """The executor acknowledged ``step``: its tokens are now in the cache. A sequence
+        that finished meanwhile (aborted, or stopped by the token of the step before) is
+        left alone: what it computed is never used."""
         for seq, num_tokens in zip(step.seqs, step.num_tokens):
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += num_tokens
             self.block_manager.cache_computed_blocks(seq)
         if self.cost_model is not None:

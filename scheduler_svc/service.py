@@ -1,8 +1,10 @@
 """The scheduler service: client, executor and admin sockets around the step loop.
 
-One thread, one poller. A step is in flight at most once: the next plan is built only
-after the executor's result for the previous one, which is what lets the scheduler free
-blocks the moment it builds a plan.
+One thread, one poller. With no step in flight the next one is scheduled in full: admission,
+preemption, swaps, beams. While one is in flight, the step after it is built and sent if it
+is a pure continuation of it (async scheduling, ``Scheduler.schedule_ahead``), so that the
+executor finds its next plan waiting instead of idling through the round trip and our
+processing. The executor runs plans in order, one at a time.
 
 The executor sends a heartbeat every 0.25 s from a thread of its own, even mid-step. Silent for
 ``executor_timeout`` (or registering anew), it is taken for dead with every block it held:
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 import zmq
@@ -36,6 +40,12 @@ from scheduler_svc.tokenizer import Tokenizer
 log = get_logger("scheduler")
 HEARTBEAT_S = 1.0
 IDLE_POLL_MS = 100
+
+
+class InFlight(NamedTuple):
+    step: ScheduledStep
+    step_no: int
+    started: float  # perf_counter when it began to be scheduled
 
 
 def read_model_limits(model_dir: Path) -> tuple[int, int]:
@@ -75,8 +85,9 @@ class SchedulerService:
         self.executor_info: p.RegisterExecutor | None = None
         self._executor_heard = 0.0  # monotonic time of the registered executor's last word
         self.executors_lost = 0
-        self.in_flight: ScheduledStep | None = None
-        self._step_start = 0.0  # perf_counter when the step in flight began to be scheduled
+        self.in_flight: deque[InFlight] = deque()  # oldest first; two at most
+        self._ahead_tried = False  # schedule_ahead ran since the last result
+        self._last_result = 0.0  # perf_counter when the last result was processed
         self._last_sent: dict[bytes, float] = {}   # client -> when we last sent it anything
         self._last_heard: dict[bytes, float] = {}  # client -> when it last sent us anything
         self._idle = False
@@ -167,8 +178,12 @@ class SchedulerService:
         self._next_status = now + interval
 
     def _can_step(self) -> bool:
-        return (self.ready and self.in_flight is None and not self._idle
-                and self.scheduler.has_work)
+        if not self.ready or not self.scheduler.has_work:
+            return False
+        if not self.in_flight:
+            return not self._idle
+        return (len(self.in_flight) == 1 and self.config.async_scheduling
+                and not self._ahead_tried)
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(1000):  # bounded, so one busy socket cannot starve the others
@@ -348,7 +363,7 @@ class SchedulerService:
         """Forget the executor and everything it held; its sequences wait to be recomputed
         by the next one that registers (``pagedserve up`` and compose restart it)."""
         self.executor_id = self.executor_info = None
-        self.in_flight = None  # its result will never come: its tokens are recomputed
+        self.in_flight.clear()  # their results will never come: their tokens are recomputed
         self._idle = False
         requeued = self.scheduler.recompute_all()
         self.executors_lost += 1
@@ -356,13 +371,14 @@ class SchedulerService:
                   sequences_to_recompute=requeued)
 
     def _on_executor_error(self, msg: p.ErrorMsg) -> None:
-        """The executor rejected the plan in flight: a scheduler bug, so fail its requests
-        loudly rather than retry the same plan forever."""
+        """The executor rejected the oldest plan in flight: a scheduler bug, so fail its
+        requests (and those of the plan sent after it, which assumed it) loudly rather than
+        retry the same plan forever."""
         log.error("executor rejected a plan", code=msg.code, message=msg.message)
-        step, self.in_flight = self.in_flight, None
-        if step is None:
-            return
-        for request in {seq.request.key: seq.request for seq in step.seqs}.values():
+        steps = [entry.step for entry in self.in_flight]
+        self.in_flight.clear()
+        requests = {seq.request.key: seq.request for step in steps for seq in step.seqs}
+        for request in requests.values():
             self._fail(request, p.ErrorMsg(code="internal", request_id=request.request_id,
                                            message=f"the executor rejected a step: {msg.message}"))
 
@@ -388,26 +404,33 @@ class SchedulerService:
     # ------------------------------------------------------------ steps
 
     def _step(self) -> None:
-        self._step_start = time.perf_counter()
-        scheduled = self.engine.schedule()
-        for request in self.engine.take_capped():
-            log.warning("request ended: its sequences outgrew the KV pool",
-                        request_id=request.request_id)
-            self._send_client(request.client, self.frontend.output(request))
-        if scheduled is None:
-            self._idle = True  # nothing fits until something changes: wait for an event
-            return
-        self.in_flight, plan = scheduled
+        started = time.perf_counter()
+        if self.in_flight:
+            self._ahead_tried = True  # nothing it depends on changes before the result
+            scheduled = self.engine.schedule_ahead(self.in_flight[0].step)
+            if scheduled is None:
+                return
+        else:
+            scheduled = self.engine.schedule()
+            for request in self.engine.take_capped():
+                log.warning("request ended: its sequences outgrew the KV pool",
+                            request_id=request.request_id)
+                self._send_client(request.client, self.frontend.output(request))
+            if scheduled is None:
+                self._idle = True  # nothing fits until something changes: wait for an event
+                return
+        step, plan = scheduled
+        self.in_flight.append(InFlight(step, plan.step, started))
         # Every log line from here on, about a request or not, names the step.
         structlog.contextvars.bind_contextvars(step=plan.step)
         self.executor.send_multipart([self.executor_id, p.encode(plan)])
 
     def _on_result(self, result: p.StepResult) -> None:
-        step, self.in_flight = self.in_flight, None
-        if step is None or result.step != self.engine.step_count:
+        if not self.in_flight or result.step != self.in_flight[0].step_no:
             log.error("result for an unexpected step ignored", step=result.step)
-            self.in_flight = step
             return
+        step, _, started = self.in_flight.popleft()
+        self._ahead_tried = False
         requests = self.engine.process(step, result)
         self.metrics.observe(requests, time.monotonic())
         for request in requests:
@@ -417,5 +440,8 @@ class SchedulerService:
                           output_tokens=request.num_generated)
             if request.stream or request.is_finished:
                 self._send_client(request.client, self.frontend.output(request))
-        self.metrics.observe_step((time.perf_counter() - self._step_start) * 1e3,
-                                  result.forward_ms, len(step.seqs))
+        # A step sent ahead began to occupy the loop only when the one before it ended.
+        now = time.perf_counter()
+        began, self._last_result = max(started, self._last_result), now
+        self.metrics.observe_step((now - began) * 1e3, result.forward_ms, len(step.seqs),
+                                  ahead=started < began)

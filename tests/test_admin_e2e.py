@@ -213,6 +213,8 @@ def test_stats_count_every_request_and_token(run):
     cost = stats["step_cost"]
     assert cost["steps"] > 0 and cost["wall_ms_p50"] > cost["outside_forward_ms_p50"] > 0
     assert 0 < cost["outside_forward_perc"] < 100
+    # async scheduling is on by default: the long decodes went ahead, prompt steps did not
+    assert 0 < cost["ahead_perc"] < 100
 
 
 def test_metrics_scraped_under_load_carry_vllm_names(run):

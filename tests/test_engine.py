@@ -1,6 +1,7 @@
 """Scheduler, wire protocol and model runner together in one process, on tiny random models:
 greedy output equals transformers' own, with and without recompute preemption."""
 import random
+from collections import deque
 
 import pytest
 import torch
@@ -46,9 +47,37 @@ def make_runner(path, num_blocks, num_cpu_blocks=0, attention_backend="torch", d
     return ModelRunner(model, cache, BLOCK_SIZE, attention_backend)
 
 
+def drive(engine, runner, pipelined=False, on_step=None):
+    """Run the engine's steps on ``runner`` through encoded plans and results until nothing
+    is left; returns how many steps were sent ahead. ``pipelined``: as the service does with
+    async scheduling, the step after the one in flight is built before its result is
+    processed (the runner, like the executor, runs plans in the order they are sent)."""
+    in_flight, ahead = deque(), 0
+
+    def send(scheduled):
+        step, plan = scheduled
+        in_flight.append((step, runner.execute(p.decode(p.encode(plan)))))
+
+    while True:
+        if not in_flight:
+            scheduled = engine.schedule()
+            if scheduled is None:
+                return ahead
+            send(scheduled)
+        if pipelined and len(in_flight) == 1:
+            scheduled = engine.schedule_ahead(in_flight[0][0])
+            if scheduled is not None:
+                send(scheduled)
+                ahead += 1
+        step, result = in_flight.popleft()
+        engine.process(step, p.decode(p.encode(result)))
+        if on_step is not None:
+            on_step(engine.scheduler)
+
+
 def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cpu_blocks=0,
         prefix_caching=True, eos_token_ids=(), on_step=None, attention_backend="torch",
-        device="cpu", runner=None):
+        device="cpu", runner=None, pipelined=False):
     """Run requests through engine -> encoded plan -> runner -> encoded result, in process
     (``runner``, or a new one). Returns the scheduler (its preemption counters)."""
     runner = runner or make_runner(path, num_blocks, num_cpu_blocks, attention_backend, device)
@@ -57,12 +86,8 @@ def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cp
                     OutputProcessor(word_tokenizer(eos_token_ids), max_model_len=128))
     for request in requests:
         engine.add(request)
-    while (scheduled := engine.schedule()) is not None:
-        step, plan = scheduled
-        result = runner.execute(p.decode(p.encode(plan)))
-        engine.process(step, p.decode(p.encode(result)))
-        if on_step is not None:
-            on_step(engine.scheduler)
+    ahead = drive(engine, runner, pipelined, on_step)
+    assert (ahead > 0) == pipelined
     assert not engine.scheduler.has_work and all(r.is_finished for r in requests)
     assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
     return engine.scheduler
@@ -80,18 +105,21 @@ def generate(path, prompts, num_blocks, **kwargs):
     return [r.seqs[0].output_token_ids for r in requests], scheduler.preemptions
 
 
-def test_batched_greedy_equals_transformers(tiny):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_batched_greedy_equals_transformers(tiny, pipelined):
     path, prompts, expected = tiny
-    outputs, preemptions = generate(path, prompts, num_blocks=64)
+    outputs, preemptions = generate(path, prompts, num_blocks=64, pipelined=pipelined)
     assert preemptions == {"swap": 0, "recompute": 0}
     assert outputs == expected
 
 
-@pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_preempted_sequences_continue_exactly(tiny, mode):
+@pytest.mark.parametrize("mode, pipelined", [("recompute", False), ("swap", False),
+                                             ("recompute", True), ("swap", True)])
+def test_preempted_sequences_continue_exactly(tiny, mode, pipelined):
     path, prompts, expected = tiny
     # 48 device slots for 5 sequences of up to 42 tokens: preemption must happen
-    outputs, preemptions = generate(path, prompts, num_blocks=12, mode=mode, num_cpu_blocks=64)
+    outputs, preemptions = generate(path, prompts, num_blocks=12, mode=mode, num_cpu_blocks=64,
+                                    pipelined=pipelined)
     assert preemptions[mode] > 0 and sum(preemptions.values()) == preemptions[mode]
     assert outputs == expected
 
@@ -106,9 +134,11 @@ def test_shared_prefix_is_computed_once_and_gives_the_same_tokens(tiny):
     assert cached == plain
 
 
-def test_chunked_prefill_mixed_with_decodes_gives_the_same_tokens(tiny):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_chunked_prefill_mixed_with_decodes_gives_the_same_tokens(tiny, pipelined):
     path, prompts, expected = tiny
-    outputs, _ = generate(path, prompts, num_blocks=64, max_batched=8)  # 30-token prompt: 4+ chunks
+    # a 30-token prompt: 4+ chunks
+    outputs, _ = generate(path, prompts, num_blocks=64, max_batched=8, pipelined=pipelined)
     assert outputs == expected
 
 
@@ -187,14 +217,15 @@ def test_greedy_samples_forked_from_one_prefill_all_equal_the_greedy_output(tiny
 def test_seeded_samples_are_reproducible_and_exact_under_preemption(tiny, mode):
     path, prompts, _ = tiny
 
-    def samples(num_blocks):
+    def samples(num_blocks, pipelined=False):
         requests = [request(ids, n=3, seed=11, ignore_eos=True) for ids in prompts]
-        scheduler = run(path, requests, num_blocks, mode=mode, num_cpu_blocks=cpu_blocks(mode))
+        scheduler = run(path, requests, num_blocks, mode=mode, num_cpu_blocks=cpu_blocks(mode),
+                        pipelined=pipelined)
         return [[s.output_token_ids for s in r.seqs] for r in requests], scheduler.preemptions
 
     alone, _ = samples(64)
-    assert samples(64)[0] == alone
-    constrained, preemptions = samples(20)
+    assert samples(64, pipelined=True)[0] == alone
+    constrained, preemptions = samples(20, pipelined=True)
     assert preemptions[mode] > 0 and constrained == alone
     assert all(len({tuple(s) for s in group}) > 1 for group in alone)  # the samples differ
 
@@ -236,6 +267,100 @@ def test_best_of_returns_the_n_samples_of_highest_cumulative_logprob(tiny):
     ranked = sorted(req.seqs, key=lambda s: s.cumulative_logprob, reverse=True)
     assert [o.token_ids for o in outputs] == [s.output_token_ids for s in ranked[:2]]
     assert [o.index for o in outputs] == [0, 1]
+
+
+# ---------------------------------------------------------------- async scheduling
+
+class CountingRunner:
+    """A model runner that counts the tokens the plans compute for each sequence."""
+
+    def __init__(self, runner):
+        self.runner, self.computed = runner, {}
+
+    def execute(self, plan):
+        for seq_id, num_tokens in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist()):
+            self.computed[seq_id] = self.computed.get(seq_id, 0) + num_tokens
+        return self.runner.execute(plan)
+
+
+def finished(requests):
+    return [[(seq.output_token_ids, seq.finish_reason) for seq in r.seqs] for r in requests]
+
+
+def test_async_scheduling_stops_and_caches_exactly_as_step_by_step(tiny):
+    """Sequences that stop on a token (seen only in the result, after the step behind it was
+    sent: it computes one token in vain), at their max_tokens (never sent ahead), and seeded
+    samples end exactly as step by step, and free every block. A second wave whose prompts
+    are the first wave's whole sequences then hits the blocks the first wave cached, and
+    computes the tokens a run without the prefix cache computes."""
+    path, prompts, expected = tiny
+    eos = expected[2][4]  # request 2 is greedy: it stops there
+
+    def first_wave():
+        return [request(ids, max_tokens=MAX_TOKENS - i, **({"n": 2, "seed": i} if i % 2 else
+                                                          {"temperature": 0.0}))
+                for i, ids in enumerate(prompts)]
+
+    def waves(pipelined, prefix_caching=True):
+        runner = CountingRunner(make_runner(path, 64))
+        bm = BlockManager(BLOCK_SIZE, 64, 0, 0.0, prefix_caching)
+        engine = Engine(Scheduler(bm, 8, 256, "recompute"),
+                        OutputProcessor(word_tokenizer([eos]), max_model_len=128))
+        first = first_wave()
+        second = []
+        for wave in (first, second):
+            for r in wave:
+                engine.add(r)
+            ahead = drive(engine, runner, pipelined)
+            assert (ahead > 0) == pipelined and bm.device.num_free == 64
+            assert all(r.is_finished for r in wave)
+            second += [request(seq.token_ids, max_tokens=6, temperature=0.0, ignore_eos=True)
+                       for r in first for seq in r.seqs]
+            # Never past the last sampled token; one in vain after a stop token at most.
+            assert all(runner.computed[seq.seq_id] <= seq.num_tokens - (seq.finish_reason != "stop")
+                       for r in wave for seq in r.seqs)
+        return finished(first), finished(second), bm.prefix_hits
+
+    step_by_step = waves(pipelined=False)
+    reasons = {reason for groups in step_by_step[0] for _, reason in groups}
+    assert reasons == {"stop", "length"}
+    first, second, hits = waves(pipelined=True)
+    assert (first, second) == step_by_step[:2]
+    assert hits > 0 and waves(pipelined=True, prefix_caching=False)[1] == second
+
+
+def test_async_scheduling_survives_aborts_with_two_steps_in_flight(tiny):
+    """Requests aborted while two steps are in flight free their blocks (the executor drops
+    them with the next plan); the others finish with transformers' tokens."""
+    path, prompts, expected = tiny
+    runner = make_runner(path, 64)
+    bm = BlockManager(BLOCK_SIZE, 64, 0, 0.0, True)
+    engine = Engine(Scheduler(bm, 8, 256, "recompute"),
+                    OutputProcessor(word_tokenizer(), max_model_len=128))
+    requests = [request(ids, temperature=0.0, ignore_eos=True) for ids in prompts]
+    for r in requests:
+        engine.add(r)
+    in_flight, aborted = deque(), []
+    while True:
+        if not in_flight:
+            scheduled = engine.schedule()
+            if scheduled is None:
+                break
+            in_flight.append(scheduled[0])
+            result_of = {scheduled[1].step: runner.execute(p.decode(p.encode(scheduled[1])))}
+        if len(in_flight) == 1 and (ahead := engine.schedule_ahead(in_flight[0])) is not None:
+            in_flight.append(ahead[0])
+            result_of[ahead[1].step] = runner.execute(p.decode(p.encode(ahead[1])))
+            live = [r for r in requests if not r.is_finished and r not in aborted]
+            if len(in_flight) == 2 and len(aborted) < 2 and live:
+                aborted.append(live[-1])
+                engine.abort(live[-1])
+        step = in_flight.popleft()
+        engine.process(step, result_of.pop(min(result_of)))
+    assert len(aborted) == 2 and bm.device.num_free == 64
+    kept = [i for i, r in enumerate(requests) if r not in aborted]
+    assert [requests[i].seqs[0].output_token_ids for i in kept] == [expected[i] for i in kept]
+    assert all(len(r.seqs[0].output_token_ids) < MAX_TOKENS for r in aborted)
 
 
 # ---------------------------------------------------------------- beam search

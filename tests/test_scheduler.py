@@ -245,3 +245,115 @@ def test_recompute_all_requeues_every_held_sequence_and_admin_still_describes_th
     seq_id = scheduler.waiting[0].seq_id
     reply = json.loads(handler.handle(json.dumps({"cmd": "seq", "seq_id": seq_id}).encode()))
     assert reply["blocks"] == [] and reply["pool"] is None
+
+
+def tuples(flat, k=2):
+    return [tuple(flat[i:i + k]) for i in range(0, len(flat), k)]
+
+
+class SimExecutor:
+    """The executor's side of the plans, without a model: it mirrors each sequence's tokens
+    and table as the real one does, writes each computed token's id into the cache slot the
+    table gives it, and checks that every sequence it computes reads its whole context back
+    from its own table. A block reused too early, a lost copy-on-write or swap, or a prefix
+    hit on the wrong tokens reads back someone else's token. Plans run in the order sent."""
+
+    def __init__(self, rng: random.Random, stop: int):
+        self.rng, self.stop = rng, stop
+        self.seqs: dict[int, list] = {}  # seq id -> [tokens, table, num_computed]
+        self.device: dict[int, dict[int, int]] = {}  # block -> slot -> token id
+        self.cpu: dict[int, dict[int, int]] = {}
+
+    def execute(self, plan) -> dict[int, int]:
+        for seq_id in plan.removed.tolist():
+            self.seqs.pop(seq_id, None)
+        for new in plan.new_seqs:
+            self.seqs[new.seq_id] = [new.token_ids.tolist(), new.block_table.tolist(),
+                                     new.num_computed_tokens]
+        for child, parent, _ in tuples(plan.forks.tolist(), 3):
+            tokens, table, computed = self.seqs[parent]
+            self.seqs[child] = [list(tokens), list(table), computed]
+        for src, dst in tuples(plan.swap_out.tolist()):
+            self.cpu[dst] = dict(self.device.get(src, {}))
+        for src, dst in tuples(plan.swap_in.tolist()):
+            self.device[dst] = dict(self.cpu.get(src, {}))
+        for src, dst in tuples(plan.copies.tolist()):
+            self.device[dst] = dict(self.device.get(src, {}))
+        for seq_id, block in tuples(plan.replace_last.tolist()):
+            self.seqs[seq_id][1][-1] = block
+        for seq_id, block in tuples(plan.block_appends.tolist()):
+            self.seqs[seq_id][1].append(block)
+        sampled = {}
+        for seq_id, n in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist()):
+            state = self.seqs[seq_id]
+            tokens, table, computed = state
+            assert computed + n <= min(len(tokens), len(table) * BLOCK_SIZE)
+            for pos in range(computed, computed + n):
+                self.device.setdefault(table[pos // BLOCK_SIZE], {})[pos % BLOCK_SIZE] = \
+                    tokens[pos]
+            state[2] = computed = computed + n
+            read = [self.device.get(table[pos // BLOCK_SIZE], {}).get(pos % BLOCK_SIZE)
+                    for pos in range(computed)]
+            assert read == tokens[:computed], f"seq {seq_id} reads a context not its own"
+            if computed == len(tokens):
+                sampled[seq_id] = self.rng.randrange(self.stop, self.stop + 8)
+                tokens.append(sampled[seq_id])
+        return sampled
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 10), st.integers(1, 3)),
+                min_size=1, max_size=10),
+       st.integers(12, 40), st.sampled_from([0, 64]), st.sampled_from(["swap", "recompute"]),
+       st.booleans(), st.integers(0, 2**16))
+def test_every_sequence_reads_its_own_tokens_with_and_without_async_scheduling(
+        requests, num_blocks, num_cpu_blocks, mode, pipelined, seed):
+    """Through a simulated executor, with prefix sharing, samples, preemption, stop tokens
+    and aborts: every context reads back exactly its own tokens, every request ends, and
+    the pools end empty; with ``pipelined``, steps go ahead as the service sends them."""
+    from common import protocol as p
+
+    rng, stop = random.Random(seed), 100  # a sampled 100 is a stop token: one in eight
+    bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0)
+    scheduler = Scheduler(bm, 8, 64, mode)
+    executor = SimExecutor(random.Random(seed + 1), stop)
+    requests = [(pl, m, n) for pl, m, n in requests if pl + m <= num_blocks * BLOCK_SIZE // 2]
+    firsts, pending, in_flight, step_no, ahead = [], list(enumerate(requests)), [], 0, 0
+
+    def send(step):
+        nonlocal step_no
+        step_no += 1
+        plan = p.decode(p.encode(step.to_plan(step_no, bm.tables)))
+        in_flight.append((step, executor.execute(plan)))
+
+    for _ in range(3000):
+        while pending and rng.random() < 0.3:
+            i, (prompt_len, max_tokens, n) = pending.pop(0)
+            firsts.append(add(scheduler, i, prompt_len, max_tokens, n=n, seed=i))
+        if not in_flight:
+            if not scheduler.has_work and not pending:
+                break
+            step = scheduler.schedule()
+            if step.is_empty and not step.removed:
+                continue
+            send(step)
+        if pipelined and len(in_flight) == 1:
+            step = scheduler.schedule_ahead(
+                in_flight[0][0], lambda s: s.num_output_tokens + 1 >= s.request.params.max_tokens)
+            if step is not None:
+                send(step)
+                ahead += 1
+        if scheduler.running and rng.random() < 0.05:  # an abort, maybe with two in flight
+            scheduler.finish(rng.choice(scheduler.running), "abort")
+        step, sampled = in_flight.pop(0)
+        scheduler.update(step)
+        for seq in step.seqs:
+            if seq.seq_id in sampled and not seq.is_finished:
+                seq.append_token(sampled[seq.seq_id], 0.0)
+                if (sampled[seq.seq_id] == stop
+                        or seq.num_output_tokens >= seq.request.params.max_tokens):
+                    scheduler.finish(seq, "stop")
+    assert not pending and not scheduler.has_work and not in_flight
+    assert all(s.is_finished for first in firsts for s in first.request.seqs)
+    assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
+    assert pipelined or ahead == 0
