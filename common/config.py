@@ -91,6 +91,8 @@ class ExecutorConfig:
     attention_backend: str = "auto"     # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False         # CUDA + triton: no decode graphs
     tensor_parallel_size: int = 1
+    tp_rank: int | None = None          # None: rank 0, starting the other ranks locally
+    tp_master: str | None = None        # HOST:PORT of the rendezvous (rank 0's)
     log_format: str = "console"
     auth: bool = False                  # CURVE to the scheduler (common.auth)
     keys: str | None = None
@@ -114,9 +116,15 @@ class ExecutorConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not "
-                             f"supported yet; use 1")
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tp_rank is not None:
+            if not 0 <= self.tp_rank < self.tensor_parallel_size:
+                raise ValueError(f"tp_rank {self.tp_rank} is outside [0, "
+                                 f"{self.tensor_parallel_size}) (tensor_parallel_size)")
+            if self.tp_master is None:
+                raise ValueError("tp_rank needs tp_master (HOST:PORT of rank 0's rendezvous)")
+        if self.tp_master is not None and not self.tp_master.rpartition(":")[2].isdigit():
+            raise ValueError(f"tp_master must be HOST:PORT, got {self.tp_master!r}")
         _log_format(self.log_format)
 
     def model_dir(self) -> Path:

@@ -76,7 +76,18 @@ EXECUTOR_OPTIONS = [
     click.option("--enforce-eager/--no-enforce-eager", default=False, show_default=True,
                  help="Run every step eagerly: no CUDA graphs for decode steps (on CUDA with "
                       "triton attention, pure-decode steps replay a graph per batch size)."),
-    click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
+    click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+                 help="Shard the model's heads and MLP over this many executor processes "
+                      "(ranks), which sum their partial results with all-reduces (gloo on "
+                      "CPU, NCCL on CUDA). Without --tp-rank the executor starts the other "
+                      "ranks on this machine itself."),
+    click.option("--tp-rank", type=int, default=None,
+                 help="This process's rank, for ranks started one by one (across machines): "
+                      "rank 0 talks to the scheduler, the others only to rank 0. Needs "
+                      "--tp-master."),
+    click.option("--tp-master", default=None,
+                 help="HOST:PORT where rank 0 runs the group's rendezvous; every rank "
+                      "passes the same one."),
 ]
 
 AUTH_OPTIONS = [
@@ -102,3 +113,15 @@ def apply(options: list, func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def to_flags(kwargs: dict, option_list: list) -> list[str]:
+    """The command line that passes ``kwargs`` on to a command taking ``option_list``."""
+    flags = []
+    for param in apply(option_list, lambda **_: None).__click_params__:
+        value = kwargs.get(param.name)
+        if param.is_flag:
+            flags.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            flags += [param.opts[0], str(value)]
+    return flags

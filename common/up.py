@@ -15,18 +15,6 @@ from common.config import default_model_dir
 RESTARTS_PER_MINUTE = 5
 
 
-def _flags(kwargs: dict, option_list: list) -> list[str]:
-    """The command line that passes ``kwargs`` on to a service taking ``option_list``."""
-    flags = []
-    for param in options.apply(option_list, lambda **_: None).__click_params__:
-        value = kwargs.get(param.name)
-        if param.is_flag:
-            flags.append(param.opts[0] if value else param.secondary_opts[0])
-        elif value is not None:
-            flags += [param.opts[0], str(value)]
-    return flags
-
-
 def _service(name: str, flags: list[str]) -> subprocess.Popen:
     # A new session: Ctrl-C reaches only `up`, which then stops the services in order.
     return subprocess.Popen([sys.executable, "-m", "common.cli", name, *flags],
@@ -47,9 +35,9 @@ def main(ready_timeout: float, **kwargs) -> None:
     shared = options.SHARED_OPTIONS
     connect_host = "127.0.0.1" if kwargs["host"] in ("0.0.0.0", "*") else kwargs["host"]
     commands = {
-        "scheduler": _flags(kwargs, options.SCHEDULER_OPTIONS + shared),
+        "scheduler": options.to_flags(kwargs, options.SCHEDULER_OPTIONS + shared),
         "executor": ["--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
-                     *_flags(kwargs, options.EXECUTOR_OPTIONS + shared)]}
+                     *options.to_flags(kwargs, options.EXECUTOR_OPTIONS + shared)]}
     services = [_service(name, flags) for name, flags in commands.items()]
     # Set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import click
 
 from common import options
 from common.config import ExecutorConfig
 from common.log import setup_logging
+from common.up import stop_processes
 
 
 @click.command("executor")
@@ -17,22 +21,46 @@ from common.log import setup_logging
 @lambda f: options.apply(options.EXECUTOR_OPTIONS + options.SHARED_OPTIONS, f)
 def main(**kwargs) -> None:
     """Run the executor: model, KV cache and sampler; registers with the scheduler."""
+    ranks: list[subprocess.Popen] = []
     try:
-        config = ExecutorConfig(**kwargs)
-        setup_logging(config.log_format)
-        if config.resolved_attention_backend() == "triton" and config.device == "cpu":
-            # On CPU tensors the kernels run only in triton's interpreter, which must be
-            # chosen before triton is first imported (transformers imports it).
-            os.environ["TRITON_INTERPRET"] = "1"
         try:
-            from executor_svc.service import ExecutorService
-        except ModuleNotFoundError as exc:  # a base install: scheduler and client only
-            raise click.ClickException(f"the executor needs the model side ({exc}): "
-                                       f"pip install 'pagedserve[executor]'") from None
+            config = ExecutorConfig(**kwargs)
+            if config.tensor_parallel_size > 1 and config.tp_rank is None:
+                ranks = _start_local_ranks(kwargs)
+                config = ExecutorConfig(**kwargs)
+            setup_logging(config.log_format)
+            if config.resolved_attention_backend() == "triton" and config.device == "cpu":
+                # On CPU tensors the kernels run only in triton's interpreter, which must be
+                # chosen before triton is first imported (transformers imports it).
+                os.environ["TRITON_INTERPRET"] = "1"
+            try:
+                from executor_svc.service import ExecutorService
+            except ModuleNotFoundError as exc:  # a base install: scheduler and client only
+                raise click.ClickException(f"the executor needs the model side ({exc}): "
+                                           f"pip install 'pagedserve[executor]'") from None
 
-        service = ExecutorService(config)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: service.stop())
-    service.serve_forever()
+            service = ExecutorService(config)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: service.stop())
+        service.serve_forever()
+    finally:
+        stop_processes(ranks)  # they stop with rank 0; if it failed, they are told here
+
+
+def _start_local_ranks(kwargs: dict) -> list[subprocess.Popen]:
+    """Start ranks 1..N-1 on this machine, with a rendezvous on a free local port; this
+    process becomes rank 0 (``kwargs`` is updated). Each rank gets an equal share of the
+    CPUs for its threads unless ``OMP_NUM_THREADS`` says otherwise."""
+    size = kwargs["tensor_parallel_size"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kwargs.update(tp_rank=0, tp_master=f"127.0.0.1:{port}")
+    threads = max(1, len(os.sched_getaffinity(0)) // size)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # before torch is imported
+    executor_options = options.EXECUTOR_OPTIONS + options.SHARED_OPTIONS
+    return [subprocess.Popen([sys.executable, "-m", "common.cli", "executor",
+                              *options.to_flags({**kwargs, "tp_rank": rank}, executor_options)])
+            for rank in range(1, size)]

@@ -5,6 +5,7 @@ float32), so greedy outputs match ``generate``; attention goes through the paged
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from executor_svc.attention import AttentionMetadata
 from executor_svc.cpu import PackedLinear, pack_linears
+from executor_svc.parallel import TensorParallel, check_divisible
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE types whose frequencies do not depend on the sequence length, so one table serves all steps.
@@ -77,6 +79,14 @@ class ModelConfig:
             rope_type=hf.rope_parameters["rope_type"],
             hf_config=hf,
         )
+
+    def sharded(self, size: int) -> ModelConfig:
+        """The shape one of ``size`` tensor-parallel ranks holds: its share of the query
+        heads, KV heads and MLP columns (a ``ValueError`` when they do not divide)."""
+        check_divisible(self.num_heads, self.num_kv_heads, self.intermediate_size, size)
+        return dataclasses.replace(self, num_heads=self.num_heads // size,
+                                   num_kv_heads=self.num_kv_heads // size,
+                                   intermediate_size=self.intermediate_size // size)
 
     @property
     def max_model_len(self) -> int:
@@ -173,8 +183,9 @@ class MergedLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -192,12 +203,13 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         meta.backend.write_kv(k, v, *kv_cache, meta.slot_mapping)
         out = meta.backend.attend(q, k, v, *kv_cache, meta, self.scale)
-        return self.o_proj(out.flatten(1))
+        return _reduce(self.o_proj(out.flatten(1)), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
         super().__init__()
+        self.tp = tp
         size = config.intermediate_size
         parts = {"gate_proj": size, "up_proj": size}
         self.gate_up_proj = MergedLinear(config.hidden_size, parts, bias=False)
@@ -205,16 +217,21 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        return _reduce(self.down_proj(F.silu(gate) * up), self.tp)
+
+
+def _reduce(partial: Tensor, tp: TensorParallel | None) -> Tensor:
+    """A row-parallel projection's output: each rank's partial sum, summed over the ranks."""
+    return partial if tp is None else tp.all_reduce(partial)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
@@ -223,10 +240,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -234,13 +251,18 @@ class PagedLlamaForCausalLM(nn.Module):
     """A Llama-family decoder whose attention reads and writes the paged KV cache.
 
     Parameter names mirror the HF checkpoint's, except that q/k/v and gate/up are merged.
+    Under tensor parallelism (``tp``) ``config`` is this rank's share (``ModelConfig.sharded``):
+    q/k/v and gate/up hold its rows (column-parallel), o_proj and down_proj its columns
+    (row-parallel, summed over the ranks); norms, embedding and LM head are whole on every rank.
     """
 
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.config = config
         self.rope = rope
-        self.model = LlamaModel(config)
+        self.tp = tp
+        self.model = LlamaModel(config, tp)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_head: PackedLinear | None = None  # see prepack
@@ -250,7 +272,8 @@ class PagedLlamaForCausalLM(nn.Module):
         serves the dtype (``executor_svc.cpu``); returns how many matrices were packed. A
         tied head gets its own packed copy: the embedding keeps the dense table."""
         count = pack_linears(self)
-        if count and self.config.tie_word_embeddings:
+        needs_head = self.tp is None or self.tp.is_driver  # only rank 0 samples
+        if count and self.config.tie_word_embeddings and needs_head:
             self.packed_head = PackedLinear(self.model.embed_tokens.weight, None, batch_hint=32)
             count += 1
         return count
@@ -275,14 +298,16 @@ class PagedLlamaForCausalLM(nn.Module):
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
-               prepack: bool = True) -> PagedLlamaForCausalLM:
+               prepack: bool = True, tp: TensorParallel | None = None) -> PagedLlamaForCausalLM:
     """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
     possibly sharded) with weights in ``dtype`` on ``device``, in eval mode; on CPU its
-    GEMMs are prepacked unless ``prepack`` is False."""
+    GEMMs are prepacked unless ``prepack`` is False. With ``tp``, this rank's share of it."""
     config = ModelConfig.from_model_dir(model_dir)
     rope = RotaryEmbedding(config, device)
+    if tp is not None:
+        config = config.sharded(tp.size)
     with torch.device("meta"):
-        model = PagedLlamaForCausalLM(config, rope)
+        model = PagedLlamaForCausalLM(config, rope, tp)
     # Allocate without initialising: every weight is loaded below.
     model = model.to(dtype).to_empty(device=device)
     load_weights(model, Path(model_dir))
@@ -302,11 +327,28 @@ def load_weights(model: PagedLlamaForCausalLM, model_dir: Path) -> None:
             names = [name for name in f.keys() if not _ignored(name, model.config)]
         tensor_files.update(dict.fromkeys(names, file))
     _check_names(set(tensor_files), set(targets), model_dir)
+    rank, size = (0, 1) if model.tp is None else (model.tp.rank, model.tp.size)
     for file in sorted(set(tensor_files.values())):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 if name in targets:
-                    _copy(targets[name], f.get_tensor(name), name)
+                    _copy(targets[name], _shard(f.get_tensor(name), targets[name], name, rank,
+                                                size), name)
+
+
+def _shard(src: Tensor, dst: Tensor, name: str, rank: int, size: int) -> Tensor:
+    """This rank's part of a checkpoint tensor: the slice along the one dimension the rank
+    holds a share of (rows of column-parallel, columns of row-parallel projections). A
+    row-parallel bias is added once, by rank 0, to the sum over the ranks."""
+    if size > 1 and name.endswith(("o_proj.bias", "down_proj.bias")):
+        return src if rank == 0 else torch.zeros_like(src)
+    if src.shape == dst.shape:
+        return src
+    split = [d for d in range(src.dim()) if src.shape[d] != dst.shape[d]]
+    if len(split) != 1 or src.shape[split[0]] != dst.shape[split[0]] * size:
+        return src  # not a share: _copy names the mismatch
+    part = dst.shape[split[0]]
+    return src.narrow(split[0], rank * part, part)
 
 
 def _weight_targets(model: nn.Module) -> dict[str, Tensor]:

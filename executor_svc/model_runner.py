@@ -124,6 +124,12 @@ class ModelRunner:
                 if seq.num_computed_tokens == len(seq.token_ids)]
         if not rows:
             return result
+        tp = self.model.tp
+        if tp is not None and not tp.is_driver:
+            # Rank 0 samples; this rank appends the same tokens, and answers no one.
+            for seq_id, token in zip(*(t.tolist() for t in tp.share_tokens())):
+                self.seqs[seq_id].token_ids.append(token)
+            return result
         logits = self.model.compute_logits(hidden[last_token_indices[rows]])
         seqs = [batch[i][0] for i in rows]
         out = self.sampler(logits, [seq.params for seq in seqs],
@@ -132,6 +138,8 @@ class ModelRunner:
         for j, (i, seq) in enumerate(zip(rows, seqs)):
             (beams if seq.params.beam_width > 1 else sampled).append((j, seq_ids[i], seq))
         self._sampled(result, out, sampled)
+        if tp is not None:
+            tp.share_tokens(torch.from_numpy(result.seq_ids), torch.from_numpy(result.token_ids))
         # Beams keep their tokens: the scheduler chooses among the candidates (the top
         # 2 x beam_width, or the logprobs asked for if more) and sends the chosen token
         # back (append_tokens), possibly to a fork.

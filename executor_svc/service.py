@@ -27,6 +27,7 @@ from executor_svc.cache_engine import CacheEngine
 from executor_svc.cpu import bound_primitive_cache, release_free_memory, tune_allocator
 from executor_svc.model import ModelConfig, load_model
 from executor_svc.model_runner import ModelRunner, PlanError
+from executor_svc.parallel import Command, TensorParallel
 
 log = get_logger("executor")
 REGISTER_RETRY_MS = 2000
@@ -63,14 +64,23 @@ class ExecutorService:
                 raise ValueError("triton attention on CPU needs TRITON_INTERPRET=1 from the "
                                  "start of the process (pagedserve executor sets it)")
             log.warning("triton attention on CPU runs in triton's interpreter: slow")
+        self.tp = None
+        if config.tensor_parallel_size > 1:
+            self.model_config.sharded(config.tensor_parallel_size)  # divisible, or say why
+            self.tp = TensorParallel(config.tp_rank or 0, config.tensor_parallel_size,
+                                     config.tp_master, self.device)
         log.info("loading model", model=model_dir, dtype=str(self.dtype), device=str(self.device),
-                 attention=self.attention)
-        self.model = load_model(model_dir, self.dtype, self.device)
+                 attention=self.attention, tp_rank=config.tp_rank,
+                 tensor_parallel_size=config.tensor_parallel_size)
+        self.model = load_model(model_dir, self.dtype, self.device, tp=self.tp)
+        self.model_config = self.model.config  # this rank's share of the heads
         if self.device.type == "cpu":
             release_free_memory()
         self.model_dir = model_dir
         self.runner: ModelRunner | None = None
         self._stopped = False
+        if self.tp is not None and not self.tp.is_driver:
+            return  # only rank 0 talks to the scheduler
         self.identity = f"executor-{uuid.uuid4().hex[:12]}".encode()
         self.keys = peer_keys("executor", config.keys) if config.auth else None
         self.ctx = zmq.Context()
@@ -84,7 +94,11 @@ class ExecutorService:
         self._stopped = True
 
     def serve_forever(self) -> None:
+        if self.tp is not None and not self.tp.is_driver:
+            self._follow()
+            return
         self._heartbeat.start()
+        healthy = False  # the group, if any, can still hear a stop
         try:
             while not self._stopped:
                 configure = self._register()
@@ -99,11 +113,38 @@ class ExecutorService:
                     log.warning("lost the scheduler: dropping every sequence, registering "
                                 "again")
                     self._drop_cache()
+            healthy = True
         finally:
             self._stopped = True
+            if healthy:
+                self._tell(Command.STOP)
             self._heartbeat.join()
             self.ctx.destroy(linger=0)
             log.info("executor stopped")
+
+    def _follow(self) -> None:
+        """A rank other than 0: do what rank 0 says, in lockstep with it, until it stops."""
+        while True:
+            command, payload = self.tp.receive()
+            if command is Command.CONFIGURE:
+                self._start_cache(p.decode(payload, (p.ConfigureExecutor,)))
+            elif command is Command.PLAN:
+                try:
+                    self.runner.execute(p.decode(payload, (p.StepPlan,)))
+                except (p.ProtocolError, PlanError, ValueError):
+                    pass  # rank 0 rejects it the same way, and answers the scheduler
+            elif command is Command.DROP:
+                self._drop_cache()
+            elif command is Command.TRIM:
+                release_free_memory()
+            else:
+                log.info("executor rank stopped", tp_rank=self.tp.rank)
+                return
+
+    def _tell(self, command: Command, payload: bytes = b"") -> None:
+        """Rank 0: have the other ranks do the same (nothing without tensor parallelism)."""
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.send(command, payload)
 
     def _connect(self, identity: bytes) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -135,6 +176,7 @@ class ExecutorService:
             sock.close(linger=0)
 
     def _drop_cache(self) -> None:
+        self._tell(Command.DROP)
         self.runner = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -171,24 +213,29 @@ class ExecutorService:
         return None
 
     def _start_cache(self, configure: p.ConfigureExecutor) -> None:
+        self._tell(Command.CONFIGURE, p.encode(configure))
         num_device = self._num_device_blocks(configure)
         num_cpu = self.config.num_cpu_blocks
         if num_cpu is None:
             num_cpu = CacheEngine.num_blocks_for_bytes(
                 self.model_config, configure.block_size, self.dtype,
                 int(self.config.swap_space_gb * GIB))
+        if self.tp is not None:  # the same block ids on every rank: the smallest pool
+            num_device, num_cpu = self.tp.min(num_device), self.tp.min(num_cpu)
         cache = CacheEngine(self.model_config, configure.block_size, num_device, num_cpu,
                             self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention)
+        # Not yet under tensor parallelism: capturing its all-reduces is untested.
         if (self.device.type == "cuda" and self.attention == "triton"
-                and not self.config.enforce_eager):
+                and not self.config.enforce_eager and self.tp is None):
             start = time.perf_counter()
             self.runner.use_decode_graphs(configure.max_num_seqs, configure.max_model_len)
             log.info("decode graphs captured", batch_sizes=len(self.runner.graphs.buckets),
                      max_batch=self.runner.graphs.max_batch,
                      seconds=round(time.perf_counter() - start, 1))
-        self.sock.send(p.encode(p.ExecutorReady(num_device_blocks=num_device,
-                                                num_cpu_blocks=num_cpu)))
+        if self.tp is None or self.tp.is_driver:
+            self.sock.send(p.encode(p.ExecutorReady(num_device_blocks=num_device,
+                                                    num_cpu_blocks=num_cpu)))
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
                  block_size=configure.block_size)
 
@@ -235,12 +282,14 @@ class ExecutorService:
                     # Idle: give back what the allocator kept for the steps (cpu.py keeps up
                     # to 1 GiB of freed memory in the heap while busy).
                     release_free_memory()
+                    self._tell(Command.TRIM)
                     trimmed = True
                 continue
             last_step, trimmed = time.monotonic(), False
             payload = self.sock.recv()
             try:
                 plan = p.decode(payload, (p.StepPlan,))
+                self._tell(Command.PLAN, payload)
                 reply = self.runner.execute(plan)
             except (p.ProtocolError, PlanError, ValueError) as exc:
                 log.error("rejected plan", error=str(exc))

@@ -1,11 +1,14 @@
 """Start the scheduler and executor as real processes on loopback, for end-to-end tests."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -17,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
-    """``pagedserve ARGS`` as a child process, run from this checkout."""
+    """``pagedserve ARGS`` as a child process, run from this checkout; ``env`` adds to the
+    environment."""
     # Each service chooses triton's interpreter itself: not inherited from the test process.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **kwargs.pop("env", {}), "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
                             **kwargs)
@@ -82,3 +86,47 @@ class Services:
 
     def stop(self) -> None:
         stop_processes([self.scheduler, self.executor], timeout_s=15)
+
+
+@contextlib.contextmanager
+def up(model: str | Path, log_path: Path, *args: str):
+    """``pagedserve up --model MODEL ARGS`` on free ports, its output in ``log_path``; yields
+    it (``proc``, ``client``, ``admin``, ``log``) once ready by its own account too. On exit
+    its log's tail is printed (pytest shows it for a failed test) and it is stopped."""
+    client, executor, admin_port = free_ports(3)
+    with open(log_path, "w") as log:
+        proc = pagedserve("up", "--model", str(model), "--client-port", str(client),
+                          "--executor-port", str(executor), "--admin-port", str(admin_port),
+                          *args, stdout=log, stderr=subprocess.STDOUT)
+    services = SimpleNamespace(proc=proc, client=f"tcp://127.0.0.1:{client}",
+                               admin=f"tcp://127.0.0.1:{admin_port}", log=log_path)
+    try:
+        wait_ready(services.admin, [proc])
+        # up itself polls for readiness: until it says so, a service exiting is a failed start
+        deadline = time.monotonic() + 30
+        while "pagedserve ready" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield services
+    finally:
+        print(log_path.read_text()[-8000:])
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def child(parent: int, role: str) -> int:
+    """The pid of ``parent``'s child process whose command line has the word ``role``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and role.encode() in argv:
+            return int(entry.name)
+    raise LookupError(f"no {role} under process {parent}")

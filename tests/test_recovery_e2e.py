@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from common.client import Client, RequestLostError
 from common.sampling import SamplingParams
-from services import admin, free_ports, pagedserve, wait_ready
+import services
+from services import admin, child, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -30,44 +28,8 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 @pytest.fixture
 def up(smollm2_dir, tmp_path):
-    client, executor, admin_port = free_ports(3)
-    log_path = tmp_path / "up.log"
-    with open(log_path, "w") as log:
-        proc = pagedserve("up", "--model", str(smollm2_dir), "--client-port", str(client),
-                          "--executor-port", str(executor), "--admin-port", str(admin_port),
-                          "--kv-cache-gb", "1", stdout=log, stderr=subprocess.STDOUT)
-    services = SimpleNamespace(proc=proc, client=f"tcp://127.0.0.1:{client}",
-                               admin=f"tcp://127.0.0.1:{admin_port}", log=log_path)
-    try:
-        wait_ready(services.admin, [proc])
-        # up itself polls for readiness: until it says so, a service exiting is a failed start
-        deadline = time.monotonic() + 30
-        while "pagedserve ready" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield services
-    finally:
-        print(log_path.read_text()[-8000:])  # shown by pytest when the test fails
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def child(parent: int, role: str) -> int:
-    """The pid of ``parent``'s child process running ``pagedserve ROLE``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and role.encode() in argv:
-            return int(entry.name)
-    raise LookupError(f"no {role} under process {parent}")
+    with services.up(smollm2_dir, tmp_path / "up.log", "--kv-cache-gb", "1") as running:
+        yield running
 
 
 def tokens(outputs) -> list[list[int]]:
