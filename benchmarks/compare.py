@@ -60,15 +60,16 @@ def _as_dicts(requests) -> list[dict]:
 
 
 def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
-                   model: str | None = None) -> dict:
-    """Start ``pagedserve up`` with its defaults, time every set, stop it."""
+                   model: str | None = None, args: tuple[str, ...] = (),
+                   log_name: str = "pagedserve.log") -> dict:
+    """Start ``pagedserve up`` with its defaults (and ``args``), time every set, stop it."""
     client_port, executor_port, admin_port = ports
     admin = f"tcp://127.0.0.1:{admin_port}"
-    log = open(log_dir / "pagedserve.log", "w")
+    log = open(log_dir / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.cli", "up", "--client-port", str(client_port),
          "--executor-port", str(executor_port), "--admin-port", str(admin_port),
-         "--log-stats-interval", "0", *(["--model", model] if model else [])],
+         "--log-stats-interval", "0", *(["--model", model] if model else []), *args],
         stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
@@ -87,7 +88,8 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
                     print(f"  pagedserve {name}: {walls[-1]:.1f} s", flush=True)
                 results[name] = {"runs_s": walls, "median_s": statistics.median(walls)}
         health = admin_request("health", admin)
-        return {"engine": "pagedserve", "executor": health["executor"], "results": results}
+        return {"engine": "pagedserve", "executor": health["executor"], "results": results,
+                "step_cost": admin_request("stats", admin)["step_cost"]}
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)

@@ -43,12 +43,13 @@ from scheduler_svc.tokenizer import Tokenizer
 BLOCK_SIZE, NUM_BLOCKS, MAX_NUM_SEQS, PROFILED_STEPS = 16, 4000, 256, 10
 
 
-def random_checkpoint(model_dir: Path, out: Path) -> Path:
-    """A checkpoint with ``model_dir``'s config and tokenizer and random weights, in ``out``."""
+def random_checkpoint(model_dir: Path, out: Path, **overrides) -> Path:
+    """A checkpoint with ``model_dir``'s config (with ``overrides``) and tokenizer and random
+    weights, in ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, **overrides))
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (model_dir / name).exists():

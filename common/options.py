@@ -81,13 +81,13 @@ EXECUTOR_OPTIONS = [
                       "(ranks), which sum their partial results with all-reduces (gloo on "
                       "CPU, NCCL on CUDA). Without --tp-rank the executor starts the other "
                       "ranks on this machine itself."),
-    click.option("--tp-rank", type=int, default=None,
+    click.option("--tp-rank", type=int, default=None, envvar="PAGEDSERVE_TP_RANK",
                  help="This process's rank, for ranks started one by one (across machines): "
                       "rank 0 talks to the scheduler, the others only to rank 0. Needs "
-                      "--tp-master."),
-    click.option("--tp-master", default=None,
+                      "--tp-master. [env: PAGEDSERVE_TP_RANK]"),
+    click.option("--tp-master", default=None, envvar="PAGEDSERVE_TP_MASTER",
                  help="HOST:PORT where rank 0 runs the group's rendezvous; every rank "
-                      "passes the same one."),
+                      "passes the same one. [env: PAGEDSERVE_TP_MASTER]"),
 ]
 
 AUTH_OPTIONS = [

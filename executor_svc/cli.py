@@ -52,7 +52,8 @@ def main(**kwargs) -> None:
 def _start_local_ranks(kwargs: dict) -> list[subprocess.Popen]:
     """Start ranks 1..N-1 on this machine, with a rendezvous on a free local port; this
     process becomes rank 0 (``kwargs`` is updated). Each rank gets an equal share of the
-    CPUs for its threads unless ``OMP_NUM_THREADS`` says otherwise."""
+    CPUs for its threads unless ``OMP_NUM_THREADS`` says otherwise, and on CUDA a card of
+    its own."""
     size = kwargs["tensor_parallel_size"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,7 +61,11 @@ def _start_local_ranks(kwargs: dict) -> list[subprocess.Popen]:
     kwargs.update(tp_rank=0, tp_master=f"127.0.0.1:{port}")
     threads = max(1, len(os.sched_getaffinity(0)) // size)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # before torch is imported
+    # On CUDA each rank takes its own card: rank r cuda:r, unless one was named.
+    device = kwargs["device"]
+    per_rank = (lambda rank: f"cuda:{rank}") if device == "cuda" else (lambda rank: device)
+    kwargs["device"] = per_rank(0)
     executor_options = options.EXECUTOR_OPTIONS + options.SHARED_OPTIONS
-    return [subprocess.Popen([sys.executable, "-m", "common.cli", "executor",
-                              *options.to_flags({**kwargs, "tp_rank": rank}, executor_options)])
+    return [subprocess.Popen([sys.executable, "-m", "common.cli", "executor", *options.to_flags(
+                {**kwargs, "tp_rank": rank, "device": per_rank(rank)}, executor_options)])
             for rank in range(1, size)]

@@ -57,6 +57,8 @@ class TensorParallel:
             raise ValueError(f"tensor-parallel rank {rank} is outside [0, {size})")
         self.rank, self.size, self.device = rank, size, device
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank,
                                 world_size=size, timeout=TIMEOUT)
         # Commands and sampled tokens travel on the CPU, over gloo, whatever the device.

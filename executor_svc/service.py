@@ -8,6 +8,9 @@ A thread sends a heartbeat every 0.25 s on a socket of its own, mid-step too, so
 scheduler notices a dead executor within its ``--executor-timeout``. Heard back from nobody
 for ``SCHEDULER_TIMEOUT_S`` (the scheduler died or restarted, or took this executor for dead),
 the executor drops its state and registers again.
+
+With ``--tensor-parallel-size N`` this process is one rank (``executor_svc.parallel``): rank 0
+does all of the above and tells the other ranks each configuration and plan; they follow.
 """
 from __future__ import annotations
 
@@ -118,6 +121,8 @@ class ExecutorService:
             self._stopped = True
             if healthy:
                 self._tell(Command.STOP)
+                if self.tp is not None:
+                    self.tp.close()
             self._heartbeat.join()
             self.ctx.destroy(linger=0)
             log.info("executor stopped")
@@ -138,6 +143,7 @@ class ExecutorService:
             elif command is Command.TRIM:
                 release_free_memory()
             else:
+                self.tp.close()
                 log.info("executor rank stopped", tp_rank=self.tp.rank)
                 return
 

@@ -19,6 +19,8 @@ from services import free_ports, wait_ready
 REPO = Path(__file__).resolve().parents[1]
 GPU = ["compose.yaml"]
 CPU = ["compose.yaml", "compose.cpu.yaml"]
+TP = ["compose.yaml", "compose.tp.yaml"]
+RANKS = ["executor", "executor-rank1", "executor-rank2"]
 
 
 def compose(files: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -36,7 +38,7 @@ def resolved(files: list[str], env: dict | None = None) -> dict:
     return json.loads(result.stdout)["services"]
 
 
-@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("files", [GPU, CPU, TP], ids=["gpu", "cpu", "tp"])
 def test_every_compose_file_is_valid(files):
     result = compose(files, "config", "-q")
     assert result.returncode == 0, result.stderr
@@ -68,21 +70,39 @@ def test_cpu_variant_drops_the_gpu_reservation():
     assert "deploy" not in executor and "--device=cpu" in executor["command"]
 
 
+def test_tensor_parallel_example_runs_one_executor_service_per_rank_on_its_own_gpu():
+    services = resolved(TP)
+    assert [services[name]["deploy"]["resources"]["reservations"]["devices"]
+            for name in RANKS] == [[{"driver": "nvidia", "device_ids": [str(rank)],
+                                     "capabilities": ["gpu"]}] for rank in range(3)]
+    assert all("--tensor-parallel-size=3" in services[name]["command"] for name in RANKS)
+    assert "--tp-rank=0" in services["executor"]["command"]
+    assert [services[name]["environment"]["PAGEDSERVE_TP_RANK"] for name in RANKS[1:]] == \
+        ["1", "2"]
+    assert all(set(services[name]["networks"]) == {"internal"} and "ports" not in services[name]
+               for name in RANKS)
+
+
 @pytest.mark.slow
-def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("files, executors", [(CPU, RANKS[:1]), (TP, RANKS)], ids=["cpu", "tp"])
+def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path, monkeypatch,
+                                                       files, executors):
     """Each service's entrypoint + command and environment exactly as the CPU deployment
-    resolves them, with loopback addresses and free ports given through its variables."""
-    client_port, executor_port, admin_port, metrics_port = free_ports(4)
+    (or the tensor-parallel example, its ranks on CPU) resolves them, with loopback addresses
+    and free ports given through its variables."""
+    client_port, executor_port, admin_port, metrics_port, master_port = free_ports(5)
     env = {"PAGEDSERVE_BIND": "127.0.0.1", "PAGEDSERVE_SCHEDULER_HOST": "127.0.0.1",
            "PAGEDSERVE_CLIENT_PORT": str(client_port),
            "PAGEDSERVE_EXECUTOR_PORT": str(executor_port),
            "PAGEDSERVE_ADMIN_PORT": str(admin_port), "PAGEDSERVE_METRICS_PORT": str(metrics_port),
            "PAGEDSERVE_KV_CACHE_GB": "0.25",
            "PAGEDSERVE_SWAP_SPACE_GB": "0.25", "PAGEDSERVE_LOG_FORMAT": "console",
-           "PAGEDSERVE_CACHE_DIR": str(smollm2_dir.parents[1])}
-    services = resolved(CPU, env)
+           "PAGEDSERVE_CACHE_DIR": str(smollm2_dir.parents[1]),
+           "PAGEDSERVE_TP_DEVICE": "cpu", "PAGEDSERVE_TP_MASTER": f"127.0.0.1:{master_port}"}
+    services = resolved(files, env)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, 2 // len(executors))))  # 2 cores here
     run(services["prepare-model"], tmp_path).check_returncode()
-    started = [start(services[name], tmp_path) for name in ("scheduler", "executor")]
+    started = [start(services[name], tmp_path) for name in ("scheduler", *executors)]
     try:
         wait_ready(f"tcp://127.0.0.1:{admin_port}", started)
         with Client(f"tcp://127.0.0.1:{client_port}", timeout=60.0) as client:

@@ -116,10 +116,11 @@ def test_ranks_started_one_by_one_serve_from_the_smallest_pool(llama):
     common = ["executor", "--model", str(path), "--tensor-parallel-size", "2",
               "--tp-master", f"127.0.0.1:{master}"]
     env = {"OMP_NUM_THREADS": "1"}  # a core each
-    ranks = [pagedserve(*common, "--tp-rank", "0", "--num-device-blocks", "300",
-                        "--scheduler", f"tcp://127.0.0.1:{executor}", env=env),
-             pagedserve(*common, "--tp-rank", "1", "--num-device-blocks", "120", env=env)]
+    ranks = []
     try:
+        ranks += [pagedserve(*common, "--tp-rank", "0", "--num-device-blocks", "300",
+                             "--scheduler", f"tcp://127.0.0.1:{executor}", env=env),
+                  pagedserve(*common, "--tp-rank", "1", "--num-device-blocks", "120", env=env)]
         wait_ready(f"tcp://127.0.0.1:{admin_port}", [scheduler, *ranks])
         assert admin(f"tcp://127.0.0.1:{admin_port}", "pool")["device"]["total"] == 120
         assert generate(f"tcp://127.0.0.1:{client}", PROMPTS) == want
