@@ -301,7 +301,7 @@ class SimExecutor:
         return sampled
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 10), st.integers(1, 3)),
                 min_size=1, max_size=10),
        st.integers(12, 40), st.sampled_from([0, 64]), st.sampled_from(["swap", "recompute"]),
@@ -344,7 +344,8 @@ def test_every_sequence_reads_its_own_tokens_with_and_without_async_scheduling(
                 send(step)
                 ahead += 1
         if scheduler.running and rng.random() < 0.05:  # an abort, maybe with two in flight
-            scheduler.finish(rng.choice(scheduler.running), "abort")
+            for seq in rng.choice(scheduler.running).request.seqs:  # as Engine.abort: all
+                scheduler.finish(seq, "abort")                     # samples, forked or not
         step, sampled = in_flight.pop(0)
         scheduler.update(step)
         for seq in step.seqs:
