@@ -18,6 +18,7 @@ import services
 from common.client import Client
 from common.config import ExecutorConfig
 from common.sampling import SamplingParams
+from executor_svc.cache_engine import CacheEngine
 from executor_svc.model import ModelConfig
 from services import Services, admin, child, free_ports, pagedserve, wait_ready
 
@@ -96,8 +97,12 @@ def test_two_ranks_give_the_transformers_greedy_tokens(kind, llama, smollm2_dir,
         path = tiny_model(Qwen2Config(**SHAPE), tmp_path_factory.mktemp("tp-qwen2"),
                           smollm2_dir)
         want = transformers_tokens(path, PROMPTS)
-    svc = Services(path, executor_args=["--tensor-parallel-size", "2"])
+    svc = Services(path, executor_args=["--tensor-parallel-size", "2", "--kv-cache-gb", "0.01"])
     try:
+        # each rank caches its own 2 KV heads: a block takes half the bytes, twice as many fit
+        half = ModelConfig.from_model_dir(path).sharded(2)
+        assert svc.pool()["device"]["total"] == CacheEngine.num_blocks_for_bytes(
+            half, 16, torch.float32, int(0.01 * 2**30)) - 1  # less the null block
         assert generate(svc.client, PROMPTS) == want
         # chunked prefill beside decodes, and prefix-cache hits, across the ranks too
         assert generate(svc.client, PROMPTS[2:] * 2) == want[2:] * 2
