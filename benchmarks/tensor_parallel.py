@@ -8,7 +8,8 @@ and a Llama of SmolLM2's depth, width and vocabulary with 8 query and 4 KV heads
 and random weights at 1 and 2 ranks. On a CPU the ranks share the machine's cores (an equal
 share each), so this measures what splitting costs there: all-reduces through gloo and
 smaller GEMMs, not more compute. Also times one all-reduce of a decode step's activations
-between two processes (``--all-reduce-only``: just that). Prints a table and writes
+between two processes, through gloo and through shared memory (``--all-reduce-only``: just
+that). Prints a table and writes
 ``tensor_parallel.json``.
 """
 from __future__ import annotations
@@ -26,35 +27,38 @@ import torch.multiprocessing as mp
 from benchmarks.compare import free_ports, request_sets, run_pagedserve
 from benchmarks.steps import random_checkpoint
 from common.config import default_model_dir
+from executor_svc.parallel import TensorParallel
 
 EIGHT_HEADS = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
 
 
-def all_reduce_us(rows: int, hidden: int = 576, reps: int = 300) -> float:
-    """Microseconds per gloo all-reduce of ``rows`` x ``hidden`` float32 between two local
+def all_reduce_us(rows: int, hidden: int = 576, reps: int = 300) -> dict[str, float]:
+    """Microseconds per all-reduce of ``rows`` x ``hidden`` float32 between two local
     processes of one thread each (what a decode step of ``rows`` sequences does twice per
-    layer under TP=2)."""
+    layer under TP=2), through gloo and through the ranks' shared memory."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "us"
+        result = Path(tmp) / "us.json"
         mp.spawn(_time_all_reduce, args=(free_ports(1)[0], rows, hidden, reps, result),
                  nprocs=2)
-        return float(result.read_text())
+        return json.loads(result.read_text())
 
 
 def _time_all_reduce(rank: int, port: int, rows: int, hidden: int, reps: int,
                      result: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    tp = TensorParallel(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"))
     x = torch.randn(rows, hidden)
-    for _ in range(20):
-        dist.all_reduce(x)
-    start = time.perf_counter()
-    for _ in range(reps):
-        dist.all_reduce(x)
+    times = {}
+    for name, reduce in (("gloo", dist.all_reduce), ("shared memory", tp.all_reduce)):
+        for _ in range(20):
+            reduce(x)
+        start = time.perf_counter()
+        for _ in range(reps):
+            reduce(x)
+        times[name] = (time.perf_counter() - start) / reps * 1e6
     if rank == 0:
-        result.write_text(str((time.perf_counter() - start) / reps * 1e6))
-    dist.destroy_process_group()
+        result.write_text(json.dumps(times))
+    tp.close()
 
 
 def run(workload: str, repeats: int, out: Path, device: str = "cpu") -> dict:
@@ -89,8 +93,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for rows in (1, 32):
-        print(f"gloo all-reduce of {rows} x 576 float32, 2 local processes: "
-              f"{all_reduce_us(rows):.0f} us")
+        times = all_reduce_us(rows)
+        print(f"all-reduce of {rows} x 576 float32, 2 local processes: "
+              + ", ".join(f"{name} {us:.0f} us" for name, us in times.items()))
     if args.all_reduce_only:
         return
     results = run(args.workload, args.repeats, args.out, args.device)

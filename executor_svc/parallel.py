@@ -11,12 +11,20 @@ after the MLP down projection). gloo on CPU, NCCL on CUDA.
 A rank that dies breaks the group: the others' next collective fails (a closed connection, or
 ``TIMEOUT`` for a rank that hangs), the surviving ranks exit, and the scheduler takes the
 executor for dead as when one process crashes.
+
+On CPU, ranks on one host sum through shared memory (``SharedMemorySum``) instead of gloo,
+whose all-reduce of one decode step's activations took about 2 ms on the development VM.
 """
 from __future__ import annotations
 
 import datetime
 import enum
+import os
+import platform
+import time
+from multiprocessing import resource_tracker, shared_memory
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -65,17 +73,23 @@ class TensorParallel:
         self._cpu_group = dist.new_group(backend="gloo", timeout=TIMEOUT) \
             if backend != "gloo" else None
         self._commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        self._shm = SharedMemorySum.attach(self, master) if device.type == "cpu" else None
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """Sum ``x`` over the ranks, in place; returns it."""
+        if self._shm is not None and self._shm.fits(x):
+            return self._shm.all_reduce(x)
         dist.all_reduce(x)
         return x
 
@@ -114,3 +128,110 @@ class TensorParallel:
             buf = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(buf, 0, group=self._commands)
         return buf.numpy().tobytes()
+
+
+class SharedMemorySum:
+    """All-reduce for ranks on one host through a shared memory segment: each rank copies its
+    partial sum into its slot, raises its counter, waits (spinning) until every rank's counter
+    has reached the same generation, and adds the slots up in rank order, so that every rank
+    gets bit-identical sums. Slots alternate between two halves by generation: a rank that
+    arrived at generation g has finished reading g - 1, whose half g + 1 then reuses.
+
+    Relies on x86's ordering of plain stores and loads (no fences); elsewhere, and when the
+    ranks are on different hosts (the segment is not found), ``attach`` returns None and
+    gloo sums. A rank that dies is noticed within a few milliseconds of spinning (its pid is
+    gone), one that hangs after ``TIMEOUT``: either fails the sum with a ``RuntimeError``.
+    """
+
+    SLOT_BYTES = 8 << 20  # per rank and half: 2048 tokens x 1024 hidden in float32
+
+    def __init__(self, segment: shared_memory.SharedMemory, rank: int, size: int, owner: bool):
+        self.segment, self.rank, self.size, self.owner = segment, rank, size, owner
+        header = np.ndarray((2, size), dtype=np.int64, buffer=segment.buf)  # counters, pids
+        self.counters, self.pids = header[0], header[1]
+        self.data = torch.frombuffer(segment.buf, dtype=torch.uint8, offset=header.nbytes,
+                                     count=2 * size * self.SLOT_BYTES).view(2, size, -1)
+        self.generation = 0
+
+    @classmethod
+    def attach(cls, tp: TensorParallel, master: str) -> SharedMemorySum | None:
+        """Every rank of ``tp`` maps rank 0's segment, or None for all of them."""
+        name = "pagedserve-tp-" + master.replace(":", "-").replace(".", "-")
+        size = 8 * 2 * tp.size + 2 * tp.size * cls.SLOT_BYTES
+        segment, ok = None, platform.machine() in ("x86_64", "AMD64")
+        if ok and tp.is_driver:
+            try:
+                segment = shared_memory.SharedMemory(name, create=True, size=size)
+            except OSError:
+                ok = False
+        tp.min(0)  # a barrier: the segment exists before the other ranks look for it
+        if ok and not tp.is_driver:
+            try:
+                segment = shared_memory.SharedMemory(name)
+                # Attached, not created: rank 0 alone unlinks it (Python 3.11 tracks both).
+                resource_tracker.unregister(segment._name, "shared_memory")
+            except (OSError, ValueError):
+                ok = False
+        ok = bool(tp.min(int(ok)))
+        if tp.is_driver and segment is not None:
+            segment.unlink()  # every rank has it mapped (or none needs it): nothing leaks
+        if not ok:
+            if segment is not None:
+                segment.close()
+            return None
+        shm = cls(segment, tp.rank, tp.size, tp.is_driver)
+        shm.counters[tp.rank], shm.pids[tp.rank] = 0, os.getpid()
+        tp.min(0)  # every pid is written before the first sum
+        return shm
+
+    def fits(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and x.nbytes <= self.SLOT_BYTES and x.is_contiguous()
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        self.generation += 1
+        half = self.data[self.generation % 2]
+        flat = x.view(-1)
+        slots = [half[r, :x.nbytes].view(x.dtype) for r in range(self.size)]
+        slots[self.rank].copy_(flat)
+        self.counters[self.rank] = self.generation
+        self._wait()
+        flat.copy_(slots[0])
+        for slot in slots[1:]:
+            flat.add_(slot)
+        return x
+
+    def _wait(self) -> None:
+        deadline, check = time.monotonic() + TIMEOUT.total_seconds(), 0
+        while self.counters.min() < self.generation:
+            check += 1
+            if check % 4096:
+                continue
+            for rank, pid in enumerate(self.pids.tolist()):
+                if rank != self.rank and not _alive(pid):
+                    raise RuntimeError(f"tensor-parallel rank {rank} (pid {pid}) is gone")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel ranks did not all reach the sum within "
+                                   f"{TIMEOUT.total_seconds():.0f} s")
+
+    def close(self) -> None:
+        self.data = self.counters = self.pids = None  # release the buffer before unmapping
+        try:
+            self.segment.close()
+        except BufferError:
+            pass  # a view still lives: the mapping goes with the process
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a dead rank started by rank 0 stays a zombie until rank 0, busy
+    summing, reaps it, so /proc's state counts, not just the pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc: the pid exists
