@@ -29,6 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from common.log import get_logger
+
+log = get_logger("executor")
+
 TIMEOUT = datetime.timedelta(seconds=60)  # a collective of a step: a hung rank fails it
 # Between steps the other ranks wait for rank 0's next command as long as it lives (a dead
 # rank 0 closes the connection, which fails the wait at once).
@@ -74,6 +78,8 @@ class TensorParallel:
             if backend != "gloo" else None
         self._commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self._shm = SharedMemorySum.attach(self, master) if device.type == "cpu" else None
+        log.info("tensor-parallel group joined", tp_rank=rank, tensor_parallel_size=size,
+                 sums="shared memory" if self._shm is not None else backend)
 
     @property
     def is_driver(self) -> bool:
@@ -137,10 +143,11 @@ class SharedMemorySum:
     gets bit-identical sums. Slots alternate between two halves by generation: a rank that
     arrived at generation g has finished reading g - 1, whose half g + 1 then reuses.
 
-    Relies on x86's ordering of plain stores and loads (no fences); elsewhere, and when the
-    ranks are on different hosts (the segment is not found), ``attach`` returns None and
-    gloo sums. A rank that dies is noticed within a few milliseconds of spinning (its pid is
-    gone), one that hangs after ``TIMEOUT``: either fails the sum with a ``RuntimeError``.
+    Relies on x86's ordering of plain stores and loads (no fences); elsewhere, when the
+    ranks are on different hosts (the segment is not found), and with
+    ``PAGEDSERVE_TP_SHARED_MEMORY=0`` on any rank, ``attach`` returns None and gloo sums.
+    A rank that dies is noticed within a few milliseconds of spinning (its pid is gone), one
+    that hangs after ``TIMEOUT``: either fails the sum with a ``RuntimeError``.
     """
 
     SLOT_BYTES = 8 << 20  # per rank and half: 2048 tokens x 1024 hidden in float32
@@ -158,7 +165,9 @@ class SharedMemorySum:
         """Every rank of ``tp`` maps rank 0's segment, or None for all of them."""
         name = "pagedserve-tp-" + master.replace(":", "-").replace(".", "-")
         size = 8 * 2 * tp.size + 2 * tp.size * cls.SLOT_BYTES
-        segment, ok = None, platform.machine() in ("x86_64", "AMD64")
+        segment = None
+        ok = (platform.machine() in ("x86_64", "AMD64")
+              and os.environ.get("PAGEDSERVE_TP_SHARED_MEMORY", "1") != "0")
         if ok and tp.is_driver:
             try:
                 segment = shared_memory.SharedMemory(name, create=True, size=size)

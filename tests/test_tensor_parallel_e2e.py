@@ -112,15 +112,15 @@ def test_two_ranks_give_the_transformers_greedy_tokens(kind, llama, smollm2_dir,
 
 
 def test_ranks_started_one_by_one_serve_from_the_smallest_pool(llama):
-    """Ranks started separately with --tp-rank and --tp-master (as on two machines): the
-    scheduler's pool is the smaller of the two ranks' pools."""
+    """Ranks started separately with --tp-rank and --tp-master (as on two machines, summing
+    through gloo): the scheduler's pool is the smaller of the two ranks' pools."""
     path, want = llama
     client, executor, admin_port, master = free_ports(4)
     scheduler = pagedserve("scheduler", "--model", str(path), "--client-port", str(client),
                            "--executor-port", str(executor), "--admin-port", str(admin_port))
     common = ["executor", "--model", str(path), "--tensor-parallel-size", "2",
               "--tp-master", f"127.0.0.1:{master}"]
-    env = {"OMP_NUM_THREADS": "1"}  # a core each
+    env = {"OMP_NUM_THREADS": "1", "PAGEDSERVE_TP_SHARED_MEMORY": "0"}  # a core each
     ranks = []
     try:
         ranks += [pagedserve(*common, "--tp-rank", "0", "--num-device-blocks", "300",
