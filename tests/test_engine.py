@@ -17,7 +17,7 @@ from scheduler_svc.engine import Engine
 from scheduler_svc.output_processor import DeltaTracker, OutputProcessor
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Request
-from tiny_models import make_tiny_model, word_tokenizer
+from tiny_models import make_tiny_model, transformers_greedy, word_tokenizer
 
 BLOCK_SIZE = 4
 PROMPT_LENS = [5, 17, 30, 9, 1]
@@ -29,15 +29,7 @@ def tiny(request, tmp_path_factory):
     path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in PROMPT_LENS]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    expected = []
-    for ids in prompts:
-        with torch.inference_mode():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                              min_new_tokens=MAX_TOKENS)
-        expected.append(out[0, len(ids):].tolist())
-    return path, prompts, expected
+    return path, prompts, transformers_greedy(path, prompts, MAX_TOKENS)
 
 
 def make_runner(path, num_blocks, num_cpu_blocks=0, attention_backend="torch", device="cpu"):

@@ -21,6 +21,7 @@ from common.sampling import SamplingParams
 from executor_svc.cache_engine import CacheEngine
 from executor_svc.model import ModelConfig
 from services import Services, admin, child, free_ports, pagedserve, wait_ready
+from tiny_models import transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -47,22 +48,10 @@ def tiny_model(config, path, smollm2_dir):
     return path
 
 
-def transformers_tokens(path, prompts, max_tokens=MAX_TOKENS):
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    out = []
-    for ids in prompts:
-        with torch.inference_mode():
-            tokens = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                                 min_new_tokens=max_tokens)
-        out.append(tokens[0, len(ids):].tolist())
-    return out
-
-
 @pytest.fixture(scope="module")
 def llama(smollm2_dir, tmp_path_factory):
     path = tiny_model(LlamaConfig(**SHAPE), tmp_path_factory.mktemp("tp-llama"), smollm2_dir)
-    return path, transformers_tokens(path, PROMPTS)
+    return path, transformers_greedy(path, PROMPTS, MAX_TOKENS)
 
 
 def generate(address, prompts, params=PARAMS):
@@ -96,7 +85,7 @@ def test_two_ranks_give_the_transformers_greedy_tokens(kind, llama, smollm2_dir,
     else:
         path = tiny_model(Qwen2Config(**SHAPE), tmp_path_factory.mktemp("tp-qwen2"),
                           smollm2_dir)
-        want = transformers_tokens(path, PROMPTS)
+        want = transformers_greedy(path, PROMPTS, MAX_TOKENS)
     svc = Services(path, executor_args=["--tensor-parallel-size", "2", "--kv-cache-gb", "0.01"])
     try:
         # each rank caches its own 2 KV heads: a block takes half the bytes, twice as many fit
