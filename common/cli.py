@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -119,6 +120,13 @@ class AdminEndpoint:
 
     def __str__(self) -> str:
         return self.address
+
+
+def serve_until_signalled(service) -> None:
+    """Run a service's ``serve_forever`` in the foreground; SIGINT or SIGTERM stops it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve_forever()
 
 
 def admin_request(cmd: str, admin: str | AdminEndpoint, timeout_s: float = 5.0,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 import click
 
 from common import options
+from common.cli import serve_until_signalled
 from common.config import ExecutorConfig
 from common.log import setup_logging
 from common.up import stop_processes
@@ -42,9 +42,7 @@ def main(**kwargs) -> None:
             service = ExecutorService(config)
         except (OSError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: service.stop())
-        service.serve_forever()
+        serve_until_signalled(service)
     finally:
         stop_processes(ranks)  # they stop with rank 0; if it failed, they are told here
 

@@ -1,11 +1,10 @@
 """``pagedserve scheduler``: run the scheduler service in the foreground."""
 from __future__ import annotations
 
-import signal
-
 import click
 
 from common import options
+from common.cli import serve_until_signalled
 from common.config import SchedulerConfig
 from common.log import setup_logging
 
@@ -22,6 +21,4 @@ def main(**kwargs) -> None:
         service = SchedulerService(config)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: service.stop())
-    service.serve_forever()
+    serve_until_signalled(service)
