@@ -89,3 +89,4 @@ if [[ $parts == *serve* ]]; then
         grep -E "graphs captured|Error|error" "$out/up$flags.log" | tail -5
     done
 fi
+exit 0  # each part's results are in OUT_DIR; a failing grep of an empty log is not a failure
