@@ -6,7 +6,10 @@ Decode: for batch sizes 1-256 and context lengths 128-8192 (SmolLM2's shape by d
 heads, 3 KV heads, head_dim 64, block size 16), the time of ``kernels.paged_decode_attention``
 over shuffled block tables; its achieved bandwidth (bytes of K/V read / time) against the
 device's measured copy bandwidth; and its time against torch's
-``scaled_dot_product_attention`` over the same K/V stored contiguously (no paging). Prefill:
+``scaled_dot_product_attention`` over the same K/V stored contiguously (no paging); and both
+again replayed from a CUDA graph (``*_graph_us``), as the engine's decode graphs run the kernel:
+without the host's launch cost, which at small batches is longer than the kernel, but with L2
+left warm between calls. Prefill:
 ``kernels.paged_prefill_attention`` against SDPA (causal) on the same prompts. Block ops: the
 cache engine's batched index copies (copy-on-write, swap out, swap in) over all layers, for
 1-256 blocks, in GB/s against the copy bandwidth: what decides whether a fused Triton copy
@@ -98,7 +101,7 @@ def paged_cache(shape: Shape, lens: list[int]):
 
 
 def decode_row(shape: Shape, batch: int, context: int, copy_gbs: float) -> dict:
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
     import kernels
 
@@ -106,17 +109,27 @@ def decode_row(shape: Shape, batch: int, context: int, copy_gbs: float) -> dict:
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     query = torch.randn(batch, shape.heads, shape.head_dim, dtype=shape.dtype, device="cuda")
     scale = shape.head_dim ** -0.5
-    paged_ms = do_bench(lambda: kernels.paged_decode_attention(
-        query, key_cache, value_cache, tables, seq_lens, scale))
+
+    def paged():
+        return kernels.paged_decode_attention(query, key_cache, value_cache, tables, seq_lens,
+                                              scale)
+
     group = shape.heads // shape.kv_heads
     q = query.view(batch, shape.kv_heads, group, shape.head_dim)
-    sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(
-        q, keys[:, :, :context], values[:, :, :context], scale=scale))
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, keys[:, :, :context], values[:, :, :context],
+                                              scale=scale)
+
+    paged_ms, sdpa_ms = do_bench(paged), do_bench(sdpa)
+    paged_graph_ms, sdpa_graph_ms = do_bench_cudagraph(paged), do_bench_cudagraph(sdpa)
     kv_bytes = 2 * batch * context * shape.kv_heads * shape.head_dim * key_cache.element_size()
     achieved = kv_bytes / paged_ms / 1e6
     return {"batch": batch, "context": context, "paged_us": paged_ms * 1e3,
             "sdpa_us": sdpa_ms * 1e3, "paged_over_sdpa": paged_ms / sdpa_ms,
-            "GBps": achieved, "of_copy_bandwidth": achieved / copy_gbs}
+            "GBps": achieved, "of_copy_bandwidth": achieved / copy_gbs,
+            "paged_graph_us": paged_graph_ms * 1e3, "sdpa_graph_us": sdpa_graph_ms * 1e3,
+            "graph_paged_over_sdpa": paged_graph_ms / sdpa_graph_ms}
 
 
 def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
@@ -167,10 +180,13 @@ def block_op_row(shape: Shape, num_layers: int, op: str, num_blocks: int,
 def format_report(report: dict) -> str:
     lines = [(f"{report['device']}, {report['dtype']}, device copy bandwidth "
               f"{report['copy_GBps']:.0f} GB/s"),
-             "decode: batch context  paged_us  sdpa_us  paged/sdpa  GB/s  of copy bw"]
+             "decode: batch context  paged_us  sdpa_us  paged/sdpa  GB/s  of copy bw  "
+             "graphs: paged_us  sdpa_us  paged/sdpa"]
     lines += [f"        {r['batch']:>5} {r['context']:>7} {r['paged_us']:>9.1f} "
               f"{r['sdpa_us']:>8.1f} {r['paged_over_sdpa']:>10.2f} {r['GBps']:>6.0f} "
-              f"{r['of_copy_bandwidth']:>10.0%}" for r in report["decode"]]
+              f"{r['of_copy_bandwidth']:>10.0%}  {r['paged_graph_us']:>16.1f} "
+              f"{r['sdpa_graph_us']:>8.1f} {r['graph_paged_over_sdpa']:>10.2f}"
+              for r in report["decode"]]
     lines.append("prefill: seqs prompt  paged_us  sdpa_us  paged/sdpa")
     lines += [f"         {r['sequences']:>4} {r['prompt_len']:>6} {r['paged_us']:>9.1f} "
               f"{r['sdpa_us']:>8.1f} {r['paged_over_sdpa']:>10.2f}" for r in report["prefill"]]

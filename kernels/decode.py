@@ -13,7 +13,26 @@ Two launch shapes share that walk:
   ``partition_size`` tokens and writes its partial output, max and sum; a reduce kernel, grid
   ``(num_seqs, num_heads)``, merges the partitions by log-sum-exp.
 
-``use_split_k`` holds the rule that picks between them.
+``use_split_k`` holds the rule that picks between them, ``partition_size_for`` the partition size.
+
+Why the partition size adapts: the GPU is full only when the grid has a few programs per SM
+(``PROGRAMS_PER_SM`` times the device's SM count: the *busy grid*). With a fixed 512-token
+partition, a small batch cannot get there: on an H200 (132 SMs), one sequence of 8192 tokens
+with SmolLM2's 3 kv heads makes 48 programs, eight sequences 384, each a serial walk of 16 tiles,
+and below 64 sequences decode measured 1.3-7.4x SDPA's time (BENCHMARKS.md, "Kernels"). The
+rule: the partition is the largest power of two from ``MIN_PARTITION_SIZE`` (128) to
+``PARTITION_SIZE`` (512) whose split-K grid, ``num_seqs * num_kv_heads * cdiv(max_seq_len,
+partition)``, reaches the busy grid; 128 when none does. A large batch keeps 512 and pays
+nothing more. The floor of 128 keeps each program at four tiles or more: a shorter walk is not
+worth a second launch (a context of 128 tokens or fewer stays in one pass), and the partials
+written and read back stay near ``2 * group / partition`` of the 16-bit K/V bytes read (5% for
+SmolLM2's groups of 3). The reduce merges ``PARTITION_CHUNK`` partitions per step, so that many
+partitions do not make its own walk long.
+
+Captured in a CUDA graph, a launch must not depend on what changes between replays: the
+grids, the partition size and the split-K choice are functions of the batch size, the number
+of kv heads, ``max_seq_len`` (for the decode graphs, the block tables' width times the block
+size, fixed at capture) and the device, never of the context lengths in ``seq_lens``.
 """
 from __future__ import annotations
 
@@ -30,24 +49,49 @@ TILE_TOKENS = 32
 # tl.dot needs every dimension to be at least 16: the query heads of one kv head fill the first
 # rows of a 16-row tile, and head dims are padded to a power of two of at least 16.
 MIN_DOT_SIZE = 16
+# Split-K's tokens per partition: at most PARTITION_SIZE, at least MIN_PARTITION_SIZE, a power
+# of two in between (a multiple of TILE_TOKENS), chosen by partition_size_for.
 PARTITION_SIZE = 512
+MIN_PARTITION_SIZE = 128
+# Partitions the reduce merges per step of its walk.
+PARTITION_CHUNK = 16
 # A one-pass program walks its context alone, so a long context leaves a small grid with few
 # programs each doing a long serial walk while most SMs idle. Split-K pays for a second launch
 # and the partials' round trip through memory, worth it (as in vLLM's paged attention v1/v2
-# choice) once the one-pass grid is below a few programs per SM of a large GPU, or when one
+# choice) once the one-pass grid is below the busy grid, a few programs per SM, or when one
 # context is long enough that its walk dominates the step anyway.
-BUSY_GRID = 512
+PROGRAMS_PER_SM = 4
+# SMs assumed off CUDA (triton's interpreter), an H100's or H200's count, so that the CPU
+# tests plan the launches such a GPU would get.
+DEFAULT_SMS = 132
 LONG_CONTEXT = 8192
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def use_split_k(max_seq_len: int, num_programs: int, partition_size: int = PARTITION_SIZE) -> bool:
+def busy_grid(device: torch.device) -> int:
+    """Programs that fill ``device``: ``PROGRAMS_PER_SM`` per SM."""
+    if device.type != "cuda":
+        return PROGRAMS_PER_SM * DEFAULT_SMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def partition_size_for(max_seq_len: int, num_programs: int, busy: int) -> int:
+    """The largest power of two from ``MIN_PARTITION_SIZE`` to ``PARTITION_SIZE`` that splits
+    contexts of ``max_seq_len`` into a grid of at least ``busy`` programs, with
+    ``num_programs`` (num_seqs * num_kv_heads) per partition; the smallest when none does."""
+    size = PARTITION_SIZE
+    while size > MIN_PARTITION_SIZE and num_programs * triton.cdiv(max_seq_len, size) < busy:
+        size //= 2
+    return size
+
+
+def use_split_k(max_seq_len: int, num_programs: int, partition_size: int, busy: int) -> bool:
     """Whether to split the context: it spans more than one partition, and the one-pass grid of
-    ``num_programs`` (num_seqs * num_kv_heads) cannot fill the GPU or a context is very long."""
+    ``num_programs`` (num_seqs * num_kv_heads) is below ``busy`` or a context is very long."""
     if max_seq_len <= partition_size:
         return False
-    return num_programs < BUSY_GRID or max_seq_len > LONG_CONTEXT
+    return num_programs < busy or max_seq_len > LONG_CONTEXT
 
 
 @triton.jit
@@ -156,7 +200,7 @@ def _decode_partition_kernel(partial_out_ptr, partial_max_ptr, partial_sum_ptr, 
 def _reduce_partitions_kernel(out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
                               seq_lens_ptr, head_dim, num_heads, max_partitions,
                               stride_out_seq, stride_out_head, PARTITION_SIZE: tl.constexpr,
-                              HEAD_DIM_PAD: tl.constexpr):
+                              HEAD_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     num_partitions = tl.cdiv(tl.load(seq_lens_ptr + seq), PARTITION_SIZE)
@@ -165,17 +209,20 @@ def _reduce_partitions_kernel(out_ptr, partial_out_ptr, partial_max_ptr, partial
     total_max = tl.full([], float("-inf"), tl.float32)
     total_sum = tl.zeros([], tl.float32)
     acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
-    for partition in range(num_partitions):
+    for chunk_start in range(0, num_partitions, CHUNK):
         # each partial output is normalised by its own sum: weigh it by that sum, rescaled to
-        # the running max
-        part_max = tl.load(partial_max_ptr + first + partition)
-        new_max = tl.maximum(total_max, part_max)
+        # the running max; partitions past the context weigh 0 (max -inf, sum 0)
+        partitions = first + chunk_start + tl.arange(0, CHUNK)
+        valid = chunk_start + tl.arange(0, CHUNK) < num_partitions
+        part_max = tl.load(partial_max_ptr + partitions, mask=valid, other=float("-inf"))
+        new_max = tl.maximum(total_max, tl.max(part_max, 0))
         rescale = tl.exp2(total_max - new_max)
-        weight = tl.load(partial_sum_ptr + first + partition) * tl.exp2(part_max - new_max)
-        part_out = tl.load(partial_out_ptr + (first + partition) * head_dim + dims,
-                           mask=dims < head_dim, other=0.0)
-        acc = acc * rescale + part_out * weight
-        total_sum = total_sum * rescale + weight
+        weights = (tl.load(partial_sum_ptr + partitions, mask=valid, other=0.0)
+                   * tl.exp2(part_max - new_max))
+        part_out = tl.load(partial_out_ptr + partitions[:, None] * head_dim + dims[None, :],
+                           mask=valid[:, None] & (dims < head_dim)[None, :], other=0.0)
+        acc = acc * rescale + tl.sum(part_out * weights[:, None], 0)
+        total_sum = total_sum * rescale + tl.sum(weights, 0)
         total_max = new_max
     tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
              (acc / total_sum).to(out_ptr.dtype.element_ty), mask=dims < head_dim)
@@ -185,7 +232,7 @@ def paged_decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor
                            block_tables: Tensor, seq_lens: Tensor, scale: float, *,
                            out: Tensor | None = None, max_seq_len: int | None = None,
                            split_k: bool | None = None,
-                           partition_size: int = PARTITION_SIZE) -> Tensor:
+                           partition_size: int | None = None) -> Tensor:
     """Attention of each sequence's one new token over its whole paged context.
 
     ``query`` is ``[num_seqs, num_heads, head_dim]`` (fp32, fp16 or bf16), the caches
@@ -199,7 +246,9 @@ def paged_decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor
     ``max_seq_len`` bounds ``seq_lens`` from the host; it defaults to the block tables' capacity,
     ``max_blocks * block_size``, which needs no device sync. ``split_k`` forces the one-pass
     (False) or the split-K (True) kernel, None lets ``use_split_k`` choose; ``partition_size``
-    is split-K's tokens per partition, a multiple of ``TILE_TOKENS``.
+    is split-K's tokens per partition, a multiple of ``TILE_TOKENS``, None lets
+    ``partition_size_for`` choose. Both choices depend on the shapes, ``max_seq_len`` and the
+    device only, so that a launch captured in a CUDA graph stays valid for any ``seq_lens``.
     """
     out = torch.empty_like(query) if out is None else out
     for kernel, grid, args in decode_launches(query, key_cache, value_cache, block_tables,
@@ -211,7 +260,7 @@ def paged_decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor
 
 def decode_launches(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                     seq_lens: Tensor, scale: float, out: Tensor, max_seq_len: int | None,
-                    split_k: bool | None, partition_size: int) -> list[tuple]:
+                    split_k: bool | None, partition_size: int | None) -> list[tuple]:
     """The ``(kernel, grid, arguments)`` launches that ``paged_decode_attention`` makes, in order,
     after validating its inputs; split-K's partial buffers are allocated here."""
     _check_decode_inputs(query, key_cache, value_cache, block_tables, seq_lens, out,
@@ -220,8 +269,11 @@ def decode_launches(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
     block_size, num_kv_heads = key_cache.shape[1:3]
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
+    busy = busy_grid(query.device)
+    if partition_size is None:
+        partition_size = partition_size_for(max_seq_len, num_seqs * num_kv_heads, busy)
     if split_k is None:
-        split_k = use_split_k(max_seq_len, num_seqs * num_kv_heads, partition_size)
+        split_k = use_split_k(max_seq_len, num_seqs * num_kv_heads, partition_size, busy)
     group = num_heads // num_kv_heads
     shared = {
         "query_ptr": query, "key_cache_ptr": key_cache, "value_cache_ptr": value_cache,
@@ -249,7 +301,7 @@ def decode_launches(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
         "num_heads": num_heads, "max_partitions": max_partitions,
         "PARTITION_SIZE": partition_size}
     reduce_args = {**partials, **outputs, "seq_lens_ptr": seq_lens, "head_dim": head_dim,
-                   "HEAD_DIM_PAD": shared["HEAD_DIM_PAD"]}
+                   "HEAD_DIM_PAD": shared["HEAD_DIM_PAD"], "CHUNK": PARTITION_CHUNK}
     return [(_decode_partition_kernel, (num_seqs, num_kv_heads, max_partitions),
              {**shared, **partials}),
             (_reduce_partitions_kernel, (num_seqs, num_heads), reduce_args)]
@@ -257,7 +309,7 @@ def decode_launches(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
 
 def _check_decode_inputs(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                          block_tables: Tensor, seq_lens: Tensor, out: Tensor,
-                         partition_size: int) -> None:
+                         partition_size: int | None) -> None:
     check_cache_pair(key_cache, value_cache)
     num_kv_heads, head_dim = key_cache.shape[2:]
     if query.dim() != 3 or query.shape[2] != head_dim or query.shape[1] % num_kv_heads:
@@ -286,6 +338,6 @@ def _check_decode_inputs(query: Tensor, key_cache: Tensor, value_cache: Tensor,
         raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} on {query.device} "
                          f"with a contiguous last dimension, got {out.dtype} {tuple(out.shape)} "
                          f"on {out.device}, strides {out.stride()}")
-    if partition_size <= 0 or partition_size % TILE_TOKENS:
+    if partition_size is not None and (partition_size <= 0 or partition_size % TILE_TOKENS):
         raise ValueError(f"partition_size must be a positive multiple of {TILE_TOKENS}, "
                          f"got {partition_size}")

@@ -18,12 +18,17 @@ from triton.compiler import ASTSource
 
 from kernels.cache_ops import reshape_and_cache, reshape_and_cache_launch
 from kernels.decode import (
-    BUSY_GRID,
+    DEFAULT_SMS,
     LONG_CONTEXT,
+    MIN_PARTITION_SIZE,
+    PARTITION_CHUNK,
     PARTITION_SIZE,
+    PROGRAMS_PER_SM,
     TILE_TOKENS,
+    busy_grid,
     decode_launches,
     paged_decode_attention,
+    partition_size_for,
     use_split_k,
 )
 from kernels.reference import paged_attention_reference, reshape_and_cache_reference
@@ -95,21 +100,92 @@ def test_decode_matches_reference_on_both_paths(num_heads, num_kv_heads, head_di
                  split_k=split_k, partition_size=TILE_TOKENS)
 
 
+@pytest.mark.parametrize("partition_size, dtype", [
+    pytest.param(TILE_TOKENS, torch.float32, id="tile-fp32"),
+    pytest.param(MIN_PARTITION_SIZE, torch.bfloat16, id="min-bf16"),
+])
+def test_split_k_matches_reference_around_partition_edges(partition_size, dtype):
+    # a lone token, one short of a partition, a full one, one past it, and a context of more
+    # partitions than the reduce merges in one step (the smallest partition only: interpreter)
+    lens = [1, partition_size - 1, partition_size, partition_size + 1]
+    if partition_size == TILE_TOKENS:
+        lens.append(PARTITION_CHUNK * partition_size + 45)
+    check_decode(lens, 6, 2, 64, 16, dtype, split_k=True, partition_size=partition_size)
+
+
+H200_BUSY_GRID = PROGRAMS_PER_SM * 132
+
+
 def test_split_k_rule_splits_long_contexts_unless_the_grid_is_busy():
-    assert not use_split_k(PARTITION_SIZE, num_programs=1)
-    assert use_split_k(PARTITION_SIZE + 1, num_programs=1)
-    assert not use_split_k(LONG_CONTEXT, num_programs=BUSY_GRID)
-    assert use_split_k(LONG_CONTEXT + 1, num_programs=BUSY_GRID)
+    busy = H200_BUSY_GRID
+    assert not use_split_k(PARTITION_SIZE, 1, PARTITION_SIZE, busy)
+    assert use_split_k(PARTITION_SIZE + 1, 1, PARTITION_SIZE, busy)
+    assert not use_split_k(LONG_CONTEXT, busy, PARTITION_SIZE, busy)
+    assert use_split_k(LONG_CONTEXT + 1, busy, PARTITION_SIZE, busy)
 
 
-def test_automatic_choice_splits_a_long_context_and_matches_reference():
+@pytest.mark.parametrize("num_seqs, max_seq_len, expected", [
+    (1, 8192, MIN_PARTITION_SIZE),  # 192 programs: as many as the smallest partition gives
+    (8, 8192, 256),                 # 768 programs; at 512, 384
+    (32, 2048, 256),                # 768; at 512, 384
+    (64, 2048, PARTITION_SIZE),     # 768 already
+    (256, 8192, PARTITION_SIZE),    # a busy one-pass grid
+])
+def test_partition_shrinks_for_small_batches_on_an_h200(num_seqs, max_seq_len, expected):
+    # SmolLM2's 3 kv heads
+    assert partition_size_for(max_seq_len, num_seqs * 3, H200_BUSY_GRID) == expected
+
+
+def test_partition_is_the_largest_power_of_two_that_fills_the_grid():
+    for num_programs in (1, 3, 24, 100, 384, 600):
+        for max_seq_len in (1, 127, 128, 129, 1000, 4096, 32768):
+            size = partition_size_for(max_seq_len, num_programs, H200_BUSY_GRID)
+            assert MIN_PARTITION_SIZE <= size <= PARTITION_SIZE and size % TILE_TOKENS == 0
+            assert size & (size - 1) == 0
+
+            def busy(partition):
+                return num_programs * triton.cdiv(max_seq_len, partition) >= H200_BUSY_GRID
+            assert size == MIN_PARTITION_SIZE or busy(size)
+            assert size == PARTITION_SIZE or not busy(2 * size)
+
+
+def test_short_contexts_stay_in_one_pass_at_any_batch():
+    for num_programs in (1, 3, 384, 10_000):
+        size = partition_size_for(MIN_PARTITION_SIZE, num_programs, H200_BUSY_GRID)
+        assert not use_split_k(MIN_PARTITION_SIZE, num_programs, size, H200_BUSY_GRID)
+
+
+def test_busy_grid_off_cuda_assumes_a_large_gpu():
+    assert busy_grid(torch.device("cpu")) == PROGRAMS_PER_SM * DEFAULT_SMS
+
+
+def test_automatic_choice_splits_a_small_batch_into_small_partitions_and_matches_reference():
     seq_lens, shape = [PARTITION_SIZE + 37, 3], (4, 2, 64, 16, torch.float32)
     query, key_cache, value_cache, block_tables, lens = make_batch(seq_lens, *shape)
     launches = decode_launches(query, key_cache, value_cache, block_tables, lens, 1.0,
                                torch.empty_like(query), max_seq_len=None, split_k=None,
-                               partition_size=PARTITION_SIZE)
-    assert [grid for _, grid, _ in launches] == [(2, 2, 2), (2, 4)]  # partitions, then reduce
+                               partition_size=None)
+    # 560-token tables (35 blocks of 16), 4 programs per partition: the smallest partition
+    partitions = triton.cdiv(35 * 16, MIN_PARTITION_SIZE)
+    assert [grid for _, grid, _ in launches] == [(2, 2, partitions), (2, 4)]
     check_decode(seq_lens, *shape)
+
+
+def test_launches_depend_on_shapes_not_on_context_lengths():
+    # what a decode graph relies on: captured with one batch's seq_lens, replayed with others
+    query, key_cache, value_cache, block_tables, lens = make_batch([600, 3], 4, 2, 64, 16,
+                                                                   torch.float32)
+    width = block_tables.shape[1] * 16
+
+    def plan(seq_lens):
+        launches = decode_launches(query, key_cache, value_cache, block_tables, seq_lens, 1.0,
+                                   torch.empty_like(query), max_seq_len=width, split_k=None,
+                                   partition_size=None)
+        return [(kernel, grid, {name: value for name, value in args.items()
+                                if not isinstance(value, torch.Tensor)})
+                for kernel, grid, args in launches]
+
+    assert plan(lens) == plan(torch.ones_like(lens)) == plan(torch.full_like(lens, width))
 
 
 def test_automatic_choice_keeps_a_short_context_in_one_pass():
@@ -117,7 +193,7 @@ def test_automatic_choice_keeps_a_short_context_in_one_pass():
                                                                    torch.float32)
     launches = decode_launches(query, key_cache, value_cache, block_tables, lens, 1.0,
                                torch.empty_like(query), max_seq_len=None, split_k=None,
-                               partition_size=PARTITION_SIZE)
+                               partition_size=None)
     assert [grid for _, grid, _ in launches] == [(2, 2)]
 
 
@@ -178,14 +254,16 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    # 3 configurations x (one pass, partitions, reduce, reshape_and_cache) x 2 targets
-    assert result.stdout.split() == ["compiled"] * 24
+    # 3 configurations x (one pass, partitions, reduce, reshape_and_cache) x 2 targets, then
+    # 3 automatic partition sizes x (partitions, reduce) x 2 targets
+    assert result.stdout.split() == ["compiled"] * 36
 
 
 def compile_launcher_configurations() -> None:
     """Compile each kernel configuration the launchers pick for sm_80 and sm_90: both decode
-    paths, fp16/bf16/fp32 (tf32 or IEEE dots), padded and unpadded head dims; print "compiled"
-    per kernel and target."""
+    paths, fp16/bf16/fp32 (tf32 or IEEE dots), padded and unpadded head dims, and split-K at
+    each partition size the automatic choice gives SmolLM2's shape (9 heads, 3 kv heads, head
+    dim 64, bf16, blocks of 16) over 8192 tokens; print "compiled" per kernel and target."""
     configs = [(torch.float16, 64, 16), (torch.bfloat16, 128, 32), (torch.float32, 80, 8)]
     launches = []
     for dtype, head_dim, block_size in configs:
@@ -199,6 +277,17 @@ def compile_launcher_configurations() -> None:
         key = torch.empty(2, *key_cache.shape[2:], dtype=dtype)
         launches.append(reshape_and_cache_launch(key, key, key_cache, key_cache.clone(),
                                                  torch.zeros(2, dtype=torch.int64)))
+    key_cache = torch.empty(4, 16, 3, 64, dtype=torch.bfloat16)
+    sizes = []
+    for num_seqs in (1, 8, 64):
+        query = torch.empty(num_seqs, 9, 64, dtype=torch.bfloat16)
+        split = decode_launches(query, key_cache, key_cache.clone(),
+                                torch.zeros(num_seqs, 512, dtype=torch.int32),
+                                torch.ones(num_seqs, dtype=torch.int32), 1.0, query, None,
+                                None, None)
+        sizes.append(split[0][2]["PARTITION_SIZE"])
+        launches += split
+    assert sizes == [MIN_PARTITION_SIZE, 256, PARTITION_SIZE], sizes
     for capability in (80, 90):
         for kernel, _, args in launches:
             compiled = triton.compile(ASTSource(kernel, *signature(kernel, args)),
