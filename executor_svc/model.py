@@ -6,6 +6,7 @@ float32), so greedy outputs match ``generate``; attention goes through the paged
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from executor_svc import cpu_kernels
 from executor_svc.attention import AttentionMetadata
 from executor_svc.cpu import PackedLinear, pack_linears
 from executor_svc.parallel import TensorParallel, check_divisible
@@ -149,6 +151,19 @@ class RotaryEmbedding:
         return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
 
 
+class StepRope:
+    """One step's rotary angles: the fused CPU kernel reads ``table`` at ``positions`` itself;
+    the torch path's per-token cos/sin are computed the first time a layer asks."""
+
+    def __init__(self, table: RotaryEmbedding, positions: Tensor, dtype: torch.dtype):
+        self.table, self.positions, self.dtype = table, positions, dtype
+
+    @functools.cached_property
+    def per_token(self) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[T, head_dim]`` of each token, in the activations' dtype."""
+        return self.table(self.positions, self.dtype)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ([T, heads, head_dim]) by its tokens' angles (rotate-half layout, as HF)."""
     half = x.shape[-1] // 2
@@ -166,6 +181,16 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x: Tensor | None, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """The pre-norm layer's residual add and norm: ``residual + x`` (``residual`` alone
+        when ``x`` is None) and its norm, fused in one pass where the CPU kernels serve. There
+        the sum is written into ``residual``."""
+        if cpu_kernels.fuses(residual):
+            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps), residual
+        if x is not None:
+            residual = residual + x
+        return self(residual), residual
 
 
 class MergedLinear(nn.Linear):
@@ -195,13 +220,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
+    def forward(self, x: Tensor, rope: StepRope, meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, -1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *rope)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        meta.backend.write_kv(k, v, *kv_cache, meta.slot_mapping)
+        qkv = self.qkv_proj(x)
+        if cpu_kernels.fuses(qkv) and meta.backend.name == "torch":
+            q, k, v = cpu_kernels.rope_write_kv(
+                qkv, self.num_heads, self.num_kv_heads, rope.table.cos, rope.table.sin,
+                rope.positions, *kv_cache, meta.slot_mapping)
+        else:
+            q, k, v = qkv.split(self.qkv_sizes, -1)
+            q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *rope.per_token)
+            k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), *rope.per_token)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            meta.backend.write_kv(k, v, *kv_cache, meta.slot_mapping)
         out = meta.backend.attend(q, k, v, *kv_cache, meta, self.scale)
         return _reduce(self.o_proj(out.flatten(1)), self.tp)
 
@@ -216,7 +247,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_kernels.fuses(gate_up):
+            return _reduce(self.down_proj(cpu_kernels.silu_mul(gate_up)), self.tp)
+        gate, up = gate_up.chunk(2, -1)
         return _reduce(self.down_proj(F.silu(gate) * up), self.tp)
 
 
@@ -233,10 +267,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta: AttentionMetadata,
-                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, residual: Tensor | None, rope: StepRope,
+                meta: AttentionMetadata, kv_cache: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """This layer's MLP output and the residual stream it has not been added to yet (the
+        next norm adds it): ``x`` is the last layer's MLP output, or the embeddings with
+        ``residual`` None."""
+        if residual is None:
+            hidden, residual = self.input_layernorm.add_forward(None, x)
+        else:
+            hidden, residual = self.input_layernorm.add_forward(x, residual)
+        hidden = self.self_attn(hidden, rope, meta, kv_cache)
+        hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -283,10 +325,11 @@ class PagedLlamaForCausalLM(nn.Module):
         """Hidden states ``[T, hidden]`` of the step's new tokens (all sequences packed in batch
         order); their K/V are written to ``kv_caches`` (one (K, V) pair per layer) on the way."""
         x = self.model.embed_tokens(input_ids)
-        rope = self.rope(positions, x.dtype)
+        rope = StepRope(self.rope, positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, rope, meta, kv_cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, meta, kv_cache)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits ``[N, vocab]`` of the given hidden states."""

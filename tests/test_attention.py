@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from executor_svc import cpu_attention
+from executor_svc import cpu_kernels
 from executor_svc.attention import AttentionMetadata, attend, write_kv
 from kernels import paged_attention_reference, reshape_and_cache_reference
 
@@ -64,10 +64,10 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
 def decode_path(request, monkeypatch):
     """Decode rows through the compiled CPU kernel (as served by default) or gathered."""
     if request.param == "kernel":
-        if cpu_attention.load() is None:
+        if cpu_kernels.load() is None:
             pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
     else:
-        monkeypatch.setattr(cpu_attention, "serves", lambda *_: False)
+        monkeypatch.setattr(cpu_kernels, "serves", lambda *_: False)
     return request.param
 
 
@@ -103,27 +103,27 @@ def test_any_batch_matches_reference(rows, block_size, seed, num_heads, decode_p
 
 
 def test_kernel_is_cached_per_machine_and_rebuilt_into_a_fresh_cache(tmp_path, monkeypatch):
-    if cpu_attention.load() is None:
+    if cpu_kernels.load() is None:
         pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
     monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path))
-    cpu_attention.load.cache_clear()
+    cpu_kernels.load.cache_clear()
     try:
-        assert cpu_attention.load() is not None
+        assert cpu_kernels.load() is not None
         [built] = (tmp_path / "kernels").iterdir()
-        assert built.name.startswith("paged_decode_cpu-") and built.suffix == ".so"
+        assert built.name.startswith("cpu_kernels-") and built.suffix == ".so"
     finally:
-        cpu_attention.load.cache_clear()
+        cpu_kernels.load.cache_clear()
 
 
 def test_without_a_compiler_decode_takes_the_gathered_path(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    cpu_attention.load.cache_clear()
+    cpu_kernels.load.cache_clear()
     try:
-        assert cpu_attention.load() is None
+        assert cpu_kernels.load() is None
         (out, *_), (ref, *_) = run_step(MIXED_BATCH, 4, 2, torch.float32)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     finally:
-        cpu_attention.load.cache_clear()
+        cpu_kernels.load.cache_clear()
 
 
 def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():

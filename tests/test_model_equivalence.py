@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.sampling import SamplingParams
+from executor_svc import cpu_kernels
 from executor_svc.attention import AttentionMetadata
 from executor_svc.cache_engine import CacheEngine
 from executor_svc.model import ModelConfig, load_model
@@ -92,14 +93,24 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int, dtype=torch.f
     return outputs, hf
 
 
-@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
+@pytest.fixture(scope="module", params=[(kind, fused) for kind in TINY_CONFIGS
+                                        for fused in ("fused", "unfused")])
 def generations(request, tmp_path_factory):
     """Three prompts served together (two from step 1, the longest in two chunks; the third joins
-    at step 3 while the others decode), against transformers on each prompt alone."""
-    path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    at step 3 while the others decode), against transformers on each prompt alone. ``fused``:
+    through the compiled CPU kernels (the default on CPU), else through torch operators only,
+    as on CUDA and on machines without a C compiler."""
+    kind, fused = request.param
+    if fused == "fused" and cpu_kernels.load() is None:
+        pytest.skip("the CPU kernels did not build here (no C compiler?)")
+    path = make_tiny_model(kind, tmp_path_factory.mktemp(kind))
     rng = random.Random(1)
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 11, 7)]
-    seqs = serve_greedy(load_model(path, torch.float32, "cpu"), prompts, [1, 1, 3], MAX_NEW_TOKENS)
+    with pytest.MonkeyPatch.context() as patch:
+        if fused == "unfused":
+            patch.setattr(cpu_kernels, "load", lambda: None)
+        seqs = serve_greedy(load_model(path, torch.float32, "cpu"), prompts, [1, 1, 3],
+                            MAX_NEW_TOKENS)
     expected, hf = hf_greedy(path, prompts, MAX_NEW_TOKENS)
     with torch.inference_mode():
         expected_logits = [hf(torch.tensor([s.tokens[:-1]])).logits[0] for s in seqs]

@@ -1,5 +1,6 @@
-/* Paged decode attention on the CPU, float32: one new token per sequence, attending over its
- * context straight from the paged KV cache, with no gathered copy of it.
+/* The executor's compiled CPU kernels, float32. First, paged decode attention: one new token per
+ * sequence, attending over its context straight from the paged KV cache, with no gathered copy
+ * of it. Then the elementwise work of a decoder layer, fused (at the end of the file).
  *
  * Layouts (all contiguous):
  *   query, out        [num_seqs, num_heads, head_dim]
@@ -14,7 +15,7 @@
  *
  * Written with GCC vector extensions, 8 floats wide (one AVX2 register), so head_dim must be
  * a multiple of 8. Scores of four tokens are accumulated side by side (four independent FMA
- * chains), and exp runs on 8 scores at a time. Built by executor_svc/cpu_attention.py with
+ * chains), and exp runs on 8 scores at a time. Built by executor_svc/cpu_kernels.py with
  * -O3 -march=native -fopenmp.
  */
 #include <math.h>
@@ -151,5 +152,108 @@ int paged_decode_f32(const float *query, const float *k_cache, const float *v_ca
                     num_kv_heads, head_dim, block_size, max_blocks, scale};
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
     for (int64_t seq = 0; seq < num_seqs; seq++) attend_item(&w, seq);
+    return 0;
+}
+
+/* ---- The elementwise work of a decoder layer, fused: one pass over each row instead of the
+ * five to ten torch operators (each a pass over memory and a dispatch from Python) it takes
+ * unfused. Rows are tokens; tensors are contiguous [tokens, width] unless said otherwise. Any
+ * width is served: 8 floats at a time, then one by one. Small batches run on the calling
+ * thread: forking the team would cost more than the work. */
+
+#define PARALLEL_MIN_FLOATS 65536
+
+/* residual += x (where x is given), then out = weight * residual / sqrt(mean(residual^2) + eps):
+ * the residual add and RMSNorm of a pre-norm decoder layer. */
+int add_rms_norm_f32(float *residual, const float *x, const float *weight, float *out,
+                     int64_t tokens, int64_t hidden, float eps, int64_t num_threads) {
+    if (num_threads < 1) return -1;
+    const int64_t body = hidden & ~(int64_t)7;
+#pragma omp parallel for num_threads(num_threads) if (tokens * hidden >= PARALLEL_MIN_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        float *r = residual + t * hidden, *o = out + t * hidden;
+        const float *xt = x ? x + t * hidden : NULL;
+        v8 squares = splat(0.0f);
+        for (int64_t i = 0; i < body; i += 8) {
+            v8 ri = *(v8u *)(r + i);
+            if (xt) *(v8u *)(r + i) = ri += *(const v8u *)(xt + i);
+            squares += ri * ri;
+        }
+        float sum = hsum(squares);
+        for (int64_t i = body; i < hidden; i++) {
+            if (xt) r[i] += xt[i];
+            sum += r[i] * r[i];
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+        for (int64_t i = 0; i < hidden; i++) o[i] = weight[i] * (r[i] * inv);
+    }
+    return 0;
+}
+
+/* Rotary embedding of each token's query and key heads, in place in the q/k/v projection's
+ * output (row: num_heads query heads, then num_kv_heads key heads, then as many value heads,
+ * head_dim floats each; rows row_stride floats apart), rotate-half layout: cos and sin are
+ * [num_positions, head_dim / 2]. Then each token's keys and values are copied to its cache slot
+ * (caches [num_slots, num_kv_heads, head_dim]); slot -1 stores nothing. Returns 0, -1 for
+ * arguments it does not serve, 1 for a position past the tables, 2 for a slot past the caches
+ * (nothing is written then). */
+int rope_write_kv_f32(float *qkv, int64_t row_stride, const float *cos, const float *sin,
+                      int64_t num_positions, const int64_t *positions, float *k_cache,
+                      float *v_cache, const int64_t *slots, int64_t num_slots, int64_t tokens,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                      int64_t num_threads) {
+    const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
+    const int64_t rotated = num_heads + num_kv_heads;
+    if (head_dim % 2 || num_threads < 1 || row_stride < (rotated + num_kv_heads) * head_dim)
+        return -1;
+    for (int64_t t = 0; t < tokens; t++) {
+        if (positions[t] < 0 || positions[t] >= num_positions) return 1;
+        if (slots[t] < -1 || slots[t] >= num_slots) return 2;
+    }
+#pragma omp parallel for num_threads(num_threads) \
+    if (tokens * rotated * head_dim >= PARALLEL_MIN_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        float *row = qkv + t * row_stride;
+        const float *c = cos + positions[t] * half, *s = sin + positions[t] * half;
+        for (int64_t h = 0; h < rotated; h++) {
+            float *restrict lo = row + h * head_dim, *restrict hi = lo + half;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = lo[i], b = hi[i];
+                lo[i] = a * c[i] - b * s[i];
+                hi[i] = b * c[i] + a * s[i];
+            }
+        }
+        if (slots[t] >= 0) {
+            memcpy(k_cache + slots[t] * kv_width, row + num_heads * head_dim,
+                   kv_width * sizeof(float));
+            memcpy(v_cache + slots[t] * kv_width, row + rotated * head_dim,
+                   kv_width * sizeof(float));
+        }
+    }
+    return 0;
+}
+
+static inline float silu_scalar(float g) { return g / (1.0f + expf(-g)); }
+
+/* out = silu(gate) * up, where each row of gate_up is [gate | up], inter floats each; out is
+ * [tokens, inter]. sigmoid(g) is taken through e = exp(-|g|) (1 / (1 + e) for g >= 0, else
+ * e / (1 + e)), so exp8 only ever sees x <= 0. */
+int silu_mul_f32(const float *gate_up, float *out, int64_t tokens, int64_t inter,
+                 int64_t num_threads) {
+    if (num_threads < 1) return -1;
+    const int64_t body = inter & ~(int64_t)7;
+#pragma omp parallel for num_threads(num_threads) if (tokens * inter >= PARALLEL_MIN_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *gate = gate_up + t * 2 * inter, *up = gate + inter;
+        float *o = out + t * inter;
+        for (int64_t i = 0; i < body; i += 8) {
+            const v8 g = *(const v8u *)(gate + i);
+            const i8 negative = g < splat(0.0f);
+            const v8 e = exp8((v8)((i8)g | (i8)splat(-0.0f))); /* exp(-|g|) */
+            const v8 numerator = (v8)(((i8)e & negative) | ((i8)splat(1.0f) & ~negative));
+            *(v8u *)(o + i) = g * (numerator / (splat(1.0f) + e)) * *(const v8u *)(up + i);
+        }
+        for (int64_t i = body; i < inter; i++) o[i] = silu_scalar(gate[i]) * up[i];
+    }
     return 0;
 }

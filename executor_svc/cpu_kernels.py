@@ -1,0 +1,182 @@
+"""The executor's compiled CPU kernels (``csrc/cpu_kernels.c``), float32, loaded with ctypes.
+
+- **Paged decode attention.** Decode attention reads every sequence's whole context each step.
+  Gathering those blocks into a contiguous copy first (the torch path) moves the context
+  through memory three times; the kernel reads it once, in place.
+- **A decoder layer's elementwise work, fused**: residual add + RMSNorm, RoPE of the queries
+  and keys + the write of keys and values to their cache slots, and SiLU(gate) * up. Unfused,
+  these are some twenty torch operators per layer, each a pass over memory and a dispatch.
+
+It is plain C with no torch headers: it builds in about a second with the system's C compiler,
+once per machine and source, into pagedserve's cache (``-march=native``, so the build is keyed
+by the CPU's flags too). Without a compiler, or for other dtypes than float32, the model takes
+the torch path. ``PAGEDSERVE_CPU_KERNELS=0`` forces that path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from common.config import cache_dir
+from common.log import get_logger
+
+log = get_logger("executor")
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The built kernel library, building it on first use; None (and one warning) when it
+    cannot be built here. ``PAGEDSERVE_CPU_KERNELS=0`` turns it off."""
+    if os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler: the CPU kernels take the slower torch path")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_flags()])).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    if not library.exists():
+        try:
+            _build(compiler, library)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", None) or str(exc)
+            log.warning("CPU kernels did not build: taking the torch path",
+                        error=str(detail).strip()[-500:])
+            return None
+    lib = ctypes.CDLL(str(library))
+    lib.paged_decode_f32.restype = ctypes.c_int
+    lib.paged_decode_f32.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, _I64]
+    lib.add_rms_norm_f32.argtypes = [_PTR] * 4 + [_I64] * 2 + [ctypes.c_float, _I64]
+    lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
+                                      + [_I64] * 6)
+    lib.silu_mul_f32.argtypes = [_PTR, _PTR] + [_I64] * 3
+    for function in (lib.add_rms_norm_f32, lib.rope_write_kv_f32, lib.silu_mul_f32):
+        function.restype = ctypes.c_int
+    return lib
+
+
+def _build(compiler: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent executors never load a partial file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        partial = Path(tmp) / library.name
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(partial, library)
+
+
+def _cpu_flags() -> bytes:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.encode()
+    except OSError:
+        pass
+    return os.uname().machine.encode()
+
+
+def serves(query: Tensor, k_cache: Tensor) -> bool:
+    """Whether the kernel can run this step: float32 on the CPU, and built."""
+    return (query.device.type == "cpu" and query.dtype == k_cache.dtype == torch.float32
+            and load() is not None)
+
+
+def paged_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                 seq_lens: Tensor, scale: float) -> Tensor:
+    """Attention of one new token per sequence (``query``: ``[D, H, hd]``) over the first
+    ``seq_lens[i]`` tokens its ``block_tables[i]`` (int64) names; ``[D, H, hd]``."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    query = query.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = seq_lens.to(torch.int64).contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    out = torch.empty_like(query)
+    status = load().paged_decode_f32(
+        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+        lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim,
+        block_size, tables.shape[1], scale, torch.get_num_threads())
+    if status:
+        raise ValueError(f"the CPU decode kernel does not serve {num_heads} heads over "
+                         f"{num_kv_heads} kv heads with blocks of {block_size}")
+    return out
+
+
+def fuses(x: Tensor) -> bool:
+    """Whether the fused layer kernels serve activations ``x``: float32 on the CPU, and built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and load() is not None
+
+
+def add_rms_norm(x: Tensor | None, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``residual += x`` in place (unless ``x`` is None), then RMSNorm of ``residual`` times
+    ``weight``, as a new tensor. All ``[T, hidden]`` (``weight``: ``[hidden]``), contiguous."""
+    tokens, hidden = residual.shape
+    _check_contiguous(residual, weight, *([] if x is None else [x]))
+    out = torch.empty_like(residual)
+    _call("add_rms_norm_f32", residual.data_ptr(), None if x is None else x.data_ptr(),
+          weight.data_ptr(), out.data_ptr(), tokens, hidden, eps, torch.get_num_threads())
+    return out
+
+
+def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                  positions: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  slot_mapping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rotate the queries and keys of ``qkv`` (``[T, (heads + 2 * kv_heads) * head_dim]``, the
+    q/k/v projection's output) in place by their ``positions`` (rotate-half layout; ``cos``,
+    ``sin``: ``[max_positions, head_dim / 2]``), and write keys and values to their cache
+    slots (-1: not stored). Returns q, k, v as ``[T, heads, head_dim]`` views of ``qkv``."""
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    _check_contiguous(cos, sin, positions, slot_mapping, k_cache, v_cache)
+    if qkv.stride(1) != 1:
+        raise ValueError("the q/k/v rows must be contiguous")
+    status = load().rope_write_kv_f32(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+        positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        k_cache.shape[0] * k_cache.shape[1], tokens, num_heads, num_kv_heads, head_dim,
+        torch.get_num_threads())
+    if status == 1:
+        raise IndexError(f"a position is past the rotary tables' {cos.shape[0]}")
+    if status == 2:
+        raise IndexError(f"a slot is past the cache's {k_cache.shape[0] * k_cache.shape[1]}")
+    if status:
+        raise ValueError(f"rope_write_kv does not serve head_dim {head_dim}")
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], -1)
+    return (q.view(tokens, num_heads, head_dim), k.view(tokens, num_kv_heads, head_dim),
+            v.view(tokens, num_kv_heads, head_dim))
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``gate_up`` (``[T, 2 * inter]``, gate columns first)."""
+    tokens, width = gate_up.shape
+    _check_contiguous(gate_up)
+    out = gate_up.new_empty(tokens, width // 2)
+    _call("silu_mul_f32", gate_up.data_ptr(), out.data_ptr(), tokens, width // 2,
+          torch.get_num_threads())
+    return out
+
+
+def _call(name: str, *args) -> None:
+    if getattr(load(), name)(*args):
+        raise ValueError(f"{name} rejected its arguments")
+
+
+def _check_contiguous(*tensors: Tensor) -> None:
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("the CPU kernels take contiguous tensors")
