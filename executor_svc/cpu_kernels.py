@@ -6,6 +6,8 @@
 - **A decoder layer's elementwise work, fused**: residual add + RMSNorm, RoPE of the queries
   and keys + the write of keys and values to their cache slots, and SiLU(gate) * up. Unfused,
   these are some twenty torch operators per layer, each a pass over memory and a dispatch.
+- **Greedy sampling**: each row's argmax and its log-probability in two passes over the row,
+  where ``argmax``, ``log_softmax`` and ``gather`` make three and write the whole softmax.
 
 It is plain C with no torch headers: it builds in about a second with the system's C compiler,
 once per machine and source, into pagedserve's cache (``-march=native``, so the build is keyed
@@ -64,7 +66,9 @@ def load() -> ctypes.CDLL | None:
     lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
                                       + [_I64] * 6)
     lib.silu_mul_f32.argtypes = [_PTR, _PTR] + [_I64] * 3
-    for function in (lib.add_rms_norm_f32, lib.rope_write_kv_f32, lib.silu_mul_f32):
+    lib.greedy_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64]
+    for function in (lib.add_rms_norm_f32, lib.rope_write_kv_f32, lib.silu_mul_f32,
+                     lib.greedy_f32):
         function.restype = ctypes.c_int
     return lib
 
@@ -170,6 +174,18 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     _call("silu_mul_f32", gate_up.data_ptr(), out.data_ptr(), tokens, width // 2,
           torch.get_num_threads())
     return out
+
+
+def greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's argmax (``[S]`` int64: the first on ties, the first NaN if any, as
+    ``torch.argmax``) and its log-probability under the row's softmax (``[S]`` float32)."""
+    rows, vocab = logits.shape
+    _check_contiguous(logits)
+    token_ids = torch.empty(rows, dtype=torch.int64)
+    logprobs = torch.empty(rows, dtype=torch.float32)
+    _call("greedy_f32", logits.data_ptr(), rows, vocab, token_ids.data_ptr(),
+          logprobs.data_ptr(), torch.get_num_threads())
+    return token_ids, logprobs
 
 
 def _call(name: str, *args) -> None:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from common.sampling import SamplingParams
+from executor_svc import cpu_kernels
 
 
 @dataclass
@@ -28,12 +29,17 @@ class Sampler:
 
     def __call__(self, logits: Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> SamplerOutput:
+        num_top = max((_num_top(p) for p in params), default=0)
+        if num_top == 0 and cpu_kernels.fuses(logits) and all(_is_argmax(p) for p in params):
+            token_ids, sampled_logprobs = cpu_kernels.greedy(logits.contiguous())
+            none = torch.empty(len(params), 0)
+            return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
+                                 top_token_ids=none.long(), top_logprobs=none)
         logprobs = torch.log_softmax(logits, -1)
         token_ids = logits.argmax(-1)
         if not all(_is_argmax(p) for p in params):
             greedy = torch.tensor([_is_argmax(p) for p in params], device=logits.device)
             token_ids = torch.where(greedy, token_ids, _sample(logits, params, generators))
-        num_top = max((_num_top(p) for p in params), default=0)
         top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
         sampled_logprobs = logprobs.gather(-1, token_ids[:, None]).squeeze(1)
         return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,

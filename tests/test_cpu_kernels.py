@@ -90,3 +90,19 @@ def test_silu_mul(tokens, inter):
     expected = gate * torch.sigmoid(gate) * up
     out = cpu_kernels.silu_mul(gate_up)
     torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 13, 49152])
+def test_greedy_matches_argmax_and_log_softmax(vocab):
+    logits = randn(6, vocab, scale=5.0)
+    if vocab > 1:
+        logits[1, vocab // 2] = logits[1, vocab - 1] = 1e3  # a tie: the first index wins
+        logits[2, : vocab - 1] = float("-inf")  # all mass on the last token
+        logits[3, vocab // 3] = float("nan")  # torch.argmax picks the NaN
+        logits[4, 0] = logits[4, 1:].max()  # a tie with index 0
+    logits[5] = float("-inf")
+    token_ids, logprobs = cpu_kernels.greedy(logits)
+    want_ids = logits.argmax(-1)
+    want = torch.log_softmax(logits.double(), -1).gather(-1, want_ids[:, None]).squeeze(1)
+    assert token_ids.tolist() == want_ids.tolist()
+    torch.testing.assert_close(logprobs.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)

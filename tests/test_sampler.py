@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from common.sampling import SamplingParams
+from executor_svc import cpu_kernels
 from executor_svc.sampler import Sampler
 
 VOCAB = 100
@@ -103,3 +104,16 @@ def test_top_logprobs_are_sorted_and_sized_by_the_largest_request():
 def test_no_logprobs_requested_gives_zero_columns():
     out = sample(random_logits(2), [SamplingParams(temperature=0)] * 2)
     assert out.top_token_ids.shape == out.top_logprobs.shape == (2, 0)
+
+
+def test_all_greedy_batch_is_the_same_through_the_cpu_kernel_and_torch(monkeypatch):
+    logits = random_logits(5, seed=4)
+    params = [SamplingParams(temperature=0)] * 5
+    fast = sample(logits, params)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    slow = sample(logits, params)
+    assert torch.equal(fast.token_ids, slow.token_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, rtol=1e-5, atol=1e-5)
+    assert fast.top_token_ids.shape == slow.top_token_ids.shape == (5, 0)
+    assert fast.top_logprobs.shape == slow.top_logprobs.shape == (5, 0)
+    assert fast.top_token_ids.dtype == slow.top_token_ids.dtype

@@ -257,3 +257,49 @@ int silu_mul_f32(const float *gate_up, float *out, int64_t tokens, int64_t inter
     }
     return 0;
 }
+
+/* Greedy sampling of each row of logits ([rows, vocab]): the index of its largest logit (the
+ * first one on ties, and the first NaN where there is one, as torch.argmax) and that token's
+ * log-probability, -log(sum(exp(logits - max))). One pass finds the maximum and where it first
+ * is (per lane, then across lanes); a second sums, while the row is still in cache. */
+int greedy_f32(const float *logits, int64_t rows, int64_t vocab, int64_t *token_ids,
+               float *logprobs, int64_t num_threads) {
+    if (vocab < 1 || num_threads < 1) return -1;
+    const int64_t body = vocab & ~(int64_t)7;
+#pragma omp parallel for num_threads(num_threads) if (rows * vocab >= PARALLEL_MIN_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = logits + r * vocab;
+        v8 best = splat(-INFINITY);
+        i8 where = {0, 1, 2, 3, 4, 5, 6, 7}, lanes = where, nan = {0};
+        for (int64_t i = 0; i < body; i += 8) {
+            const v8 xi = *(const v8u *)(x + i);
+            const i8 above = xi > best;
+            nan |= xi != xi;
+            best = (v8)(((i8)xi & above) | ((i8)best & ~above));
+            where = ((lanes + (int32_t)i) & above) | (where & ~above);
+        }
+        float max = body ? best[0] : x[0];
+        int64_t token = body ? where[0] : 0;
+        for (int i = 1; i < 8 && body; i++)
+            if (best[i] > max || (best[i] == max && where[i] < token)) max = best[i], token = where[i];
+        for (int64_t i = body; i < vocab; i++)
+            if (x[i] > max) max = x[i], token = i;
+        int any_nan = 0;
+        for (int i = 0; i < 8; i++) any_nan |= nan[i];
+        for (int64_t i = body; i < vocab; i++) any_nan |= isnan(x[i]);
+        if (any_nan || max == INFINITY) { /* torch's log_softmax gives NaN for these rows */
+            for (int64_t i = 0; i < vocab && any_nan; i++)
+                if (isnan(x[i])) token = i, any_nan = 0;
+            token_ids[r] = token;
+            logprobs[r] = NAN;
+            continue;
+        }
+        v8 sums = splat(0.0f);
+        for (int64_t i = 0; i < body; i += 8) sums += exp8(*(const v8u *)(x + i) - splat(max));
+        float sum = hsum(sums);
+        for (int64_t i = body; i < vocab; i++) sum += expf(x[i] - max);
+        token_ids[r] = token;
+        logprobs[r] = -logf(sum);
+    }
+    return 0;
+}
