@@ -185,7 +185,7 @@ def _decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMeta
     serves (float32 on the CPU), reading the cache in place; else gathered."""
     if cpu_kernels.serves(query, k_cache):
         return cpu_kernels.paged_decode(query, k_cache, v_cache, meta.decode_tables,
-                                          meta.decode_lens, scale)
+                                        meta.decode_lens, scale)
     return _decode_gathered(query, k_cache, v_cache, meta, scale)
 
 
