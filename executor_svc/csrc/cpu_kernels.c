@@ -38,7 +38,9 @@ static inline float hsum(v8 x) {
 }
 
 /* The sums of eight vectors' lanes, as the lanes of one: three rounds of pairwise shuffles
- * and adds, where eight separate horizontal sums take three times the instructions. */
+ * and adds, where eight separate horizontal sums take three times the instructions.
+ * __builtin_shufflevector needs GCC 12 or clang; older compilers sum lane by lane. */
+#if defined(__clang__) || __GNUC__ >= 12
 static inline v8 pair_sums(v8 x, v8 y, int round) {
     switch (round) { /* each lane ends up with the sum of two of x's or y's partial sums */
     case 0:
@@ -58,6 +60,12 @@ static inline v8 hsum8(const v8 a[8]) {
     const v8 s45 = pair_sums(a[4], a[5], 0), s67 = pair_sums(a[6], a[7], 0);
     return pair_sums(pair_sums(s01, s23, 1), pair_sums(s45, s67, 1), 2);
 }
+#else
+static inline v8 hsum8(const v8 a[8]) {
+    return (v8){hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3]),
+                hsum(a[4]), hsum(a[5]), hsum(a[6]), hsum(a[7])};
+}
+#endif
 
 /* exp for x <= 0 (scores minus their running max): Cody-Waite reduction to r in
  * [-ln2/2, ln2/2], a degree-6 polynomial, then 2^n through the exponent bits. Below -87 it
