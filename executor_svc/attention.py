@@ -146,6 +146,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
     sequence's cached context and the new tokens up to itself. K/V of this step (``key``,
     ``value``: ``[T, num_kv_heads, head_dim]``) must already be written to the cache. Query
     head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
+    if not meta.prefills and meta.decode_tokens.numel() == query.shape[0]:
+        return _decode(query, k_cache, v_cache, meta, scale)  # every row decodes, in order
     out = torch.empty_like(query)
     if meta.decode_tokens.numel():
         out[meta.decode_tokens] = _decode(query[meta.decode_tokens], k_cache, v_cache, meta,
