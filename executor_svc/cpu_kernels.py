@@ -147,8 +147,11 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     _check_contiguous(cos, sin, positions, slot_mapping, k_cache, v_cache)
-    if qkv.stride(1) != 1:
-        raise ValueError("the q/k/v rows must be contiguous")
+    if qkv.stride(1) != 1 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"q/k/v rows must be {num_heads} + 2 x {num_kv_heads} heads of "
+                         f"{head_dim}, contiguous; got {tuple(qkv.shape)}")
+    if positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64:
+        raise ValueError("positions and slots must be int64")
     status = load().rope_write_kv_f32(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
         positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
