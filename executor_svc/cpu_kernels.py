@@ -60,15 +60,14 @@ def load() -> ctypes.CDLL | None:
                         error=str(detail).strip()[-500:])
             return None
     lib = ctypes.CDLL(str(library))
-    lib.paged_decode_f32.restype = ctypes.c_int
     lib.paged_decode_f32.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, _I64]
     lib.add_rms_norm_f32.argtypes = [_PTR] * 4 + [_I64] * 2 + [ctypes.c_float, _I64]
     lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
                                       + [_I64] * 6)
     lib.silu_mul_f32.argtypes = [_PTR, _PTR] + [_I64] * 3
     lib.greedy_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64]
-    for function in (lib.add_rms_norm_f32, lib.rope_write_kv_f32, lib.silu_mul_f32,
-                     lib.greedy_f32):
+    for function in (lib.paged_decode_f32, lib.add_rms_norm_f32, lib.rope_write_kv_f32,
+                     lib.silu_mul_f32, lib.greedy_f32):
         function.restype = ctypes.c_int
     return lib
 
@@ -94,9 +93,8 @@ def _cpu_flags() -> bytes:
 
 
 def serves(query: Tensor, k_cache: Tensor) -> bool:
-    """Whether the kernel can run this step: float32 on the CPU, and built."""
-    return (query.device.type == "cpu" and query.dtype == k_cache.dtype == torch.float32
-            and load() is not None)
+    """Whether the decode kernel can run this step: a float32 cache, and ``fuses(query)``."""
+    return k_cache.dtype == torch.float32 and fuses(query)
 
 
 def paged_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
