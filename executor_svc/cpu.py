@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from common.log import get_logger
+from executor_svc import cpu_kernels
 
 log = get_logger("executor")
 
@@ -63,20 +64,30 @@ def release_free_memory() -> None:
 
 
 class PackedLinear(nn.Module):
-    """``F.linear(x, weight, bias)`` with the weight prepacked once for oneDNN's GEMM.
+    """``F.linear(x, weight, bias)`` with the weight packed once for a faster GEMM: our own
+    kernel's panels (``cpu_kernels.linear``) for a float32 weight where the kernels build,
+    else (or with ``onednn``) oneDNN's packed layout.
 
     Holds only the packed weight: the dense one is not kept (a tied embedding keeps its own).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int):
+    def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int,
+                 onednn: bool = False):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-        self.bias = None if bias is None else bias.detach()
+        self.onednn = onednn or not cpu_kernels.fuses(weight)
+        if self.onednn:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        else:
+            self.packed = cpu_kernels.pack_weight(weight.detach())
+        self.bias = None if bias is None else bias.detach().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.onednn:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        else:
+            out = cpu_kernels.linear(flat.contiguous(), self.packed, self.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 
 

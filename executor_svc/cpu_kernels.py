@@ -66,8 +66,9 @@ def load() -> ctypes.CDLL | None:
                                       + [_I64] * 6)
     lib.silu_mul_f32.argtypes = [_PTR, _PTR] + [_I64] * 3
     lib.greedy_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64]
+    lib.linear_f32.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR] + [_I64] * 4
     for function in (lib.paged_decode_f32, lib.add_rms_norm_f32, lib.rope_write_kv_f32,
-                     lib.silu_mul_f32, lib.greedy_f32):
+                     lib.silu_mul_f32, lib.greedy_f32, lib.linear_f32):
         function.restype = ctypes.c_int
     return lib
 
@@ -187,6 +188,47 @@ def greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
     _call("greedy_f32", logits.data_ptr(), rows, vocab, token_ids.data_ptr(),
           logprobs.data_ptr(), torch.get_num_threads())
     return token_ids, logprobs
+
+
+GEMM_NR = 16  # output columns per weight panel: csrc's GEMM_NR
+
+
+def pack_weight(weight: Tensor, allow_bf16: bool = True) -> Tensor:
+    """A linear layer's float32 ``weight`` (``[out, in]``) packed for ``linear``: panels of
+    16 output columns, ``[panels, in, 16]``, the last one zero-padded. bfloat16 where every
+    weight is a bfloat16 value (as in a bf16 checkpoint served in float32): then the kernel
+    widens them back exactly, and a decode step streams half the bytes. Else float32. A
+    bfloat16 panel's rows hold column i at 2i and column 8 + i at 2i + 1 (csrc's load_w)."""
+    out_features, in_features = weight.shape
+    exact = allow_bf16 and torch.equal(weight.to(torch.bfloat16).float(), weight)
+    panels = -(-out_features // GEMM_NR)
+    padded = weight.new_zeros(panels * GEMM_NR, in_features,
+                              dtype=torch.bfloat16 if exact else torch.float32)
+    padded[:out_features] = weight
+    if not exact:
+        return padded.view(panels, GEMM_NR, in_features).transpose(1, 2).contiguous()
+    halves = padded.view(panels, 2, GEMM_NR // 2, in_features)  # [panel, half, i, k]
+    return halves.permute(0, 3, 2, 1).reshape(panels, in_features, GEMM_NR)
+
+
+def linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` ``[T, in]`` (float32, contiguous) with the
+    weight as ``pack_weight`` packed it: ``[T, out_features]``, float32 sums."""
+    tokens, in_features = x.shape
+    if packed.shape[1] != in_features or packed.shape[0] * GEMM_NR < out_features:
+        raise ValueError(f"a [{tokens}, {in_features}] input does not fit weight panels "
+                         f"{tuple(packed.shape)} of {out_features} outputs")
+    _check_contiguous(x, packed, *([] if bias is None else [bias]))
+    out = x.new_empty(tokens, out_features)
+    status = load().linear_f32(x.data_ptr(), packed.data_ptr(),
+                               int(packed.dtype == torch.bfloat16),
+                               None if bias is None else bias.data_ptr(), out.data_ptr(),
+                               tokens, out_features, in_features, torch.get_num_threads())
+    if status == -2:
+        raise MemoryError(f"linear: no memory for a [{tokens}, {in_features}] input's panels")
+    if status:
+        raise ValueError("linear_f32 rejected its arguments")
+    return out
 
 
 def _call(name: str, *args) -> None:

@@ -1,5 +1,5 @@
-"""The fused elementwise CPU kernels of a decoder layer against float64 references, at widths
-that are and are not multiples of their 8-float vectors."""
+"""The compiled CPU kernels of a decoder layer (elementwise work and the packed GEMM) against
+float64 references, at sizes that are and are not multiples of their vectors and tiles."""
 from __future__ import annotations
 
 import pytest
@@ -106,3 +106,50 @@ def test_greedy_matches_argmax_and_log_softmax(vocab):
     want = torch.log_softmax(logits.double(), -1).gather(-1, want_ids[:, None]).squeeze(1)
     assert token_ids.tolist() == want_ids.tolist()
     torch.testing.assert_close(logprobs.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 6, 7, 32, 77])  # row panels of 6, chunks of 72
+@pytest.mark.parametrize("in_features,out_features", [(1, 1), (5, 17), (64, 16), (385, 49),
+                                                      (576, 960)])  # k slices of at most 384
+@pytest.mark.parametrize("bf16_values", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear(tokens, in_features, out_features, bf16_values, with_bias):
+    x = randn(tokens, in_features)
+    weight = randn(out_features, in_features, seed=1)
+    if bf16_values:  # a bf16 checkpoint served in float32: packed as bf16, losslessly
+        weight = weight.bfloat16().float()
+    bias = randn(out_features, seed=2) if with_bias else None
+    packed = cpu_kernels.pack_weight(weight)
+    assert packed.dtype == (torch.bfloat16 if bf16_values else torch.float32)
+    expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    got = cpu_kernels.linear(x, packed, bias, out_features)
+    assert got.shape == (tokens, out_features)
+    # float32 sums: each output within a few ulps of the sum of its terms' magnitudes
+    magnitude = x.double().abs() @ weight.double().abs().T
+    assert ((got.double() - expected).abs() <= 1e-6 * magnitude + 1e-6).all()
+
+
+def test_linear_is_the_same_on_one_thread_and_on_several():
+    x, weight = randn(150, 576), randn(3072, 576, seed=1)
+    packed = cpu_kernels.pack_weight(weight)
+    several = cpu_kernels.linear(x, packed, None, 3072)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cpu_kernels.linear(x, packed, None, 3072)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, several)  # each output is one thread's sum, in one order
+
+
+def test_linear_rejects_an_input_that_does_not_fit_its_weight():
+    packed = cpu_kernels.pack_weight(randn(16, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.linear(randn(2, 9), packed, None, 16)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.linear(randn(8, 2).T, packed, None, 16)
+
+
+def test_linear_of_no_tokens():
+    packed = cpu_kernels.pack_weight(randn(16, 8))
+    assert cpu_kernels.linear(torch.empty(0, 8), packed, None, 16).shape == (0, 16)

@@ -94,16 +94,18 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int, dtype=torch.f
 
 
 @pytest.fixture(scope="module", params=[(kind, fused) for kind in TINY_CONFIGS
-                                        for fused in ("fused", "unfused")])
+                                        for fused in ("fused", "fused_bf16_values", "unfused")])
 def generations(request, tmp_path_factory):
     """Three prompts served together (two from step 1, the longest in two chunks; the third joins
     at step 3 while the others decode), against transformers on each prompt alone. ``fused``:
-    through the compiled CPU kernels (the default on CPU), else through torch operators only,
-    as on CUDA and on machines without a C compiler."""
+    through the compiled CPU kernels (the default on CPU); with ``bf16_values``, on weights
+    that are all bfloat16 values (as SmolLM2's), which the GEMM keeps in bfloat16 panels.
+    ``unfused``: through torch operators and oneDNN only, as on machines without a C compiler."""
     kind, fused = request.param
-    if fused == "fused" and cpu_kernels.load() is None:
+    if fused.startswith("fused") and cpu_kernels.load() is None:
         pytest.skip("the CPU kernels did not build here (no C compiler?)")
-    path = make_tiny_model(kind, tmp_path_factory.mktemp(kind))
+    path = make_tiny_model(kind, tmp_path_factory.mktemp(kind),
+                           bf16_values=fused == "fused_bf16_values")
     rng = random.Random(1)
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 11, 7)]
     with pytest.MonkeyPatch.context() as patch:

@@ -26,12 +26,14 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(kind: str, path: Path, seed: int = 0, max_shard_size: str = "50GB") -> Path:
+def make_tiny_model(kind: str, path: Path, seed: int = 0, max_shard_size: str = "50GB",
+                    bf16_values: bool = False) -> Path:
     """Save a randomly initialised ``kind`` model (float32 safetensors, in shards of at most
     ``max_shard_size``) to ``path``; return it.
 
     Every parameter is drawn afresh, norms around 1 and biases too, so that a weight loaded into
-    the wrong place changes the outputs.
+    the wrong place changes the outputs. ``bf16_values`` rounds each to a bfloat16 value (still
+    saved as float32), as a bf16 checkpoint upcast is.
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](), dtype=torch.float32)
@@ -41,6 +43,8 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, max_shard_size: str = 
                 param.normal_(1.0, 0.1)
             else:
                 param.normal_(0.0, 0.1)
+            if bf16_values:
+                param.copy_(param.bfloat16())
     model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
     return path
 

@@ -352,3 +352,129 @@ int greedy_f32(const float *logits, int64_t rows, int64_t vocab, int64_t *token_
     }
     return 0;
 }
+
+/* ---- Linear layers: out[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]), float32 math and sums.
+ *
+ * The weight is packed once, at load (cpu_kernels.pack_weight): panels of GEMM_NR = 16 output
+ * columns, each [k][16] (the last panel zero-padded; see load_w for the order of a row's
+ * columns), stored as float32 or as bfloat16 where
+ * every weight is a bfloat16 value (then the widening to float32 is exact, and it halves the
+ * bytes a decode step streams from memory). Each call copies x into panels of GEMM_MR = 6 rows,
+ * [k][6], so that the inner loop reads both operands front to back. A 6 x 16 tile of out
+ * lives in 12 registers while the k loop runs: per k, two loads of w, six broadcasts of x
+ * and twelve FMAs. k is walked in slices (at most GEMM_KC) so that a panel's slice stays in
+ * L1 while every row panel of a chunk of GEMM_MC rows passes over it; the threads share out
+ * (chunk, column panel) pairs. */
+
+#define GEMM_MR 6
+#define GEMM_NR 16
+#define GEMM_KC 384
+#define GEMM_MC 72
+
+typedef int32_t i8u __attribute__((vector_size(32), aligned(2)));
+
+/* Row kk of a weight panel: its 16 columns as two vectors, columns 0-7 and 8-15. A bfloat16
+ * panel stores each row interleaved, column i at 2i and column 8 + i at 2i + 1: a bfloat16 is
+ * the top half of a float32, so one 32-byte load holds both vectors, a shift makes the first
+ * and a mask the second. */
+static inline __attribute__((always_inline)) void load_w(const void *w, int64_t kk, int bf16,
+                                                         v8 *w0, v8 *w1) {
+    if (bf16) {
+        const i8 pair = *(const i8u *)((const uint16_t *)w + kk * GEMM_NR);
+        *w0 = (v8)(pair << 16);
+        *w1 = (v8)(pair & (int32_t)0xffff0000u);
+    } else {
+        *w0 = *(const v8u *)((const float *)w + kk * GEMM_NR);
+        *w1 = *(const v8u *)((const float *)w + kk * GEMM_NR + 8);
+    }
+}
+
+/* One tile: `rows` (<= 6) rows of x's panel `a` times one weight panel's slice `w`, over kc;
+ * the result is stored to (first slice) or added to `out`'s rows x cols. `init` (16 floats,
+ * or NULL) starts the sums: the bias, on the first slice. */
+static inline __attribute__((always_inline)) void gemm_tile(
+    int rows, int bf16, const float *a, const void *w, int64_t kc, const float *init,
+    float *out, int64_t ldo, int cols, int first) {
+    v8 acc[GEMM_MR][2];
+    for (int r = 0; r < rows; r++) {
+        acc[r][0] = init ? *(const v8u *)init : splat(0.0f);
+        acc[r][1] = init ? *(const v8u *)(init + 8) : splat(0.0f);
+    }
+    for (int64_t kk = 0; kk < kc; kk++) {
+        v8 w0, w1;
+        load_w(w, kk, bf16, &w0, &w1);
+        for (int r = 0; r < rows; r++) {
+            const v8 ar = splat(a[kk * GEMM_MR + r]);
+            acc[r][0] += ar * w0;
+            acc[r][1] += ar * w1;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *o = out + r * ldo;
+        if (cols == GEMM_NR) {
+            if (!first) acc[r][0] += *(v8u *)o, acc[r][1] += *(v8u *)(o + 8);
+            *(v8u *)o = acc[r][0], *(v8u *)(o + 8) = acc[r][1];
+        } else {
+            for (int c = 0; c < cols; c++)
+                o[c] = (first ? 0.0f : o[c]) + acc[r][c / 8][c % 8];
+        }
+    }
+}
+
+/* The tile with its row count and weight type as constants, so that its loops unroll and
+ * its sums stay in registers. */
+static void gemm_tile_any(int rows, int bf16, const float *a, const void *w, int64_t kc,
+                          const float *init, float *out, int64_t ldo, int cols, int first) {
+#define TILE(R)                                                                            \
+    case R:                                                                                \
+        if (bf16) gemm_tile(R, 1, a, w, kc, init, out, ldo, cols, first);                 \
+        else gemm_tile(R, 0, a, w, kc, init, out, ldo, cols, first);                      \
+        break;
+    switch (rows) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) }
+#undef TILE
+}
+
+/* Returns 0, -1 for arguments it does not serve, -2 when the row panels cannot be allocated. */
+int linear_f32(const float *x, const void *packed, int64_t weight_bf16, const float *bias,
+               float *out, int64_t m, int64_t n, int64_t k, int64_t num_threads) {
+    if (m < 0 || n < 1 || k < 1 || num_threads < 1) return -1;
+    if (m == 0) return 0;
+    const int64_t row_panels = (m + GEMM_MR - 1) / GEMM_MR, panels = (n + GEMM_NR - 1) / GEMM_NR;
+    const int64_t chunk = GEMM_MC / GEMM_MR, chunks = (row_panels + chunk - 1) / chunk;
+    const int64_t slices = (k + GEMM_KC - 1) / GEMM_KC, kc_max = (k + slices - 1) / slices;
+    const size_t elem = weight_bf16 ? sizeof(uint16_t) : sizeof(float);
+    float *a = malloc((size_t)(row_panels * GEMM_MR * k) * sizeof(float));
+    if (!a) return -2;
+    const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < row_panels; p++)
+            for (int64_t kk = 0; kk < k; kk++)
+                for (int64_t r = 0; r < GEMM_MR; r++) {
+                    const int64_t row = p * GEMM_MR + r;
+                    a[(p * k + kk) * GEMM_MR + r] = row < m ? x[row * k + kk] : 0.0f;
+                }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int64_t j = 0; j < panels; j++) {
+                const int cols = n - j * GEMM_NR < GEMM_NR ? (int)(n - j * GEMM_NR) : GEMM_NR;
+                float init[GEMM_NR] = {0};
+                for (int i = 0; bias && i < cols; i++) init[i] = bias[j * GEMM_NR + i];
+                const int64_t p_end = (c + 1) * chunk < row_panels ? (c + 1) * chunk : row_panels;
+                for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+                    const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
+                    const char *w = (const char *)packed + (j * k + k0) * GEMM_NR * elem;
+                    for (int64_t p = c * chunk; p < p_end; p++) {
+                        const int rows = m - p * GEMM_MR < GEMM_MR ? (int)(m - p * GEMM_MR)
+                                                                    : GEMM_MR;
+                        gemm_tile_any(rows, (int)weight_bf16, a + (p * k + k0) * GEMM_MR, w, kc,
+                                      k0 == 0 && bias ? init : NULL,
+                                      out + p * GEMM_MR * n + j * GEMM_NR, n, cols, k0 == 0);
+                    }
+                }
+            }
+    }
+    free(a);
+    return 0;
+}

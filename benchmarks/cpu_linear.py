@@ -1,0 +1,75 @@
+"""The decoder's GEMMs on the CPU: our packed kernel (``cpu_kernels.linear``, with float32 and
+with bfloat16 weight panels) against oneDNN's prepacked GEMM and ``F.linear``.
+
+    python -m benchmarks.cpu_linear --tokens 32 1 64 512
+
+Each backend runs the four projections of every layer of SmolLM2's shape (30 layers, random
+weights that are bfloat16 values, as in its checkpoint), one layer after another, so that, as
+in a real step, each weight comes from memory rather than from the cache. The backends take
+turns, ``--rounds`` times; the median time of a pass over all layers is printed, with its
+GFLOP/s and its ratio to oneDNN's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from executor_svc import cpu_kernels
+from executor_svc.cpu import PackedLinear
+
+HIDDEN, INTER, Q_WIDTH, KV_WIDTH, LAYERS = 576, 1536, 576, 192, 30
+SHAPES = [(HIDDEN, Q_WIDTH + 2 * KV_WIDTH), (Q_WIDTH, HIDDEN), (HIDDEN, 2 * INTER),
+          (INTER, HIDDEN)]  # (in, out): qkv, o, gate_up, down
+
+
+def backends(weights: list[torch.Tensor]) -> dict[str, list]:
+    """name -> per weight, a function of the input."""
+    out = {"F.linear": [lambda x, w=w: F.linear(x, w) for w in weights]}
+    out["oneDNN packed"] = [PackedLinear(w, None, batch_hint=32, onednn=True) for w in weights]
+    if cpu_kernels.load() is not None:
+        for name, allow_bf16 in (("ours f32 panels", False), ("ours bf16 panels", True)):
+            packs = []
+            for w in weights:
+                packed = cpu_kernels.pack_weight(w, allow_bf16)
+                packs.append(lambda x, p=packed, n=w.shape[0]: cpu_kernels.linear(x, p, None, n))
+            out[name] = packs
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    weights = [torch.randn(n, k).mul_(0.05).bfloat16().float()
+               for _ in range(LAYERS) for k, n in SHAPES]
+    funcs = backends(weights)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for tokens in args.tokens:
+        inputs = [torch.randn(tokens, w.shape[1]) for w in weights]
+        reference = [F.linear(x, w) for x, w in zip(inputs[:4], weights[:4])]
+        times = {name: [] for name in funcs}
+        for name, fs in funcs.items():  # warm up, and check against F.linear
+            for f, x, want in zip(fs, inputs, reference):
+                torch.testing.assert_close(f(x), want, rtol=1e-4, atol=1e-4)
+        for _ in range(args.rounds):
+            for name, fs in funcs.items():
+                start = time.perf_counter()
+                for f, x in zip(fs, inputs):
+                    f(x)
+                times[name].append(time.perf_counter() - start)
+        flops = 2 * tokens * sum(k * n for k, n in SHAPES) * LAYERS
+        base = statistics.median(times["oneDNN packed"])
+        for name, ts in times.items():
+            median = statistics.median(ts)
+            print(f"{tokens:5d} tokens  {name:17s} {median * 1e3:8.1f} ms "
+                  f"{flops / median / 1e9:6.1f} GFLOP/s  {base / median:5.2f}x oneDNN")
+
+
+if __name__ == "__main__":
+    main()
