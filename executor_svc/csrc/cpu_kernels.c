@@ -97,16 +97,26 @@ typedef struct {
     float scale;
 } Work;
 
-static void attend_item(const Work *w, int64_t seq) {
-    const int64_t kvh = w->num_kv_heads, hd = w->head_dim, bs = w->block_size;
-    const int64_t heads = w->num_heads, group = heads / kvh, vecs = hd / 8;
-    const int64_t len = w->seq_lens[seq];
+/* Query heads g * group ... (g + 1) * group - 1 of sequence `seq`: the heads that read kv head
+ * g. The context is taken a few blocks at a time (up to SPAN slots): each head scores them
+ * all, takes one online-softmax step over them, and adds their values. The span's K/V rows of
+ * kv head g come from memory for the first head and from L1/L2 for the others. `vecs`
+ * (head_dim / 8) is a constant where attend_group_any dispatches on it, so that a head's
+ * output (vecs vectors) is summed in registers. */
+#define SPAN 64
+
+static inline __attribute__((always_inline)) void attend_group(const Work *w, int64_t seq,
+                                                               int64_t g, const int64_t vecs) {
+    const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
+    const int64_t group = w->num_heads / kvh, len = w->seq_lens[seq];
     const int64_t row = kvh * hd; /* floats between consecutive slots of a block */
+    const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
+    const int64_t *table = w->block_tables + seq * w->max_blocks;
     v8 q[MAX_HEADS][MAX_VECS], acc[MAX_HEADS][MAX_VECS];
     float max[MAX_HEADS], sum[MAX_HEADS];
-    float scores[MAX_BLOCK] __attribute__((aligned(32)));
-    const float *qs = w->query + seq * heads * hd;
-    for (int64_t h = 0; h < heads; h++) {
+    float scores[MAX_BLOCK + SPAN + 8] __attribute__((aligned(32)));
+    const float *qs = w->query + (seq * w->num_heads + g * group) * hd;
+    for (int64_t h = 0; h < group; h++) {
         for (int64_t c = 0; c < vecs; c++) {
             q[h][c] = *(const v8u *)(qs + h * hd + c * 8) * splat(w->scale);
             acc[h][c] = splat(0.0f);
@@ -114,78 +124,81 @@ static void attend_item(const Work *w, int64_t seq) {
         max[h] = -INFINITY;
         sum[h] = 0.0f;
     }
-    for (int64_t b = 0; b * bs < len; b++) {
-        const int64_t block = w->block_tables[seq * w->max_blocks + b];
-        const int64_t n = len - b * bs < bs ? len - b * bs : bs;
-        if ((b + 1) * bs < len) { /* the next block is elsewhere: fetch it while this one runs */
-            const int64_t next = w->block_tables[seq * w->max_blocks + b + 1] * bs * row;
-            const char *nk = (const char *)(w->k_cache + next);
-            const char *nv = (const char *)(w->v_cache + next);
-            for (int64_t byte = 0; byte < bs * row * (int64_t)sizeof(float); byte += 64) {
-                __builtin_prefetch(nk + byte);
-                __builtin_prefetch(nv + byte);
-            }
-        }
-        for (int64_t h = 0; h < heads; h++) {
-            /* Query head h reads kv head h / group: its K/V rows within the block. */
-            const float *k = w->k_cache + (block * bs * kvh + h / group) * hd;
-            const float *v = w->v_cache + (block * bs * kvh + h / group) * hd;
-            int64_t j = 0;
-            for (; j + 8 <= bs && j < n; j += 8) { /* slots past n are scored, then masked */
-                const float *k0 = k + j * row;
-                v8 a[8];
-                for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
-                for (int64_t c = 0; c < vecs; c++) {
-                    const v8 qc = q[h][c];
-                    for (int t = 0; t < 8; t++) a[t] += qc * *(const v8u *)(k0 + t * row + c * 8);
+    for (int64_t first = 0; first * bs < len; first += span_blocks) {
+        const int64_t end = len < (first + span_blocks) * bs ? len : (first + span_blocks) * bs;
+        const int64_t m = end - first * bs, padded = (m + 7) & ~7; /* slots in this span */
+        for (int64_t h = 0; h < group; h++) {
+            for (int64_t b = first; b * bs < end; b++) {
+                const float *k = w->k_cache + (table[b] * bs * kvh + g) * hd;
+                const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                float *s = scores + (b - first) * bs;
+                int64_t j = 0;
+                for (; j + 8 <= bs && j < n; j += 8) { /* slots past n are scored, then masked */
+                    v8 a[8];
+                    for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
+                    for (int64_t c = 0; c < vecs; c++) {
+                        const v8 qc = q[h][c];
+                        for (int t = 0; t < 8; t++)
+                            a[t] += qc * *(const v8u *)(k + (j + t) * row + c * 8);
+                    }
+                    *(v8u *)(s + j) = hsum8(a);
                 }
-                *(v8 *)(scores + j) = hsum8(a);
-            }
-            for (; j + 4 <= n; j += 4) {
-                const float *k0 = k + j * row;
-                v8 a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t c = 0; c < vecs; c++) {
-                    const v8 qc = q[h][c];
-                    a0 += qc * *(const v8u *)(k0 + c * 8);
-                    a1 += qc * *(const v8u *)(k0 + row + c * 8);
-                    a2 += qc * *(const v8u *)(k0 + 2 * row + c * 8);
-                    a3 += qc * *(const v8u *)(k0 + 3 * row + c * 8);
+                for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
+                    v8 a = splat(0.0f);
+                    for (int64_t c = 0; c < vecs; c++)
+                        a += q[h][c] * *(const v8u *)(k + j * row + c * 8);
+                    s[j] = hsum(a);
                 }
-                scores[j] = hsum(a0), scores[j + 1] = hsum(a1);
-                scores[j + 2] = hsum(a2), scores[j + 3] = hsum(a3);
             }
-            for (; j < n; j++) {
-                v8 a = splat(0.0f);
-                for (int64_t c = 0; c < vecs; c++)
-                    a += q[h][c] * *(const v8u *)(k + j * row + c * 8);
-                scores[j] = hsum(a);
+            for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
+            v8 top = splat(-INFINITY);
+            for (int64_t j = 0; j < padded; j += 8) {
+                const v8 sj = *(const v8 *)(scores + j);
+                const i8 above = sj > top;
+                top = (v8)(((i8)sj & above) | ((i8)top & ~above));
             }
-            float block_max = scores[0];
-            for (j = 1; j < n; j++) block_max = scores[j] > block_max ? scores[j] : block_max;
-            const float new_max = block_max > max[h] ? block_max : max[h];
-            const float correction = expf(max[h] - new_max); /* 0 on the first block */
-            for (j = n; j < ((n + 7) & ~7); j++) scores[j] = -INFINITY; /* pad to 8 */
-            float block_sum = 0.0f;
-            for (j = 0; j < n; j += 8) {
-                v8 p = exp8(*(v8 *)(scores + j) - splat(new_max));
-                for (int64_t i = 0; i < 8 && j + i < n; i++) block_sum += p[i];
+            float span_max = top[0];
+            for (int i = 1; i < 8; i++) span_max = top[i] > span_max ? top[i] : span_max;
+            const float new_max = span_max > max[h] ? span_max : max[h];
+            const float correction = expf(max[h] - new_max); /* 0 on the first span */
+            v8 sums = splat(0.0f);
+            for (int64_t j = 0; j < padded; j += 8) {
+                const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 where masked */
+                sums += p;
                 *(v8 *)(scores + j) = p;
             }
-            sum[h] = sum[h] * correction + block_sum;
-            v8 *a = acc[h];
-            for (int64_t c = 0; c < vecs; c++) a[c] *= splat(correction);
-            for (j = 0; j < n; j++) {
-                const v8 p = splat(scores[j]);
-                const float *vj = v + j * row;
-                for (int64_t c = 0; c < vecs; c++) a[c] += p * *(const v8u *)(vj + c * 8);
-            }
+            sum[h] = sum[h] * correction + hsum(sums);
             max[h] = new_max;
+            v8 o[MAX_VECS];
+            for (int64_t c = 0; c < vecs; c++) o[c] = acc[h][c] * splat(correction);
+            for (int64_t b = first; b * bs < end; b++) {
+                const float *v = w->v_cache + (table[b] * bs * kvh + g) * hd;
+                const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                const float *p = scores + (b - first) * bs;
+                for (int64_t j = 0; j < n; j++) {
+                    const v8 pj = splat(p[j]);
+                    for (int64_t c = 0; c < vecs; c++)
+                        o[c] += pj * *(const v8u *)(v + j * row + c * 8);
+                }
+            }
+            for (int64_t c = 0; c < vecs; c++) acc[h][c] = o[c];
         }
     }
-    float *o = w->out + seq * heads * hd;
-    for (int64_t h = 0; h < heads; h++) {
+    float *out = w->out + (seq * w->num_heads + g * group) * hd;
+    for (int64_t h = 0; h < group; h++) {
         const v8 inv = splat(1.0f / sum[h]);
-        for (int64_t c = 0; c < vecs; c++) *(v8u *)(o + h * hd + c * 8) = acc[h][c] * inv;
+        for (int64_t c = 0; c < vecs; c++) *(v8u *)(out + h * hd + c * 8) = acc[h][c] * inv;
+    }
+}
+
+/* attend_group with head_dim a constant for the common sizes, and a variable for others. */
+static void attend_group_any(const Work *w, int64_t seq, int64_t g) {
+    switch (w->head_dim) {
+    case 64: attend_group(w, seq, g, 8); break;
+    case 128: attend_group(w, seq, g, 16); break;
+    case 32: attend_group(w, seq, g, 4); break;
+    case 16: attend_group(w, seq, g, 2); break;
+    default: attend_group(w, seq, g, w->head_dim / 8);
     }
 }
 
@@ -200,7 +213,8 @@ int paged_decode_f32(const float *query, const float *k_cache, const float *v_ca
     const Work w = {query, k_cache, v_cache, block_tables, seq_lens, out, num_heads,
                     num_kv_heads, head_dim, block_size, max_blocks, scale};
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-    for (int64_t seq = 0; seq < num_seqs; seq++) attend_item(&w, seq);
+    for (int64_t item = 0; item < num_seqs * num_kv_heads; item++)
+        attend_group_any(&w, item / num_kv_heads, item % num_kv_heads);
     return 0;
 }
 
