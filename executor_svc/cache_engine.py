@@ -6,6 +6,7 @@ import contextlib
 import torch
 from torch import Tensor
 
+from executor_svc.cpu import map_kv_pool
 from executor_svc.model import ModelConfig
 
 _POOLS = {"swap_out": ("device", "cpu"), "swap_in": ("cpu", "device"),
@@ -16,8 +17,10 @@ class CacheEngine:
     """Per layer a K and a V tensor ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 
     ``kv_caches`` live on the device; ``cpu_caches`` (pinned when the device is CUDA, for async
-    copies) hold swapped-out blocks. Both are left uninitialised: attention never uses a slot
-    its sequence did not write. The device caches end with one more block, ``null_block``:
+    copies) hold swapped-out blocks. Attention never uses a slot its sequence did not write, so
+    neither needs initial values; but on a CPU device the caches are written once at start
+    (``cpu.map_kv_pool``) to map their memory before the first step, and CPU pools ask for
+    2 MiB pages. The device caches end with one more block, ``null_block``:
     zeros that no sequence owns and no plan may name, which pads tables for attention.
     Block operations take ``pairs``, an int tensor or array of shape [N, 2], and move all N blocks
     of every layer's K and V at once.
@@ -31,11 +34,11 @@ class CacheEngine:
         self.num_cpu_blocks = num_cpu_blocks
         self.null_block = num_device_blocks
         self.kv_caches = _allocate(model_config, block_size, num_device_blocks + 1, dtype,
-                                   device=device)
+                                   populate=True, device=device)
         for k_cache, v_cache in self.kv_caches:
             k_cache[self.null_block].zero_()
             v_cache[self.null_block].zero_()
-        self.cpu_caches = _allocate(model_config, block_size, num_cpu_blocks, dtype,
+        self.cpu_caches = _allocate(model_config, block_size, num_cpu_blocks, dtype, populate=False,
                                     device=torch.device("cpu"), pin_memory=device.type == "cuda")
         # On CUDA, block operations run on a side stream; the forward pass waits for them.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -121,7 +124,12 @@ def _to(blocks: Tensor, device: torch.device) -> Tensor:
 
 
 def _allocate(config: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype,
-              **where) -> list[tuple[Tensor, Tensor]]:
+              populate: bool, **where) -> list[tuple[Tensor, Tensor]]:
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [(torch.empty(shape, dtype=dtype, **where), torch.empty(shape, dtype=dtype, **where))
-            for _ in range(config.num_layers)]
+    caches = [(torch.empty(shape, dtype=dtype, **where), torch.empty(shape, dtype=dtype, **where))
+              for _ in range(config.num_layers)]
+    if where["device"].type == "cpu" and not where.get("pin_memory"):
+        for cache in caches:
+            for tensor in cache:
+                map_kv_pool(tensor, populate=populate)
+    return caches

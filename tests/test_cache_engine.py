@@ -1,6 +1,8 @@
 """The cache engine: KV tensors per layer, on the device and in CPU swap space, and their sizing."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -42,3 +44,22 @@ def test_num_blocks_for_bytes_rounds_down_to_whole_blocks(config):
     assert CacheEngine.num_blocks_for_bytes(config, 16, torch.bfloat16, 10 * per_block) == 10
     assert CacheEngine.num_blocks_for_bytes(config, 16, torch.bfloat16, 11 * per_block - 1) == 10
     assert CacheEngine.num_blocks_for_bytes(config, 16, torch.bfloat16, per_block - 1) == 0
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_cpu_device_pool_is_mapped_at_start_and_the_swap_pool_is_not(config):
+    # 40 MiB per tensor: above glibc's largest mmap threshold, so each is a fresh mapping
+    # whose pages count as resident only once written.
+    blocks = (40 << 20) // (16 * 2 * 16 * 4)
+    before = _resident_bytes()
+    cache = CacheEngine(config, block_size=16, num_device_blocks=blocks, num_cpu_blocks=blocks,
+                        dtype=torch.float32, device="cpu")
+    grown = _resident_bytes() - before
+    device_bytes = sum(t.numel() * t.element_size() for pair in cache.kv_caches for t in pair)
+    assert device_bytes * 0.95 <= grown < device_bytes * 1.5  # the swap pool is as large
+    assert not cache.kv_caches[0][0].any()
