@@ -108,9 +108,11 @@ def test_greedy_matches_argmax_and_log_softmax(vocab):
     torch.testing.assert_close(logprobs.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 6, 7, 32, 77])  # row panels of 6, chunks of 72
+# Row panels of at most 6, rows dealt evenly (13: 5, 4, 4); chunks of 12 panels.
+@pytest.mark.parametrize("tokens", [1, 5, 6, 7, 13, 32, 77])
+# k slices of at most 384 (float32 panels) or 768 (bfloat16 panels).
 @pytest.mark.parametrize("in_features,out_features", [(1, 1), (5, 17), (64, 16), (385, 49),
-                                                      (576, 960)])  # k slices of at most 384
+                                                      (576, 960), (1537, 33)])
 @pytest.mark.parametrize("bf16_values", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear(tokens, in_features, out_features, bf16_values, with_bias):

@@ -373,11 +373,12 @@ int greedy_f32(const float *logits, int64_t rows, int64_t vocab, int64_t *token_
  * columns, each [k][16] (the last panel zero-padded; see load_w for the order of a row's
  * columns), stored as float32 or as bfloat16 where
  * every weight is a bfloat16 value (then the widening to float32 is exact, and it halves the
- * bytes a decode step streams from memory). Each call copies x into panels of GEMM_MR = 6 rows,
- * [k][6], so that the inner loop reads both operands front to back. A 6 x 16 tile of out
+ * bytes a decode step streams from memory). Each call copies x into panels of at most GEMM_MR
+ * = 6 rows, [k][6], so that the inner loop reads both operands front to back. A 6 x 16 tile of out
  * lives in 12 registers while the k loop runs: per k, two loads of w, six broadcasts of x
- * and twelve FMAs. k is walked in slices (at most GEMM_KC) so that a panel's slice stays in
- * L1 while every row panel of a chunk of GEMM_MC rows passes over it; the threads share out
+ * and twelve FMAs. k is walked in slices (at most GEMM_KC float32 rows, or twice as many
+ * bfloat16 ones: 24 KiB) so that a panel's slice stays in L1 while every row panel of a chunk
+ * of GEMM_MC rows passes over it; the threads share out
  * (chunk, column panel) pairs. */
 
 #define GEMM_MR 6
@@ -414,6 +415,7 @@ static inline __attribute__((always_inline)) void gemm_tile(
         acc[r][0] = init ? *(const v8u *)init : splat(0.0f);
         acc[r][1] = init ? *(const v8u *)(init + 8) : splat(0.0f);
     }
+#pragma GCC unroll 4
     for (int64_t kk = 0; kk < kc; kk++) {
         v8 w0, w1;
         load_w(w, kk, bf16, &w0, &w1);
@@ -454,21 +456,25 @@ int linear_f32(const float *x, const void *packed, int64_t weight_bf16, const fl
     if (m < 0 || n < 1 || k < 1 || num_threads < 1) return -1;
     if (m == 0) return 0;
     const int64_t row_panels = (m + GEMM_MR - 1) / GEMM_MR, panels = (n + GEMM_NR - 1) / GEMM_NR;
+    /* Rows are dealt evenly over the panels (32 rows: 6, 6, 5, 5, 5, 5, not 6 x 5 + 2): a
+     * tile of few rows leaves the FMA units waiting on its few sums. */
+    const int64_t base = m / row_panels, extra = m % row_panels;
     const int64_t chunk = GEMM_MC / GEMM_MR, chunks = (row_panels + chunk - 1) / chunk;
-    const int64_t slices = (k + GEMM_KC - 1) / GEMM_KC, kc_max = (k + slices - 1) / slices;
     const size_t elem = weight_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t kc_limit = GEMM_KC * sizeof(float) / elem;
+    const int64_t slices = (k + kc_limit - 1) / kc_limit, kc_max = (k + slices - 1) / slices;
     float *a = malloc((size_t)(row_panels * GEMM_MR * k) * sizeof(float));
     if (!a) return -2;
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < row_panels; p++)
+        for (int64_t p = 0; p < row_panels; p++) {
+            const int64_t first = p * base + (p < extra ? p : extra), rows = base + (p < extra);
             for (int64_t kk = 0; kk < k; kk++)
-                for (int64_t r = 0; r < GEMM_MR; r++) {
-                    const int64_t row = p * GEMM_MR + r;
-                    a[(p * k + kk) * GEMM_MR + r] = row < m ? x[row * k + kk] : 0.0f;
-                }
+                for (int64_t r = 0; r < GEMM_MR; r++)
+                    a[(p * k + kk) * GEMM_MR + r] = r < rows ? x[(first + r) * k + kk] : 0.0f;
+        }
 #pragma omp for collapse(2) schedule(static)
         for (int64_t c = 0; c < chunks; c++)
             for (int64_t j = 0; j < panels; j++) {
@@ -480,11 +486,11 @@ int linear_f32(const float *x, const void *packed, int64_t weight_bf16, const fl
                     const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
                     const char *w = (const char *)packed + (j * k + k0) * GEMM_NR * elem;
                     for (int64_t p = c * chunk; p < p_end; p++) {
-                        const int rows = m - p * GEMM_MR < GEMM_MR ? (int)(m - p * GEMM_MR)
-                                                                    : GEMM_MR;
-                        gemm_tile_any(rows, (int)weight_bf16, a + (p * k + k0) * GEMM_MR, w, kc,
+                        const int64_t first = p * base + (p < extra ? p : extra);
+                        gemm_tile_any((int)(base + (p < extra)), (int)weight_bf16,
+                                      a + (p * k + k0) * GEMM_MR, w, kc,
                                       k0 == 0 && bias ? init : NULL,
-                                      out + p * GEMM_MR * n + j * GEMM_NR, n, cols, k0 == 0);
+                                      out + first * n + j * GEMM_NR, n, cols, k0 == 0);
                     }
                 }
             }
