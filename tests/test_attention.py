@@ -102,6 +102,18 @@ def test_any_batch_matches_reference(rows, block_size, seed, num_heads, decode_p
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+# Enough decode rows that the kernel hands out whole sequences (with few, it splits each
+# sequence by kv head to keep every thread busy): contexts over several spans of 64 slots.
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (6, 3), (8, 1)],
+                         ids=["gqa", "gqa3", "mqa"])
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_many_decode_rows_match_reference(num_heads, num_kv_heads, block_size, decode_path):
+    rows = [(context, 1) for context in (0, 5, 63, 64, 65, 130, 7, 200, 16, 31, 99, 1)]
+    (out, *_), (ref, *_) = run_step(rows, num_heads, num_kv_heads, torch.float32,
+                                    block_size=block_size, seed=3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_is_cached_per_machine_and_rebuilt_into_a_fresh_cache(tmp_path, monkeypatch):
     if cpu_kernels.load() is None:
         pytest.skip("the CPU decode kernel did not build here (no C compiler?)")

@@ -97,26 +97,29 @@ typedef struct {
     float scale;
 } Work;
 
-/* Query heads g * group ... (g + 1) * group - 1 of sequence `seq`: the heads that read kv head
- * g. The context is taken a few blocks at a time (up to SPAN slots): each head scores them
- * all, takes one online-softmax step over them, and adds their values. The span's K/V rows of
- * kv head g come from memory for the first head and from L1/L2 for the others. `vecs`
- * (head_dim / 8) is a constant where attend_group_any dispatches on it, so that a head's
- * output (vecs vectors) is summed in registers. */
+/* The query heads of sequence `seq` that read kv heads g0 ... g1 - 1 (each kv head serves
+ * `group` query heads). The context is taken a few blocks at a time (up to SPAN slots): for
+ * each kv head in turn, each of its query heads scores the span, takes one online-softmax
+ * step over it, and adds its values; the span's K/V rows come from memory for the first
+ * query head and from L1/L2 for the others, and the next span's rows are fetched meanwhile
+ * (block tables scatter blocks, so the hardware prefetcher cannot guess them). `vecs`
+ * (head_dim / 8) is a constant where attend_any dispatches on it, so that a head's output
+ * (vecs vectors) is summed in registers. */
 #define SPAN 64
 
-static inline __attribute__((always_inline)) void attend_group(const Work *w, int64_t seq,
-                                                               int64_t g, const int64_t vecs) {
+static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t g0,
+                                                         int64_t g1, const int64_t vecs) {
     const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
     const int64_t group = w->num_heads / kvh, len = w->seq_lens[seq];
+    const int64_t heads = (g1 - g0) * group, h0 = g0 * group;
     const int64_t row = kvh * hd; /* floats between consecutive slots of a block */
     const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
     v8 q[MAX_HEADS][MAX_VECS], acc[MAX_HEADS][MAX_VECS];
     float max[MAX_HEADS], sum[MAX_HEADS];
     float scores[MAX_BLOCK + SPAN + 8] __attribute__((aligned(32)));
-    const float *qs = w->query + (seq * w->num_heads + g * group) * hd;
-    for (int64_t h = 0; h < group; h++) {
+    const float *qs = w->query + (seq * w->num_heads + h0) * hd;
+    for (int64_t h = 0; h < heads; h++) {
         for (int64_t c = 0; c < vecs; c++) {
             q[h][c] = *(const v8u *)(qs + h * hd + c * 8) * splat(w->scale);
             acc[h][c] = splat(0.0f);
@@ -127,7 +130,18 @@ static inline __attribute__((always_inline)) void attend_group(const Work *w, in
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         const int64_t end = len < (first + span_blocks) * bs ? len : (first + span_blocks) * bs;
         const int64_t m = end - first * bs, padded = (m + 7) & ~7; /* slots in this span */
-        for (int64_t h = 0; h < group; h++) {
+        for (int64_t b = first + span_blocks; b < first + 2 * span_blocks && b * bs < len; b++) {
+            const int64_t n = len - b * bs < bs ? len - b * bs : bs;
+            const float *k = w->k_cache + (table[b] * bs * kvh + g0) * hd;
+            const float *v = w->v_cache + (table[b] * bs * kvh + g0) * hd;
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t f = 0; f < (g1 - g0) * hd; f += 16) { /* a 64-byte line */
+                    __builtin_prefetch(k + j * row + f);
+                    __builtin_prefetch(v + j * row + f);
+                }
+        }
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t g = g0 + h / group;
             for (int64_t b = first; b * bs < end; b++) {
                 const float *k = w->k_cache + (table[b] * bs * kvh + g) * hd;
                 const int64_t n = end - b * bs < bs ? end - b * bs : bs;
@@ -184,21 +198,21 @@ static inline __attribute__((always_inline)) void attend_group(const Work *w, in
             for (int64_t c = 0; c < vecs; c++) acc[h][c] = o[c];
         }
     }
-    float *out = w->out + (seq * w->num_heads + g * group) * hd;
-    for (int64_t h = 0; h < group; h++) {
+    float *out = w->out + (seq * w->num_heads + h0) * hd;
+    for (int64_t h = 0; h < heads; h++) {
         const v8 inv = splat(1.0f / sum[h]);
         for (int64_t c = 0; c < vecs; c++) *(v8u *)(out + h * hd + c * 8) = acc[h][c] * inv;
     }
 }
 
-/* attend_group with head_dim a constant for the common sizes, and a variable for others. */
-static void attend_group_any(const Work *w, int64_t seq, int64_t g) {
+/* attend with head_dim a constant for the common sizes, and a variable for others. */
+static void attend_any(const Work *w, int64_t seq, int64_t g0, int64_t g1) {
     switch (w->head_dim) {
-    case 64: attend_group(w, seq, g, 8); break;
-    case 128: attend_group(w, seq, g, 16); break;
-    case 32: attend_group(w, seq, g, 4); break;
-    case 16: attend_group(w, seq, g, 2); break;
-    default: attend_group(w, seq, g, w->head_dim / 8);
+    case 64: attend(w, seq, g0, g1, 8); break;
+    case 128: attend(w, seq, g0, g1, 16); break;
+    case 32: attend(w, seq, g0, g1, 4); break;
+    case 16: attend(w, seq, g0, g1, 2); break;
+    default: attend(w, seq, g0, g1, w->head_dim / 8);
     }
 }
 
@@ -212,9 +226,14 @@ int paged_decode_f32(const float *query, const float *k_cache, const float *v_ca
         return -1;
     const Work w = {query, k_cache, v_cache, block_tables, seq_lens, out, num_heads,
                     num_kv_heads, head_dim, block_size, max_blocks, scale};
+    /* A work item is a sequence, all of whose blocks' K/V rows are then read whole; or, when
+     * there are too few sequences to keep every thread busy, one kv head of a sequence. */
+    const int64_t split = num_seqs < 4 * num_threads ? num_kv_heads : 1;
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-    for (int64_t item = 0; item < num_seqs * num_kv_heads; item++)
-        attend_group_any(&w, item / num_kv_heads, item % num_kv_heads);
+    for (int64_t item = 0; item < num_seqs * split; item++) {
+        const int64_t g0 = split == 1 ? 0 : item % split, g1 = split == 1 ? num_kv_heads : g0 + 1;
+        attend_any(&w, item / split, g0, g1);
+    }
     return 0;
 }
 
