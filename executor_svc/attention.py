@@ -5,9 +5,9 @@ A step packs the new tokens of all its sequences one after another. Each sequenc
 in the KV cache (``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer) at the blocks its
 block table names; attention reads K/V only through that table. The metadata turns tables into
 cache slots (``block_id * block_size + offset``) once per step, and every layer reuses them.
-Two backends share that interface: ``torch`` (the fast path on CPU: decode rows in a compiled
-kernel, ``cpu_kernels``, or in batched matmuls; prompts in torch's fused attention) and
-``triton`` (the paged kernels of ``kernels``; the path on CUDA).
+Two backends share that interface: ``torch`` (the path on CPU: the whole step in a compiled
+kernel, ``cpu_kernels``, where it serves; else decode rows in batched matmuls and prompts in
+torch's fused attention) and ``triton`` (the paged kernels of ``kernels``; the path on CUDA).
 """
 from __future__ import annotations
 
@@ -145,7 +145,11 @@ def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
     """Causal attention of each new token (``query``: ``[T, num_heads, head_dim]``) over its
     sequence's cached context and the new tokens up to itself. K/V of this step (``key``,
     ``value``: ``[T, num_kv_heads, head_dim]``) must already be written to the cache. Query
-    head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``."""
+    head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. On the CPU in float32 the
+    whole step is one call of the compiled kernel."""
+    if cpu_kernels.serves(query, k_cache):
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
+                                           meta.query_start_loc, meta.seq_lens, scale)
     if not meta.prefills and meta.decode_tokens.numel() == query.shape[0]:
         return _decode(query, k_cache, v_cache, meta, scale)  # every row decodes, in order
     out = torch.empty_like(query)
@@ -182,16 +186,6 @@ def _prefill(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, s
 
 
 def _decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-            scale: float) -> Tensor:
-    """One new token per sequence (``query``: ``[D, H, hd]``): the compiled kernel where it
-    serves (float32 on the CPU), reading the cache in place; else gathered."""
-    if cpu_kernels.serves(query, k_cache):
-        return cpu_kernels.paged_decode(query, k_cache, v_cache, meta.decode_tables,
-                                        meta.decode_lens, scale)
-    return _decode_gathered(query, k_cache, v_cache, meta, scale)
-
-
-def _decode_gathered(query: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
                      scale: float) -> Tensor:
     """All sequences in two batched matmuls. Each sequence's blocks are gathered whole into a
     contiguous ``[L, kvh * hd]`` context. Query heads are spread block-diagonally over the kv

@@ -1,8 +1,11 @@
 """The executor's compiled CPU kernels (``csrc/cpu_kernels.c``), float32, loaded with ctypes.
 
-- **Paged decode attention.** Decode attention reads every sequence's whole context each step.
-  Gathering those blocks into a contiguous copy first (the torch path) moves the context
-  through memory three times; the kernel reads it once, in place.
+- **Paged attention**, decode rows and prompts (or chunks of them) in one call: each new
+  token attends over its sequence's context straight from the block table. Decode reads every
+  sequence's whole context each step; gathering those blocks into a contiguous copy first (the
+  torch path) moves the context through memory three times, the kernel reads it once, in
+  place. Prompts of 128 and 500 tokens ran 1.4-1.5x faster than in torch's fused attention
+  (``benchmarks/cpu_attention.py``).
 - **A decoder layer's elementwise work, fused**: residual add + RMSNorm, RoPE of the queries
   and keys + the write of keys and values to their cache slots, and SiLU(gate) * up. Unfused,
   these are some twenty torch operators per layer, each a pass over memory and a dispatch.
@@ -60,14 +63,14 @@ def load() -> ctypes.CDLL | None:
                         error=str(detail).strip()[-500:])
             return None
     lib = ctypes.CDLL(str(library))
-    lib.paged_decode_f32.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, _I64]
+    lib.paged_attention_f32.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_float, _I64]
     lib.add_rms_norm_f32.argtypes = [_PTR] * 4 + [_I64] * 2 + [ctypes.c_float, _I64]
     lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
                                       + [_I64] * 6)
     lib.silu_mul_f32.argtypes = [_PTR, _PTR] + [_I64] * 3
     lib.greedy_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64]
     lib.linear_f32.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR] + [_I64] * 4
-    for function in (lib.paged_decode_f32, lib.add_rms_norm_f32, lib.rope_write_kv_f32,
+    for function in (lib.paged_attention_f32, lib.add_rms_norm_f32, lib.rope_write_kv_f32,
                      lib.silu_mul_f32, lib.greedy_f32, lib.linear_f32):
         function.restype = ctypes.c_int
     return lib
@@ -94,29 +97,41 @@ def _cpu_flags() -> bytes:
 
 
 def serves(query: Tensor, k_cache: Tensor) -> bool:
-    """Whether the decode kernel can run this step: a float32 cache, and ``fuses(query)``."""
+    """Whether the attention kernel can run this step: a float32 cache, and ``fuses(query)``."""
     return k_cache.dtype == torch.float32 and fuses(query)
 
 
-def paged_decode(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                 seq_lens: Tensor, scale: float) -> Tensor:
-    """Attention of one new token per sequence (``query``: ``[D, H, hd]``) over the first
-    ``seq_lens[i]`` tokens its ``block_tables[i]`` (int64) names; ``[D, H, hd]``."""
-    num_seqs, num_heads, head_dim = query.shape
+def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    query_start_loc: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
+    """Causal attention of a step's new tokens (``query``: ``[T, H, hd]``, sequence ``s``'s
+    at rows ``query_start_loc[s]`` up to ``query_start_loc[s + 1]``) over the first
+    ``seq_lens[s]`` tokens that ``block_tables[s]`` names, the step's own included: their
+    K/V must be in the cache already. ``[T, H, hd]``."""
+    num_heads, head_dim = query.shape[1:]
     _, block_size, num_kv_heads, _ = k_cache.shape
     query = query.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
+    starts = query_start_loc.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV caches must be contiguous")
+    if starts.shape[0] != lens.shape[0] + 1 or tables.shape[0] != lens.shape[0]:
+        raise ValueError(f"{tables.shape[0]} block tables, {starts.shape[0]} query starts and "
+                         f"{lens.shape[0]} lengths do not describe one batch")
+    if lens.numel() and int(starts[-1]) != query.shape[0]:
+        raise ValueError(f"query starts end at {int(starts[-1])}, not at the {query.shape[0]} "
+                         "query rows")
     out = torch.empty_like(query)
-    status = load().paged_decode_f32(
+    status = load().paged_attention_f32(
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-        lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim,
-        block_size, tables.shape[1], scale, torch.get_num_threads())
+        starts.data_ptr(), lens.data_ptr(), out.data_ptr(), lens.shape[0], num_heads,
+        num_kv_heads, head_dim, block_size, tables.shape[1], scale, torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("paged_attention: no memory for the work list")
     if status:
-        raise ValueError(f"the CPU decode kernel does not serve {num_heads} heads over "
-                         f"{num_kv_heads} kv heads with blocks of {block_size}")
+        raise ValueError(f"the CPU attention kernel does not serve {num_heads} heads over "
+                         f"{num_kv_heads} kv heads with blocks of {block_size}, or a query "
+                         "longer than its context or table")
     return out
 
 

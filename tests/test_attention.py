@@ -114,6 +114,17 @@ def test_many_decode_rows_match_reference(num_heads, num_kv_heads, block_size, d
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+# Prompts over several query tiles (16 rows) and spans (64 slots), alone and after a cached
+# prefix, beside decode rows: one kernel call on the CPU.
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (8, 1)], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_long_prompts_match_reference(num_heads, num_kv_heads, block_size, decode_path):
+    rows = [(0, 150), (70, 33), (5, 1), (0, 17), (100, 1)]
+    (out, *_), (ref, *_) = run_step(rows, num_heads, num_kv_heads, torch.float32,
+                                    block_size=block_size, seed=4)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_is_cached_per_machine_and_rebuilt_into_a_fresh_cache(tmp_path, monkeypatch):
     if cpu_kernels.load() is None:
         pytest.skip("the CPU decode kernel did not build here (no C compiler?)")

@@ -1,20 +1,23 @@
-/* The executor's compiled CPU kernels, float32. First, paged decode attention: one new token per
- * sequence, attending over its context straight from the paged KV cache, with no gathered copy
- * of it. Then the elementwise work of a decoder layer, fused (at the end of the file).
+/* The executor's compiled CPU kernels, float32. First, paged attention: every new token of a
+ * step (decode rows and prompts alike) attends over its sequence's context straight from the
+ * paged KV cache, with no gathered copy of it. Then the elementwise work of a decoder layer,
+ * fused, greedy sampling, and the linear layers' GEMM.
  *
  * Layouts (all contiguous):
- *   query, out        [num_seqs, num_heads, head_dim]
+ *   query, out        [tokens, num_heads, head_dim]: each sequence's new tokens in a run
  *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_tables      [num_seqs, max_blocks] int64
- *   seq_lens          [num_seqs] int64 (context length, this step's token included)
+ *   query_start       [num_seqs + 1] int64 (where each sequence's tokens start in query)
+ *   seq_lens          [num_seqs] int64 (context length, this step's tokens included)
  *
- * One work item is a sequence: its heads walk the context one block at a time with an online
- * softmax, each block's K/V read front to back while it is in cache. Sequences are shared out
- * by OpenMP. The library links libgomp.so.1 by name and is loaded after torch, so it runs on
- * torch's own OpenMP threads: no second pool competing for the cores.
+ * A work item (work_items) is a tile of a prompt's rows for one kv head, or a decode row's
+ * sequence; it walks the context a span of blocks at a time with an online softmax, each
+ * span's K/V read while it is in cache. Items are shared out by OpenMP. The library links
+ * libgomp.so.1 by name and is loaded after torch, so it runs on torch's own OpenMP threads:
+ * no second pool competing for the cores.
  *
  * Written with GCC vector extensions, 8 floats wide (one AVX2 register), so head_dim must be
- * a multiple of 8. Scores of four tokens are accumulated side by side (four independent FMA
+ * a multiple of 8. Scores of eight tokens are accumulated side by side (eight independent FMA
  * chains), and exp runs on 8 scores at a time. Built by executor_svc/cpu_kernels.py with
  * -O3 -march=native -fopenmp.
  */
@@ -91,45 +94,50 @@ static inline v8 exp8(v8 x) {
 
 typedef struct {
     const float *query, *k_cache, *v_cache;
-    const int64_t *block_tables, *seq_lens;
+    const int64_t *block_tables, *query_start, *seq_lens;
     float *out;
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
 } Work;
 
-/* The query heads of sequence `seq` that read kv heads g0 ... g1 - 1 (each kv head serves
- * `group` query heads). The context is taken a few blocks at a time (up to SPAN slots): for
- * each kv head in turn, each of its query heads scores the span, takes one online-softmax
- * step over it, and adds its values; the span's K/V rows come from memory for the first
- * query head and from L1/L2 for the others, and the next span's rows are fetched meanwhile
- * (block tables scatter blocks, so the hardware prefetcher cannot guess them). `vecs`
- * (head_dim / 8) is a constant where attend_any dispatches on it, so that a head's output
- * (vecs vectors) is summed in registers. */
-#define SPAN 64
+/* Query rows q0 ... q0 + rows - 1 of sequence `seq` (of its query_len new tokens), their
+ * query heads that read kv heads g0 ... g1 - 1 (each kv head serves `group` query heads). Row
+ * i sits at position seq_len - query_len + q0 + i and attends to the context up to and
+ * including itself. The context is taken a few blocks at a time (up to SPAN slots): for each
+ * kv head in turn, each row's query heads score the span, take one online-softmax step over
+ * it, and add its values; the span's K/V rows come from memory for the first of them and
+ * from L1/L2 for the others, and the next span's rows are fetched meanwhile (block tables
+ * scatter blocks, so the hardware prefetcher cannot guess them). `vecs` (head_dim / 8) is a
+ * constant where attend_any dispatches on it, so that a head's output (vecs vectors) is
+ * summed in registers. */
+#define SPAN 32
 
-static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t g0,
-                                                         int64_t g1, const int64_t vecs) {
+static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
+                                                         int64_t rows, int64_t g0, int64_t g1,
+                                                         const int64_t vecs) {
     const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
-    const int64_t group = w->num_heads / kvh, len = w->seq_lens[seq];
-    const int64_t heads = (g1 - g0) * group, h0 = g0 * group;
+    const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
+    const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
+    const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
+    const int64_t len = first_pos + rows; /* the last row's context */
     const int64_t row = kvh * hd; /* floats between consecutive slots of a block */
     const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
-    v8 q[MAX_HEADS][MAX_VECS], acc[MAX_HEADS][MAX_VECS];
-    float max[MAX_HEADS], sum[MAX_HEADS];
+    v8 q[rows * heads][vecs], acc[rows * heads][vecs]; /* [row * heads + head] */
+    float max[rows * heads], sum[rows * heads];
     float scores[MAX_BLOCK + SPAN + 8] __attribute__((aligned(32)));
-    const float *qs = w->query + (seq * w->num_heads + h0) * hd;
-    for (int64_t h = 0; h < heads; h++) {
-        for (int64_t c = 0; c < vecs; c++) {
-            q[h][c] = *(const v8u *)(qs + h * hd + c * 8) * splat(w->scale);
-            acc[h][c] = splat(0.0f);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qs = w->query + ((first_token + r) * w->num_heads + h0 + h) * hd;
+            for (int64_t c = 0; c < vecs; c++) {
+                q[r * heads + h][c] = *(const v8u *)(qs + c * 8) * splat(w->scale);
+                acc[r * heads + h][c] = splat(0.0f);
+            }
+            max[r * heads + h] = -INFINITY;
+            sum[r * heads + h] = 0.0f;
         }
-        max[h] = -INFINITY;
-        sum[h] = 0.0f;
-    }
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
-        const int64_t end = len < (first + span_blocks) * bs ? len : (first + span_blocks) * bs;
-        const int64_t m = end - first * bs, padded = (m + 7) & ~7; /* slots in this span */
+        const int64_t span_end = len < (first + span_blocks) * bs ? len : (first + span_blocks) * bs;
         for (int64_t b = first + span_blocks; b < first + 2 * span_blocks && b * bs < len; b++) {
             const int64_t n = len - b * bs < bs ? len - b * bs : bs;
             const float *k = w->k_cache + (table[b] * bs * kvh + g0) * hd;
@@ -140,100 +148,162 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
                     __builtin_prefetch(v + j * row + f);
                 }
         }
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t g = g0 + h / group;
-            for (int64_t b = first; b * bs < end; b++) {
-                const float *k = w->k_cache + (table[b] * bs * kvh + g) * hd;
-                const int64_t n = end - b * bs < bs ? end - b * bs : bs;
-                float *s = scores + (b - first) * bs;
-                int64_t j = 0;
-                for (; j + 8 <= bs && j < n; j += 8) { /* slots past n are scored, then masked */
-                    v8 a[8];
-                    for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
-                    for (int64_t c = 0; c < vecs; c++) {
-                        const v8 qc = q[h][c];
-                        for (int t = 0; t < 8; t++)
-                            a[t] += qc * *(const v8u *)(k + (j + t) * row + c * 8);
+        for (int64_t r = 0; r < rows; r++) {
+            /* Row r sees slots up to its own position: the span's first m of them. */
+            const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
+            if (end <= first * bs) continue;
+            const int64_t m = end - first * bs, padded = (m + 7) & ~7;
+            for (int64_t h = 0; h < heads; h++) {
+                const int64_t g = g0 + h / group, i = r * heads + h;
+                for (int64_t b = first; b * bs < end; b++) {
+                    const float *k = w->k_cache + (table[b] * bs * kvh + g) * hd;
+                    const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                    float *s = scores + (b - first) * bs;
+                    int64_t j = 0;
+                    for (; j + 8 <= bs && j < n; j += 8) { /* slots past n: scored, then masked */
+                        v8 a[8];
+                        for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
+                        for (int64_t c = 0; c < vecs; c++) {
+                            const v8 qc = q[i][c];
+                            for (int t = 0; t < 8; t++)
+                                a[t] += qc * *(const v8u *)(k + (j + t) * row + c * 8);
+                        }
+                        *(v8u *)(s + j) = hsum8(a);
                     }
-                    *(v8u *)(s + j) = hsum8(a);
+                    for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
+                        v8 a = splat(0.0f);
+                        for (int64_t c = 0; c < vecs; c++)
+                            a += q[i][c] * *(const v8u *)(k + j * row + c * 8);
+                        s[j] = hsum(a);
+                    }
                 }
-                for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
-                    v8 a = splat(0.0f);
-                    for (int64_t c = 0; c < vecs; c++)
-                        a += q[h][c] * *(const v8u *)(k + j * row + c * 8);
-                    s[j] = hsum(a);
+                for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
+                v8 top = splat(-INFINITY);
+                for (int64_t j = 0; j < padded; j += 8) {
+                    const v8 sj = *(const v8 *)(scores + j);
+                    const i8 above = sj > top;
+                    top = (v8)(((i8)sj & above) | ((i8)top & ~above));
                 }
-            }
-            for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
-            v8 top = splat(-INFINITY);
-            for (int64_t j = 0; j < padded; j += 8) {
-                const v8 sj = *(const v8 *)(scores + j);
-                const i8 above = sj > top;
-                top = (v8)(((i8)sj & above) | ((i8)top & ~above));
-            }
-            float span_max = top[0];
-            for (int i = 1; i < 8; i++) span_max = top[i] > span_max ? top[i] : span_max;
-            const float new_max = span_max > max[h] ? span_max : max[h];
-            const float correction = expf(max[h] - new_max); /* 0 on the first span */
-            v8 sums = splat(0.0f);
-            for (int64_t j = 0; j < padded; j += 8) {
-                const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 where masked */
-                sums += p;
-                *(v8 *)(scores + j) = p;
-            }
-            sum[h] = sum[h] * correction + hsum(sums);
-            max[h] = new_max;
-            v8 o[MAX_VECS];
-            for (int64_t c = 0; c < vecs; c++) o[c] = acc[h][c] * splat(correction);
-            for (int64_t b = first; b * bs < end; b++) {
-                const float *v = w->v_cache + (table[b] * bs * kvh + g) * hd;
-                const int64_t n = end - b * bs < bs ? end - b * bs : bs;
-                const float *p = scores + (b - first) * bs;
-                for (int64_t j = 0; j < n; j++) {
-                    const v8 pj = splat(p[j]);
-                    for (int64_t c = 0; c < vecs; c++)
-                        o[c] += pj * *(const v8u *)(v + j * row + c * 8);
+                float span_max = top[0];
+                for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
+                const float new_max = span_max > max[i] ? span_max : max[i];
+                const float correction = expf(max[i] - new_max); /* 0 on the first span */
+                v8 sums = splat(0.0f);
+                for (int64_t j = 0; j < padded; j += 8) {
+                    const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 if masked */
+                    sums += p;
+                    *(v8 *)(scores + j) = p;
                 }
+                sum[i] = sum[i] * correction + hsum(sums);
+                max[i] = new_max;
+                v8 o[MAX_VECS];
+                for (int64_t c = 0; c < vecs; c++) o[c] = acc[i][c] * splat(correction);
+                for (int64_t b = first; b * bs < end; b++) {
+                    const float *v = w->v_cache + (table[b] * bs * kvh + g) * hd;
+                    const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                    const float *p = scores + (b - first) * bs;
+                    for (int64_t j = 0; j < n; j++) {
+                        const v8 pj = splat(p[j]);
+                        for (int64_t c = 0; c < vecs; c++)
+                            o[c] += pj * *(const v8u *)(v + j * row + c * 8);
+                    }
+                }
+                for (int64_t c = 0; c < vecs; c++) acc[i][c] = o[c];
             }
-            for (int64_t c = 0; c < vecs; c++) acc[h][c] = o[c];
         }
     }
-    float *out = w->out + (seq * w->num_heads + h0) * hd;
-    for (int64_t h = 0; h < heads; h++) {
-        const v8 inv = splat(1.0f / sum[h]);
-        for (int64_t c = 0; c < vecs; c++) *(v8u *)(out + h * hd + c * 8) = acc[h][c] * inv;
-    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *out = w->out + ((first_token + r) * w->num_heads + h0 + h) * hd;
+            const v8 inv = splat(1.0f / sum[r * heads + h]);
+            for (int64_t c = 0; c < vecs; c++)
+                *(v8u *)(out + c * 8) = acc[r * heads + h][c] * inv;
+        }
 }
 
 /* attend with head_dim a constant for the common sizes, and a variable for others. */
-static void attend_any(const Work *w, int64_t seq, int64_t g0, int64_t g1) {
+static void attend_any(const Work *w, const int64_t item[5]) {
+    const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
     switch (w->head_dim) {
-    case 64: attend(w, seq, g0, g1, 8); break;
-    case 128: attend(w, seq, g0, g1, 16); break;
-    case 32: attend(w, seq, g0, g1, 4); break;
-    case 16: attend(w, seq, g0, g1, 2); break;
-    default: attend(w, seq, g0, g1, w->head_dim / 8);
+    case 64: attend(w, seq, q0, rows, g0, g1, 8); break;
+    case 128: attend(w, seq, q0, rows, g0, g1, 16); break;
+    case 32: attend(w, seq, q0, rows, g0, g1, 4); break;
+    case 16: attend(w, seq, q0, rows, g0, g1, 2); break;
+    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8);
     }
 }
 
-/* Returns 0, or -1 for shapes it does not serve (the caller checks them first). */
-int paged_decode_f32(const float *query, const float *k_cache, const float *v_cache,
-                     const int64_t *block_tables, const int64_t *seq_lens, float *out,
-                     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                     int64_t block_size, int64_t max_blocks, float scale, int64_t num_threads) {
+/* Rows of one prompt per work item: they share each span's K/V in L1. Fewer where their
+ * queries and sums (2 x rows x group x head_dim floats, on the stack) would pass 128 KiB. */
+#define QUERY_TILE 16
+#define TILE_FLOATS 16384
+
+/* The work items (seq, q0, rows, g0, g1) of a step, into `items` (or only counted, when it is
+ * NULL); returns how many. Prompts come first, their later (longer) tiles first, so that the
+ * dynamic schedule ends on small items. A prompt's tile takes one kv head at a time; a decode
+ * row takes its whole sequence, whose blocks' K/V rows are then read whole, unless there are
+ * too few of them to keep every thread busy: then one kv head too. */
+static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t num_kv_heads,
+                          int64_t group_floats, int64_t num_threads, int64_t (*items)[5]) {
+    const int64_t fit = TILE_FLOATS / group_floats, tile = fit < 1 ? 1 : fit < QUERY_TILE ? fit
+                                                                                    : QUERY_TILE;
+    int64_t count = 0, decodes = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t query_len = query_start[s + 1] - query_start[s];
+        if (query_len == 1) {
+            decodes++;
+            continue;
+        }
+        for (int64_t q0 = (query_len - 1) / tile * tile; q0 >= 0; q0 -= tile)
+            for (int64_t g = 0; g < num_kv_heads; g++, count++)
+                if (items) {
+                    const int64_t rows = query_len - q0 < tile ? query_len - q0 : tile;
+                    const int64_t item[5] = {s, q0, rows, g, g + 1};
+                    memcpy(items[count], item, sizeof item);
+                }
+    }
+    const int64_t split = decodes < 4 * num_threads ? num_kv_heads : 1;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        if (query_start[s + 1] - query_start[s] != 1) continue;
+        for (int64_t g = 0; g < split; g++, count++)
+            if (items) {
+                const int64_t item[5] = {s, 0, 1, split == 1 ? 0 : g,
+                                         split == 1 ? num_kv_heads : g + 1};
+                memcpy(items[count], item, sizeof item);
+            }
+    }
+    return count;
+}
+
+/* Attention of every new token of a step over its sequence's context in the paged cache,
+ * causal within the step's own tokens, whose K/V must be in the cache already. Sequence s
+ * has tokens query_start[s] ... query_start[s + 1] - 1 of query and out and a context of
+ * seq_lens[s] tokens, this step's included. Returns 0; -1 for shapes it does not serve (the
+ * caller checks them first) or a query longer than its context; -2 when out of memory. */
+int paged_attention_f32(const float *query, const float *k_cache, const float *v_cache,
+                        const int64_t *block_tables, const int64_t *query_start,
+                        const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                        int64_t max_blocks, float scale, int64_t num_threads) {
     if (num_kv_heads < 1 || num_heads % num_kv_heads || num_heads > MAX_HEADS ||
         head_dim % 8 || head_dim / 8 > MAX_VECS || block_size > MAX_BLOCK || num_threads < 1)
         return -1;
-    const Work w = {query, k_cache, v_cache, block_tables, seq_lens, out, num_heads,
-                    num_kv_heads, head_dim, block_size, max_blocks, scale};
-    /* A work item is a sequence, all of whose blocks' K/V rows are then read whole; or, when
-     * there are too few sequences to keep every thread busy, one kv head of a sequence. */
-    const int64_t split = num_seqs < 4 * num_threads ? num_kv_heads : 1;
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-    for (int64_t item = 0; item < num_seqs * split; item++) {
-        const int64_t g0 = split == 1 ? 0 : item % split, g1 = split == 1 ? num_kv_heads : g0 + 1;
-        attend_any(&w, item / split, g0, g1);
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t query_len = query_start[s + 1] - query_start[s];
+        if (query_len < 1 || query_len > seq_lens[s] || seq_lens[s] > max_blocks * block_size)
+            return -1;
     }
+    const int64_t group_floats = num_heads / num_kv_heads * head_dim;
+    const int64_t count =
+        work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, NULL);
+    int64_t(*items)[5] = malloc((size_t)(count ? count : 1) * sizeof *items);
+    if (!items) return -2;
+    work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, items);
+    const Work w = {query, k_cache, v_cache, block_tables, query_start, seq_lens, out,
+                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale};
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+    for (int64_t i = 0; i < count; i++) attend_any(&w, items[i]);
+    free(items);
     return 0;
 }
 

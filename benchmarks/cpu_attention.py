@@ -1,0 +1,113 @@
+"""Attention on the CPU: our paged kernel (``cpu_kernels.paged_attention``) against the torch
+path it replaces, in SmolLM2's shape (9 query heads over 3 kv heads of 64, blocks of 16).
+
+    python -m benchmarks.cpu_attention
+
+- **decode**: 64 sequences of 300-700 tokens, one new token each, their blocks scattered over
+  the pool; every call reads another layer's cache (30 of them, ~1.5 GB), so that, as in a
+  real step, the context comes from memory. torch path: the gathered batched matmuls.
+- **prompt**: one prompt of 128 and one of 500 tokens with nothing cached, causal. torch path:
+  its fused attention (``scaled_dot_product_attention``), as the executor called it per prompt.
+
+Each side runs ``--rounds`` times in turn; medians are printed with their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from executor_svc import attention, cpu_kernels
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
+SCALE = HEAD_DIM ** -0.5
+
+
+def _pool(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_blocks + 1, BLOCK, KV_HEADS, HEAD_DIM)  # + the null block
+    k_cache, v_cache = torch.randn(shape), torch.randn(shape)
+    k_cache[-1], v_cache[-1] = 0, 0
+    return k_cache, v_cache
+
+
+def _timed(runs: dict, rounds: int) -> dict[str, float]:
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def decode_case(rounds: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    lens = torch.randint(300, 700, (64,)).tolist()
+    blocks = [-(-n // BLOCK) for n in lens]
+    ids = torch.randperm(sum(blocks)).tolist()
+    tables = [ids[sum(blocks[:i]):sum(blocks[:i + 1])] for i in range(len(lens))]
+    caches = [_pool(sum(blocks)) for _ in range(LAYERS)]
+    meta = attention.AttentionMetadata.build(tables, [n - 1 for n in lens], [1] * len(lens),
+                                             BLOCK, "cpu", null_block=sum(blocks))
+    query = torch.randn(len(lens), HEADS, HEAD_DIM)
+
+    def ours():
+        for k_cache, v_cache in caches:
+            cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
+                                        meta.query_start_loc, meta.seq_lens, SCALE)
+
+    def torch_path():
+        for k_cache, v_cache in caches:
+            attention._decode(query, k_cache, v_cache, meta, SCALE)
+
+    k_cache, v_cache = caches[0]
+    torch.testing.assert_close(
+        cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
+                                    meta.query_start_loc, meta.seq_lens, SCALE),
+        attention._decode(query, k_cache, v_cache, meta, SCALE), rtol=1e-4, atol=1e-4)
+    return {name: t / LAYERS for name, t in _timed({"ours": ours, "torch": torch_path},
+                                                   rounds).items()}
+
+
+def prompt_case(length: int, rounds: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    blocks = -(-length // BLOCK)
+    k_cache, v_cache = _pool(blocks)
+    table = torch.randperm(blocks).tolist()
+    meta = attention.AttentionMetadata.build([table], [0], [length], BLOCK, "cpu")
+    query = torch.randn(length, HEADS, HEAD_DIM)
+    keys = k_cache[table].flatten(0, 1)[:length]
+    values = v_cache[table].flatten(0, 1)[:length]
+
+    def ours():
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
+                                           meta.query_start_loc, meta.seq_lens, SCALE)
+
+    def torch_path():
+        return attention._prefill(query, keys, values, None, SCALE, HEADS // KV_HEADS)
+
+    torch.testing.assert_close(ours(), torch_path(), rtol=1e-4, atol=1e-4)
+    return _timed({"ours": lambda: [ours() for _ in range(10)],
+                   "torch": lambda: [torch_path() for _ in range(10)]}, rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    if cpu_kernels.load() is None:
+        raise SystemExit("the CPU kernels did not build here")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    cases = {"decode 64 x 300-700 tokens, per layer": decode_case(args.rounds)}
+    for length in (128, 500):
+        cases[f"prompt of {length}, per call"] = {
+            name: t / 10 for name, t in prompt_case(length, args.rounds).items()}
+    for case, times in cases.items():
+        print(f"{case:38s} ours {times['ours'] * 1e3:7.3f} ms  torch {times['torch'] * 1e3:7.3f} "
+              f"ms  {times['torch'] / times['ours']:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
