@@ -4,19 +4,23 @@ steps.
 
     python -m benchmarks.steps --workload fixed
     python -m benchmarks.steps --workload mixed --profile-from 120
+    python -m benchmarks.steps --workload mixed --breakdown
     python -m benchmarks.steps --device cuda --dtype bfloat16 --attention-backend triton \
         --model CONFIG_DIR --random-weights
 
 Prints the median prefill-carrying and pure-decode step times, the total, the generated tokens
 per second, and (with ``--profile-from N``) the torch operators of 10 decode steps from step N
-on. Compiled code that torch does not see (the C decode kernel) shows in the step times, not in
-the operator table. ``--random-weights`` builds a checkpoint of the same shape from the model
-directory's config.json (and its tokenizer): step times do not depend on the weights' values,
+on. Compiled code that torch does not see (the C kernels) shows in the step times, not in
+the operator table; ``--breakdown`` puts timers around each kernel call and each linear layer
+instead (by weight shape), and prints where prefill-carrying and pure-decode steps go.
+``--random-weights`` builds a checkpoint of the same shape from the model directory's
+config.json (and its tokenizer): step times do not depend on the weights' values,
 and the workloads ignore EOS, so a machine without the checkpoint measures the same work.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import shutil
 import statistics
 import tempfile
@@ -29,8 +33,10 @@ from benchmarks.workload import WORKLOADS, make_requests
 from common import protocol as p
 from common.config import default_model_dir
 from common.sampling import SamplingParams
+from executor_svc import cpu_kernels
 from executor_svc.cache_engine import CacheEngine
-from executor_svc.cpu import bound_primitive_cache, release_free_memory, tune_allocator
+from executor_svc.cpu import (PackedLinear, bound_primitive_cache, release_free_memory,
+                              tune_allocator)
 from executor_svc.model import load_model
 from executor_svc.model_runner import ModelRunner
 from scheduler_svc.block_manager import BlockManager
@@ -57,9 +63,67 @@ def random_checkpoint(model_dir: Path, out: Path, **overrides) -> Path:
     return out
 
 
+class Breakdown:
+    """Wall time of each CPU kernel call and each packed linear layer (by weight shape), per
+    kind of step, while installed: timers wrapped around them."""
+
+    KERNELS = ("paged_attention", "rope_write_kv", "add_rms_norm", "silu_mul", "greedy")
+
+    def __init__(self):
+        self.kind = "decode"
+        self.seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
+        self._saved: list[tuple[object, str, object]] = []
+
+    def install(self) -> None:
+        for name in self.KERNELS:
+            self._wrap(cpu_kernels, name, name)
+        forward = PackedLinear.forward
+
+        def timed_forward(layer, x):
+            start = time.perf_counter()
+            out = forward(layer, x)
+            key = (self.kind, f"linear {layer.out_features}x{layer.in_features}")
+            self.seconds[key] += time.perf_counter() - start
+            return out
+
+        self._saved.append((PackedLinear, "forward", forward))
+        PackedLinear.forward = timed_forward
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.seconds[(self.kind, label)] += time.perf_counter() - start
+            return out
+
+        self._saved.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def table(self, step_seconds: dict[str, list[float]]) -> str:
+        lines = []
+        for kind, times in step_seconds.items():
+            total = sum(times)
+            if not times:
+                continue
+            lines.append(f"{kind}: {len(times)} steps, {total:.2f} s")
+            parts = sorted(((s, part) for (k, part), s in self.seconds.items() if k == kind),
+                           reverse=True)
+            for seconds, part in parts + [(total - sum(s for s, _ in parts), "(the rest)")]:
+                lines.append(f"  {part:24s} {seconds:7.2f} s {100 * seconds / total:5.1f}% "
+                             f"{1e3 * seconds / len(times):8.2f} ms/step")
+        return "\n".join(lines)
+
+
 def run(workload: str, profile_from: int | None = None, *, model_dir: Path | None = None,
         device: str = "cpu", dtype: torch.dtype = torch.float32,
-        attention_backend: str = "torch", eager: bool = False) -> dict:
+        attention_backend: str = "torch", eager: bool = False, breakdown: bool = False) -> dict:
     """Serve ``workload`` as the services would (the executor's defaults on CPU) and time its
     steps."""
     if device == "cpu":  # as the executor sets up
@@ -81,6 +145,9 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
             temperature=0.0, ignore_eos=True, max_tokens=r.output_len), r.prompt_token_ids,
             stream=False))
     generated = sum(r.output_len for r in make_requests(workload))
+    timers = Breakdown() if breakdown else None
+    if timers:
+        timers.install()
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
     profiler, table = None, None
     start = time.perf_counter()
@@ -92,6 +159,8 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
             profiler = torch.profiler.profile()
             profiler.__enter__()
             profiled = 0
+        if timers:
+            timers.kind = kind
         step_start = time.perf_counter()
         result = runner.execute(p.decode(p.encode(plan)))
         times[kind].append(time.perf_counter() - step_start)
@@ -104,13 +173,15 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
                                                       row_limit=20)
                 profiler = None
     wall = time.perf_counter() - start
+    if timers:
+        timers.uninstall()
     return {"workload": workload, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "attention_backend": attention_backend, "decode_graphs": graphs, "wall_s": wall,
             "generated_tok_s": generated / wall,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
             **{f"{kind}_ms_p50": statistics.median(ts) * 1e3 for kind, ts in times.items()
                if ts},
-            "profile": table}
+            "profile": table, "breakdown": timers.table(times) if timers else None}
 
 
 def main() -> None:
@@ -118,6 +189,8 @@ def main() -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="fixed")
     parser.add_argument("--profile-from", type=int, default=None,
                         help="Profile 10 decode steps from this decode step on.")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="Time each CPU kernel call and linear layer (CPU only).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
@@ -129,17 +202,19 @@ def main() -> None:
                         help="Random weights in the shape of --model's config.json.")
     args = parser.parse_args()
     options = dict(device=args.device, dtype=getattr(torch, args.dtype),
-                   attention_backend=args.attention_backend, eager=args.enforce_eager)
+                   attention_backend=args.attention_backend, eager=args.enforce_eager,
+                   breakdown=args.breakdown)
     if args.random_weights:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = random_checkpoint(args.model or default_model_dir(), Path(tmp))
             result = run(args.workload, args.profile_from, model_dir=model_dir, **options)
     else:
         result = run(args.workload, args.profile_from, model_dir=args.model, **options)
-    if result["profile"]:
-        print(result["profile"])
+    for key in ("profile", "breakdown"):
+        if result[key]:
+            print(result[key])
     for key, value in result.items():
-        if key != "profile":
+        if key not in ("profile", "breakdown"):
             print(f"{key}: {value:.1f}" if isinstance(value, float) else f"{key}: {value}")
 
 
