@@ -32,15 +32,21 @@ _MADV_HUGEPAGE = 14  # from the kernel's mman-common.h
 _HUGE_PAGE = 2 << 20
 
 
+def _libc_function(name: str):
+    """The C library's function ``name``, or None where there is no such function (no
+    glibc)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def tune_allocator() -> bool:
     """Serve allocations up to 32 MiB from the heap and keep up to 1 GiB of freed memory
     there, so that steps reuse memory instead of mapping and faulting it in again. False
     where the C library is not glibc (nothing changes then)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
@@ -59,10 +65,9 @@ def release_free_memory() -> None:
     """Hand the heap's free memory back to the system (glibc ``malloc_trim``): after loading,
     the dense copies of packed weights would otherwise stay resident under the raised trim
     threshold. A no-op elsewhere."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def map_kv_pool(tensor: Tensor, populate: bool) -> bool:
@@ -76,13 +81,10 @@ def map_kv_pool(tensor: Tensor, populate: bool) -> bool:
     start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
     advised = False
-    if end > start:
-        try:
-            madvise = ctypes.CDLL(ctypes.util.find_library("c")).madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            advised = madvise(start, end - start, _MADV_HUGEPAGE) == 0
-        except (OSError, AttributeError, TypeError):
-            pass
+    madvise = _libc_function("madvise")
+    if end > start and madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        advised = madvise(start, end - start, _MADV_HUGEPAGE) == 0
     if populate:
         tensor.zero_()
     return advised
