@@ -155,3 +155,24 @@ def test_linear_rejects_an_input_that_does_not_fit_its_weight():
 def test_linear_of_no_tokens():
     packed = cpu_kernels.pack_weight(randn(16, 8))
     assert cpu_kernels.linear(torch.empty(0, 8), packed, None, 16).shape == (0, 16)
+
+
+def test_paged_attention_rejects_a_batch_it_cannot_read():
+    k_cache = randn(4, 16, 2, 8)
+    v_cache = randn(4, 16, 2, 8, seed=1)
+    query = randn(5, 4, 8)
+    tables = torch.tensor([[0, 1], [2, 3]])
+
+    def attend(starts, lens, tables=tables, query=query):
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, tables,
+                                           torch.tensor(starts), torch.tensor(lens), 0.5)
+
+    assert attend([0, 4, 5], [20, 1]).shape == (5, 4, 8)  # a prompt chunk and a decode row
+    with pytest.raises(ValueError, match="not at the 5 query rows"):
+        attend([0, 4, 6], [20, 2])
+    with pytest.raises(ValueError, match="do not describe one batch"):
+        attend([0, 4, 5], [20, 1], tables=tables[:1])
+    with pytest.raises(ValueError, match="longer than its context"):
+        attend([0, 4, 5], [3, 1])  # four new tokens in a context of three
+    with pytest.raises(ValueError, match="longer than its context or table"):
+        attend([0, 4, 5], [33, 1])  # past its two blocks of 16
