@@ -137,7 +137,8 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
             sum[r * heads + h] = 0.0f;
         }
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
-        const int64_t span_end = len < (first + span_blocks) * bs ? len : (first + span_blocks) * bs;
+        const int64_t span_stop = (first + span_blocks) * bs;
+        const int64_t span_end = len < span_stop ? len : span_stop;
         for (int64_t b = first + span_blocks; b < first + 2 * span_blocks && b * bs < len; b++) {
             const int64_t n = len - b * bs < bs ? len - b * bs : bs;
             const float *k = w->k_cache + (table[b] * bs * kvh + g0) * hd;
@@ -243,10 +244,17 @@ static void attend_any(const Work *w, const int64_t item[5]) {
  * dynamic schedule ends on small items. A prompt's tile takes one kv head at a time; a decode
  * row takes its whole sequence, whose blocks' K/V rows are then read whole, unless there are
  * too few of them to keep every thread busy: then one kv head too. */
+static void put_item(int64_t (*items)[5], int64_t at, int64_t seq, int64_t q0, int64_t rows,
+                     int64_t g0, int64_t g1) {
+    if (!items) return; /* only counting */
+    items[at][0] = seq, items[at][1] = q0, items[at][2] = rows;
+    items[at][3] = g0, items[at][4] = g1;
+}
+
 static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t num_kv_heads,
                           int64_t group_floats, int64_t num_threads, int64_t (*items)[5]) {
-    const int64_t fit = TILE_FLOATS / group_floats, tile = fit < 1 ? 1 : fit < QUERY_TILE ? fit
-                                                                                    : QUERY_TILE;
+    int64_t tile = TILE_FLOATS / group_floats;
+    tile = tile < 1 ? 1 : tile > QUERY_TILE ? QUERY_TILE : tile;
     int64_t count = 0, decodes = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
         const int64_t query_len = query_start[s + 1] - query_start[s];
@@ -254,23 +262,18 @@ static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t 
             decodes++;
             continue;
         }
-        for (int64_t q0 = (query_len - 1) / tile * tile; q0 >= 0; q0 -= tile)
-            for (int64_t g = 0; g < num_kv_heads; g++, count++)
-                if (items) {
-                    const int64_t rows = query_len - q0 < tile ? query_len - q0 : tile;
-                    const int64_t item[5] = {s, q0, rows, g, g + 1};
-                    memcpy(items[count], item, sizeof item);
-                }
+        for (int64_t q0 = (query_len - 1) / tile * tile; q0 >= 0; q0 -= tile) {
+            const int64_t rows = query_len - q0 < tile ? query_len - q0 : tile;
+            for (int64_t g = 0; g < num_kv_heads; g++)
+                put_item(items, count++, s, q0, rows, g, g + 1);
+        }
     }
-    const int64_t split = decodes < 4 * num_threads ? num_kv_heads : 1;
+    const int split = decodes < 4 * num_threads; /* one kv head per item */
     for (int64_t s = 0; s < num_seqs; s++) {
         if (query_start[s + 1] - query_start[s] != 1) continue;
-        for (int64_t g = 0; g < split; g++, count++)
-            if (items) {
-                const int64_t item[5] = {s, 0, 1, split == 1 ? 0 : g,
-                                         split == 1 ? num_kv_heads : g + 1};
-                memcpy(items[count], item, sizeof item);
-            }
+        if (!split) put_item(items, count++, s, 0, 1, 0, num_kv_heads);
+        for (int64_t g = 0; split && g < num_kv_heads; g++)
+            put_item(items, count++, s, 0, 1, g, g + 1);
     }
     return count;
 }
