@@ -175,6 +175,11 @@ def compare(systems: str, workloads: str, repeats: int, sweep: str, vllm_python:
         raise click.UsageError(str(exc)) from None
     click.echo(cmp.format_table(run["sets"], run["results"]))
     plot = out / "compare.png"
-    click.echo(f"plot: {plot}" if cmp.save_plot(run["sets"], run["results"], plot) else
-               "plot skipped: matplotlib is not installed (pip install 'pagedserve[bench]')",
-               err=True)
+    if run["results"]:
+        click.echo(f"plot: {plot}" if cmp.save_plot(run["sets"], run["results"], plot) else
+                   "plot skipped: matplotlib is not installed (pip install 'pagedserve[bench]')",
+                   err=True)
+    for reason in run["failed"].values():
+        click.echo(f"no results: {reason}", err=True)
+    if run["failed"]:
+        raise SystemExit(1)

