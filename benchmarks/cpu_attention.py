@@ -55,8 +55,7 @@ def decode_case(rounds: int) -> dict[str, float]:
 
     def ours():
         for k_cache, v_cache in caches:
-            cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
-                                        meta.query_start_loc, meta.seq_lens, SCALE)
+            cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE)
 
     def torch_path():
         for k_cache, v_cache in caches:
@@ -64,8 +63,7 @@ def decode_case(rounds: int) -> dict[str, float]:
 
     k_cache, v_cache = caches[0]
     torch.testing.assert_close(
-        cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
-                                    meta.query_start_loc, meta.seq_lens, SCALE),
+        cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE),
         attention._decode(query, k_cache, v_cache, meta, SCALE), rtol=1e-4, atol=1e-4)
     return {name: t / LAYERS for name, t in _timed({"ours": ours, "torch": torch_path},
                                                    rounds).items()}
@@ -82,8 +80,7 @@ def prompt_case(length: int, rounds: int) -> dict[str, float]:
     values = v_cache[table].flatten(0, 1)[:length]
 
     def ours():
-        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
-                                           meta.query_start_loc, meta.seq_lens, SCALE)
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE)
 
     def torch_path():
         return attention._prefill(query, keys, values, None, SCALE, HEADS // KV_HEADS)

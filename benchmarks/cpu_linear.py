@@ -1,4 +1,4 @@
-"""The decoder's GEMMs on the CPU: our packed kernel (``cpu_kernels.linear``, with float32 and
+"""The decoder's GEMMs on the CPU: our packed kernel (``cpu_kernels.PackedWeight``, with float32 and
 with bfloat16 weight panels) against oneDNN's prepacked GEMM and ``F.linear``.
 
     python -m benchmarks.cpu_linear --tokens 32 1 64 512
@@ -32,11 +32,7 @@ def backends(weights: list[torch.Tensor]) -> dict[str, list]:
     out["oneDNN packed"] = [PackedLinear(w, None, batch_hint=32, onednn=True) for w in weights]
     if cpu_kernels.load() is not None:
         for name, allow_bf16 in (("ours f32 panels", False), ("ours bf16 panels", True)):
-            packs = []
-            for w in weights:
-                packed = cpu_kernels.pack_weight(w, allow_bf16)
-                packs.append(lambda x, p=packed, n=w.shape[0]: cpu_kernels.linear(x, p, None, n))
-            out[name] = packs
+            out[name] = [cpu_kernels.PackedWeight(w, None, allow_bf16) for w in weights]
     return out
 
 

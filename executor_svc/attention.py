@@ -11,6 +11,7 @@ torch's fused attention) and ``triton`` (the paged kernels of ``kernels``; the p
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -123,6 +124,12 @@ class AttentionMetadata:
                    **{name: t.to(device) for name, t in decode_meta.items()},
                    prefills=prefills)
 
+    @functools.cached_property
+    def kernel_batch(self) -> cpu_kernels.AttentionBatch:
+        """The step's sequences as the CPU attention kernel reads them, for every layer."""
+        return cpu_kernels.attention_batch(self.block_tables, self.query_start_loc,
+                                           self.seq_lens)
+
     @property
     def last_token_indices(self) -> Tensor:
         """[S] index of each sequence's last new token in the batch: the one to sample from."""
@@ -148,8 +155,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
     head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. On the CPU in float32 the
     whole step is one call of the compiled kernel."""
     if cpu_kernels.serves(query, k_cache):
-        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.block_tables,
-                                           meta.query_start_loc, meta.seq_lens, scale)
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, scale)
     if not meta.prefills and meta.decode_tokens.numel() == query.shape[0]:
         return _decode(query, k_cache, v_cache, meta, scale)  # every row decodes, in order
     out = torch.empty_like(query)

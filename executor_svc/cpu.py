@@ -92,7 +92,7 @@ def map_kv_pool(tensor: Tensor, populate: bool) -> bool:
 
 class PackedLinear(nn.Module):
     """``F.linear(x, weight, bias)`` with the weight packed once for a faster GEMM: our own
-    kernel's panels (``cpu_kernels.linear``) for a float32 weight where the kernels build,
+    kernel's panels (``cpu_kernels.PackedWeight``) for a float32 weight where the kernels build,
     else (or with ``onednn``) oneDNN's packed layout.
 
     Holds only the packed weight: the dense one is not kept (a tied embedding keeps its own).
@@ -105,17 +105,17 @@ class PackedLinear(nn.Module):
         self.onednn = onednn or not cpu_kernels.fuses(weight)
         if self.onednn:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+            self.bias = None if bias is None else bias.detach().contiguous()
         else:
-            self.packed = cpu_kernels.pack_weight(weight.detach())
-        self.bias = None if bias is None else bias.detach().contiguous()
+            self.kernel = cpu_kernels.PackedWeight(weight.detach(), bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.onednn:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         else:
-            out = cpu_kernels.linear(flat.contiguous(), self.packed, self.bias, self.out_features)
-        return out.view(*x.shape[:-1], self.out_features)
+            out = self.kernel(flat.contiguous())
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
 
 def can_pack(dtype: torch.dtype) -> bool:

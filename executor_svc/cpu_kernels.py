@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -63,7 +64,8 @@ def load() -> ctypes.CDLL | None:
                         error=str(detail).strip()[-500:])
             return None
     lib = ctypes.CDLL(str(library))
-    lib.paged_attention_f32.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_float, _I64]
+    lib.paged_attention_f32.argtypes = ([_PTR, _I64] + [_PTR] * 6 + [_I64] * 6
+                                        + [ctypes.c_float, _I64])
     lib.add_rms_norm_f32.argtypes = [_PTR] * 4 + [_I64] * 2 + [ctypes.c_float, _I64]
     lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
                                       + [_I64] * 6)
@@ -101,31 +103,51 @@ def serves(query: Tensor, k_cache: Tensor) -> bool:
     return k_cache.dtype == torch.float32 and fuses(query)
 
 
-def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                    query_start_loc: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
-    """Causal attention of a step's new tokens (``query``: ``[T, H, hd]``, sequence ``s``'s
-    at rows ``query_start_loc[s]`` up to ``query_start_loc[s + 1]``) over the first
-    ``seq_lens[s]`` tokens that ``block_tables[s]`` names, the step's own included: their
-    K/V must be in the cache already. ``[T, H, hd]``."""
-    num_heads, head_dim = query.shape[1:]
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    query = query.contiguous()
+class AttentionBatch(NamedTuple):
+    """A step's sequences as ``paged_attention`` reads them, converted and checked once per
+    step (``attention_batch``) for every layer's call."""
+
+    tables: Tensor  # [S, max_blocks] int64
+    starts: Tensor  # [S + 1] int64: where each sequence's query rows start
+    lens: Tensor  # [S] int64: context lengths, the step's own tokens included
+    rows: int  # query rows the batch describes
+
+
+def attention_batch(block_tables: Tensor, query_start_loc: Tensor,
+                    seq_lens: Tensor) -> AttentionBatch:
+    """The batch of ``paged_attention``: sequence ``s``'s query rows start at
+    ``query_start_loc[s]`` and end at ``query_start_loc[s + 1]``; it attends over the first
+    ``seq_lens[s]`` tokens that ``block_tables[s]`` names."""
     tables = block_tables.to(torch.int64).contiguous()
     starts = query_start_loc.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
     if starts.shape[0] != lens.shape[0] + 1 or tables.shape[0] != lens.shape[0]:
         raise ValueError(f"{tables.shape[0]} block tables, {starts.shape[0]} query starts and "
                          f"{lens.shape[0]} lengths do not describe one batch")
-    if lens.numel() and int(starts[-1]) != query.shape[0]:
-        raise ValueError(f"query starts end at {int(starts[-1])}, not at the {query.shape[0]} "
+    return AttentionBatch(tables, starts, lens, int(starts[-1]))
+
+
+def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch,
+                    scale: float) -> Tensor:
+    """Causal attention of a step's new tokens (``query``: ``[T, H, hd]``; its rows may lie
+    apart, as in a view of the q/k/v projection's output) over their contexts in the paged
+    cache, as ``batch`` describes them; the step's own K/V must be in the cache already.
+    ``[T, H, hd]``, contiguous."""
+    num_heads, head_dim = query.shape[1:]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if query.stride(2) != 1 or query.stride(1) != head_dim:
+        query = query.contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    if batch.rows != query.shape[0]:
+        raise ValueError(f"query starts end at {batch.rows}, not at the {query.shape[0]} "
                          "query rows")
-    out = torch.empty_like(query)
+    out = query.new_empty(query.shape)
     status = load().paged_attention_f32(
-        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-        starts.data_ptr(), lens.data_ptr(), out.data_ptr(), lens.shape[0], num_heads,
-        num_kv_heads, head_dim, block_size, tables.shape[1], scale, torch.get_num_threads())
+        query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        batch.tables.data_ptr(), batch.starts.data_ptr(), batch.lens.data_ptr(),
+        out.data_ptr(), batch.lens.shape[0], num_heads, num_kv_heads, head_dim, block_size,
+        batch.tables.shape[1], scale, torch.get_num_threads())
     if status == -2:
         raise MemoryError("paged_attention: no memory for the work list")
     if status:
@@ -137,7 +159,7 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
 def fuses(x: Tensor) -> bool:
     """Whether the fused layer kernels serve activations ``x``: float32 on the CPU, and built."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and load() is not None
+    return x.dtype == torch.float32 and x.is_cpu and load() is not None
 
 
 def add_rms_norm(x: Tensor | None, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -177,10 +199,9 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
         raise IndexError(f"a slot is past the cache's {k_cache.shape[0] * k_cache.shape[1]}")
     if status:
         raise ValueError(f"rope_write_kv does not serve head_dim {head_dim}")
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
-                         num_kv_heads * head_dim], -1)
-    return (q.view(tokens, num_heads, head_dim), k.view(tokens, num_kv_heads, head_dim),
-            v.view(tokens, num_kv_heads, head_dim))
+    heads = qkv.view(tokens, -1, head_dim)
+    return (heads[:, :num_heads], heads[:, num_heads:num_heads + num_kv_heads],
+            heads[:, num_heads + num_kv_heads:])
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
@@ -226,24 +247,34 @@ def pack_weight(weight: Tensor, allow_bf16: bool = True) -> Tensor:
     return halves.permute(0, 3, 2, 1).reshape(panels, in_features, GEMM_NR)
 
 
-def linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    """``F.linear(x, weight, bias)`` for ``x`` ``[T, in]`` (float32, contiguous) with the
-    weight as ``pack_weight`` packed it: ``[T, out_features]``, float32 sums."""
-    tokens, in_features = x.shape
-    if packed.shape[1] != in_features or packed.shape[0] * GEMM_NR < out_features:
-        raise ValueError(f"a [{tokens}, {in_features}] input does not fit weight panels "
-                         f"{tuple(packed.shape)} of {out_features} outputs")
-    _check_contiguous(x, packed, *([] if bias is None else [bias]))
-    out = x.new_empty(tokens, out_features)
-    status = load().linear_f32(x.data_ptr(), packed.data_ptr(),
-                               int(packed.dtype == torch.bfloat16),
-                               None if bias is None else bias.data_ptr(), out.data_ptr(),
-                               tokens, out_features, in_features, torch.get_num_threads())
-    if status == -2:
-        raise MemoryError(f"linear: no memory for a [{tokens}, {in_features}] input's panels")
-    if status:
-        raise ValueError("linear_f32 rejected its arguments")
-    return out
+class PackedWeight:
+    """A linear layer's float32 weight (``[out, in]``) packed by ``pack_weight``, its bias, and
+    the constant arguments of the GEMM's call, bound once: calling it on ``x`` (``[T, in]``,
+    float32, contiguous) is ``F.linear(x, weight, bias)``, ``[T, out]``, float32 sums."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, allow_bf16: bool = True):
+        self.out_features, self.in_features = weight.shape
+        self.panels = pack_weight(weight, allow_bf16)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._weight = (self.panels.data_ptr(), int(self.panels.dtype == torch.bfloat16),
+                        None if self.bias is None else self.bias.data_ptr())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        tokens, in_features = x.shape
+        if in_features != self.in_features:
+            raise ValueError(f"a [{tokens}, {in_features}] input does not fit weight panels "
+                             f"{tuple(self.panels.shape)} of {self.out_features} outputs")
+        if not x.is_contiguous():
+            raise ValueError("the CPU kernels take contiguous tensors")
+        out = x.new_empty(tokens, self.out_features)
+        status = load().linear_f32(x.data_ptr(), *self._weight, out.data_ptr(), tokens,
+                                   self.out_features, in_features, torch.get_num_threads())
+        if status == -2:
+            raise MemoryError(f"linear: no memory for a [{tokens}, {in_features}] input's "
+                              "panels")
+        if status:
+            raise ValueError("linear_f32 rejected its arguments")
+        return out
 
 
 def _call(name: str, *args) -> None:
@@ -252,5 +283,6 @@ def _call(name: str, *args) -> None:
 
 
 def _check_contiguous(*tensors: Tensor) -> None:
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("the CPU kernels take contiguous tensors")
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError("the CPU kernels take contiguous tensors")

@@ -24,9 +24,11 @@ def slot(table: list[int], position: int, block_size: int) -> int:
     return table[position // block_size] * block_size + position % block_size
 
 
-def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0):
+def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0,
+             query_in_qkv=False):
     """Fill each sequence's cached prefix, write the new tokens with ``write_kv`` and attend.
-    Returns our output and cache, and the reference's."""
+    Returns our output and cache, and the reference's. ``query_in_qkv``: the query is a view
+    of wider rows, as the model's is of the q/k/v projection's output."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in rows]
     blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
@@ -53,7 +55,8 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     reshape_and_cache_reference(new_k, new_v, ref_k, ref_v, meta.slot_mapping)
     write_kv(new_k, new_v, k_cache, v_cache, meta.slot_mapping)
 
-    query = torch.randn(len(new_k), num_heads, HEAD_DIM, generator=g).to(dtype)
+    width = num_heads + 2 * num_kv_heads if query_in_qkv else num_heads
+    query = torch.randn(len(new_k), width, HEAD_DIM, generator=g).to(dtype)[:, :num_heads]
     scale = HEAD_DIM ** -0.5
     out = attend(query, new_k, new_v, k_cache, v_cache, meta, scale)
     ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, query_lens, scale)
@@ -95,10 +98,11 @@ def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), min_size=1, max_size=6),
        block_size=st.sampled_from([1, 3, 4, 16]), seed=st.integers(0, 2**16),
-       num_heads=st.sampled_from([2, 6]))
-def test_any_batch_matches_reference(rows, block_size, seed, num_heads, decode_path):
+       num_heads=st.sampled_from([2, 6]), query_in_qkv=st.booleans())
+def test_any_batch_matches_reference(rows, block_size, seed, num_heads, query_in_qkv,
+                                     decode_path):
     (out, *_), (ref, *_) = run_step(rows, num_heads, 2, torch.float32, block_size=block_size,
-                                    seed=seed)
+                                    seed=seed, query_in_qkv=query_in_qkv)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -121,7 +125,7 @@ def test_many_decode_rows_match_reference(num_heads, num_kv_heads, block_size, d
 def test_long_prompts_match_reference(num_heads, num_kv_heads, block_size, decode_path):
     rows = [(0, 150), (70, 33), (5, 1), (0, 17), (100, 1)]
     (out, *_), (ref, *_) = run_step(rows, num_heads, num_kv_heads, torch.float32,
-                                    block_size=block_size, seed=4)
+                                    block_size=block_size, seed=4, query_in_qkv=True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -121,10 +121,10 @@ def test_linear(tokens, in_features, out_features, bf16_values, with_bias):
     if bf16_values:  # a bf16 checkpoint served in float32: packed as bf16, losslessly
         weight = weight.bfloat16().float()
     bias = randn(out_features, seed=2) if with_bias else None
-    packed = cpu_kernels.pack_weight(weight)
-    assert packed.dtype == (torch.bfloat16 if bf16_values else torch.float32)
+    linear = cpu_kernels.PackedWeight(weight, bias)
+    assert linear.panels.dtype == (torch.bfloat16 if bf16_values else torch.float32)
     expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    got = cpu_kernels.linear(x, packed, bias, out_features)
+    got = linear(x)
     assert got.shape == (tokens, out_features)
     # float32 sums: each output within a few ulps of the sum of its terms' magnitudes
     magnitude = x.double().abs() @ weight.double().abs().T
@@ -133,28 +133,28 @@ def test_linear(tokens, in_features, out_features, bf16_values, with_bias):
 
 def test_linear_is_the_same_on_one_thread_and_on_several():
     x, weight = randn(150, 576), randn(3072, 576, seed=1)
-    packed = cpu_kernels.pack_weight(weight)
-    several = cpu_kernels.linear(x, packed, None, 3072)
+    linear = cpu_kernels.PackedWeight(weight, None)
+    several = linear(x)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = cpu_kernels.linear(x, packed, None, 3072)
+        one = linear(x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, several)  # each output is one thread's sum, in one order
 
 
 def test_linear_rejects_an_input_that_does_not_fit_its_weight():
-    packed = cpu_kernels.pack_weight(randn(16, 8))
+    linear = cpu_kernels.PackedWeight(randn(16, 8), None)
     with pytest.raises(ValueError, match="does not fit"):
-        cpu_kernels.linear(randn(2, 9), packed, None, 16)
+        linear(randn(2, 9))
     with pytest.raises(ValueError, match="contiguous"):
-        cpu_kernels.linear(randn(8, 2).T, packed, None, 16)
+        linear(randn(8, 2).T)
 
 
 def test_linear_of_no_tokens():
-    packed = cpu_kernels.pack_weight(randn(16, 8))
-    assert cpu_kernels.linear(torch.empty(0, 8), packed, None, 16).shape == (0, 16)
+    linear = cpu_kernels.PackedWeight(randn(16, 8), None)
+    assert linear(torch.empty(0, 8)).shape == (0, 16)
 
 
 def test_paged_attention_rejects_a_batch_it_cannot_read():
@@ -164,8 +164,8 @@ def test_paged_attention_rejects_a_batch_it_cannot_read():
     tables = torch.tensor([[0, 1], [2, 3]])
 
     def attend(starts, lens, tables=tables, query=query):
-        return cpu_kernels.paged_attention(query, k_cache, v_cache, tables,
-                                           torch.tensor(starts), torch.tensor(lens), 0.5)
+        batch = cpu_kernels.attention_batch(tables, torch.tensor(starts), torch.tensor(lens))
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, batch, 0.5)
 
     assert attend([0, 4, 5], [20, 1]).shape == (5, 4, 8)  # a prompt chunk and a decode row
     with pytest.raises(ValueError, match="not at the 5 query rows"):

@@ -5,6 +5,8 @@
  *
  * Layouts (all contiguous):
  *   query, out        [tokens, num_heads, head_dim]: each sequence's new tokens in a run
+ *                     (query's rows may lie further apart: query_stride floats, so that the
+ *                     q/k/v projection's output is read in place)
  *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_tables      [num_seqs, max_blocks] int64
  *   query_start       [num_seqs + 1] int64 (where each sequence's tokens start in query)
@@ -96,7 +98,7 @@ typedef struct {
     const float *query, *k_cache, *v_cache;
     const int64_t *block_tables, *query_start, *seq_lens;
     float *out;
-    int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+    int64_t query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
 } Work;
 
@@ -128,7 +130,7 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
     float scores[MAX_BLOCK + SPAN + 8] __attribute__((aligned(32)));
     for (int64_t r = 0; r < rows; r++)
         for (int64_t h = 0; h < heads; h++) {
-            const float *qs = w->query + ((first_token + r) * w->num_heads + h0 + h) * hd;
+            const float *qs = w->query + (first_token + r) * w->query_stride + (h0 + h) * hd;
             for (int64_t c = 0; c < vecs; c++) {
                 q[r * heads + h][c] = *(const v8u *)(qs + c * 8) * splat(w->scale);
                 acc[r * heads + h][c] = splat(0.0f);
@@ -283,13 +285,15 @@ static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t 
  * has tokens query_start[s] ... query_start[s + 1] - 1 of query and out and a context of
  * seq_lens[s] tokens, this step's included. Returns 0; -1 for shapes it does not serve (the
  * caller checks them first) or a query longer than its context; -2 when out of memory. */
-int paged_attention_f32(const float *query, const float *k_cache, const float *v_cache,
-                        const int64_t *block_tables, const int64_t *query_start,
-                        const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
+int paged_attention_f32(const float *query, int64_t query_stride, const float *k_cache,
+                        const float *v_cache, const int64_t *block_tables,
+                        const int64_t *query_start, const int64_t *seq_lens, float *out,
+                        int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                         int64_t max_blocks, float scale, int64_t num_threads) {
     if (num_kv_heads < 1 || num_heads % num_kv_heads || num_heads > MAX_HEADS ||
-        head_dim % 8 || head_dim / 8 > MAX_VECS || block_size > MAX_BLOCK || num_threads < 1)
+        head_dim % 8 || head_dim / 8 > MAX_VECS || block_size > MAX_BLOCK || num_threads < 1 ||
+        query_stride < num_heads * head_dim)
         return -1;
     for (int64_t s = 0; s < num_seqs; s++) {
         const int64_t query_len = query_start[s + 1] - query_start[s];
@@ -303,7 +307,8 @@ int paged_attention_f32(const float *query, const float *k_cache, const float *v
     if (!items) return -2;
     work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, items);
     const Work w = {query, k_cache, v_cache, block_tables, query_start, seq_lens, out,
-                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale};
+                    query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
+                    scale};
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
     for (int64_t i = 0; i < count; i++) attend_any(&w, items[i]);
     free(items);
