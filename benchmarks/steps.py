@@ -5,6 +5,7 @@ steps.
     python -m benchmarks.steps --workload fixed
     python -m benchmarks.steps --workload mixed --profile-from 120
     python -m benchmarks.steps --workload mixed --breakdown
+    python -m benchmarks.steps --workload mixed --kv-cache-dtype bfloat16
     python -m benchmarks.steps --device cuda --dtype bfloat16 --attention-backend triton \
         --model CONFIG_DIR --random-weights
 
@@ -123,16 +124,18 @@ class Breakdown:
 
 def run(workload: str, profile_from: int | None = None, *, model_dir: Path | None = None,
         device: str = "cpu", dtype: torch.dtype = torch.float32,
-        attention_backend: str = "torch", eager: bool = False, breakdown: bool = False) -> dict:
+        attention_backend: str = "torch", eager: bool = False, breakdown: bool = False,
+        kv_dtype: torch.dtype | None = None) -> dict:
     """Serve ``workload`` as the services would (the executor's defaults on CPU) and time its
-    steps."""
+    steps; the KV cache in ``kv_dtype`` (default: ``dtype``)."""
+    kv_dtype = kv_dtype or dtype
     if device == "cpu":  # as the executor sets up
         bound_primitive_cache()
         tune_allocator()
     model_dir = model_dir or default_model_dir()
     model = load_model(model_dir, dtype, device)
     release_free_memory()
-    runner = ModelRunner(model, CacheEngine(model.config, BLOCK_SIZE, NUM_BLOCKS, 0, dtype,
+    runner = ModelRunner(model, CacheEngine(model.config, BLOCK_SIZE, NUM_BLOCKS, 0, kv_dtype,
                                             device), BLOCK_SIZE, attention_backend)
     graphs = torch.device(device).type == "cuda" and attention_backend == "triton" and not eager
     if graphs:  # as the executor does by default
@@ -176,6 +179,7 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
     if timers:
         timers.uninstall()
     return {"workload": workload, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
             "attention_backend": attention_backend, "decode_graphs": graphs, "wall_s": wall,
             "generated_tok_s": generated / wall,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
@@ -193,6 +197,8 @@ def main() -> None:
                         help="Time each CPU kernel call and linear layer (CPU only).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"],
+                        help="The KV cache's dtype (auto: --dtype).")
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     parser.add_argument("--enforce-eager", action="store_true",
                         help="No CUDA graphs for decode steps (CUDA with triton attention).")
@@ -203,7 +209,8 @@ def main() -> None:
     args = parser.parse_args()
     options = dict(device=args.device, dtype=getattr(torch, args.dtype),
                    attention_backend=args.attention_backend, eager=args.enforce_eager,
-                   breakdown=args.breakdown)
+                   breakdown=args.breakdown,
+                   kv_dtype=None if args.kv_cache_dtype == "auto" else torch.bfloat16)
     if args.random_weights:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = random_checkpoint(args.model or default_model_dir(), Path(tmp))

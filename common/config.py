@@ -83,6 +83,7 @@ class ExecutorConfig:
     scheduler: str = "tcp://127.0.0.1:5556"
     device: str = "cpu"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"        # auto: the model's dtype
     kv_cache_gb: float | None = None    # CPU device: KV pool size (default 4 GiB)
     num_device_blocks: int | None = None
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card's memory to use
@@ -102,6 +103,9 @@ class ExecutorConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_gb is not None and self.num_device_blocks is not None:
             raise ValueError("give kv_cache_gb or num_device_blocks, not both")
         _positive_or_none("kv_cache_gb", self.kv_cache_gb)
@@ -140,6 +144,7 @@ class ExecutorConfig:
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "bfloat16")
 
 
 def _positive(name: str, value) -> None:

@@ -59,6 +59,13 @@ EXECUTOR_OPTIONS = [
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                  default="auto", show_default=True,
                  help="Weights and KV cache dtype (auto: float32 on CPU, half on CUDA)."),
+    click.option("--kv-cache-dtype", type=click.Choice(["auto", "bfloat16"]), default="auto",
+                 show_default=True,
+                 help="KV cache dtype (auto: the weights'). bfloat16 under float32 weights "
+                      "holds twice the tokens in the same memory and halves what decode "
+                      "attention reads; keys and values are rounded to bfloat16, so outputs "
+                      "may differ from float32's. Needs the torch attention backend (the "
+                      "CPU's)."),
     click.option("--kv-cache-gb", type=float, default=None,
                  help="KV pool size in GiB [default: 4 on CPU; CUDA: what the profiling "
                       "pass leaves]."),

@@ -139,12 +139,12 @@ class AttentionMetadata:
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
     """Write the new tokens' keys and values (``[T, num_kv_heads, head_dim]``) into their cache
-    slots; a slot of -1 means "do not store"."""
+    slots; a slot of -1 means "do not store". A cache of another dtype stores them cast."""
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, key)
-    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, value)
+    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -165,12 +165,14 @@ def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
     group = query.shape[1] // k_cache.shape[2]
     for row in meta.prefills:
         rows = slice(row.start, row.start + row.query_len)
-        if row.context_blocks is None:  # nothing cached: the step's own K/V are the context
-            keys, values = key[rows], value[rows]
+        if row.context_blocks is None:  # nothing cached: the step's own K/V are the context,
+            # as the cache holds them (rounded, in a lower-precision cache)
+            keys, values = key[rows].to(k_cache.dtype), value[rows].to(v_cache.dtype)
         else:
             keys = k_cache.index_select(0, row.context_blocks).flatten(0, 1)[:row.context_len]
             values = v_cache.index_select(0, row.context_blocks).flatten(0, 1)[:row.context_len]
-        out[rows] = _prefill(query[rows], keys, values, row.mask, scale, group)
+        out[rows] = _prefill(query[rows], keys.to(query.dtype), values.to(query.dtype),
+                             row.mask, scale, group)
     return out
 
 

@@ -64,11 +64,11 @@ def load() -> ctypes.CDLL | None:
                         error=str(detail).strip()[-500:])
             return None
     lib = ctypes.CDLL(str(library))
-    lib.paged_attention_f32.argtypes = ([_PTR, _I64] + [_PTR] * 6 + [_I64] * 6
-                                        + [ctypes.c_float, _I64])
+    lib.paged_attention_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64] + [_PTR] * 4
+                                        + [_I64] * 6 + [ctypes.c_float, _I64])
     lib.add_rms_norm_f32.argtypes = [_PTR] * 4 + [_I64] * 2 + [ctypes.c_float, _I64]
-    lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
-                                      + [_I64] * 6)
+    lib.rope_write_kv_f32.argtypes = ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64,
+                                       _PTR] + [_I64] * 6)
     lib.silu_mul_f32.argtypes = [_PTR, _PTR] + [_I64] * 3
     lib.greedy_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64]
     lib.linear_f32.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR] + [_I64] * 4
@@ -98,9 +98,24 @@ def _cpu_flags() -> bytes:
     return os.uname().machine.encode()
 
 
+KV_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write in the cache
+
+
 def serves(query: Tensor, k_cache: Tensor) -> bool:
-    """Whether the attention kernel can run this step: a float32 cache, and ``fuses(query)``."""
-    return k_cache.dtype == torch.float32 and fuses(query)
+    """Whether the attention kernel can run this step: a float32 or bfloat16 cache, and
+    ``fuses(query)``."""
+    return k_cache.dtype in KV_DTYPES and fuses(query)
+
+
+def _kv_bf16(k_cache: Tensor, v_cache: Tensor) -> int:
+    """1 for bfloat16 caches, 0 for float32 ones; a ValueError for others, or for K and V of
+    different dtypes or not contiguous."""
+    if k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"the CPU kernels take float32 or bfloat16 KV caches, one dtype for "
+                         f"K and V; got {k_cache.dtype} and {v_cache.dtype}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    return int(k_cache.dtype == torch.bfloat16)
 
 
 class AttentionBatch(NamedTuple):
@@ -137,14 +152,13 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Atte
     _, block_size, num_kv_heads, _ = k_cache.shape
     if query.stride(2) != 1 or query.stride(1) != head_dim:
         query = query.contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
+    kv_bf16 = _kv_bf16(k_cache, v_cache)
     if batch.rows != query.shape[0]:
         raise ValueError(f"query starts end at {batch.rows}, not at the {query.shape[0]} "
                          "query rows")
     out = query.new_empty(query.shape)
     status = load().paged_attention_f32(
-        query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_bf16,
         batch.tables.data_ptr(), batch.starts.data_ptr(), batch.lens.data_ptr(),
         out.data_ptr(), batch.lens.shape[0], num_heads, num_kv_heads, head_dim, block_size,
         batch.tables.shape[1], scale, torch.get_num_threads())
@@ -179,10 +193,12 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
     """Rotate the queries and keys of ``qkv`` (``[T, (heads + 2 * kv_heads) * head_dim]``, the
     q/k/v projection's output) in place by their ``positions`` (rotate-half layout; ``cos``,
     ``sin``: ``[max_positions, head_dim / 2]``), and write keys and values to their cache
-    slots (-1: not stored). Returns q, k, v as ``[T, heads, head_dim]`` views of ``qkv``."""
+    slots (-1: not stored; a bfloat16 cache stores them rounded as ``Tensor.bfloat16``).
+    Returns q, k, v as ``[T, heads, head_dim]`` views of ``qkv``."""
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
-    _check_contiguous(cos, sin, positions, slot_mapping, k_cache, v_cache)
+    kv_bf16 = _kv_bf16(k_cache, v_cache)
+    _check_contiguous(cos, sin, positions, slot_mapping)
     if qkv.stride(1) != 1 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"q/k/v rows must be {num_heads} + 2 x {num_kv_heads} heads of "
                          f"{head_dim}, contiguous; got {tuple(qkv.shape)}")
@@ -190,7 +206,8 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
         raise ValueError("positions and slots must be int64")
     status = load().rope_write_kv_f32(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
-        positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_bf16,
+        slot_mapping.data_ptr(),
         k_cache.shape[0] * k_cache.shape[1], tokens, num_heads, num_kv_heads, head_dim,
         torch.get_num_threads())
     if status == 1:

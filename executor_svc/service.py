@@ -49,6 +49,17 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     return model_config.torch_dtype if model_config.torch_dtype != torch.float32 else torch.bfloat16
 
 
+def resolve_kv_dtype(name: str, dtype: torch.dtype, attention: str) -> torch.dtype:
+    """The KV cache's dtype: ``auto``, the weights' ``dtype``. Another needs the torch
+    attention backend (the CPU kernels read a bfloat16 cache under float32 queries; the
+    triton kernels read the cache in the queries' dtype)."""
+    kv_dtype = dtype if name == "auto" else getattr(torch, name)
+    if kv_dtype != dtype and attention != "torch":
+        raise ValueError(f"--kv-cache-dtype {name} under {str(dtype).removeprefix('torch.')} "
+                         f"weights needs --attention-backend torch, not {attention}")
+    return kv_dtype
+
+
 class ExecutorService:
     def __init__(self, config: ExecutorConfig):
         self.config = config
@@ -67,6 +78,7 @@ class ExecutorService:
                 raise ValueError("triton attention on CPU needs TRITON_INTERPRET=1 from the "
                                  "start of the process (pagedserve executor sets it)")
             log.warning("triton attention on CPU runs in triton's interpreter: slow")
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype, self.attention)
         self.tp = None
         if config.tensor_parallel_size > 1:
             self.model_config.sharded(config.tensor_parallel_size)  # divisible, or say why
@@ -194,7 +206,8 @@ class ExecutorService:
             vocab_size=self.model_config.vocab_size,
             max_model_len=self.model_config.max_model_len,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-            kv_bytes_per_token=CacheEngine.bytes_per_block(self.model_config, 1, self.dtype)))
+            kv_bytes_per_token=CacheEngine.bytes_per_block(self.model_config, 1,
+                                                           self.kv_dtype)))
         log.info("registering with scheduler", scheduler=self.config.scheduler)
         while not self._stopped:
             self.sock.send(register)
@@ -224,12 +237,12 @@ class ExecutorService:
         num_cpu = self.config.num_cpu_blocks
         if num_cpu is None:
             num_cpu = CacheEngine.num_blocks_for_bytes(
-                self.model_config, configure.block_size, self.dtype,
+                self.model_config, configure.block_size, self.kv_dtype,
                 int(self.config.swap_space_gb * GIB))
         if self.tp is not None:  # the same block ids on every rank: the smallest pool
             num_device, num_cpu = self.tp.min(num_device), self.tp.min(num_cpu)
         cache = CacheEngine(self.model_config, configure.block_size, num_device, num_cpu,
-                            self.dtype, self.device)
+                            self.kv_dtype, self.device)
         self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention)
         # Not yet under tensor parallelism: capturing its all-reduces is untested.
         if (self.device.type == "cuda" and self.attention == "triton"
@@ -243,7 +256,7 @@ class ExecutorService:
             self.sock.send(p.encode(p.ExecutorReady(num_device_blocks=num_device,
                                                     num_cpu_blocks=num_cpu)))
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
-                 block_size=configure.block_size)
+                 block_size=configure.block_size, dtype=str(self.kv_dtype).removeprefix("torch."))
 
     def _num_device_blocks(self, configure: p.ConfigureExecutor) -> int:
         if self.config.num_device_blocks is not None:
@@ -254,7 +267,7 @@ class ExecutorService:
             free_bytes = int((self.config.kv_cache_gb or 4.0) * GIB)
         # Less one: the cache adds its null block.
         num = CacheEngine.num_blocks_for_bytes(self.model_config, configure.block_size,
-                                               self.dtype, free_bytes) - 1
+                                               self.kv_dtype, free_bytes) - 1
         if num < 1:
             raise RuntimeError(f"no memory left for the KV cache ({free_bytes} bytes)")
         return num
@@ -265,7 +278,7 @@ class ExecutorService:
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = configure.max_num_batched_tokens
         blocks = -(-tokens // configure.block_size)
-        scratch = CacheEngine(self.model_config, configure.block_size, blocks, 0, self.dtype,
+        scratch = CacheEngine(self.model_config, configure.block_size, blocks, 0, self.kv_dtype,
                               self.device)
         runner = ModelRunner(self.model, scratch, configure.block_size, self.attention)
         plan = p.StepPlan(

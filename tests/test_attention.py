@@ -25,10 +25,11 @@ def slot(table: list[int], position: int, block_size: int) -> int:
 
 
 def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0,
-             query_in_qkv=False):
+             query_in_qkv=False, kv_dtype=None):
     """Fill each sequence's cached prefix, write the new tokens with ``write_kv`` and attend.
     Returns our output and cache, and the reference's. ``query_in_qkv``: the query is a view
-    of wider rows, as the model's is of the q/k/v projection's output."""
+    of wider rows, as the model's is of the q/k/v projection's output. ``kv_dtype``: the
+    caches' dtype, if not ``dtype`` (the reference reads the values they hold)."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in rows]
     blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
@@ -37,7 +38,8 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     tables = [[pool.pop() for _ in range(n)] for n in blocks_needed]
     null_block = num_blocks  # zeros, after the blocks: pads the decode rows' tables
     shape = (num_blocks + 1, block_size, num_kv_heads, HEAD_DIM)
-    k_cache, v_cache = (torch.full(shape, float("nan"), dtype=dtype) for _ in range(2))
+    k_cache, v_cache = (torch.full(shape, float("nan"), dtype=kv_dtype or dtype)
+                        for _ in range(2))
     k_cache[null_block] = v_cache[null_block] = 0
     keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
     values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
@@ -86,6 +88,20 @@ def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+# A float32 model over a bfloat16 cache (--kv-cache-dtype bfloat16): K/V are stored rounded,
+# and attention reads those values in float32.
+@pytest.mark.parametrize("rows", [MIXED_BATCH, [(0, 150), (70, 33), (5, 1), (100, 1)]],
+                         ids=["mixed", "long"])
+def test_bfloat16_cache_under_float32_queries_matches_reference(rows, decode_path):
+    ours, reference = run_step(rows, 6, 3, torch.float32, block_size=16, seed=5,
+                               query_in_qkv=True, kv_dtype=torch.bfloat16)
+    (out, k_cache, v_cache), (ref, ref_k, ref_v) = ours, reference
+    assert k_cache.dtype == torch.bfloat16 and out.dtype == torch.float32
+    torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
 def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
     (out, *_), (ref, *_) = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.bfloat16)
@@ -98,11 +114,12 @@ def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), min_size=1, max_size=6),
        block_size=st.sampled_from([1, 3, 4, 16]), seed=st.integers(0, 2**16),
-       num_heads=st.sampled_from([2, 6]), query_in_qkv=st.booleans())
+       num_heads=st.sampled_from([2, 6]), query_in_qkv=st.booleans(),
+       kv_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_any_batch_matches_reference(rows, block_size, seed, num_heads, query_in_qkv,
-                                     decode_path):
+                                     kv_dtype, decode_path):
     (out, *_), (ref, *_) = run_step(rows, num_heads, 2, torch.float32, block_size=block_size,
-                                    seed=seed, query_in_qkv=query_in_qkv)
+                                    seed=seed, query_in_qkv=query_in_qkv, kv_dtype=kv_dtype)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -35,7 +35,8 @@ def test_add_rms_norm(tokens, hidden, with_x):
 
 @pytest.mark.parametrize("tokens", [1, 5, 300])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 8), (9, 3, 64), (2, 1, 6)])
-def test_rope_write_kv(tokens, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype):
     half, num_positions, num_slots = head_dim // 2, 512, 2 * tokens
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim)
     angles = randn(num_positions, half, seed=1, scale=3.0)
@@ -44,7 +45,7 @@ def test_rope_write_kv(tokens, heads, kv_heads, head_dim):
     positions = torch.randint(0, num_positions, (tokens,), generator=g)
     slots = torch.randperm(num_slots, generator=g)[:tokens]
     slots[0] = -1  # not stored
-    k_cache = torch.full((num_slots // 2, 2, kv_heads, head_dim), float("nan"))
+    k_cache = torch.full((num_slots // 2, 2, kv_heads, head_dim), float("nan"), dtype=kv_dtype)
     v_cache = k_cache.clone()
     expected = qkv.double().split([heads * head_dim, kv_heads * head_dim,
                                    kv_heads * head_dim], -1)
@@ -60,11 +61,30 @@ def test_rope_write_kv(tokens, heads, kv_heads, head_dim):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     stored = slots >= 0
     flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-    torch.testing.assert_close(flat_k[slots[stored]], k[stored], rtol=0, atol=0)
-    torch.testing.assert_close(flat_v[slots[stored]], v[stored], rtol=0, atol=0)
+    # a bfloat16 cache holds them rounded exactly as torch rounds
+    torch.testing.assert_close(flat_k[slots[stored]], k[stored].to(kv_dtype), rtol=0, atol=0)
+    torch.testing.assert_close(flat_v[slots[stored]], v[stored].to(kv_dtype), rtol=0, atol=0)
     untouched = torch.ones(num_slots, dtype=torch.bool)
     untouched[slots[stored]] = False
     assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
+def test_bfloat16_cache_rounds_as_torch_on_ties_and_special_values():
+    tie = 2.0 ** -8  # half a bfloat16 ulp at 1: ties go to the even neighbour
+    values = torch.tensor([1 + tie, 1 + 3 * tie, -(1 + tie), float("nan"), float("inf"),
+                           -float("inf"), 3.4e38, 1e-40, -0.0, 65504.0, 1 + tie + 2 ** -20,
+                           2.0 ** -126])
+    qkv = torch.zeros(1, 3 * values.numel())
+    qkv[0, 2 * values.numel():] = values  # the value head: stored as it is, not rotated
+    k_cache = torch.zeros(2, 1, 1, values.numel(), dtype=torch.bfloat16)
+    v_cache = k_cache.clone()
+    cpu_kernels.rope_write_kv(qkv, 1, 1, torch.ones(4, values.numel() // 2),
+                              torch.zeros(4, values.numel() // 2), torch.tensor([0]), k_cache,
+                              v_cache, torch.tensor([1]))
+    stored, want = v_cache[1, 0, 0], values.bfloat16()
+    nan = values.isnan()  # torch's own vectorised and scalar casts give different NaN bits
+    assert stored[nan].isnan().all()
+    assert torch.equal(stored[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 def test_rope_write_kv_rejects_positions_and_slots_out_of_range():

@@ -38,9 +38,9 @@ class TinyEngine:
     list (so tables are not contiguous), every running sequence computes its next chunk, and a
     sequence whose prompt is fully computed gets a greedy token."""
 
-    def __init__(self, model, num_blocks: int = 64):
+    def __init__(self, model, num_blocks: int = 64, kv_dtype: torch.dtype | None = None):
         self.model = model
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = kv_dtype or model.model.embed_tokens.weight.dtype
         cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, dtype, "cpu")
         self.kv_caches, self.null_block = cache.kv_caches, cache.null_block
         for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
@@ -72,10 +72,11 @@ class TinyEngine:
 
 
 def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int],
-                 max_new_tokens: int) -> list[Seq]:
-    """Serve the prompts as one continuous batch, prompt i joining at step ``arrival_steps[i]``."""
+                 max_new_tokens: int, kv_dtype: torch.dtype | None = None) -> list[Seq]:
+    """Serve the prompts as one continuous batch, prompt i joining at step ``arrival_steps[i]``
+    (the KV cache in ``kv_dtype``, if not the model's)."""
     seqs = [Seq(list(prompt), len(prompt), step) for prompt, step in zip(prompts, arrival_steps)]
-    engine, step = TinyEngine(model), 0
+    engine, step = TinyEngine(model, kv_dtype=kv_dtype), 0
     while unfinished := [s for s in seqs if len(s.tokens) - s.prompt_len < max_new_tokens]:
         step += 1
         engine.step([(s, min(PREFILL_CHUNK, len(s.tokens) - s.num_computed))
@@ -150,6 +151,29 @@ def test_smollm2_bfloat16_greedy_tokens_identical_to_transformers_bfloat16(smoll
     expected, _ = hf_greedy(smollm2_dir, prompts, 8, dtype=torch.bfloat16)
     assert [s.tokens for s in seqs] == expected
     assert tokenizer.decode(seqs[0].tokens[len(prompts[0]):]).startswith(" Paris.")
+
+
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+def test_smollm2_bfloat16_cache_under_float32_weights(smollm2_dir, path, monkeypatch):
+    """--kv-cache-dtype bfloat16: keys and values rounded to bfloat16, all else float32, through
+    the CPU kernels and through torch operators. These prompts keep float32's greedy tokens;
+    the logits move, but only by what the rounding explains."""
+    if path == "kernels" and cpu_kernels.load() is None:
+        pytest.skip("the CPU kernels did not build here (no C compiler?)")
+    if path == "torch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [tokenizer(text).input_ids for text in ("The capital of France is",
+                                                      "def fibonacci(n):")]
+    model = load_model(smollm2_dir, torch.float32, "cpu")
+    exact = serve_greedy(model, prompts, [1, 2], MAX_NEW_TOKENS)
+    rounded = serve_greedy(model, prompts, [1, 2], MAX_NEW_TOKENS, kv_dtype=torch.bfloat16)
+    assert [s.tokens for s in rounded] == [s.tokens for s in exact]
+    assert tokenizer.decode(rounded[0].tokens[len(prompts[0]):]).startswith(" Paris.")
+    moved = max((torch.stack(r.logits) - torch.stack(e.logits)).abs().max().item()
+                for r, e in zip(rounded, exact))
+    print(f"largest logit change: {moved:.4f}")
+    assert 0 < moved < 0.5
 
 
 def test_bfloat16_logits_close_to_transformers_bfloat16(tmp_path):

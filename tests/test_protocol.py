@@ -80,6 +80,7 @@ def test_sampling_params_from_dict_rejects_unknown_fields():
     (lambda: ExecutorConfig(device="tpu"), "device"),
     (lambda: ExecutorConfig(kv_cache_gb=1.0, num_device_blocks=10), "kv_cache_gb"),
     (lambda: ExecutorConfig(dtype="int8"), "dtype"),
+    (lambda: ExecutorConfig(kv_cache_dtype="fp8"), "kv_cache_dtype"),
 ])
 def test_configs_are_validated_at_construction(make, field):
     with pytest.raises(ValueError, match=field):

@@ -7,7 +7,8 @@
  *   query, out        [tokens, num_heads, head_dim]: each sequence's new tokens in a run
  *                     (query's rows may lie further apart: query_stride floats, so that the
  *                     q/k/v projection's output is read in place)
- *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]
+ *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim], float32 or bfloat16
+ *                     (kv_bf16: half the bytes to read; attention still computes in float32)
  *   block_tables      [num_seqs, max_blocks] int64
  *   query_start       [num_seqs + 1] int64 (where each sequence's tokens start in query)
  *   seq_lens          [num_seqs] int64 (context length, this step's tokens included)
@@ -34,6 +35,24 @@
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
+typedef uint16_t h8u __attribute__((vector_size(16), aligned(2))); /* 8 bfloat16, unaligned */
+typedef int32_t w8 __attribute__((vector_size(32)));
+
+/* Eight K/V values from element i of a cache of float32 or (bf16) bfloat16 values, as float32:
+ * a bfloat16 is the top half of the float32 with the same bits. */
+static inline __attribute__((always_inline)) v8 load_kv(const void *cache, int64_t i,
+                                                        const int bf16) {
+    if (!bf16) return *(const v8u *)((const float *)cache + i);
+    return (v8)(__builtin_convertvector(*(const h8u *)((const uint16_t *)cache + i), w8) << 16);
+}
+
+/* float32 to bfloat16 as torch rounds it: to nearest, ties to even; NaN to 0x7fc0. */
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 typedef int32_t i8 __attribute__((vector_size(32)));
 
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
@@ -95,10 +114,11 @@ static inline v8 exp8(v8 x) {
 }
 
 typedef struct {
-    const float *query, *k_cache, *v_cache;
+    const float *query;
+    const void *k_cache, *v_cache; /* float32, or bfloat16 (kv_bf16) */
     const int64_t *block_tables, *query_start, *seq_lens;
     float *out;
-    int64_t query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+    int64_t query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks, kv_bf16;
     float scale;
 } Work;
 
@@ -116,13 +136,15 @@ typedef struct {
 
 static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
                                                          int64_t rows, int64_t g0, int64_t g1,
-                                                         const int64_t vecs) {
+                                                         const int64_t vecs, const int bf16) {
     const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
     const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
     const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
     const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
     const int64_t len = first_pos + rows; /* the last row's context */
-    const int64_t row = kvh * hd; /* floats between consecutive slots of a block */
+    const int64_t row = kvh * hd; /* values between consecutive slots of a block */
+    const int64_t line = bf16 ? 32 : 16; /* values in a 64-byte cache line */
+    const char *k_bytes = w->k_cache, *v_bytes = w->v_cache;
     const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
     v8 q[rows * heads][vecs], acc[rows * heads][vecs]; /* [row * heads + head] */
@@ -143,12 +165,12 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
         const int64_t span_end = len < span_stop ? len : span_stop;
         for (int64_t b = first + span_blocks; b < first + 2 * span_blocks && b * bs < len; b++) {
             const int64_t n = len - b * bs < bs ? len - b * bs : bs;
-            const float *k = w->k_cache + (table[b] * bs * kvh + g0) * hd;
-            const float *v = w->v_cache + (table[b] * bs * kvh + g0) * hd;
+            const int64_t kv = (table[b] * bs * kvh + g0) * hd;
             for (int64_t j = 0; j < n; j++)
-                for (int64_t f = 0; f < (g1 - g0) * hd; f += 16) { /* a 64-byte line */
-                    __builtin_prefetch(k + j * row + f);
-                    __builtin_prefetch(v + j * row + f);
+                for (int64_t f = 0; f < (g1 - g0) * hd; f += line) {
+                    const int64_t at = (kv + j * row + f) * (bf16 ? 2 : 4);
+                    __builtin_prefetch(k_bytes + at);
+                    __builtin_prefetch(v_bytes + at);
                 }
         }
         for (int64_t r = 0; r < rows; r++) {
@@ -159,7 +181,7 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
             for (int64_t h = 0; h < heads; h++) {
                 const int64_t g = g0 + h / group, i = r * heads + h;
                 for (int64_t b = first; b * bs < end; b++) {
-                    const float *k = w->k_cache + (table[b] * bs * kvh + g) * hd;
+                    const int64_t k = (table[b] * bs * kvh + g) * hd;
                     const int64_t n = end - b * bs < bs ? end - b * bs : bs;
                     float *s = scores + (b - first) * bs;
                     int64_t j = 0;
@@ -169,14 +191,15 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
                         for (int64_t c = 0; c < vecs; c++) {
                             const v8 qc = q[i][c];
                             for (int t = 0; t < 8; t++)
-                                a[t] += qc * *(const v8u *)(k + (j + t) * row + c * 8);
+                                a[t] += qc * load_kv(w->k_cache, k + (j + t) * row + c * 8,
+                                                     bf16);
                         }
                         *(v8u *)(s + j) = hsum8(a);
                     }
                     for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
                         v8 a = splat(0.0f);
                         for (int64_t c = 0; c < vecs; c++)
-                            a += q[i][c] * *(const v8u *)(k + j * row + c * 8);
+                            a += q[i][c] * load_kv(w->k_cache, k + j * row + c * 8, bf16);
                         s[j] = hsum(a);
                     }
                 }
@@ -202,13 +225,13 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
                 v8 o[MAX_VECS];
                 for (int64_t c = 0; c < vecs; c++) o[c] = acc[i][c] * splat(correction);
                 for (int64_t b = first; b * bs < end; b++) {
-                    const float *v = w->v_cache + (table[b] * bs * kvh + g) * hd;
+                    const int64_t v = (table[b] * bs * kvh + g) * hd;
                     const int64_t n = end - b * bs < bs ? end - b * bs : bs;
                     const float *p = scores + (b - first) * bs;
                     for (int64_t j = 0; j < n; j++) {
                         const v8 pj = splat(p[j]);
                         for (int64_t c = 0; c < vecs; c++)
-                            o[c] += pj * *(const v8u *)(v + j * row + c * 8);
+                            o[c] += pj * load_kv(w->v_cache, v + j * row + c * 8, bf16);
                     }
                 }
                 for (int64_t c = 0; c < vecs; c++) acc[i][c] = o[c];
@@ -225,15 +248,25 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
 }
 
 /* attend with head_dim a constant for the common sizes, and a variable for others. */
-static void attend_any(const Work *w, const int64_t item[5]) {
+static inline __attribute__((always_inline)) void attend_dims(const Work *w,
+                                                              const int64_t item[5],
+                                                              const int bf16) {
     const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
     switch (w->head_dim) {
-    case 64: attend(w, seq, q0, rows, g0, g1, 8); break;
-    case 128: attend(w, seq, q0, rows, g0, g1, 16); break;
-    case 32: attend(w, seq, q0, rows, g0, g1, 4); break;
-    case 16: attend(w, seq, q0, rows, g0, g1, 2); break;
-    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8);
+    case 64: attend(w, seq, q0, rows, g0, g1, 8, bf16); break;
+    case 128: attend(w, seq, q0, rows, g0, g1, 16, bf16); break;
+    case 32: attend(w, seq, q0, rows, g0, g1, 4, bf16); break;
+    case 16: attend(w, seq, q0, rows, g0, g1, 2, bf16); break;
+    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8, bf16);
     }
+}
+
+/* ... and the cache's dtype a constant too. */
+static void attend_any(const Work *w, const int64_t item[5]) {
+    if (w->kv_bf16)
+        attend_dims(w, item, 1);
+    else
+        attend_dims(w, item, 0);
 }
 
 /* Rows of one prompt per work item: they share each span's K/V in L1. Fewer where their
@@ -285,8 +318,8 @@ static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t 
  * has tokens query_start[s] ... query_start[s + 1] - 1 of query and out and a context of
  * seq_lens[s] tokens, this step's included. Returns 0; -1 for shapes it does not serve (the
  * caller checks them first) or a query longer than its context; -2 when out of memory. */
-int paged_attention_f32(const float *query, int64_t query_stride, const float *k_cache,
-                        const float *v_cache, const int64_t *block_tables,
+int paged_attention_f32(const float *query, int64_t query_stride, const void *k_cache,
+                        const void *v_cache, int64_t kv_bf16, const int64_t *block_tables,
                         const int64_t *query_start, const int64_t *seq_lens, float *out,
                         int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
@@ -308,7 +341,7 @@ int paged_attention_f32(const float *query, int64_t query_stride, const float *k
     work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, items);
     const Work w = {query, k_cache, v_cache, block_tables, query_start, seq_lens, out,
                     query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
-                    scale};
+                    kv_bf16 != 0, scale};
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
     for (int64_t i = 0; i < count; i++) attend_any(&w, items[i]);
     free(items);
@@ -354,12 +387,14 @@ int add_rms_norm_f32(float *residual, const float *x, const float *weight, float
  * output (row: num_heads query heads, then num_kv_heads key heads, then as many value heads,
  * head_dim floats each; rows row_stride floats apart), rotate-half layout: cos and sin are
  * [num_positions, head_dim / 2]. Then each token's keys and values are copied to its cache slot
- * (caches [num_slots, num_kv_heads, head_dim]); slot -1 stores nothing. Returns 0, -1 for
+ * (caches [num_slots, num_kv_heads, head_dim], float32 or, with kv_bf16, bfloat16 rounded as
+ * torch rounds); slot -1 stores nothing. Returns 0, -1 for
  * arguments it does not serve, 1 for a position past the tables, 2 for a slot past the caches
  * (nothing is written then). */
 int rope_write_kv_f32(float *qkv, int64_t row_stride, const float *cos, const float *sin,
-                      int64_t num_positions, const int64_t *positions, float *k_cache,
-                      float *v_cache, const int64_t *slots, int64_t num_slots, int64_t tokens,
+                      int64_t num_positions, const int64_t *positions, void *k_cache,
+                      void *v_cache, int64_t kv_bf16, const int64_t *slots, int64_t num_slots,
+                      int64_t tokens,
                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                       int64_t num_threads) {
     const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
@@ -383,10 +418,17 @@ int rope_write_kv_f32(float *qkv, int64_t row_stride, const float *cos, const fl
                 hi[i] = b * c[i] + a * s[i];
             }
         }
-        if (slots[t] >= 0) {
-            memcpy(k_cache + slots[t] * kv_width, row + num_heads * head_dim,
+        if (slots[t] >= 0 && kv_bf16) {
+            uint16_t *k = (uint16_t *)k_cache + slots[t] * kv_width;
+            uint16_t *v = (uint16_t *)v_cache + slots[t] * kv_width;
+            for (int64_t i = 0; i < kv_width; i++) {
+                k[i] = to_bf16(row[num_heads * head_dim + i]);
+                v[i] = to_bf16(row[rotated * head_dim + i]);
+            }
+        } else if (slots[t] >= 0) {
+            memcpy((float *)k_cache + slots[t] * kv_width, row + num_heads * head_dim,
                    kv_width * sizeof(float));
-            memcpy(v_cache + slots[t] * kv_width, row + rotated * head_dim,
+            memcpy((float *)v_cache + slots[t] * kv_width, row + rotated * head_dim,
                    kv_width * sizeof(float));
         }
     }
