@@ -5,7 +5,8 @@ path it replaces, in SmolLM2's shape (9 query heads over 3 kv heads of 64, block
 
 - **decode**: 64 sequences of 300-700 tokens, one new token each, their blocks scattered over
   the pool; every call reads another layer's cache (30 of them, ~1.5 GB), so that, as in a
-  real step, the context comes from memory. torch path: the gathered batched matmuls.
+  real step, the context comes from memory. torch path: the gathered batched matmuls. Also
+  ours over the same values in a bfloat16 cache (``--kv-cache-dtype bfloat16``): half the bytes.
 - **prompt**: one prompt of 128 and one of 500 tokens with nothing cached, causal. torch path:
   its fused attention (``scaled_dot_product_attention``), as the executor called it per prompt.
 
@@ -61,12 +62,18 @@ def decode_case(rounds: int) -> dict[str, float]:
         for k_cache, v_cache in caches:
             attention._decode(query, k_cache, v_cache, meta, SCALE)
 
+    half_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+
+    def ours_bf16():
+        for k_cache, v_cache in half_caches:
+            cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE)
+
     k_cache, v_cache = caches[0]
     torch.testing.assert_close(
         cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE),
         attention._decode(query, k_cache, v_cache, meta, SCALE), rtol=1e-4, atol=1e-4)
-    return {name: t / LAYERS for name, t in _timed({"ours": ours, "torch": torch_path},
-                                                   rounds).items()}
+    runs = {"ours": ours, "torch": torch_path, "ours_bf16": ours_bf16}
+    return {name: t / LAYERS for name, t in _timed(runs, rounds).items()}
 
 
 def prompt_case(length: int, rounds: int) -> dict[str, float]:
@@ -104,6 +111,10 @@ def main() -> None:
     for case, times in cases.items():
         print(f"{case:38s} ours {times['ours'] * 1e3:7.3f} ms  torch {times['torch'] * 1e3:7.3f} "
               f"ms  {times['torch'] / times['ours']:5.2f}x")
+    decode = cases["decode 64 x 300-700 tokens, per layer"]
+    print(f"{'decode, bfloat16 cache, per layer':38s} ours {decode['ours_bf16'] * 1e3:7.3f} ms  "
+          f"float32 cache {decode['ours'] * 1e3:7.3f} ms  "
+          f"{decode['ours'] / decode['ours_bf16']:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def slot(table: list[int], position: int, block_size: int) -> int:
 
 
 def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0,
-             query_in_qkv=False, kv_dtype=None):
+             query_in_qkv=False, kv_dtype=None, head_dim=HEAD_DIM):
     """Fill each sequence's cached prefix, write the new tokens with ``write_kv`` and attend.
     Returns our output and cache, and the reference's. ``query_in_qkv``: the query is a view
     of wider rows, as the model's is of the q/k/v projection's output. ``kv_dtype``: the
@@ -37,12 +37,12 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     pool = torch.randperm(num_blocks, generator=g).tolist()
     tables = [[pool.pop() for _ in range(n)] for n in blocks_needed]
     null_block = num_blocks  # zeros, after the blocks: pads the decode rows' tables
-    shape = (num_blocks + 1, block_size, num_kv_heads, HEAD_DIM)
+    shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = (torch.full(shape, float("nan"), dtype=kv_dtype or dtype)
                         for _ in range(2))
     k_cache[null_block] = v_cache[null_block] = 0
-    keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
-    values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=g).to(dtype) for n in seq_lens]
+    keys = [torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype) for n in seq_lens]
+    values = [torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype) for n in seq_lens]
     for table, (computed, _), k, v in zip(tables, rows, keys, values):
         prefix_slots = torch.tensor([slot(table, p, block_size) for p in range(computed)],
                                     dtype=torch.int64)
@@ -58,8 +58,8 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     write_kv(new_k, new_v, k_cache, v_cache, meta.slot_mapping)
 
     width = num_heads + 2 * num_kv_heads if query_in_qkv else num_heads
-    query = torch.randn(len(new_k), width, HEAD_DIM, generator=g).to(dtype)[:, :num_heads]
-    scale = HEAD_DIM ** -0.5
+    query = torch.randn(len(new_k), width, head_dim, generator=g).to(dtype)[:, :num_heads]
+    scale = head_dim ** -0.5
     out = attend(query, new_k, new_v, k_cache, v_cache, meta, scale)
     ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, query_lens, scale)
     return (out, k_cache, v_cache), (ref, ref_k, ref_v)
@@ -89,12 +89,16 @@ def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv
 
 
 # A float32 model over a bfloat16 cache (--kv-cache-dtype bfloat16): K/V are stored rounded,
-# and attention reads those values in float32.
+# and attention reads those values in float32. The kernel widens a span of one kv head's K/V
+# at a time into float32 buffers where it fits 8192 floats (blocks of 16 or 32 x 128 dims),
+# and reads the cache in place where not (64 x 256).
 @pytest.mark.parametrize("rows", [MIXED_BATCH, [(0, 150), (70, 33), (5, 1), (100, 1)]],
                          ids=["mixed", "long"])
-def test_bfloat16_cache_under_float32_queries_matches_reference(rows, decode_path):
-    ours, reference = run_step(rows, 6, 3, torch.float32, block_size=16, seed=5,
-                               query_in_qkv=True, kv_dtype=torch.bfloat16)
+@pytest.mark.parametrize("block_size, head_dim", [(16, 8), (32, 128), (64, 256)])
+def test_bfloat16_cache_under_float32_queries_matches_reference(rows, block_size, head_dim,
+                                                                decode_path):
+    ours, reference = run_step(rows, 6, 3, torch.float32, block_size=block_size, seed=5,
+                               query_in_qkv=True, kv_dtype=torch.bfloat16, head_dim=head_dim)
     (out, k_cache, v_cache), (ref, ref_k, ref_v) = ours, reference
     assert k_cache.dtype == torch.bfloat16 and out.dtype == torch.float32
     torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)

@@ -131,12 +131,37 @@ typedef struct {
  * from L1/L2 for the others, and the next span's rows are fetched meanwhile (block tables
  * scatter blocks, so the hardware prefetcher cannot guess them). `vecs` (head_dim / 8) is a
  * constant where attend_any dispatches on it, so that a head's output (vecs vectors) is
- * summed in registers. */
+ * summed in registers. A bfloat16 cache (bf16) is read either in place, each value widened
+ * where it is used, or (widen) widened once per span and kv head into float32 buffers that all
+ * of that kv head's query heads and rows then read: a bfloat16 load takes three instructions
+ * where a float32 one folds into its FMA. */
 #define SPAN 32
+#define WIDEN_FLOATS 8192 /* a span of one kv head's K (and V), widened: 32 KiB each */
+
+/* K and V of kv head g over the span's slots up to span_end (in whole groups of 8: every slot
+ * a row may score), widened to float32 into kw and vw ([slot in span][head_dim]). */
+static inline __attribute__((always_inline)) void widen_span(const Work *w, const int64_t *table,
+                                                             int64_t first, int64_t span_end,
+                                                             int64_t g, const int64_t vecs,
+                                                             float *kw, float *vw) {
+    const int64_t bs = w->block_size, hd = vecs * 8, row = w->num_kv_heads * hd;
+    for (int64_t b = first; b * bs < span_end; b++) {
+        const int64_t n = span_end - b * bs < bs ? span_end - b * bs : bs;
+        const int64_t n8 = (n + 7) / 8 * 8 < bs ? (n + 7) / 8 * 8 : bs;
+        const int64_t at = (table[b] * bs * w->num_kv_heads + g) * hd;
+        float *kb = kw + (b - first) * bs * hd, *vb = vw + (b - first) * bs * hd;
+        for (int64_t j = 0; j < n8; j++)
+            for (int64_t c = 0; c < vecs; c++) {
+                *(v8u *)(kb + j * hd + c * 8) = load_kv(w->k_cache, at + j * row + c * 8, 1);
+                *(v8u *)(vb + j * hd + c * 8) = load_kv(w->v_cache, at + j * row + c * 8, 1);
+            }
+    }
+}
 
 static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
                                                          int64_t rows, int64_t g0, int64_t g1,
-                                                         const int64_t vecs, const int bf16) {
+                                                         const int64_t vecs, const int bf16,
+                                                         const int widen) {
     const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
     const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
     const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
@@ -150,6 +175,12 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
     v8 q[rows * heads][vecs], acc[rows * heads][vecs]; /* [row * heads + head] */
     float max[rows * heads], sum[rows * heads];
     float scores[MAX_BLOCK + SPAN + 8] __attribute__((aligned(32)));
+    /* widened K and V of the span for one kv head: [slot in span][hd] */
+    float kw[widen ? span_blocks * bs * hd : 1] __attribute__((aligned(32)));
+    float vw[widen ? span_blocks * bs * hd : 1] __attribute__((aligned(32)));
+    const int64_t stride = widen ? hd : row; /* values between slots where K/V are read */
+    const int in_place_bf16 = bf16 && !widen;
+#define kv_at(b, g) ((table[b] * bs * kvh + (g)) * hd) /* block b's slot 0, kv head g */
     for (int64_t r = 0; r < rows; r++)
         for (int64_t h = 0; h < heads; h++) {
             const float *qs = w->query + (first_token + r) * w->query_stride + (h0 + h) * hd;
@@ -173,71 +204,77 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
                     __builtin_prefetch(v_bytes + at);
                 }
         }
-        for (int64_t r = 0; r < rows; r++) {
-            /* Row r sees slots up to its own position: the span's first m of them. */
-            const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
-            if (end <= first * bs) continue;
-            const int64_t m = end - first * bs, padded = (m + 7) & ~7;
-            for (int64_t h = 0; h < heads; h++) {
-                const int64_t g = g0 + h / group, i = r * heads + h;
-                for (int64_t b = first; b * bs < end; b++) {
-                    const int64_t k = (table[b] * bs * kvh + g) * hd;
-                    const int64_t n = end - b * bs < bs ? end - b * bs : bs;
-                    float *s = scores + (b - first) * bs;
-                    int64_t j = 0;
-                    for (; j + 8 <= bs && j < n; j += 8) { /* slots past n: scored, then masked */
-                        v8 a[8];
-                        for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
-                        for (int64_t c = 0; c < vecs; c++) {
-                            const v8 qc = q[i][c];
-                            for (int t = 0; t < 8; t++)
-                                a[t] += qc * load_kv(w->k_cache, k + (j + t) * row + c * 8,
-                                                     bf16);
+        for (int64_t g = g0; g < g1; g++) {
+            if (widen) widen_span(w, table, first, span_end, g, vecs, kw, vw);
+            for (int64_t r = 0; r < rows; r++) {
+                /* Row r sees slots up to its own position: the span's first m of them. */
+                const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
+                if (end <= first * bs) continue;
+                const int64_t m = end - first * bs, padded = (m + 7) & ~7;
+                for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h++) {
+                    const int64_t i = r * heads + h;
+                    for (int64_t b = first; b * bs < end; b++) {
+                        const int64_t k = widen ? (b - first) * bs * hd : kv_at(b, g);
+                        const void *kc = widen ? (const void *)kw : w->k_cache;
+                        const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                        float *s = scores + (b - first) * bs;
+                        int64_t j = 0; /* slots past n: scored, then masked */
+                        for (; j + 8 <= bs && j < n; j += 8) {
+                            v8 a[8];
+                            for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
+                            for (int64_t c = 0; c < vecs; c++) {
+                                const v8 qc = q[i][c];
+                                for (int t = 0; t < 8; t++)
+                                    a[t] += qc * load_kv(kc, k + (j + t) * stride + c * 8,
+                                                         in_place_bf16);
+                            }
+                            *(v8u *)(s + j) = hsum8(a);
                         }
-                        *(v8u *)(s + j) = hsum8(a);
+                        for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
+                            v8 a = splat(0.0f);
+                            for (int64_t c = 0; c < vecs; c++)
+                                a += q[i][c] * load_kv(kc, k + j * stride + c * 8, in_place_bf16);
+                            s[j] = hsum(a);
+                        }
                     }
-                    for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
-                        v8 a = splat(0.0f);
-                        for (int64_t c = 0; c < vecs; c++)
-                            a += q[i][c] * load_kv(w->k_cache, k + j * row + c * 8, bf16);
-                        s[j] = hsum(a);
+                    for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
+                    v8 top = splat(-INFINITY);
+                    for (int64_t j = 0; j < padded; j += 8) {
+                        const v8 sj = *(const v8 *)(scores + j);
+                        const i8 above = sj > top;
+                        top = (v8)(((i8)sj & above) | ((i8)top & ~above));
                     }
-                }
-                for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
-                v8 top = splat(-INFINITY);
-                for (int64_t j = 0; j < padded; j += 8) {
-                    const v8 sj = *(const v8 *)(scores + j);
-                    const i8 above = sj > top;
-                    top = (v8)(((i8)sj & above) | ((i8)top & ~above));
-                }
-                float span_max = top[0];
-                for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
-                const float new_max = span_max > max[i] ? span_max : max[i];
-                const float correction = expf(max[i] - new_max); /* 0 on the first span */
-                v8 sums = splat(0.0f);
-                for (int64_t j = 0; j < padded; j += 8) {
-                    const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 if masked */
-                    sums += p;
-                    *(v8 *)(scores + j) = p;
-                }
-                sum[i] = sum[i] * correction + hsum(sums);
-                max[i] = new_max;
-                v8 o[MAX_VECS];
-                for (int64_t c = 0; c < vecs; c++) o[c] = acc[i][c] * splat(correction);
-                for (int64_t b = first; b * bs < end; b++) {
-                    const int64_t v = (table[b] * bs * kvh + g) * hd;
-                    const int64_t n = end - b * bs < bs ? end - b * bs : bs;
-                    const float *p = scores + (b - first) * bs;
-                    for (int64_t j = 0; j < n; j++) {
-                        const v8 pj = splat(p[j]);
-                        for (int64_t c = 0; c < vecs; c++)
-                            o[c] += pj * load_kv(w->v_cache, v + j * row + c * 8, bf16);
+                    float span_max = top[0];
+                    for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
+                    const float new_max = span_max > max[i] ? span_max : max[i];
+                    const float correction = expf(max[i] - new_max); /* 0 on the first span */
+                    v8 sums = splat(0.0f);
+                    for (int64_t j = 0; j < padded; j += 8) {
+                        const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 if masked */
+                        sums += p;
+                        *(v8 *)(scores + j) = p;
                     }
+                    sum[i] = sum[i] * correction + hsum(sums);
+                    max[i] = new_max;
+                    v8 o[MAX_VECS];
+                    for (int64_t c = 0; c < vecs; c++) o[c] = acc[i][c] * splat(correction);
+                    for (int64_t b = first; b * bs < end; b++) {
+                        const int64_t v = widen ? (b - first) * bs * hd : kv_at(b, g);
+                        const void *vc = widen ? (const void *)vw : w->v_cache;
+                        const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                        const float *p = scores + (b - first) * bs;
+                        for (int64_t j = 0; j < n; j++) {
+                            const v8 pj = splat(p[j]);
+                            for (int64_t c = 0; c < vecs; c++)
+                                o[c] += pj * load_kv(vc, v + j * stride + c * 8, in_place_bf16);
+                        }
+                    }
+                    for (int64_t c = 0; c < vecs; c++) acc[i][c] = o[c];
                 }
-                for (int64_t c = 0; c < vecs; c++) acc[i][c] = o[c];
             }
         }
     }
+#undef kv_at
     for (int64_t r = 0; r < rows; r++)
         for (int64_t h = 0; h < heads; h++) {
             float *out = w->out + ((first_token + r) * w->num_heads + h0 + h) * hd;
@@ -250,23 +287,27 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
 /* attend with head_dim a constant for the common sizes, and a variable for others. */
 static inline __attribute__((always_inline)) void attend_dims(const Work *w,
                                                               const int64_t item[5],
-                                                              const int bf16) {
+                                                              const int bf16, const int widen) {
     const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
     switch (w->head_dim) {
-    case 64: attend(w, seq, q0, rows, g0, g1, 8, bf16); break;
-    case 128: attend(w, seq, q0, rows, g0, g1, 16, bf16); break;
-    case 32: attend(w, seq, q0, rows, g0, g1, 4, bf16); break;
-    case 16: attend(w, seq, q0, rows, g0, g1, 2, bf16); break;
-    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8, bf16);
+    case 64: attend(w, seq, q0, rows, g0, g1, 8, bf16, widen); break;
+    case 128: attend(w, seq, q0, rows, g0, g1, 16, bf16, widen); break;
+    case 32: attend(w, seq, q0, rows, g0, g1, 4, bf16, widen); break;
+    case 16: attend(w, seq, q0, rows, g0, g1, 2, bf16, widen); break;
+    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8, bf16, widen);
     }
 }
 
-/* ... and the cache's dtype a constant too. */
+/* ... and how the cache is read a constant too: float32 in place; bfloat16 widened a span at
+ * a time where a span of one kv head fits WIDEN_FLOATS, else in place. */
 static void attend_any(const Work *w, const int64_t item[5]) {
-    if (w->kv_bf16)
-        attend_dims(w, item, 1);
+    const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
+    if (!w->kv_bf16)
+        attend_dims(w, item, 0, 0);
+    else if (span_slots * w->head_dim <= WIDEN_FLOATS)
+        attend_dims(w, item, 1, 1);
     else
-        attend_dims(w, item, 0);
+        attend_dims(w, item, 1, 0);
 }
 
 /* Rows of one prompt per work item: they share each span's K/V in L1. Fewer where their
