@@ -152,8 +152,9 @@ def attend(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: 
     """Causal attention of each new token (``query``: ``[T, num_heads, head_dim]``) over its
     sequence's cached context and the new tokens up to itself. K/V of this step (``key``,
     ``value``: ``[T, num_kv_heads, head_dim]``) must already be written to the cache. Query
-    head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. On the CPU in float32 the
-    whole step is one call of the compiled kernel."""
+    head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. On the CPU with float32
+    queries (over a float32 or bfloat16 cache) the whole step is one call of the compiled
+    kernel."""
     if cpu_kernels.serves(query, k_cache):
         return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, scale)
     if not meta.prefills and meta.decode_tokens.numel() == query.shape[0]:
