@@ -36,33 +36,46 @@ def backends(weights: list[torch.Tensor]) -> dict[str, list]:
     return out
 
 
+def smollm2_weights() -> list[torch.Tensor]:
+    """The projection weights of SmolLM2's 30 layers, random bfloat16 values."""
+    torch.manual_seed(0)
+    return [torch.randn(n, k).mul_(0.05).bfloat16().float()
+            for _ in range(LAYERS) for k, n in SHAPES]
+
+
+def measure(funcs: dict[str, list], weights: list[torch.Tensor], tokens: int,
+            rounds: int) -> dict[str, float]:
+    """name -> median seconds of one pass of ``tokens`` rows through every layer (each
+    backend checked against ``F.linear`` first), and "flops" -> that pass's work."""
+    inputs = [torch.randn(tokens, w.shape[1]) for w in weights]
+    reference = [F.linear(x, w) for x, w in zip(inputs[:4], weights[:4])]
+    times = {name: [] for name in funcs}
+    for name, fs in funcs.items():  # warm up, and check against F.linear
+        for f, x, want in zip(fs, inputs, reference):
+            torch.testing.assert_close(f(x), want, rtol=1e-4, atol=1e-4)
+    for _ in range(rounds):
+        for name, fs in funcs.items():
+            start = time.perf_counter()
+            for f, x in zip(fs, inputs):
+                f(x)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return medians | {"flops": 2 * tokens * sum(k * n for k, n in SHAPES) * LAYERS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[32])
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    weights = [torch.randn(n, k).mul_(0.05).bfloat16().float()
-               for _ in range(LAYERS) for k, n in SHAPES]
+    weights = smollm2_weights()
     funcs = backends(weights)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for tokens in args.tokens:
-        inputs = [torch.randn(tokens, w.shape[1]) for w in weights]
-        reference = [F.linear(x, w) for x, w in zip(inputs[:4], weights[:4])]
-        times = {name: [] for name in funcs}
-        for name, fs in funcs.items():  # warm up, and check against F.linear
-            for f, x, want in zip(fs, inputs, reference):
-                torch.testing.assert_close(f(x), want, rtol=1e-4, atol=1e-4)
-        for _ in range(args.rounds):
-            for name, fs in funcs.items():
-                start = time.perf_counter()
-                for f, x in zip(fs, inputs):
-                    f(x)
-                times[name].append(time.perf_counter() - start)
-        flops = 2 * tokens * sum(k * n for k, n in SHAPES) * LAYERS
-        base = statistics.median(times["oneDNN packed"])
-        for name, ts in times.items():
-            median = statistics.median(ts)
+        times = measure(funcs, weights, tokens, args.rounds)
+        flops = times.pop("flops")
+        base = times["oneDNN packed"]
+        for name, median in times.items():
             print(f"{tokens:5d} tokens  {name:17s} {median * 1e3:8.1f} ms "
                   f"{flops / median / 1e9:6.1f} GFLOP/s  {base / median:5.2f}x oneDNN")
 
