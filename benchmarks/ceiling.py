@@ -2,7 +2,7 @@
 the model's config, at the best rate our GEMM reaches here, as total tokens per second; and
 that beside the rates a ``bench compare`` measured.
 
-    python -m benchmarks.ceiling --compare benchmarks/results/2026-11-27_compare_avx2/compare.json
+    python -m benchmarks.ceiling --compare benchmarks/results/2026-11-27_compare_final/compare.json
 
 The work is the multiply-adds of the forward passes that serving the set takes (x2 FLOP):
 every token fed to the model (a request's prompt, then each output token but its last) goes
@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.compare import request_sets
+from benchmarks.compare import request_sets, throughput
 from benchmarks.workload import WORKLOADS
 from common.config import default_model_dir
 
@@ -94,6 +94,7 @@ def main() -> None:
     print("our GEMM here: " + ", ".join(f"{r / 1e9:.1f} GFLOP/s at {n} tokens"
                                         for n, r in rates.items()))
     systems = list(measured["results"]) if measured else []
+    rates_of = {s: throughput(sets, measured["results"][s]) for s in systems}
     header = ["request set", "TFLOP", "best s", "ceiling tok/s"]
     header += [f"{s} tok/s (of ceiling)" for s in systems]
     header += [f"ceiling / {s}" for s in systems if s != "pagedserve"]
@@ -103,8 +104,7 @@ def main() -> None:
         flops = set_flops(shape, request_set["requests"])
         ceiling = tokens / (flops / rate)
         row = [name, f"{flops / 1e12:.3f}", f"{flops / rate:.2f}", f"{ceiling:.1f}"]
-        got = {s: tokens / measured["results"][s]["results"][name]["median_s"]
-               for s in systems if name in measured["results"][s]["results"]}
+        got = {s: rates_of[s][name] for s in systems if name in rates_of[s]}
         row += [f"{got[s]:.1f} ({got[s] / ceiling:.0%})" if s in got else "-" for s in systems]
         row += [f"{ceiling / got[s]:.2f}x" if s in got else "-"
                 for s in systems if s != "pagedserve"]
