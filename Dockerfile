@@ -14,7 +14,7 @@ COPY kernels kernels
 COPY benchmarks benchmarks
 
 FROM source AS scheduler
-RUN pip install . && python -c "import scheduler_svc.service"
+RUN pip install . && python -c "import pagedserve.scheduler_svc.service"
 ENTRYPOINT ["pagedserve"]
 CMD ["scheduler", "--host", "0.0.0.0"]
 

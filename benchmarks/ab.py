@@ -2,7 +2,7 @@
 alternating run by run on one shared workload (the machine's speed drifts: alternating spreads
 the drift over both sides).
 
-    python -m benchmarks.ab --workload fixed --rounds 3 --flags=--no-async-scheduling
+    python -m pagedserve.benchmarks.ab --workload fixed --rounds 3 --flags=--no-async-scheduling
 
 Each run starts a fresh ``up``, warms it up, resets the prefix cache and times the workload
 through the client; then reads the step cost from ``stats``. Prints every run and the medians,
@@ -16,7 +16,7 @@ import shlex
 import statistics
 from pathlib import Path
 
-from benchmarks.compare import free_ports, request_sets, run_pagedserve
+from pagedserve.benchmarks.compare import free_ports, request_sets, run_pagedserve
 
 
 def run(workload: str, rounds: int, flags: list[str], out: Path) -> dict:

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from common import protocol as p
-from common.sampling import SamplingParams
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.model import ModelConfig, load_model
-from executor_svc.model_runner import ModelRunner
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.engine import Engine
-from scheduler_svc.output_processor import OutputProcessor
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request
-from scheduler_svc.tokenizer import Tokenizer
+from pagedserve.common import protocol as p
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.model import ModelConfig, load_model
+from pagedserve.executor_svc.model_runner import ModelRunner
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.engine import Engine
+from pagedserve.scheduler_svc.output_processor import OutputProcessor
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.", "What are the three primary colors?",

@@ -2,7 +2,8 @@
 the model's config, at the best rate our GEMM reaches here, as total tokens per second; and
 that beside the rates a ``bench compare`` measured.
 
-    python -m benchmarks.ceiling --compare benchmarks/results/2026-11-27_compare_final/compare.json
+    python -m pagedserve.benchmarks.ceiling \
+        --compare benchmarks/results/2026-11-27_compare_final/compare.json
 
 The work is the multiply-adds of the forward passes that serving the set takes (x2 FLOP):
 every token fed to the model (a request's prompt, then each output token but its last) goes
@@ -19,9 +20,9 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.compare import request_sets, throughput
-from benchmarks.workload import WORKLOADS
-from common.config import default_model_dir
+from pagedserve.benchmarks.compare import request_sets, throughput
+from pagedserve.benchmarks.workload import WORKLOADS
+from pagedserve.common.config import default_model_dir
 
 
 def model_shape(config: dict) -> dict[str, int]:
@@ -55,8 +56,8 @@ def set_flops(shape: dict[str, int], requests: list[dict]) -> int:
 
 def best_gemm_rate(tokens: list[int], rounds: int) -> tuple[float, dict[int, float]]:
     """The best FLOP/s of our GEMM (bf16 panels) over ``tokens``, and each count's rate."""
-    from benchmarks import cpu_linear
-    from executor_svc import cpu_kernels
+    from pagedserve.benchmarks import cpu_linear
+    from pagedserve.executor_svc import cpu_kernels
 
     if cpu_kernels.load() is None:
         raise SystemExit("the CPU kernels did not build here")

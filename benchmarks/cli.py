@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from benchmarks import memory as mem
-from benchmarks.workload import WORKLOADS, fingerprint, make_requests
-from common.client import Client
-from common.progress import progress
-from common.sampling import SamplingParams
+from pagedserve.benchmarks import memory as mem
+from pagedserve.benchmarks.workload import WORKLOADS, fingerprint, make_requests
+from pagedserve.common.client import Client
+from pagedserve.common.progress import progress
+from pagedserve.common.sampling import SamplingParams
 
 
 @click.group()
@@ -115,8 +115,8 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if beams:
-        from benchmarks.beam_memory import beam_search_rows
-        from common.config import default_model_dir
+        from pagedserve.benchmarks.beam_memory import beam_search_rows
+        from pagedserve.common.config import default_model_dir
 
         model = model or default_model_dir()
         results["sharing"]["rows"] += beam_search_rows(
@@ -157,7 +157,7 @@ def compare(systems: str, workloads: str, repeats: int, sweep: str, vllm_python:
 
     Starts its own pagedserve (defaults, free ports); stop other heavy work first.
     """
-    from benchmarks import compare as cmp
+    from pagedserve.benchmarks import compare as cmp
 
     chosen = [s for s in systems.split(",") if s]
     unknown = set(chosen) - set(cmp.SYSTEMS)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import click
 
-from benchmarks.workload import WORKLOADS, WorkloadSpec, make_requests
-from common.cli import admin_request
-from common.client import Client
-from common.config import default_model_dir
-from common.sampling import SamplingParams
+from pagedserve.benchmarks.workload import WORKLOADS, WorkloadSpec, make_requests
+from pagedserve.common.cli import admin_request
+from pagedserve.common.client import Client
+from pagedserve.common.config import default_model_dir
+from pagedserve.common.sampling import SamplingParams
 
 SYSTEMS = ("pagedserve", "transformers", "vllm")
 SWEEP = (1, 4, 16, 64)
@@ -67,7 +67,7 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
     admin = f"tcp://127.0.0.1:{admin_port}"
     log = open(log_dir / log_name, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "up", "--client-port", str(client_port),
+        [sys.executable, "-m", "pagedserve.common.cli", "up", "--client-port", str(client_port),
          "--executor-port", str(executor_port), "--admin-port", str(admin_port),
          "--log-stats-interval", "0", *(["--model", model] if model else []), *args],
         stdout=log, stderr=subprocess.STDOUT,

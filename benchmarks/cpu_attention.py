@@ -1,7 +1,7 @@
 """Attention on the CPU: our paged kernel (``cpu_kernels.paged_attention``) against the torch
 path it replaces, in SmolLM2's shape (9 query heads over 3 kv heads of 64, blocks of 16).
 
-    python -m benchmarks.cpu_attention
+    python -m pagedserve.benchmarks.cpu_attention
 
 - **decode**: 64 sequences of 300-700 tokens, one new token each, their blocks scattered over
   the pool; every call reads another layer's cache (30 of them, ~1.5 GB), so that, as in a
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from executor_svc import attention, cpu_kernels
+from pagedserve.executor_svc import attention, cpu_kernels
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
 SCALE = HEAD_DIM ** -0.5

@@ -1,7 +1,7 @@
 """The decoder's GEMMs on the CPU: our packed kernel (``cpu_kernels.PackedWeight``, with float32 and
 with bfloat16 weight panels) against oneDNN's prepacked GEMM and ``F.linear``.
 
-    python -m benchmarks.cpu_linear --tokens 32 1 64 512
+    python -m pagedserve.benchmarks.cpu_linear --tokens 32 1 64 512
 
 Each backend runs the four projections of every layer of SmolLM2's shape (30 layers, random
 weights that are bfloat16 values, as in its checkpoint), one layer after another, so that, as
@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from executor_svc import cpu_kernels
-from executor_svc.cpu import PackedLinear
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.cpu import PackedLinear
 
 HIDDEN, INTER, Q_WIDTH, KV_WIDTH, LAYERS = 576, 1536, 576, 192, 30
 SHAPES = [(HIDDEN, Q_WIDTH + 2 * KV_WIDTH), (Q_WIDTH, HIDDEN), (HIDDEN, 2 * INTER),

@@ -2,8 +2,8 @@
 # The checks that need a CUDA GPU, in one run that fits a short lease of a GPU machine:
 #   kernel-tests  the kernel tests, against float64 references
 #   tests    the engine's CUDA-only tests: swaps, copy-on-write and decode graphs on the GPU
-#   kernels  python -m benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
-#   steps    python -m benchmarks.steps on the shared workloads, bf16, with decode graphs, with
+#   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
+#   steps    python -m pagedserve.benchmarks.steps on the shared workloads, bf16, with decode graphs, with
 #            --enforce-eager, and with the torch backend
 #   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
 #            cost from stats): with the defaults, --no-async-scheduling and --enforce-eager
@@ -50,7 +50,7 @@ fi
 
 if [[ $parts == *kernels* ]]; then
     echo "== kernel benchmark"
-    timeout 150 "$py" -m benchmarks.kernels --json > "$out/kernels.json" 2> "$out/kernels.err"
+    timeout 150 "$py" -m pagedserve.benchmarks.kernels --json > "$out/kernels.json" 2> "$out/kernels.err"
     echo "rc=$?"; tail -3 "$out/kernels.err"
 fi
 
@@ -58,7 +58,7 @@ if [[ $parts == *steps* ]]; then
     echo "== engine steps in process"
     for run in "fixed triton" "fixed triton --enforce-eager" "mixed triton" "fixed torch"; do
         set -- $run
-        timeout 90 "$py" -m benchmarks.steps --workload "$1" --attention-backend "$2" ${3:-} \
+        timeout 90 "$py" -m pagedserve.benchmarks.steps --workload "$1" --attention-backend "$2" ${3:-} \
             --device "$device" --dtype bfloat16 --model "$model" 2>&1 \
             | tee -a "$out/steps.txt" | grep -E "workload|backend|graphs|tok_s|ms_p50|Error"
     done
@@ -69,7 +69,7 @@ if [[ $parts == *serve* ]]; then
     # the defaults (decode graphs, async scheduling), then each turned off
     for flags in --defaults --no-async-scheduling --enforce-eager; do
         [[ $flags == --defaults ]] && set -- || set -- $flags
-        "$py" -m common.cli up --device "$device" --model "$model" "$@" --ready-timeout 150 \
+        "$py" -m pagedserve.common.cli up --device "$device" --model "$model" "$@" --ready-timeout 150 \
             > "$out/up$flags.log" 2>&1 &
         up=$!
         for _ in $(seq 150); do
@@ -79,9 +79,9 @@ if [[ $parts == *serve* ]]; then
         done
         for workload in fixed mixed; do
             echo "$flags $workload"
-            timeout 60 "$py" -m common.cli bench throughput --workload $workload --json 2>&1 \
+            timeout 60 "$py" -m pagedserve.common.cli bench throughput --workload $workload --json 2>&1 \
                 | tee -a "$out/serve.jsonl" | tail -2
-            "$py" -m common.cli stats --json 2>&1 | "$py" -c \
+            "$py" -m pagedserve.common.cli stats --json 2>&1 | "$py" -c \
                 "import json, sys; print(json.dumps(json.load(sys.stdin)['step_cost']))" \
                 | tee -a "$out/serve.jsonl"
         done

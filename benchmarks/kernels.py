@@ -1,6 +1,6 @@
 """Paged attention kernels on a GPU: time, achieved bandwidth, and the cost of paging.
 
-    python -m benchmarks.kernels [--dtype bfloat16] [--json]
+    python -m pagedserve.benchmarks.kernels [--dtype bfloat16] [--json]
 
 Decode: for batch sizes 1-256 and context lengths 128-8192 (SmolLM2's shape by default: 9 query
 heads, 3 KV heads, head_dim 64, block size 16), the time of ``kernels.paged_decode_attention``
@@ -103,7 +103,7 @@ def paged_cache(shape: Shape, lens: list[int]):
 def decode_row(shape: Shape, batch: int, context: int, copy_gbs: float) -> dict:
     from triton.testing import do_bench, do_bench_cudagraph
 
-    import kernels
+    from pagedserve import kernels
 
     key_cache, value_cache, tables, keys, values = paged_cache(shape, [context] * batch)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
@@ -135,7 +135,7 @@ def decode_row(shape: Shape, batch: int, context: int, copy_gbs: float) -> dict:
 def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
     from triton.testing import do_bench
 
-    import kernels
+    from pagedserve import kernels
 
     key_cache, value_cache, tables, keys, values = paged_cache(shape, [prompt_len] * num_seqs)
     seq_lens = torch.full((num_seqs,), prompt_len, dtype=torch.int32, device="cuda")
@@ -162,7 +162,7 @@ def block_op_row(shape: Shape, num_layers: int, op: str, num_blocks: int,
 
     from triton.testing import do_bench
 
-    from executor_svc.cache_engine import CacheEngine
+    from pagedserve.executor_svc.cache_engine import CacheEngine
 
     config = SimpleNamespace(num_layers=num_layers, num_kv_heads=shape.kv_heads,
                              head_dim=shape.head_dim)

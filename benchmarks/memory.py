@@ -8,7 +8,7 @@ many tokens it has. Three measurements, each on a seeded synthetic trace:
    baselines) simulated on the same trace and the same slot budget.
 2. Blocks saved by sharing among parallel samples (Fig. 15): Alpaca-like requests through
    the real scheduler, one prefill forked into n samples that grow with copy-on-write.
-   Beam search needs the model's scores: ``benchmarks.beam_memory`` adds its rows.
+   Beam search needs the model's scores: ``pagedserve.benchmarks.beam_memory`` adds its rows.
 3. Prefill tokens saved by a shared system prompt (prefix caching).
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from benchmarks.workload import TOKEN_HI, TOKEN_LO
-from common.sampling import SamplingParams
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request, Sequence
+from pagedserve.benchmarks.workload import TOKEN_HI, TOKEN_LO
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Request, Sequence
 
 # The paper's numbers (SOSP'23), printed beside ours as reference, never computed.
 PAPER_UTILISATION = {  # Fig. 2: share of KV memory holding token states

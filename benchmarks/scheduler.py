@@ -1,6 +1,6 @@
 """Scheduler cost per step: ``schedule()`` plus plan encoding, at N running decode sequences.
 
-    python -m benchmarks.scheduler [--seqs 256] [--steps 500] [--json]
+    python -m pagedserve.benchmarks.scheduler [--seqs 256] [--steps 500] [--json]
 
 No executor: after each step every sequence "samples" a token, as the executor would report,
 so the next step is again a pure decode step for all of them. Reports the median and p90 of
@@ -15,11 +15,11 @@ import json
 import statistics
 import time
 
-from common import protocol as p
-from common.sampling import SamplingParams
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request
+from pagedserve.common import protocol as p
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Request
 
 PROMPT_LEN = 100
 

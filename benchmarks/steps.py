@@ -2,11 +2,12 @@
 one process (no sockets), timing every step, optionally with torch's profiler on a few decode
 steps.
 
-    python -m benchmarks.steps --workload fixed
-    python -m benchmarks.steps --workload mixed --profile-from 120
-    python -m benchmarks.steps --workload mixed --breakdown
-    python -m benchmarks.steps --workload mixed --kv-cache-dtype bfloat16
-    python -m benchmarks.steps --device cuda --dtype bfloat16 --attention-backend triton \
+    python -m pagedserve.benchmarks.steps --workload fixed
+    python -m pagedserve.benchmarks.steps --workload mixed --profile-from 120
+    python -m pagedserve.benchmarks.steps --workload mixed --breakdown
+    python -m pagedserve.benchmarks.steps --workload mixed --kv-cache-dtype bfloat16
+    python -m pagedserve.benchmarks.steps --device cuda --dtype bfloat16 \
+        --attention-backend triton \
         --model CONFIG_DIR --random-weights
 
 Prints the median prefill-carrying and pure-decode step times, the total, the generated tokens
@@ -30,22 +31,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.workload import WORKLOADS, make_requests
-from common import protocol as p
-from common.config import default_model_dir
-from common.sampling import SamplingParams
-from executor_svc import cpu_kernels
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.cpu import (PackedLinear, bound_primitive_cache, release_free_memory,
+from pagedserve.benchmarks.workload import WORKLOADS, make_requests
+from pagedserve.common import protocol as p
+from pagedserve.common.config import default_model_dir
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.cpu import (PackedLinear, bound_primitive_cache, release_free_memory,
                               tune_allocator)
-from executor_svc.model import load_model
-from executor_svc.model_runner import ModelRunner
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.engine import Engine
-from scheduler_svc.output_processor import OutputProcessor
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request
-from scheduler_svc.tokenizer import Tokenizer
+from pagedserve.executor_svc.model import load_model
+from pagedserve.executor_svc.model_runner import ModelRunner
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.engine import Engine
+from pagedserve.scheduler_svc.output_processor import OutputProcessor
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 BLOCK_SIZE, NUM_BLOCKS, MAX_NUM_SEQS, PROFILED_STEPS = 16, 4000, 256, 10
 

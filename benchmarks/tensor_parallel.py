@@ -1,7 +1,7 @@
 """Throughput with tensor parallelism against one rank: ``pagedserve up`` with its defaults and
 ``--tensor-parallel-size N``, one configuration after another on the same machine.
 
-    python -m benchmarks.tensor_parallel [--workload fixed] [--repeats 2] [--out DIR]
+    python -m pagedserve.benchmarks.tensor_parallel [--workload fixed] [--repeats 2] [--out DIR]
 
 Two models: SmolLM2 itself at 1 and 3 ranks (its 9 query and 3 KV heads divide by 3, not 2),
 and a Llama of SmolLM2's depth, width and vocabulary with 8 query and 4 KV heads (head_dim 64)
@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.compare import free_ports, request_sets, run_pagedserve
-from benchmarks.steps import random_checkpoint
-from common.config import default_model_dir
-from executor_svc.parallel import TensorParallel
+from pagedserve.benchmarks.compare import free_ports, request_sets, run_pagedserve
+from pagedserve.benchmarks.steps import random_checkpoint
+from pagedserve.common.config import default_model_dir
+from pagedserve.executor_svc.parallel import TensorParallel
 
 EIGHT_HEADS = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
 

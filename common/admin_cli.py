@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import click
 
-from common import pool_view
-from common.cli import AdminEndpoint, admin_options, admin_request
+from pagedserve.common import pool_view
+from pagedserve.common.cli import AdminEndpoint, admin_options, admin_request
 
 CLEAR_LINE, CLEAR_BELOW, HOME = "\x1b[K", "\x1b[J", "\x1b[H"
 

@@ -15,22 +15,25 @@ from dataclasses import dataclass
 import click
 import zmq
 
-from common import options
-from common.auth import PeerKeys, peer_keys
-from common.auth import keygen as keygen_files
-from common.sampling import SamplingParams
+from pagedserve.common import options
+from pagedserve.common.auth import PeerKeys, peer_keys
+from pagedserve.common.auth import keygen as keygen_files
+from pagedserve.common.sampling import SamplingParams
 
 LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing it)
-    "scheduler": ("scheduler_svc.cli:main", "Run the scheduler service."),
-    "executor": ("executor_svc.cli:main", "Run the executor service."),
-    "prepare-model": ("executor_svc.prepare_model:main",
+    "scheduler": ("pagedserve.scheduler_svc.cli:main", "Run the scheduler service."),
+    "executor": ("pagedserve.executor_svc.cli:main", "Run the executor service."),
+    "prepare-model": ("pagedserve.executor_svc.prepare_model:main",
                       "Convert the default model into the local cache."),
-    "up": ("common.up:main", "Run scheduler and executor locally."),
-    "bench": ("benchmarks.cli:bench", "Benchmarks: throughput of running services, memory."),
-    "pool": ("common.admin_cli:pool", "Show the device and CPU block pools and their map."),
-    "seqs": ("common.admin_cli:seqs", "List the running, swapped and waiting sequences."),
-    "seq": ("common.admin_cli:seq", "Show one sequence's block table."),
-    "stats": ("common.admin_cli:stats", "Throughput, queues and latency percentiles."),
+    "up": ("pagedserve.common.up:main", "Run scheduler and executor locally."),
+    "bench": ("pagedserve.benchmarks.cli:bench",
+              "Benchmarks: throughput of running services, memory."),
+    "pool": ("pagedserve.common.admin_cli:pool",
+             "Show the device and CPU block pools and their map."),
+    "seqs": ("pagedserve.common.admin_cli:seqs",
+             "List the running, swapped and waiting sequences."),
+    "seq": ("pagedserve.common.admin_cli:seq", "Show one sequence's block table."),
+    "stats": ("pagedserve.common.admin_cli:stats", "Throughput, queues and latency percentiles."),
 }
 
 
@@ -81,7 +84,7 @@ def main() -> None:
 def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top_k, seed,
              stream, as_json, server, timeout, auth, keys) -> None:
     """Generate a continuation of PROMPT."""
-    from common.client import Client, PagedServeError
+    from pagedserve.common.client import Client, PagedServeError
 
     if stream and (n > 1 or beam_width > 1 or (best_of or 1) > 1):
         raise click.UsageError("--stream prints one completion: use it with --n 1, "

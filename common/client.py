@@ -1,7 +1,7 @@
 """Client library: submit prompts to a pagedserve scheduler and read vLLM-shaped outputs.
 
-    from common.client import Client
-    from common.sampling import SamplingParams
+    from pagedserve.common.client import Client
+    from pagedserve.common.sampling import SamplingParams
 
     with Client("tcp://127.0.0.1:5555") as client:
         out = client.generate("The capital of France is", SamplingParams(max_tokens=12))
@@ -23,9 +23,9 @@ from typing import AsyncIterator, Iterator, Sequence
 import zmq
 import zmq.asyncio
 
-from common import protocol as p
-from common.auth import PeerKeys
-from common.sampling import SamplingParams
+from pagedserve.common import protocol as p
+from pagedserve.common.auth import PeerKeys
+from pagedserve.common.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
 

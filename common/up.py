@@ -8,16 +8,16 @@ import time
 
 import click
 
-from common import options
-from common.cli import AdminEndpoint, admin_request, client_keys
-from common.config import default_model_dir
+from pagedserve.common import options
+from pagedserve.common.cli import AdminEndpoint, admin_request, client_keys
+from pagedserve.common.config import default_model_dir
 
 RESTARTS_PER_MINUTE = 5
 
 
 def _service(name: str, flags: list[str]) -> subprocess.Popen:
     # A new session: Ctrl-C reaches only `up`, which then stops the services in order.
-    return subprocess.Popen([sys.executable, "-m", "common.cli", name, *flags],
+    return subprocess.Popen([sys.executable, "-m", "pagedserve.common.cli", name, *flags],
                             start_new_session=True)
 
 
@@ -31,7 +31,7 @@ def main(ready_timeout: float, **kwargs) -> None:
 
     Prepares the default model first if it is missing. Ctrl-C stops both services."""
     if kwargs["model"] is None and not (default_model_dir() / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "common.cli", "prepare-model"], check=True)
+        subprocess.run([sys.executable, "-m", "pagedserve.common.cli", "prepare-model"], check=True)
     shared = options.SHARED_OPTIONS
     connect_host = "127.0.0.1" if kwargs["host"] in ("0.0.0.0", "*") else kwargs["host"]
     commands = {

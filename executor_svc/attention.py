@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from executor_svc import cpu_kernels
+from pagedserve.executor_svc import cpu_kernels
 
 
 class AttentionBackend(NamedTuple):
@@ -42,7 +42,7 @@ def get_backend(name: str) -> AttentionBackend:
     if name == "torch":
         return AttentionBackend("torch", write_kv, attend)
     if name == "triton":
-        from executor_svc import triton_attention
+        from pagedserve.executor_svc import triton_attention
         return AttentionBackend("triton", triton_attention.write_kv, triton_attention.attend)
     raise ValueError(f"unknown attention backend {name!r}; expected one of {', '.join(BACKENDS)}")
 

@@ -6,8 +6,8 @@ import contextlib
 import torch
 from torch import Tensor
 
-from executor_svc.cpu import map_kv_pool
-from executor_svc.model import ModelConfig
+from pagedserve.executor_svc.cpu import map_kv_pool
+from pagedserve.executor_svc.model import ModelConfig
 
 _POOLS = {"swap_out": ("device", "cpu"), "swap_in": ("cpu", "device"),
           "copies": ("device", "device")}  # (source, destination) pool of each block operation

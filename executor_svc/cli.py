@@ -8,11 +8,11 @@ import sys
 
 import click
 
-from common import options
-from common.cli import serve_until_signalled
-from common.config import ExecutorConfig
-from common.log import setup_logging
-from common.up import stop_processes
+from pagedserve.common import options
+from pagedserve.common.cli import serve_until_signalled
+from pagedserve.common.config import ExecutorConfig
+from pagedserve.common.log import setup_logging
+from pagedserve.common.up import stop_processes
 
 
 @click.command("executor")
@@ -34,7 +34,7 @@ def main(**kwargs) -> None:
                 # chosen before triton is first imported (transformers imports it).
                 os.environ["TRITON_INTERPRET"] = "1"
             try:
-                from executor_svc.service import ExecutorService
+                from pagedserve.executor_svc.service import ExecutorService
             except ModuleNotFoundError as exc:  # a base install: scheduler and client only
                 raise click.ClickException(f"the executor needs the model side ({exc}): "
                                            f"pip install 'pagedserve[executor]'") from None
@@ -64,6 +64,7 @@ def _start_local_ranks(kwargs: dict) -> list[subprocess.Popen]:
     per_rank = (lambda rank: f"cuda:{rank}") if device == "cuda" else (lambda rank: device)
     kwargs["device"] = per_rank(0)
     executor_options = options.EXECUTOR_OPTIONS + options.SHARED_OPTIONS
-    return [subprocess.Popen([sys.executable, "-m", "common.cli", "executor", *options.to_flags(
-                {**kwargs, "tp_rank": rank, "device": per_rank(rank)}, executor_options)])
+    return [subprocess.Popen([sys.executable, "-m", "pagedserve.common.cli", "executor",
+                              *options.to_flags({**kwargs, "tp_rank": rank,
+                                                 "device": per_rank(rank)}, executor_options)])
             for rank in range(1, size)]

@@ -19,8 +19,8 @@ import os
 import torch
 from torch import Tensor, nn
 
-from common.log import get_logger
-from executor_svc import cpu_kernels
+from pagedserve.common.log import get_logger
+from pagedserve.executor_svc import cpu_kernels
 
 log = get_logger("executor")
 

@@ -32,8 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from common.config import cache_dir
-from common.log import get_logger
+from pagedserve.common.config import cache_dir
+from pagedserve.common.log import get_logger
 
 log = get_logger("executor")
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from executor_svc.attention import AttentionBackend, AttentionMetadata
-from executor_svc.model import PagedLlamaForCausalLM
+from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata
+from pagedserve.executor_svc.model import PagedLlamaForCausalLM
 
 MAX_BUCKET = 512
 

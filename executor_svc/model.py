@@ -19,10 +19,10 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from executor_svc import cpu_kernels
-from executor_svc.attention import AttentionMetadata
-from executor_svc.cpu import PackedLinear, pack_linears
-from executor_svc.parallel import TensorParallel, check_divisible
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.attention import AttentionMetadata
+from pagedserve.executor_svc.cpu import PackedLinear, pack_linears
+from pagedserve.executor_svc.parallel import TensorParallel, check_divisible
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE types whose frequencies do not depend on the sequence length, so one table serves all steps.
@@ -311,7 +311,7 @@ class PagedLlamaForCausalLM(nn.Module):
 
     def prepack(self) -> int:
         """On CPU, prepack every projection and the LM head for oneDNN's GEMM where it
-        serves the dtype (``executor_svc.cpu``); returns how many matrices were packed. A
+        serves the dtype (``pagedserve.executor_svc.cpu``); returns how many matrices were packed. A
         tied head gets its own packed copy: the embedding keeps the dense table."""
         count = pack_linears(self)
         needs_head = self.tp is None or self.tp.is_driver  # only rank 0 samples

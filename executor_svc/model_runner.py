@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common import protocol as p
-from common.sampling import SamplingParams
-from executor_svc.attention import AttentionMetadata, get_backend
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.cuda_graphs import DecodeGraphs
-from executor_svc.model import PagedLlamaForCausalLM
-from executor_svc.sampler import Sampler
+from pagedserve.common import protocol as p
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.attention import AttentionMetadata, get_backend
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
+from pagedserve.executor_svc.model import PagedLlamaForCausalLM
+from pagedserve.executor_svc.sampler import Sampler
 
 _BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from common.log import get_logger
+from pagedserve.common.log import get_logger
 
 log = get_logger("executor")
 

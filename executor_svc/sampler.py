@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.sampling import SamplingParams
-from executor_svc import cpu_kernels
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc import cpu_kernels
 
 
 @dataclass

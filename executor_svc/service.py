@@ -22,15 +22,15 @@ import uuid
 import torch
 import zmq
 
-from common import protocol as p
-from common.auth import peer_keys
-from common.config import ExecutorConfig
-from common.log import get_logger
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.cpu import bound_primitive_cache, release_free_memory, tune_allocator
-from executor_svc.model import ModelConfig, load_model
-from executor_svc.model_runner import ModelRunner, PlanError
-from executor_svc.parallel import Command, TensorParallel
+from pagedserve.common import protocol as p
+from pagedserve.common.auth import peer_keys
+from pagedserve.common.config import ExecutorConfig
+from pagedserve.common.log import get_logger
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.cpu import bound_primitive_cache, release_free_memory, tune_allocator
+from pagedserve.executor_svc.model import ModelConfig, load_model
+from pagedserve.executor_svc.model_runner import ModelRunner, PlanError
+from pagedserve.executor_svc.parallel import Command, TensorParallel
 
 log = get_logger("executor")
 REGISTER_RETRY_MS = 2000

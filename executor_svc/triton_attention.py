@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-import kernels
-from executor_svc.attention import AttentionMetadata
+from pagedserve import kernels
+from pagedserve.executor_svc.attention import AttentionMetadata
 
 
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.sampling import SamplingParams
-from scheduler_svc.sequence import Sequence
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.sequence import Sequence
 
 
 @dataclass

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler_svc.block_pool import BlockPool
-from scheduler_svc.prefix_cache import PrefixCache
-from scheduler_svc.sequence import Sequence
+from pagedserve.scheduler_svc.block_pool import BlockPool
+from pagedserve.scheduler_svc.prefix_cache import PrefixCache
+from pagedserve.scheduler_svc.sequence import Sequence
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import click
 
-from common import options
-from common.cli import serve_until_signalled
-from common.config import SchedulerConfig
-from common.log import setup_logging
+from pagedserve.common import options
+from pagedserve.common.cli import serve_until_signalled
+from pagedserve.common.config import SchedulerConfig
+from pagedserve.common.log import setup_logging
 
 
 @click.command("scheduler")
 @lambda f: options.apply(options.SCHEDULER_OPTIONS + options.SHARED_OPTIONS, f)
 def main(**kwargs) -> None:
     """Run the scheduler: block manager, continuous batching, client and admin sockets."""
-    from scheduler_svc.service import SchedulerService
+    from pagedserve.scheduler_svc.service import SchedulerService
 
     try:
         config = SchedulerConfig(**kwargs)

@@ -6,10 +6,10 @@ decode step while one is (async scheduling). Results are processed in step order
 """
 from __future__ import annotations
 
-from common import protocol as p
-from scheduler_svc.output_processor import OutputProcessor
-from scheduler_svc.scheduler import ScheduledStep, Scheduler
-from scheduler_svc.sequence import Request
+from pagedserve.common import protocol as p
+from pagedserve.scheduler_svc.output_processor import OutputProcessor
+from pagedserve.scheduler_svc.scheduler import ScheduledStep, Scheduler
+from pagedserve.scheduler_svc.sequence import Request
 
 
 class Engine:

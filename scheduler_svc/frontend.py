@@ -1,11 +1,11 @@
 """Client-facing side of the scheduler: validate requests, tokenize, build output messages."""
 from __future__ import annotations
 
-from common.protocol import GenerateRequest, RequestOutputMsg
-from common.sampling import SamplingParams
-from scheduler_svc.output_processor import DeltaTracker
-from scheduler_svc.sequence import Request
-from scheduler_svc.tokenizer import Tokenizer
+from pagedserve.common.protocol import GenerateRequest, RequestOutputMsg
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.output_processor import DeltaTracker
+from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 
 class InvalidRequest(ValueError):

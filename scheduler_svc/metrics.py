@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from scheduler_svc.prometheus import PrometheusMetrics
-from scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.prometheus import PrometheusMetrics
+from pagedserve.scheduler_svc.sequence import Request
 
 WINDOW = 10_000     # latest latencies kept for percentiles
 HISTORY_S = 60.0    # token totals kept this long, for throughput over a recent window

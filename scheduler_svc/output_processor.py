@@ -1,10 +1,10 @@
 """Sampled tokens in, text and stop decisions out: detokenize and check stop conditions."""
 from __future__ import annotations
 
-from common.protocol import CompletionDelta
-from scheduler_svc.beam_search import BeamSearch, Hypothesis
-from scheduler_svc.sequence import Request, Sequence
-from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
+from pagedserve.common.protocol import CompletionDelta
+from pagedserve.scheduler_svc.beam_search import BeamSearch, Hypothesis
+from pagedserve.scheduler_svc.sequence import Request, Sequence
+from pagedserve.scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class OutputProcessor:

@@ -12,11 +12,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.protocol import NewSeq, StepPlan
-from scheduler_svc.beam_search import Choice
-from scheduler_svc.block_manager import AppendResult, BlockManager
-from scheduler_svc.cost_model import PreemptionCostModel
-from scheduler_svc.sequence import Request, Sequence, SequenceStatus
+from pagedserve.common.protocol import NewSeq, StepPlan
+from pagedserve.scheduler_svc.beam_search import Choice
+from pagedserve.scheduler_svc.block_manager import AppendResult, BlockManager
+from pagedserve.scheduler_svc.cost_model import PreemptionCostModel
+from pagedserve.scheduler_svc.sequence import Request, Sequence, SequenceStatus
 
 
 @dataclass

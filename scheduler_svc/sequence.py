@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from common.sampling import SamplingParams
+from pagedserve.common.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from scheduler_svc.beam_search import BeamSearch
+    from pagedserve.scheduler_svc.beam_search import BeamSearch
 
 
 class SequenceStatus(enum.Enum):

@@ -22,20 +22,20 @@ from typing import NamedTuple
 import structlog
 import zmq
 
-from common import protocol as p
-from common.auth import SchedulerAuth
-from common.config import SchedulerConfig
-from common.log import get_logger
-from scheduler_svc.admin import AdminHandler
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.cost_model import PreemptionCostModel
-from scheduler_svc.engine import Engine
-from scheduler_svc.frontend import Frontend, InvalidRequest
-from scheduler_svc.metrics import Metrics
-from scheduler_svc.output_processor import OutputProcessor
-from scheduler_svc.scheduler import ScheduledStep, Scheduler
-from scheduler_svc.sequence import Request
-from scheduler_svc.tokenizer import Tokenizer
+from pagedserve.common import protocol as p
+from pagedserve.common.auth import SchedulerAuth
+from pagedserve.common.config import SchedulerConfig
+from pagedserve.common.log import get_logger
+from pagedserve.scheduler_svc.admin import AdminHandler
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.cost_model import PreemptionCostModel
+from pagedserve.scheduler_svc.engine import Engine
+from pagedserve.scheduler_svc.frontend import Frontend, InvalidRequest
+from pagedserve.scheduler_svc.metrics import Metrics
+from pagedserve.scheduler_svc.output_processor import OutputProcessor
+from pagedserve.scheduler_svc.scheduler import ScheduledStep, Scheduler
+from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 log = get_logger("scheduler")
 HEARTBEAT_S = 1.0

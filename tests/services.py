@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import click
 
-from benchmarks.compare import free_ports  # noqa: F401 - the tests take it from here
-from common.cli import admin_request
-from common.up import stop_processes
+from pagedserve.benchmarks.compare import free_ports  # noqa: F401 - the tests take it from here
+from pagedserve.common.cli import admin_request
+from pagedserve.common.up import stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,10 +23,10 @@ def pagedserve(*args: str, **kwargs) -> subprocess.Popen:
     """``pagedserve ARGS`` as a child process, run from this checkout; ``env`` adds to the
     environment."""
     # Each service chooses triton's interpreter itself: not inherited from the test process.
-    env = {**os.environ, **kwargs.pop("env", {}), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **kwargs.pop("env", {})}
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
-                            **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "pagedserve.common.cli", *args], cwd=ROOT,
+                            env=env, **kwargs)
 
 
 def admin(address: str, cmd: str, timeout_s: float = 5.0, **fields) -> dict:

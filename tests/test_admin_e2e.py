@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from services import Services, free_ports, pagedserve
 
-from common.client import Client
-from common.sampling import SamplingParams
+from pagedserve.common.client import Client
+from pagedserve.common.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

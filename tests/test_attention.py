@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from executor_svc import cpu_kernels
-from executor_svc.attention import AttentionMetadata, attend, write_kv
-from kernels import paged_attention_reference, reshape_and_cache_reference
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.attention import AttentionMetadata, attend, write_kv
+from pagedserve.kernels import paged_attention_reference, reshape_and_cache_reference
 
 HEAD_DIM = 8
 BLOCK_SIZE = 4

@@ -11,12 +11,12 @@ import time
 import pytest
 import zmq
 
-from common import protocol as p
-from common.auth import key_pair, peer_keys, public_key
-from common.cli import AdminEndpoint
-from common.client import Client, ServerTimeoutError
-from common.up import stop_processes
-from common.sampling import SamplingParams
+from pagedserve.common import protocol as p
+from pagedserve.common.auth import key_pair, peer_keys, public_key
+from pagedserve.common.cli import AdminEndpoint
+from pagedserve.common.client import Client, ServerTimeoutError
+from pagedserve.common.up import stop_processes
+from pagedserve.common.sampling import SamplingParams
 from services import ROOT, admin, free_ports, pagedserve, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -72,9 +72,9 @@ def test_only_peers_with_the_right_keys_get_in(smollm2_dir, keys):
                 ("SECRET", key_pair("client", good).secret))}
         env["PAGEDSERVE_SCHEDULER_PUBLIC_KEY"] = public_key("scheduler", good).decode()
         out = subprocess.run(
-            [sys.executable, "-m", "common.cli", "generate", "--auth", "--keys", "/nonexistent",
-             "--server", client, "--max-tokens", "3", "The capital of France is"],
-            cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+            [sys.executable, "-m", "pagedserve.common.cli", "generate", "--auth", "--keys",
+             "/nonexistent", "--server", client, "--max-tokens", "3", "The capital of France is"],
+            cwd=ROOT, env={**os.environ, **env}, capture_output=True,
             text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout == " Paris.\n\n"

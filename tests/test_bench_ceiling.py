@@ -1,4 +1,4 @@
-"""benchmarks.ceiling's count of a request's work, against torch's own FLOP counter over
+"""pagedserve.benchmarks.ceiling's count of a request's work, against torch's own FLOP counter over
 transformers serving the same tokens one at a time from its KV cache."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from benchmarks.ceiling import model_shape, request_flops, set_flops
+from pagedserve.benchmarks.ceiling import model_shape, request_flops, set_flops
 
 CONFIGS = [
     dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

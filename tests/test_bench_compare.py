@@ -8,9 +8,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import compare
-from benchmarks.cli import bench
-from benchmarks.workload import fingerprint, make_requests
+from pagedserve.benchmarks import compare
+from pagedserve.benchmarks.cli import bench
+from pagedserve.benchmarks.workload import fingerprint, make_requests
 
 
 def test_request_sets_are_the_shared_workloads_and_the_sweep():

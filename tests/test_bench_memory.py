@@ -6,9 +6,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import memory as mem
-from benchmarks.cli import bench
-from benchmarks.memory import TraceRequest
+from pagedserve.benchmarks import memory as mem
+from pagedserve.benchmarks.cli import bench
+from pagedserve.benchmarks.memory import TraceRequest
 
 SMALL = mem.MemoryBench(num_requests=120, num_blocks=256, max_model_len=1024)
 
@@ -111,11 +111,11 @@ def test_memory_command_prints_tables_and_skips_the_plot_without_matplotlib(tmp_
 def test_beams_share_blocks_and_leave_the_runner_empty(tmp_path):
     import torch
 
-    from benchmarks.beam_memory import beam_search_savings
-    from executor_svc.cache_engine import CacheEngine
-    from executor_svc.model import ModelConfig, load_model
-    from executor_svc.model_runner import ModelRunner
-    from scheduler_svc.output_processor import OutputProcessor
+    from pagedserve.benchmarks.beam_memory import beam_search_savings
+    from pagedserve.executor_svc.cache_engine import CacheEngine
+    from pagedserve.executor_svc.model import ModelConfig, load_model
+    from pagedserve.executor_svc.model_runner import ModelRunner
+    from pagedserve.scheduler_svc.output_processor import OutputProcessor
     from tiny_models import make_tiny_model, word_tokenizer
 
     path = make_tiny_model("llama", tmp_path)

@@ -1,5 +1,5 @@
 """The scheduler benchmark's plan-size measure: a pure decode step costs a few bytes a sequence."""
-from benchmarks.scheduler import run
+from pagedserve.benchmarks.scheduler import run
 
 
 def test_pure_decode_plans_stay_under_12_bytes_per_sequence():

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from scheduler_svc import prefix_cache
-from scheduler_svc.block_manager import AppendResult, BlockManager
-from scheduler_svc.sequence import Sequence
+from pagedserve.scheduler_svc import prefix_cache
+from pagedserve.scheduler_svc.block_manager import AppendResult, BlockManager
+from pagedserve.scheduler_svc.sequence import Sequence
 
 BLOCK_SIZE = 4
 # Prompts start with a prefix of one of these, so that prefix-cache hits are common.

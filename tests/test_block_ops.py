@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from common import protocol as p
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.model import ModelConfig, load_model
-from executor_svc.model_runner import ModelRunner, PlanError
+from pagedserve.common import protocol as p
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.model import ModelConfig, load_model
+from pagedserve.executor_svc.model_runner import ModelRunner, PlanError
 from tiny_models import make_tiny_model
 
 BLOCK_SIZE = 4

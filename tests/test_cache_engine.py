@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.model import ModelConfig
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.model import ModelConfig
 
 
 @pytest.fixture(scope="module")

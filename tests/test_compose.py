@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from common.client import Client
-from common.sampling import SamplingParams
+from pagedserve.common.client import Client
+from pagedserve.common.sampling import SamplingParams
 from services import free_ports, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]

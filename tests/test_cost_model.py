@@ -1,7 +1,7 @@
 """auto preemption chooses by measured cost: recompute tokens vs move blocks out and back."""
 import pytest
 
-from scheduler_svc.cost_model import PreemptionCostModel
+from pagedserve.scheduler_svc.cost_model import PreemptionCostModel
 
 
 def test_recomputes_until_prefill_cost_is_measured():

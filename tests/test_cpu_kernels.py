@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from executor_svc import cpu_kernels
-from executor_svc.model import RMSNorm, apply_rope
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.model import RMSNorm, apply_rope
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None,
                                 reason="the CPU kernels did not build here (no C compiler?)")

@@ -11,9 +11,9 @@ import msgpack
 import pytest
 import zmq
 
-from common import protocol as p
-from common.client import Client, InvalidRequestError
-from common.sampling import SamplingParams
+from pagedserve.common import protocol as p
+from pagedserve.common.client import Client, InvalidRequestError
+from pagedserve.common.sampling import SamplingParams
 from services import Services, admin, free_ports, pagedserve
 
 pytestmark = pytest.mark.slow
@@ -266,7 +266,7 @@ def test_best_of_returns_the_most_likely_of_its_samples(client):
 def test_async_client_generates_and_streams(services):
     import asyncio
 
-    from common.client import AsyncClient
+    from pagedserve.common.client import AsyncClient
 
     async def main():
         async with AsyncClient(services.client, timeout=60.0) as client:
@@ -296,7 +296,7 @@ def test_admin_shows_each_running_sequence_block_table(client, services):
 
 
 def test_client_times_out_instead_of_hanging_when_nobody_answers():
-    from common.client import ServerTimeoutError
+    from pagedserve.common.client import ServerTimeoutError
     from services import free_ports
 
     (port,) = free_ports(1)
@@ -339,7 +339,7 @@ def test_every_device_block_is_free_at_the_end(services):  # keep last: runs aft
 
 
 def test_beyond_max_waiting_new_requests_get_overloaded_and_the_rest_complete(smollm2_dir):
-    from common.client import OverloadedError
+    from pagedserve.common.client import OverloadedError
 
     # No executor: nothing is admitted, so the queue only grows.
     client_port, executor_port, admin_port = free_ports(3)

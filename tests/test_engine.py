@@ -7,16 +7,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import protocol as p
-from common.sampling import SamplingParams
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.model import ModelConfig, load_model
-from executor_svc.model_runner import ModelRunner, PlanError
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.engine import Engine
-from scheduler_svc.output_processor import DeltaTracker, OutputProcessor
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request
+from pagedserve.common import protocol as p
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.model import ModelConfig, load_model
+from pagedserve.executor_svc.model_runner import ModelRunner, PlanError
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.engine import Engine
+from pagedserve.scheduler_svc.output_processor import DeltaTracker, OutputProcessor
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Request
 from tiny_models import make_tiny_model, transformers_greedy, word_tokenizer
 
 BLOCK_SIZE = 4

@@ -15,10 +15,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import protocol as p
-from common.client import Client, InvalidRequestError
-from common.sampling import SamplingParams
-from scheduler_svc.admin import COMMANDS
+from pagedserve.common import protocol as p
+from pagedserve.common.client import Client, InvalidRequestError
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.admin import COMMANDS
 from services import Services
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.cache_ops import reshape_and_cache, reshape_and_cache_launch
-from kernels.decode import (
+from pagedserve.kernels.cache_ops import reshape_and_cache, reshape_and_cache_launch
+from pagedserve.kernels.decode import (
     DEFAULT_SMS,
     LONG_CONTEXT,
     MIN_PARTITION_SIZE,
@@ -31,7 +31,7 @@ from kernels.decode import (
     partition_size_for,
     use_split_k,
 )
-from kernels.reference import paged_attention_reference, reshape_and_cache_reference
+from pagedserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}

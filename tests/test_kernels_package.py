@@ -1,9 +1,20 @@
-"""Our top-level ``kernels`` must not pass for the PyPI ``kernels`` that transformers probes."""
+"""pagedserve installs under its own namespace, so it never writes over another distribution.
+
+Top-level ``common`` and ``kernels`` are other projects' names on the package index (``kernels``
+is Hugging Face's hub-kernel loader, which transformers probes for). These tests install a real
+wheel of ours beside PyPI's ``kernels`` and check that both keep their files.
+"""
 from __future__ import annotations
 
-import importlib.util
+import base64
+import csv
+import hashlib
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils.import_utils import is_kernels_available
@@ -11,11 +22,68 @@ from transformers.utils.import_utils import is_kernels_available
 from tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+FOLDERS = ("common", "scheduler_svc", "executor_svc", "kernels", "benchmarks")
+
+
+def _pip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    built = _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO),
+                 cwd=out)
+    assert built.returncode == 0, built.stderr
+    (path,) = out.glob("pagedserve-*.whl")
+    return path
+
+
+def test_wheel_writes_only_under_the_pagedserve_namespace(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    assert tops == {"pagedserve", dist_info}, tops
+    for folder in FOLDERS:
+        assert f"pagedserve/{folder}/__init__.py" in names, folder
+    assert "pagedserve/executor_svc/csrc/cpu_kernels.c" in names
+
+
+def test_installs_beside_the_hub_kernels_package_without_touching_its_files(wheel, tmp_path):
+    target = tmp_path / "site"
+    hub = _pip("install", "--no-deps", "--target", str(target), "kernels", cwd=tmp_path)
+    if hub.returncode != 0:
+        pytest.skip(f"the package index is out of reach: {hub.stderr.strip()[-300:]}")
+    before = _record_hashes(target, "kernels")
+    ours = _pip("install", "--no-deps", "--target", str(target), "--upgrade", str(wheel),
+                cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    assert _record_hashes(target, "kernels") == before
+    assert all(_sha256(target / path) == digest for path, digest in before.items())
+    assert not (target / "common").exists()
+    # Each name resolves to its own distribution's files.
+    code = ("import importlib.util as u\n"
+            "print(u.find_spec('kernels').origin)\n"
+            "print(u.find_spec('pagedserve.kernels').origin)")
+    found = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, check=True,
+                           capture_output=True, text=True, env={"PYTHONPATH": str(target)})
+    hub_origin, our_origin = found.stdout.split()
+    assert Path(hub_origin) == target / "kernels" / "__init__.py"
+    assert Path(our_origin) == target / "pagedserve" / "kernels" / "__init__.py"
+
+
+def test_outside_the_source_tree_no_top_level_name_of_ours_is_importable(tmp_path):
+    code = ("import importlib.util as u\n"
+            f"assert all(u.find_spec(m) is None for m in {FOLDERS!r})\n"
+            "print(u.find_spec('pagedserve.kernels').origin)")
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True,
+                           capture_output=True, text=True)
+    assert Path(found.stdout.strip()) == REPO / "kernels" / "__init__.py"
 
 
 def test_transformers_does_not_take_our_kernels_for_the_hub_package():
-    assert Path(importlib.util.find_spec("kernels").origin).parent == REPO / "kernels"
-    is_kernels_available.cache_clear()  # probe afresh, with ours importable
+    is_kernels_available.cache_clear()  # probe afresh, with ours installed
     assert not is_kernels_available()
 
 
@@ -24,3 +92,17 @@ def test_transformers_still_loads_and_runs_a_model(tmp_path):
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+def _record_hashes(site: Path, dist: str) -> dict[str, str]:
+    """A distribution's files under ``site`` and their sha256 as its RECORD lists them
+    (console scripts, listed outside it, left out)."""
+    (record,) = site.glob(f"{dist}-*.dist-info/RECORD")
+    rows = csv.reader(record.read_text().splitlines())
+    return {path: digest.removeprefix("sha256=") for path, digest, _ in rows
+            if digest and not path.startswith("..")}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

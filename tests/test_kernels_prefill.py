@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from torch import Tensor
 from triton.backends.compiler import GPUTarget
 
-from kernels import paged_attention_reference
-from kernels.prefill import _NUM_WARPS, _kernel_constants, _prefill_kernel, paged_prefill_attention
+from pagedserve.kernels import paged_attention_reference
+from pagedserve.kernels.prefill import (_NUM_WARPS, _kernel_constants, _prefill_kernel,
+                                        paged_prefill_attention)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.client import Client
-from common.sampling import SamplingParams
-from executor_svc.service import resolve_kv_dtype
+from pagedserve.common.client import Client
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.service import resolve_kv_dtype
 from services import Services
 
 pytestmark = pytest.mark.slow

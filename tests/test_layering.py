@@ -4,13 +4,15 @@ import sys
 
 from services import ROOT
 
-TORCH_FREE = ["scheduler_svc.service", "scheduler_svc.cli", "common.client", "common.cli",
-              "common.up", "common.protocol", "benchmarks.cli"]
+TORCH_FREE = ["pagedserve.scheduler_svc.service", "pagedserve.scheduler_svc.cli",
+              "pagedserve.common.client", "pagedserve.common.cli",
+              "pagedserve.common.up", "pagedserve.common.protocol", "pagedserve.benchmarks.cli"]
 
 
 def test_scheduler_and_common_import_no_torch():
     code = (f"import sys\nfor m in {TORCH_FREE!r}: __import__(m)\n"
-            "bad = sorted(m for m in ('torch', 'transformers', 'executor_svc') if m in sys.modules)\n"
+            "bad = sorted(m for m in ('torch', 'transformers', 'pagedserve.executor_svc')\n"
+            "             if m in sys.modules)\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from common.client import AsyncClient
-from common.sampling import SamplingParams
-from executor_svc.service import IDLE_TRIM_S
+from pagedserve.common.client import AsyncClient
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.service import IDLE_TRIM_S
 from services import Services
 
 pytestmark = pytest.mark.slow

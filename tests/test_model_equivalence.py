@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.sampling import SamplingParams
-from executor_svc import cpu_kernels
-from executor_svc.attention import AttentionMetadata
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.model import ModelConfig, load_model
-from executor_svc.sampler import Sampler
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.attention import AttentionMetadata
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.model import ModelConfig, load_model
+from pagedserve.executor_svc.sampler import Sampler
 from tiny_models import TINY_CONFIGS, make_tiny_model
 
 BLOCK_SIZE = 4

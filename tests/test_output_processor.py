@@ -1,10 +1,10 @@
 """Stop conditions and streamed deltas on the scheduler side, with SmolLM2's tokenizer."""
 import pytest
 
-from common.sampling import SamplingParams
-from scheduler_svc.output_processor import DeltaTracker, OutputProcessor
-from scheduler_svc.sequence import Request, Sequence
-from scheduler_svc.tokenizer import Tokenizer
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.output_processor import DeltaTracker, OutputProcessor
+from pagedserve.scheduler_svc.sequence import Request, Sequence
+from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The admin views' pure parts: the pool map's aggregation, rendering, and percentiles."""
 import pytest
 
-from common import pool_view
-from common.pool_view import aggregate, render_map
-from scheduler_svc.metrics import percentile, summary
+from pagedserve.common import pool_view
+from pagedserve.common.pool_view import aggregate, render_map
+from pagedserve.scheduler_svc.metrics import percentile, summary
 
 
 def test_small_pools_get_one_cell_per_block():

@@ -2,8 +2,8 @@
 every request with the greedy output of an unconstrained run; prefix caching saves work."""
 import pytest
 
-from common.client import Client
-from common.sampling import SamplingParams
+from pagedserve.common.client import Client
+from pagedserve.common.sampling import SamplingParams
 from services import Services
 
 pytestmark = pytest.mark.slow

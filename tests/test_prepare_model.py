@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from executor_svc import prepare_model as pm
+from pagedserve.executor_svc import prepare_model as pm
 
 
 def fake_convert(gguf_path: Path, dst: Path, progress) -> None:

@@ -3,9 +3,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from common import protocol as p
-from common.config import ExecutorConfig, SchedulerConfig
-from common.sampling import SamplingParams
+from pagedserve.common import protocol as p
+from pagedserve.common.config import ExecutorConfig, SchedulerConfig
+from pagedserve.common.sampling import SamplingParams
 
 
 def test_plan_round_trips_with_int_arrays_as_packed_int32():

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from common.client import Client, RequestLostError
-from common.sampling import SamplingParams
+from pagedserve.common.client import Client, RequestLostError
+from pagedserve.common.sampling import SamplingParams
 import services
 from services import admin, child, wait_ready
 

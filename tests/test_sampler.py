@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from common.sampling import SamplingParams
-from executor_svc import cpu_kernels
-from executor_svc.sampler import Sampler
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.sampler import Sampler
 
 VOCAB = 100
 

@@ -4,10 +4,10 @@ from collections import Counter
 
 from hypothesis import given, settings, strategies as st
 
-from common.sampling import SamplingParams
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Request, SequenceStatus
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Request, SequenceStatus
 
 BLOCK_SIZE = 4
 
@@ -219,7 +219,7 @@ def test_recompute_all_requeues_every_held_sequence_and_admin_still_describes_th
     import json
     from types import SimpleNamespace
 
-    from scheduler_svc.admin import AdminHandler
+    from pagedserve.scheduler_svc.admin import AdminHandler
 
     scheduler = Scheduler(BlockManager(4, 8, 8), max_num_seqs=8, max_num_batched_tokens=64,
                           preemption_mode="swap")
@@ -311,7 +311,7 @@ def test_every_sequence_reads_its_own_tokens_with_and_without_async_scheduling(
     """Through a simulated executor, with prefix sharing, samples, preemption, stop tokens
     and aborts: every context reads back exactly its own tokens, every request ends, and
     the pools end empty; with ``pipelined``, steps go ahead as the service sends them."""
-    from common import protocol as p
+    from pagedserve.common import protocol as p
 
     rng, stop = random.Random(seed), 100  # a sampled 100 is a stop token: one in eight
     bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0)

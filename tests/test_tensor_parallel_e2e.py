@@ -15,11 +15,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 import services
-from common.client import Client
-from common.config import ExecutorConfig
-from common.sampling import SamplingParams
-from executor_svc.cache_engine import CacheEngine
-from executor_svc.model import ModelConfig
+from pagedserve.common.client import Client
+from pagedserve.common.config import ExecutorConfig
+from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.model import ModelConfig
 from services import Services, admin, child, free_ports, pagedserve, wait_ready
 from tiny_models import transformers_greedy
 

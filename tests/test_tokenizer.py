@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
+from pagedserve.scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from executor_svc.attention import AttentionMetadata, get_backend
-from executor_svc.model import load_model
-from executor_svc.cuda_graphs import batch_buckets
+from pagedserve.executor_svc.attention import AttentionMetadata, get_backend
+from pagedserve.executor_svc.model import load_model
+from pagedserve.executor_svc.cuda_graphs import batch_buckets
 from test_engine import BLOCK_SIZE, make_runner, request, run
 from tiny_models import make_tiny_model
 
@@ -104,8 +104,8 @@ def test_decode_graphs_give_the_eager_tokens(tiny, device):
 
 @pytest.mark.slow
 def test_executor_with_triton_attention_serves_smollm2_greedy(smollm2_dir):
-    from common.client import Client
-    from common.sampling import SamplingParams
+    from pagedserve.common.client import Client
+    from pagedserve.common.sampling import SamplingParams
     from services import Services
 
     services = Services(smollm2_dir, executor_args=["--attention-backend", "triton",

@@ -51,7 +51,7 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, max_shard_size: str = 
 
 def word_tokenizer(eos_token_ids=()):
     """A tokenizer for the tiny models' 512 ids: id i is the word "t<i>"."""
-    from scheduler_svc.tokenizer import Tokenizer
+    from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
     vocab = {f"t{i}": i for i in range(SHAPE["vocab_size"])}
     inner = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
