@@ -87,8 +87,6 @@ class RequestOutput:
     finished: bool
 
 
-HEARTBEAT_S = 1.0
-MAX_MESSAGE_MB = 16.0  # the scheduler's --max-message-mb default
 
 
 class AsyncClient:
@@ -98,7 +96,7 @@ class AsyncClient:
     taken for gone, and its requests are aborted (the scheduler's ``--client-timeout``)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
-                 max_message_mb: float = MAX_MESSAGE_MB, keys: PeerKeys | None = None):
+                 max_message_mb: float = p.MAX_MESSAGE_MB, keys: PeerKeys | None = None):
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = int(max_message_mb * (1 << 20))
@@ -220,7 +218,7 @@ class AsyncClient:
         """While requests are live, tell the server every second that this client is here,
         and which requests it waits for: a restarted server answers that it lost them."""
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(p.CLIENT_HEARTBEAT_S)
             if self._queues:
                 await self._sock.send(p.encode(p.Heartbeat(request_ids=sorted(self._sent))))
 
@@ -244,7 +242,7 @@ class Client:
     """Blocking client with the methods of ``AsyncClient``; safe to share between threads."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
-                 max_message_mb: float = MAX_MESSAGE_MB, keys: PeerKeys | None = None):
+                 max_message_mb: float = p.MAX_MESSAGE_MB, keys: PeerKeys | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="pagedserve-client")

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.common.protocol import MAX_MESSAGE_MB
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -28,8 +30,8 @@ class SchedulerConfig:
     max_waiting: int = 4096             # requests queued before admission at most
     client_timeout: float = 30.0        # silence after which a client's requests are aborted
     executor_timeout: float = 1.5       # silence after which the executor is taken for dead
-    max_message_mb: float = 16.0        # larger messages on any scheduler socket: peer cut off
-    max_num_batched_tokens: int | None = None  # tokens in one step (prompts are chunked); 2048
+    max_message_mb: float = MAX_MESSAGE_MB  # larger messages on any scheduler socket: cut off
+    max_num_batched_tokens: int = 2048  # tokens in one step (prompts are chunked)
     max_model_len: int | None = None    # context limit; default the model's own
     watermark: float = 0.01             # fraction of device blocks kept free when admitting
     preemption_mode: str = "auto"       # auto | swap | recompute
@@ -54,10 +56,10 @@ class SchedulerConfig:
         _positive("client_timeout", self.client_timeout)
         _positive("executor_timeout", self.executor_timeout)
         _positive("max_message_mb", self.max_message_mb)
-        _positive_or_none("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_or_none("max_model_len", self.max_model_len)
-        if self.preemption_mode not in ("auto", "swap", "recompute"):
-            raise ValueError(f"preemption_mode must be auto, swap or recompute, "
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
                              f"got {self.preemption_mode!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
@@ -143,6 +145,7 @@ class ExecutorConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PREEMPTION_MODES = ("auto", "swap", "recompute")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "bfloat16")
 

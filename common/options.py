@@ -11,9 +11,9 @@ SCHEDULER_OPTIONS = [
                  help="Tokens per KV cache block."),
     click.option("--max-num-seqs", type=int, default=256, show_default=True,
                  help="Sequences computed in one step at most."),
-    click.option("--max-num-batched-tokens", type=int, default=None,
+    click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True,
                  help="Tokens computed in one step at most; longer prompts are split into chunks "
-                      "across steps [default: 2048]."),
+                      "across steps."),
     click.option("--max-model-len", type=int, default=None,
                  help="Context length limit [default: the model's]."),
     click.option("--client-timeout", type=float, default=30.0, show_default=True,

@@ -88,7 +88,10 @@ class Heartbeat:
 
 
 HEARTBEAT_SUFFIX = b"/heartbeat"
-EXECUTOR_HEARTBEAT_S = 0.25
+CLIENT_HEARTBEAT_S = 1.0     # scheduler <-> client, each way, while a client has live requests
+EXECUTOR_HEARTBEAT_S = 0.25  # executor -> scheduler, even mid-step
+MAX_MESSAGE_MB = 16.0        # default cap on one message (the scheduler's --max-message-mb)
+MAX_SEQ_ID = 2**31 - 1       # sequence ids travel as int32
 
 
 # ---------------------------------------------------------------- executor <-> scheduler
@@ -127,7 +130,7 @@ class NewSeq:
     seq_id: int
     token_ids: Ints                 # every known token: the prompt, plus outputs when recomputed
     block_table: Ints               # blocks for the tokens computed this step
-    params: dict                    # SamplingParams.to_dict()
+    params: dict                    # SamplerParams.to_dict(): what the sampler reads
     num_computed_tokens: int = 0    # leading tokens whose KV is already in the cache
     sample_index: int = 0           # which of its request's samples: seeds draws with the seed
 

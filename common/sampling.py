@@ -1,7 +1,8 @@
 """Sampling parameters of one request, shaped like vLLM's ``SamplingParams``.
 
 Validated at construction on the client and again on the scheduler (``from_dict``),
-so a bad value is a ``ValueError`` that names the field wherever it enters.
+so a bad value is a ``ValueError`` that names the field wherever it enters. The executor
+receives only ``SamplerParams``, what it samples with, already validated.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
         for i, t in enumerate(self.stop_token_ids):
-            _check_int(f"stop_token_ids[{i}]", t, low=0, high=2**31 - 1)
+            _check_int(f"stop_token_ids[{i}]", t, low=0, high=_MAX_TOKEN_ID)
         _check_bool("ignore_eos", self.ignore_eos)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=20)
@@ -89,6 +90,12 @@ class SamplingParams:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def sampler_params(self) -> "SamplerParams":
+        """What the executor samples with (stop strings, lengths and counts stay here)."""
+        return SamplerParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                             seed=self.seed, logprobs=self.logprobs,
+                             beam_width=self.beam_width)
+
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":
         """Build from a wire dict; an unknown field is a ``ValueError`` naming it."""
@@ -99,6 +106,40 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """The part of a request's ``SamplingParams`` that the executor's sampler reads. Built by
+    the scheduler from params it validated, so the executor checks only the map's shape."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: int | None = None
+    beam_width: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplerParams":
+        """From a plan's map; a map that is not one is a ``ValueError`` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"sampler params must be a map, got {type(data).__name__}")
+        unknown = sorted(str(k) for k in data if k not in _SAMPLER_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown sampler parameter(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+_MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
+_SAMPLER_FIELDS = frozenset(f.name for f in fields(SamplerParams))
 
 
 def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from pagedserve.common import protocol as p
-from pagedserve.common.sampling import SamplingParams
+from pagedserve.common.sampling import SamplerParams
 from pagedserve.executor_svc.attention import AttentionMetadata, get_backend
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
@@ -32,7 +32,7 @@ class SeqState:
     token_ids: list[int]
     block_table: list[int]
     num_computed_tokens: int
-    params: SamplingParams
+    params: SamplerParams
     sample_index: int = 0
 
     def copy(self, sample_index: int | None = None) -> "SeqState":
@@ -244,7 +244,7 @@ class _TableUpdate:
                             f"{new.num_computed_tokens} with {len(new.token_ids)} tokens")
         table = [self._block(b) for b in new.block_table.tolist()]
         return SeqState(new.token_ids.tolist(), table, new.num_computed_tokens,
-                        SamplingParams.from_dict(new.params), new.sample_index)
+                        SamplerParams.from_dict(new.params), new.sample_index)
 
     def _add(self, seq_id: int, state: SeqState) -> None:
         if seq_id in self.seqs:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pagedserve.common.sampling import SamplingParams
+from pagedserve.common.sampling import SamplerParams
 from pagedserve.executor_svc import cpu_kernels
 
 
@@ -27,7 +27,7 @@ class Sampler:
     what else is in the batch; rows without one share a draw from torch's default generator.
     """
 
-    def __call__(self, logits: Tensor, params: list[SamplingParams],
+    def __call__(self, logits: Tensor, params: list[SamplerParams],
                  generators: list[torch.Generator | None]) -> SamplerOutput:
         num_top = max((_num_top(p) for p in params), default=0)
         if num_top == 0 and cpu_kernels.fuses(logits) and all(_is_argmax(p) for p in params):
@@ -46,18 +46,18 @@ class Sampler:
                              top_token_ids=top_token_ids, top_logprobs=top_logprobs)
 
 
-def _is_argmax(params: SamplingParams) -> bool:
+def _is_argmax(params: SamplerParams) -> bool:
     # Beam search is deterministic: the scheduler chooses among the top candidates.
     return params.greedy or params.beam_width > 1
 
 
-def _num_top(params: SamplingParams) -> int:
+def _num_top(params: SamplerParams) -> int:
     """Top tokens to return: the logprobs asked for, and 2 x beam_width beam candidates."""
     beams = 2 * params.beam_width if params.beam_width > 1 else 0
     return max(params.logprobs or 0, beams)
 
 
-def _sample(logits: Tensor, params: list[SamplingParams],
+def _sample(logits: Tensor, params: list[SamplerParams],
             generators: list[torch.Generator | None]) -> Tensor:
     # Greedy rows get temperature 1 here; their draw is discarded.
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)

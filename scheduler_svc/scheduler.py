@@ -12,7 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pagedserve.common.protocol import NewSeq, StepPlan
+from pagedserve.common.config import PREEMPTION_MODES
+from pagedserve.common.protocol import MAX_SEQ_ID, NewSeq, StepPlan
 from pagedserve.scheduler_svc.beam_search import Choice
 from pagedserve.scheduler_svc.block_manager import AppendResult, BlockManager
 from pagedserve.scheduler_svc.cost_model import PreemptionCostModel
@@ -48,7 +49,7 @@ class ScheduledStep:
         return StepPlan(
             step=step_no, removed=self.removed,
             new_seqs=[NewSeq(seq_id=s.seq_id, token_ids=s.token_ids, block_table=tables[s.seq_id],
-                             params=s.request.params.to_dict(),
+                             params=s.request.params.sampler_params().to_dict(),
                              num_computed_tokens=s.num_computed_tokens,
                              sample_index=s.sample_index) for s in self.new_seqs],
             seq_ids=[s.seq_id for s in self.seqs], num_tokens=self.num_tokens,
@@ -70,8 +71,6 @@ class ScheduledStep:
             self.copies.append(append.cow)
             self.replace_last.append((seq.seq_id, append.cow[1]))
 
-
-PREEMPTION_MODES = ("auto", "swap", "recompute")
 
 Group = list[Sequence]  # the sequences of one request that move together
 
@@ -119,7 +118,7 @@ class Scheduler:
         """Queue a new request: its samples (n, or best_of) or its first beam."""
         num_samples = 1 if request.params.beam_width > 1 else (
             request.params.best_of or request.params.n)
-        request.seqs = [Sequence(next(self._seq_ids) % 2**31, request.prompt_token_ids,
+        request.seqs = [Sequence(next(self._seq_ids) % (MAX_SEQ_ID + 1), request.prompt_token_ids,
                                  request, sample_index=i) for i in range(num_samples)]
         # One prefill for all samples: the others are forked from the first.
         request.unforked = request.seqs[1:]
@@ -204,7 +203,7 @@ class Scheduler:
             parent = choice.parent
             seq = parent
             if any(chosen is parent for chosen, _ in next_beams):
-                seq = parent.fork(next(self._seq_ids) % 2**31)
+                seq = parent.fork(next(self._seq_ids) % (MAX_SEQ_ID + 1))
                 self._fork(parent, seq, self._forks)
             next_beams.append((seq, choice))
         # Tokens go on after every fork: a fork copies its parent without the new token

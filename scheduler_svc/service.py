@@ -38,7 +38,6 @@ from pagedserve.scheduler_svc.sequence import Request
 from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 log = get_logger("scheduler")
-HEARTBEAT_S = 1.0
 IDLE_POLL_MS = 100
 
 
@@ -65,7 +64,7 @@ class SchedulerService:
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         vocab_size, max_positions = read_model_limits(model_dir)
         self.max_model_len = min(config.max_model_len or max_positions, max_positions)
-        max_batched = config.max_num_batched_tokens or 2048
+        max_batched = config.max_num_batched_tokens
         if max_batched < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be at least "
                              f"max_num_seqs ({config.max_num_seqs}): every running sequence "
@@ -262,7 +261,7 @@ class SchedulerService:
         for client, requests in live.items():
             if now - self._last_heard.get(client, now) > self.config.client_timeout:
                 self._forget(requests)
-            elif now - self._last_sent.get(client, 0.0) >= HEARTBEAT_S:
+            elif now - self._last_sent.get(client, 0.0) >= p.CLIENT_HEARTBEAT_S:
                 self._send_client(client, p.Heartbeat())
         for book in (self._last_sent, self._last_heard):
             for client in set(book) - set(live):
