@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pagedserve.benchmarks.memory import scheduler_over, sharing_saves
 from pagedserve.common import protocol as p
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc.cache_engine import CacheEngine
@@ -24,7 +25,6 @@ from pagedserve.executor_svc.model_runner import ModelRunner
 from pagedserve.scheduler_svc.block_manager import BlockManager
 from pagedserve.scheduler_svc.engine import Engine
 from pagedserve.scheduler_svc.output_processor import OutputProcessor
-from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request
 from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ def beam_search_rows(model_dir: Path, widths: tuple[int, ...], num_requests: int
     num_blocks = concurrency * max(widths) * (-(-longest // block_size) + 1)
     cache = CacheEngine(config, block_size, num_blocks, 0, torch.float32, "cpu")
     runner = ModelRunner(model, cache, block_size)
-    processor = OutputProcessor(tokenizer, config.max_position_embeddings)
+    processor = OutputProcessor(tokenizer, lambda: config.max_position_embeddings)
     return [{"kind": "beam search", "width": width,
              "saved": beam_search_savings(runner, processor, prompts, max_tokens, width,
                                           concurrency)} for width in widths]
@@ -78,7 +78,8 @@ def beam_search_savings(runner: ModelRunner, processor: OutputProcessor,
     ``concurrency`` requests in flight; a finished request makes room for the next."""
     bm = BlockManager(runner.block_size, runner.cache.num_device_blocks, 0, watermark=0.0,
                       enable_prefix_caching=False)
-    engine = Engine(Scheduler(bm, concurrency * width, 4096), processor)
+    engine = Engine(scheduler_over(bm, processor.max_model_len(), concurrency * width, 4096),
+                    processor)
     pending = [Request(str(i), b"bench", SamplingParams(beam_width=width, max_tokens=limit),
                        ids, stream=False)
                for i, (ids, limit) in enumerate(zip(prompts, max_tokens))]
@@ -92,8 +93,9 @@ def beam_search_savings(runner: ModelRunner, processor: OutputProcessor,
         if scheduled is None:
             raise RuntimeError("the engine stopped with requests unfinished")
         step, plan = scheduled
-        if len(live) == concurrency and bm.tables:
-            saved.append(1 - bm.device.num_used / sum(map(len, bm.tables.values())))
+        blocks = bm.snapshot()
+        if len(live) == concurrency and blocks.tables:
+            saved.append(sharing_saves(blocks))
         engine.process(step, runner.execute(p.decode(p.encode(plan))))
         live = [request for request in live if not request.is_finished]
     while (scheduled := engine.schedule()) is not None:  # the last removals reach the runner

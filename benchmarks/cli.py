@@ -12,6 +12,7 @@ import click
 from pagedserve.benchmarks import memory as mem
 from pagedserve.benchmarks.workload import WORKLOADS, fingerprint, make_requests
 from pagedserve.common.client import Client
+from pagedserve.common.config import SchedulerConfig, default_model_dir, tcp_endpoint
 from pagedserve.common.progress import progress
 from pagedserve.common.sampling import SamplingParams
 
@@ -28,7 +29,7 @@ def bench() -> None:
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Timed runs. Runs after the first reuse the prefix cache unless the "
                    "server runs with --no-prefix-caching.")
-@click.option("--server", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option("--server", default=tcp_endpoint(SchedulerConfig.client_port), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def throughput(workload: str, repeats: int, server: str, as_json: bool) -> None:
     """Submit the whole workload at once (token ids, greedy, ignore_eos) and time it."""
@@ -116,7 +117,6 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
         raise click.UsageError(str(e)) from None
     if beams:
         from pagedserve.benchmarks.beam_memory import beam_search_rows
-        from pagedserve.common.config import default_model_dir
 
         model = model or default_model_dir()
         results["sharing"]["rows"] += beam_search_rows(

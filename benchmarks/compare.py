@@ -32,7 +32,7 @@ import click
 from pagedserve.benchmarks.workload import WORKLOADS, WorkloadSpec, make_requests
 from pagedserve.common.cli import admin_request
 from pagedserve.common.client import Client
-from pagedserve.common.config import default_model_dir
+from pagedserve.common.config import default_model_dir, tcp_endpoint
 from pagedserve.common.sampling import SamplingParams
 
 SYSTEMS = ("pagedserve", "transformers", "vllm")
@@ -64,7 +64,7 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
                    log_name: str = "pagedserve.log") -> dict:
     """Start ``pagedserve up`` with its defaults (and ``args``), time every set, stop it."""
     client_port, executor_port, admin_port = ports
-    admin = f"tcp://127.0.0.1:{admin_port}"
+    admin = tcp_endpoint(admin_port)
     log = open(log_dir / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.common.cli", "up", "--client-port", str(client_port),
@@ -75,7 +75,7 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
     try:
         _wait_ready(admin, proc)
         results = {}
-        with Client(f"tcp://127.0.0.1:{client_port}", timeout=300.0) as client:
+        with Client(tcp_endpoint(client_port), timeout=300.0) as client:
             client.generate(list(range(100, 140)), SamplingParams(temperature=0.0,
                                                                   max_tokens=4))
             for name, request_set in sets.items():

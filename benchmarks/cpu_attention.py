@@ -20,7 +20,9 @@ import time
 
 import torch
 
-from pagedserve.executor_svc import attention, cpu_kernels
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.backends.cpu import CpuBackend
+from pagedserve.executor_svc.backends.torch import TorchBackend, decode, prefill
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
 SCALE = HEAD_DIM ** -0.5
@@ -50,28 +52,29 @@ def decode_case(rounds: int) -> dict[str, float]:
     ids = torch.randperm(sum(blocks)).tolist()
     tables = [ids[sum(blocks[:i]):sum(blocks[:i + 1])] for i in range(len(lens))]
     caches = [_pool(sum(blocks)) for _ in range(LAYERS)]
-    meta = attention.AttentionMetadata.build(tables, [n - 1 for n in lens], [1] * len(lens),
-                                             BLOCK, "cpu", null_block=sum(blocks))
+    step = (tables, [n - 1 for n in lens], [1] * len(lens))
+    batch = CpuBackend(BLOCK).build(*step).batch
+    meta = TorchBackend(BLOCK, "cpu", null_block=sum(blocks)).build(*step)
     query = torch.randn(len(lens), HEADS, HEAD_DIM)
 
     def ours():
         for k_cache, v_cache in caches:
-            cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE)
+            cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE)
 
     def torch_path():
         for k_cache, v_cache in caches:
-            attention._decode(query, k_cache, v_cache, meta, SCALE)
+            decode(query, k_cache, v_cache, meta, SCALE)
 
     half_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
 
     def ours_bf16():
         for k_cache, v_cache in half_caches:
-            cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE)
+            cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE)
 
     k_cache, v_cache = caches[0]
     torch.testing.assert_close(
-        cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE),
-        attention._decode(query, k_cache, v_cache, meta, SCALE), rtol=1e-4, atol=1e-4)
+        cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE),
+        decode(query, k_cache, v_cache, meta, SCALE), rtol=1e-4, atol=1e-4)
     runs = {"ours": ours, "torch": torch_path, "ours_bf16": ours_bf16}
     return {name: t / LAYERS for name, t in _timed(runs, rounds).items()}
 
@@ -81,16 +84,16 @@ def prompt_case(length: int, rounds: int) -> dict[str, float]:
     blocks = -(-length // BLOCK)
     k_cache, v_cache = _pool(blocks)
     table = torch.randperm(blocks).tolist()
-    meta = attention.AttentionMetadata.build([table], [0], [length], BLOCK, "cpu")
+    batch = CpuBackend(BLOCK).build([table], [0], [length]).batch
     query = torch.randn(length, HEADS, HEAD_DIM)
     keys = k_cache[table].flatten(0, 1)[:length]
     values = v_cache[table].flatten(0, 1)[:length]
 
     def ours():
-        return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.kernel_batch, SCALE)
+        return cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE)
 
     def torch_path():
-        return attention._prefill(query, keys, values, None, SCALE, HEADS // KV_HEADS)
+        return prefill(query, keys, values, None, SCALE, HEADS // KV_HEADS)
 
     torch.testing.assert_close(ours(), torch_path(), rtol=1e-4, atol=1e-4)
     return _timed({"ours": lambda: [ours() for _ in range(10)],

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.executor_svc import cpu_kernels
-from pagedserve.executor_svc.cpu import PackedLinear
+from pagedserve.executor_svc.layer_ops import OneDnnLinear
 
 HIDDEN, INTER, Q_WIDTH, KV_WIDTH, LAYERS = 576, 1536, 576, 192, 30
 SHAPES = [(HIDDEN, Q_WIDTH + 2 * KV_WIDTH), (Q_WIDTH, HIDDEN), (HIDDEN, 2 * INTER),
@@ -29,7 +29,7 @@ SHAPES = [(HIDDEN, Q_WIDTH + 2 * KV_WIDTH), (Q_WIDTH, HIDDEN), (HIDDEN, 2 * INTE
 def backends(weights: list[torch.Tensor]) -> dict[str, list]:
     """name -> per weight, a function of the input."""
     out = {"F.linear": [lambda x, w=w: F.linear(x, w) for w in weights]}
-    out["oneDNN packed"] = [PackedLinear(w, None, batch_hint=32, onednn=True) for w in weights]
+    out["oneDNN packed"] = [OneDnnLinear(w, None, batch_hint=32) for w in weights]
     if cpu_kernels.load() is not None:
         for name, allow_bf16 in (("ours f32 panels", False), ("ours bf16 panels", True)):
             out[name] = [cpu_kernels.PackedWeight(w, None, allow_bf16) for w in weights]

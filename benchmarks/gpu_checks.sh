@@ -30,7 +30,7 @@ nvidia-smi -L
 triton.__version__, '| transformers', transformers.__version__, '|', \
 torch.cuda.get_device_name())"
 if [[ $parts == *steps* || $parts == *serve* ]] && [[ ! -d $model ]]; then
-    "$py" -c "import sys; from pathlib import Path; from benchmarks.steps import random_checkpoint
+    "$py" -c "import sys; from pathlib import Path; from pagedserve.benchmarks.steps import random_checkpoint
 random_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]))" "$config" "$model" 2>&1 | grep -v Writing
 fi
 

@@ -24,8 +24,10 @@ from pathlib import Path
 from pagedserve.benchmarks.workload import TOKEN_HI, TOKEN_LO
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.scheduler_svc.block_manager import BlockManager
+from pagedserve.scheduler_svc.block_snapshot import BlockSnapshot
 from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request, Sequence
+from pagedserve.scheduler_svc.session import ContextLimit, ExecutorSession
 
 # The paper's numbers (SOSP'23), printed beside ours as reference, never computed.
 PAPER_UTILISATION = {  # Fig. 2: share of KV memory holding token states
@@ -160,16 +162,17 @@ def run_paged(trace: list[TraceRequest], bench: MemoryBench) -> list[tuple[int, 
     (prefix caching off, recompute preemption). Returns (allocated slots, token slots) per
     step, where a token slot holds a token of a sequence that has blocks."""
     bm = BlockManager(bench.block_size, bench.num_blocks, 0, enable_prefix_caching=False)
-    scheduler = Scheduler(bm, bench.max_num_seqs, bench.max_num_batched_tokens,
-                          preemption_mode="recompute")
+    scheduler = scheduler_over(bm, bench.max_model_len, bench.max_num_seqs,
+                           bench.max_num_batched_tokens, preemption_mode="recompute")
     requests = [_request(i, r.prompt_token_ids, r.output_lens[0]) for i, r in enumerate(trace)]
     for request in requests:
         scheduler.add(request)  # makes the request's sequence
     seqs = {seq.seq_id: seq for request in requests for seq in request.seqs}
     steps = []
     while not (step := scheduler.schedule()).is_empty:
-        steps.append((bm.device.num_used * bench.block_size,
-                      sum(seqs[seq_id].num_tokens for seq_id in bm.tables)))
+        blocks = bm.snapshot()
+        steps.append((blocks.device.num_used * bench.block_size,
+                      sum(seqs[seq_id].num_tokens for seq_id in blocks.tables)))
         scheduler.update(step)
         for seq in step.seqs:
             if seq.num_computed_tokens == seq.num_tokens:  # all in the cache: it samples
@@ -254,7 +257,7 @@ def parallel_sampling_savings(trace: list[TraceRequest], n: int, block_size: int
     longest = max(len(r.prompt_token_ids) + max(r.output_lens[:n]) for r in trace)
     num_blocks = concurrency * n * (math.ceil(longest / block_size) + 1)
     bm = BlockManager(block_size, num_blocks, 0, watermark=0.0, enable_prefix_caching=False)
-    scheduler = Scheduler(bm, concurrency * n, num_blocks * block_size)
+    scheduler = scheduler_over(bm, longest, concurrency * n, num_blocks * block_size)
     pending = deque(enumerate(trace))
     # Each request in flight, by id, with its samples' output lengths.
     live: dict[str, tuple[Request, list[int]]] = {}
@@ -267,7 +270,7 @@ def parallel_sampling_savings(trace: list[TraceRequest], n: int, block_size: int
             live[request.request_id] = request, traced.output_lens[:n]
         step = scheduler.schedule()
         if len(live) == concurrency:
-            saved.append(1 - bm.device.num_used / sum(map(len, bm.tables.values())))
+            saved.append(sharing_saves(bm.snapshot()))
         scheduler.update(step)
         for seq in step.seqs:
             if seq.num_computed_tokens == seq.num_tokens:  # all in the cache: it samples
@@ -287,18 +290,18 @@ def prefix_sharing(prefix_len: int, num_requests: int, block_size: int, seed: in
     rng = random.Random(seed)
     prefix = _token_ids(rng, prefix_len)
     prompts = [prefix + _token_ids(rng, rng.randint(*SUFFIX_LENS)) for _ in range(num_requests)]
-    cached, hits = _prefill(prompts, block_size, enable_prefix_caching=True)
-    _, misses = _prefill(prompts, block_size, enable_prefix_caching=False)
+    hits = _prefill(prompts, block_size, enable_prefix_caching=True)
+    misses = _prefill(prompts, block_size, enable_prefix_caching=False)
     total = sum(map(len, prompts))
     return {"prefix_len": prefix_len, "requests": num_requests, "suffix_lens": SUFFIX_LENS,
-            "queries": cached.prefix_queries, "hits": cached.prefix_hits,
-            "hits_per_request": hits,
+            "queries": total, "hits": sum(hits), "hits_per_request": hits,
             "prefill_tokens": {"without caching": total - sum(misses),
                                "with caching": total - sum(hits)}}
 
 
 def _prefill(prompts: list[list[int]], block_size: int,
-             enable_prefix_caching: bool) -> tuple[BlockManager, list[int]]:
+             enable_prefix_caching: bool) -> list[int]:
+    """The prompt tokens each prompt finds cached, prefilled one after the other."""
     num_blocks = sum(math.ceil(len(ids) / block_size) for ids in prompts)
     bm = BlockManager(block_size, num_blocks, 0, watermark=0.0,
                       enable_prefix_caching=enable_prefix_caching)
@@ -310,7 +313,20 @@ def _prefill(prompts: list[list[int]], block_size: int,
         hits.append(seq.num_computed_tokens)
         seq.num_computed_tokens = seq.num_tokens  # its prefill ran
         bm.cache_computed_blocks(seq)
-    return bm, hits
+    return hits
+
+
+def sharing_saves(blocks: BlockSnapshot) -> float:
+    """The share of blocks that sharing saves: 1 - blocks in use / blocks in all tables."""
+    return 1 - blocks.device.num_used / sum(map(len, blocks.tables.values()))
+
+
+def scheduler_over(bm: BlockManager, max_model_len: int, *args, **kwargs) -> Scheduler:
+    """A scheduler (``Scheduler(*args, **kwargs)``) that schedules into ``bm``, as into the
+    pool of a ready executor."""
+    scheduler = Scheduler(*args, **kwargs)
+    scheduler.attach(ExecutorSession(bm, ContextLimit(max_model_len, "the bench holds no more")))
+    return scheduler
 
 
 def _request(request_no: int, prompt_token_ids: list[int], max_tokens: int,

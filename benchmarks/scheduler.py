@@ -20,6 +20,7 @@ from pagedserve.common.sampling import SamplingParams
 from pagedserve.scheduler_svc.block_manager import BlockManager
 from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.session import ContextLimit, ExecutorSession
 
 PROMPT_LEN = 100
 
@@ -27,7 +28,8 @@ PROMPT_LEN = 100
 def run(num_seqs: int, num_steps: int, block_size: int = 16) -> dict:
     blocks_per_seq = -(-(PROMPT_LEN + num_steps + 1) // block_size)
     bm = BlockManager(block_size, num_seqs * blocks_per_seq + 64, 0)
-    scheduler = Scheduler(bm, num_seqs, max(num_seqs, PROMPT_LEN) * num_seqs)
+    scheduler = Scheduler(num_seqs, max(num_seqs, PROMPT_LEN) * num_seqs)
+    scheduler.attach(ExecutorSession(bm, ContextLimit(bm.max_seq_len, "the pool holds no more")))
     for i in range(num_seqs):
         prompt = list(range(1000 + i, 1000 + i + PROMPT_LEN))  # no two share a prefix
         scheduler.add(Request(str(i), b"bench", SamplingParams(max_tokens=10**6), prompt,
@@ -37,7 +39,7 @@ def run(num_seqs: int, num_steps: int, block_size: int = 16) -> dict:
     for step_no in range(num_steps):
         start = time.perf_counter()
         step = scheduler.schedule()
-        data = p.encode(step.to_plan(step_no, bm.tables))
+        data = p.encode(step.to_plan(step_no))
         scheduled = time.perf_counter()
         _sample(scheduler, step)
         schedule_ms.append((scheduled - start) * 1e3)

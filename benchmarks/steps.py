@@ -37,8 +37,9 @@ from pagedserve.common.config import default_model_dir
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.cache_engine import CacheEngine
-from pagedserve.executor_svc.cpu import (PackedLinear, bound_primitive_cache, release_free_memory,
-                              tune_allocator)
+from pagedserve.executor_svc.cpu_memory import (bound_primitive_cache, release_free_memory,
+                                                tune_allocator)
+from pagedserve.executor_svc.layer_ops import PackedLinear
 from pagedserve.executor_svc.model import load_model
 from pagedserve.executor_svc.model_runner import ModelRunner
 from pagedserve.scheduler_svc.block_manager import BlockManager
@@ -46,6 +47,7 @@ from pagedserve.scheduler_svc.engine import Engine
 from pagedserve.scheduler_svc.output_processor import OutputProcessor
 from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.session import ContextLimit, ExecutorSession
 from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 BLOCK_SIZE, NUM_BLOCKS, MAX_NUM_SEQS, PROFILED_STEPS = 16, 4000, 256, 10
@@ -141,9 +143,10 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
     graphs = torch.device(device).type == "cuda" and attention_backend == "triton" and not eager
     if graphs:  # as the executor does by default
         runner.use_decode_graphs(MAX_NUM_SEQS, model.config.max_model_len)
-    block_manager = BlockManager(BLOCK_SIZE, NUM_BLOCKS, 0)
-    engine = Engine(Scheduler(block_manager, MAX_NUM_SEQS, 2048),
-                    OutputProcessor(Tokenizer.from_model_dir(model_dir), 8192))
+    scheduler = Scheduler(MAX_NUM_SEQS, 2048)
+    scheduler.attach(ExecutorSession(BlockManager(BLOCK_SIZE, NUM_BLOCKS, 0),
+                                     ContextLimit(8192, "the benchmark serves no more")))
+    engine = Engine(scheduler, OutputProcessor(Tokenizer.from_model_dir(model_dir), lambda: 8192))
     for i, r in enumerate(make_requests(workload)):
         engine.add(Request(str(i), b"bench", SamplingParams(
             temperature=0.0, ignore_eos=True, max_tokens=r.output_len), r.prompt_token_ids,

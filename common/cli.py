@@ -18,6 +18,7 @@ import zmq
 from pagedserve.common import options
 from pagedserve.common.auth import PeerKeys, peer_keys
 from pagedserve.common.auth import keygen as keygen_files
+from pagedserve.common.config import KEYS_DIR_DEFAULT, SchedulerConfig, tcp_endpoint
 from pagedserve.common.sampling import SamplingParams
 
 LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing it)
@@ -76,7 +77,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole output as JSON.")
-@click.option("--server", default="tcp://127.0.0.1:5555", show_default=True,
+@click.option("--server", default=tcp_endpoint(SchedulerConfig.client_port), show_default=True,
               help="The scheduler's client endpoint.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds of server silence before giving up.")
@@ -171,13 +172,13 @@ def admin_options(func):
 
     @functools.wraps(func)
     def command(*args, admin, admin_port, auth, keys, **kwargs):
-        return func(*args, admin=AdminEndpoint(admin or f"tcp://127.0.0.1:{admin_port}",
+        return func(*args, admin=AdminEndpoint(admin or tcp_endpoint(admin_port),
                                                client_keys(auth, keys)), **kwargs)
 
     command = options.apply(options.AUTH_OPTIONS, command)
     command = click.option("--admin", default=None, help="Admin endpoint, tcp://HOST:PORT "
                            "(overrides --admin-port).")(command)
-    return click.option("--admin-port", type=int, default=5557, show_default=True)(command)
+    return options.option(SchedulerConfig, "admin_port")(command)
 
 
 @main.command()
@@ -198,8 +199,7 @@ def health(admin, live) -> None:
 
 @main.command()
 @click.option("--keys", type=click.Path(file_okay=False), default=None,
-              help="Where to write them [default: $PAGEDSERVE_KEYS or "
-                   "~/.config/pagedserve/keys].")
+              help=f"Where to write them [default: {KEYS_DIR_DEFAULT}].")
 @click.option("--force", is_flag=True, help="Replace existing keys.")
 def keygen(keys, force) -> None:
     """Make the CURVE key pairs for --auth: scheduler, executor and client. Give each

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from pagedserve.common import protocol as p
 from pagedserve.common.auth import PeerKeys
+from pagedserve.common.config import SchedulerConfig, tcp_endpoint
 from pagedserve.common.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -89,13 +90,16 @@ class RequestOutput:
 
 
 
+DEFAULT_ADDRESS = tcp_endpoint(SchedulerConfig.client_port)  # a scheduler on this machine
+
+
 class AsyncClient:
     """asyncio client; ``timeout`` is how long the server may stay silent (it sends a
     heartbeat every second while requests are live) before ``ServerTimeoutError``. The
     client sends one every second too while it has live requests: a client that stops is
     taken for gone, and its requests are aborted (the scheduler's ``--client-timeout``)."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0,
                  max_message_mb: float = p.MAX_MESSAGE_MB, keys: PeerKeys | None = None):
         self.address = address
         self.timeout = timeout
@@ -241,7 +245,7 @@ class AsyncClient:
 class Client:
     """Blocking client with the methods of ``AsyncClient``; safe to share between threads."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout: float = 30.0,
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0,
                  max_message_mb: float = p.MAX_MESSAGE_MB, keys: PeerKeys | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,

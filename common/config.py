@@ -1,13 +1,27 @@
-"""Validated configuration of the two services, and where the local model cache lives."""
+"""Validated configuration of the two services, and where the local model cache lives.
+
+Every field is a ``setting``: its default, its help text and, where it has them, its choices
+and environment variable are written here once; ``common.options`` derives the command-line
+options of ``pagedserve scheduler``, ``executor`` and ``up`` from them.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pagedserve.common.protocol import MAX_MESSAGE_MB
+from pagedserve.common.protocol import CLIENT_HEARTBEAT_S, EXECUTOR_HEARTBEAT_S, MAX_MESSAGE_MB
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+KEYS_DIR_DEFAULT = "$PAGEDSERVE_KEYS or ~/.config/pagedserve/keys"  # as common.auth.keys_dir
+LOOPBACK = "127.0.0.1"
+CPU_KV_CACHE_GB = 4.0  # the KV pool without --kv-cache-gb where no profiling pass sizes it
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PREEMPTION_MODES = ("auto", "swap", "recompute")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "bfloat16")
+LOG_FORMATS = ("console", "json")
 
 
 def cache_dir() -> Path:
@@ -20,34 +34,95 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
-@dataclass
-class SchedulerConfig:
-    """Settings of the scheduler service (``pagedserve scheduler``)."""
+def tcp_endpoint(port: int, host: str = LOOPBACK) -> str:
+    """The ZeroMQ address ``tcp://HOST:PORT`` of a socket, on this machine by default."""
+    return f"tcp://{host}:{port}"
 
-    model: str | None = None            # HF model directory: tokenizer and context limits
-    block_size: int = 16                # tokens per KV block
-    max_num_seqs: int = 256             # sequences in one step at most
-    max_waiting: int = 4096             # requests queued before admission at most
-    client_timeout: float = 30.0        # silence after which a client's requests are aborted
-    executor_timeout: float = 1.5       # silence after which the executor is taken for dead
-    max_message_mb: float = MAX_MESSAGE_MB  # larger messages on any scheduler socket: cut off
-    max_num_batched_tokens: int = 2048  # tokens in one step (prompts are chunked)
-    max_model_len: int | None = None    # context limit; default the model's own
-    watermark: float = 0.01             # fraction of device blocks kept free when admitting
-    preemption_mode: str = "auto"       # auto | swap | recompute
-    enable_prefix_caching: bool = True
-    async_scheduling: bool = True       # build the next decode step while one runs
-    host: str = "127.0.0.1"
-    client_port: int = 5555
-    executor_port: int = 5556
-    admin_port: int = 5557
-    metrics_port: int | None = None     # Prometheus /metrics over HTTP; None: off
-    log_stats_interval: float = 5.0     # seconds between status log lines; 0: off
-    log_format: str = "console"
-    auth: bool = False                  # CURVE on every socket (common.auth)
-    keys: str | None = None             # keys directory for --auth (default: common.auth)
+
+def setting(default, help: str, *, choices: tuple[str, ...] = (), envvar: str | None = None,
+            flag: bool = True):
+    """A config field: its default, its help text, the values it may take (``choices``), the
+    environment variable that sets it on the command line, and whether it is a flag at all."""
+    return field(default=default, metadata={"help": help, "choices": choices, "envvar": envvar,
+                                            "flag": flag})
+
+
+@dataclass
+class ServiceConfig:
+    """Settings both services take: the model, the log format and CURVE authentication."""
+
+    model: str | None = setting(
+        None, f"HF model directory [default: the prepared {DEFAULT_MODEL_NAME}].")
+    log_format: str = setting("console", "Log lines for a console, or one JSON object a line.",
+                              choices=LOG_FORMATS)
+    auth: bool = setting(False, "CurveZMQ on every socket: encrypted, and only peers with the "
+                                "right key get in (pagedserve keygen makes the keys).")
+    keys: str | None = setting(
+        None, f"Keys directory for --auth [default: {KEYS_DIR_DEFAULT}]; "
+              f"PAGEDSERVE_<ROLE>_PUBLIC_KEY / _SECRET_KEY override single keys.")
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, "
+                                 f"got {value!r}")
+
+    def model_dir(self) -> Path:
+        """The HF model directory: ``model``, or the prepared default model."""
+        return Path(self.model) if self.model else default_model_dir()
+
+
+@dataclass
+class SchedulerConfig(ServiceConfig):
+    """Settings of the scheduler service (``pagedserve scheduler``)."""
+
+    block_size: int = setting(16, "Tokens per KV cache block (a power of two).")
+    max_num_seqs: int = setting(256, "Sequences computed in one step at most.")
+    max_num_batched_tokens: int = setting(
+        2048, "Tokens computed in one step at most; longer prompts are split into chunks "
+              "across steps.")
+    max_model_len: int | None = setting(None, "Context length limit [default: the model's].")
+    client_timeout: float = setting(
+        30.0, f"Seconds a client with live requests may stay silent (clients send a heartbeat "
+              f"every {CLIENT_HEARTBEAT_S:g} s) before it is taken for gone and its requests "
+              f"are aborted.")
+    executor_timeout: float = setting(
+        1.5, f"Seconds the registered executor may stay silent (it sends a heartbeat every "
+             f"{EXECUTOR_HEARTBEAT_S:g} s, even mid-step) before it is taken for dead: its "
+             f"running and swapped sequences wait to be recomputed on the next executor that "
+             f"registers.")
+    max_message_mb: float = setting(
+        MAX_MESSAGE_MB, "Largest message the scheduler accepts on any socket; a peer that "
+                        "sends a larger one is disconnected before it is read into memory.")
+    max_waiting: int = setting(
+        4096, "Requests queued before admission at most; beyond it new requests get an "
+              "'overloaded' error instead of growing memory without bound.")
+    preemption_mode: str = setting(
+        "auto", "When blocks run out: swap the latest arrival to CPU memory, recompute it "
+                "later, or choose per preemption by measured cost.", choices=PREEMPTION_MODES)
+    enable_prefix_caching: bool = setting(
+        True, "Reuse the KV of full blocks whose tokens were computed before.")
+    async_scheduling: bool = setting(
+        True, "While a step runs, build and send the next one when it only continues the "
+              "same decodes, so that the executor never waits for the scheduler between "
+              "such steps.")
+    host: str = setting(LOOPBACK, "Address the scheduler's sockets bind to.")
+    client_port: int = setting(5555, "Port of the client socket (requests and their outputs).")
+    executor_port: int = setting(5556, "Port of the socket the executor registers on.")
+    admin_port: int = setting(5557, "Port of the scheduler's admin socket (health, pool, "
+                                    "seqs, seq, stats).")
+    metrics_port: int | None = setting(
+        None, "Serve Prometheus metrics at http://HOST:PORT/metrics [default: off].")
+    log_stats_interval: float = setting(
+        5.0, "Seconds between status log lines while busy (throughput, queues, KV usage, "
+             "prefix hit rate); 0 turns them off.")
+    # Not a flag: a margin inside admission, as in vLLM, that a deployment has no reason to move.
+    watermark: float = setting(0.01, "Fraction of device blocks kept free when admitting.",
+                               flag=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _positive("block_size", self.block_size)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -58,9 +133,6 @@ class SchedulerConfig:
         _positive("max_message_mb", self.max_message_mb)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_or_none("max_model_len", self.max_model_len)
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
-                             f"got {self.preemption_mode!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for name in ("client_port", "executor_port", "admin_port"):
@@ -71,43 +143,56 @@ class SchedulerConfig:
                 self.log_stats_interval, (int, float)) or self.log_stats_interval < 0:
             raise ValueError(f"log_stats_interval must be a number of seconds >= 0 (0 turns "
                              f"the status line off), got {self.log_stats_interval!r}")
-        _log_format(self.log_format)
-
-    def model_dir(self) -> Path:
-        return Path(self.model) if self.model else default_model_dir()
 
 
 @dataclass
-class ExecutorConfig:
+class ExecutorConfig(ServiceConfig):
     """Settings of the executor service (``pagedserve executor``)."""
 
-    model: str | None = None
-    scheduler: str = "tcp://127.0.0.1:5556"
-    device: str = "cpu"
-    dtype: str = "auto"
-    kv_cache_dtype: str = "auto"        # auto: the model's dtype
-    kv_cache_gb: float | None = None    # CPU device: KV pool size (default 4 GiB)
-    num_device_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card's memory to use
-    swap_space_gb: float = 4.0
-    num_cpu_blocks: int | None = None
-    attention_backend: str = "auto"     # auto: triton on CUDA, torch on CPU
-    enforce_eager: bool = False         # CUDA + triton: no decode graphs
-    tensor_parallel_size: int = 1
-    tp_rank: int | None = None          # None: rank 0, starting the other ranks locally
-    tp_master: str | None = None        # HOST:PORT of the rendezvous (rank 0's)
-    log_format: str = "console"
-    auth: bool = False                  # CURVE to the scheduler (common.auth)
-    keys: str | None = None
+    scheduler: str = setting(tcp_endpoint(SchedulerConfig.executor_port),
+                             "The scheduler's executor endpoint.")
+    device: str = setting("cpu", "cpu, cuda or cuda:N.")
+    dtype: str = setting("auto", "Weights and KV cache dtype (auto: float32 on CPU, half on "
+                                 "CUDA).", choices=DTYPES)
+    kv_cache_dtype: str = setting(
+        "auto", "KV cache dtype (auto: the weights'). bfloat16 under float32 weights holds "
+                "twice the tokens in the same memory and halves what decode attention reads; "
+                "keys and values are rounded to bfloat16, so outputs may differ from "
+                "float32's. Needs the torch attention backend (the CPU's).",
+        choices=KV_CACHE_DTYPES)
+    kv_cache_gb: float | None = setting(
+        None, f"KV pool size in GiB [default: {CPU_KV_CACHE_GB:g} on CPU; CUDA: what the "
+              f"profiling pass leaves].")
+    num_device_blocks: int | None = setting(
+        None, "KV pool size in blocks (instead of --kv-cache-gb).")
+    gpu_memory_utilization: float = setting(
+        0.9, "CUDA: fraction of the card's memory to use (weights, activations and the KV "
+             "pool).")
+    swap_space_gb: float = setting(4.0, "CPU swap space for preempted sequences, in GiB.")
+    num_cpu_blocks: int | None = setting(
+        None, "CPU swap space in blocks (instead of --swap-space-gb).")
+    attention_backend: str = setting(
+        "auto", "auto: triton on CUDA, torch on CPU (triton on CPU runs in triton's "
+                "interpreter: for tests).", choices=ATTENTION_BACKENDS)
+    enforce_eager: bool = setting(
+        False, "Run every step eagerly: no CUDA graphs for decode steps (on CUDA with triton "
+               "attention, pure-decode steps replay a graph per batch size).")
+    tensor_parallel_size: int = setting(
+        1, "Shard the model's heads and MLP over this many executor processes (ranks), which "
+           "sum their partial results with all-reduces (gloo on CPU, NCCL on CUDA). Without "
+           "--tp-rank the executor starts the other ranks on this machine itself.")
+    tp_rank: int | None = setting(
+        None, "This process's rank, for ranks started one by one (across machines): rank 0 "
+              "talks to the scheduler, the others only to rank 0. Needs --tp-master.",
+        envvar="PAGEDSERVE_TP_RANK")
+    tp_master: str | None = setting(
+        None, "HOST:PORT where rank 0 runs the group's rendezvous; every rank passes the same "
+              "one.", envvar="PAGEDSERVE_TP_MASTER")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_gb is not None and self.num_device_blocks is not None:
             raise ValueError("give kv_cache_gb or num_device_blocks, not both")
         _positive_or_none("kv_cache_gb", self.kv_cache_gb)
@@ -119,9 +204,6 @@ class ExecutorConfig:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
             raise ValueError(f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
-                             f"got {self.attention_backend!r}")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         if self.tp_rank is not None:
             if not 0 <= self.tp_rank < self.tensor_parallel_size:
@@ -131,10 +213,6 @@ class ExecutorConfig:
                 raise ValueError("tp_rank needs tp_master (HOST:PORT of rank 0's rendezvous)")
         if self.tp_master is not None and not self.tp_master.rpartition(":")[2].isdigit():
             raise ValueError(f"tp_master must be HOST:PORT, got {self.tp_master!r}")
-        _log_format(self.log_format)
-
-    def model_dir(self) -> Path:
-        return Path(self.model) if self.model else default_model_dir()
 
     def resolved_attention_backend(self) -> str:
         """``auto``: the Triton kernels on CUDA; on CPU torch's fused attention (the kernels
@@ -143,11 +221,10 @@ class ExecutorConfig:
             return self.attention_backend
         return "torch" if self.device == "cpu" else "triton"
 
-
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
-PREEMPTION_MODES = ("auto", "swap", "recompute")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-KV_CACHE_DTYPES = ("auto", "bfloat16")
+    def resolved_kv_cache_gb(self) -> float:
+        """The KV pool size in GiB where no profiling pass measures it: ``kv_cache_gb``, or
+        ``CPU_KV_CACHE_GB`` when it is not given."""
+        return self.kv_cache_gb if self.kv_cache_gb is not None else CPU_KV_CACHE_GB
 
 
 def _positive(name: str, value) -> None:
@@ -163,8 +240,3 @@ def _positive_or_none(name: str, value) -> None:
 def _port(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         raise ValueError(f"{name} must be a TCP port in 1..65535, got {value!r}")
-
-
-def _log_format(value: str) -> None:
-    if value not in ("json", "console"):
-        raise ValueError(f"log_format must be json or console, got {value!r}")

@@ -10,7 +10,7 @@ import click
 
 from pagedserve.common import options
 from pagedserve.common.cli import AdminEndpoint, admin_request, client_keys
-from pagedserve.common.config import default_model_dir
+from pagedserve.common.config import LOOPBACK, default_model_dir, tcp_endpoint
 
 RESTARTS_PER_MINUTE = 5
 
@@ -33,24 +33,25 @@ def main(ready_timeout: float, **kwargs) -> None:
     if kwargs["model"] is None and not (default_model_dir() / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "pagedserve.common.cli", "prepare-model"], check=True)
     shared = options.SHARED_OPTIONS
-    connect_host = "127.0.0.1" if kwargs["host"] in ("0.0.0.0", "*") else kwargs["host"]
+    host = kwargs["host"]
+    connect_host = LOOPBACK if host in ("0.0.0.0", "*") else host
     commands = {
         "scheduler": options.to_flags(kwargs, options.SCHEDULER_OPTIONS + shared),
-        "executor": ["--scheduler", f"tcp://{connect_host}:{kwargs['executor_port']}",
+        "executor": ["--scheduler", tcp_endpoint(kwargs["executor_port"], connect_host),
                      *options.to_flags(kwargs, options.EXECUTOR_OPTIONS + shared)]}
     services = [_service(name, flags) for name, flags in commands.items()]
     # Set explicitly: a shell starts background jobs with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:
-        admin = AdminEndpoint(f"tcp://{connect_host}:{kwargs['admin_port']}",
+        admin = AdminEndpoint(tcp_endpoint(kwargs["admin_port"], connect_host),
                               client_keys(kwargs["auth"], kwargs["keys"]))
         _wait_ready(services, admin, ready_timeout)
         click.echo(f"pagedserve ready\n"
-                   f"  client    tcp://{kwargs['host']}:{kwargs['client_port']}\n"
-                   f"  admin     tcp://{kwargs['host']}:{kwargs['admin_port']}\n"
-                   f"  executor  tcp://{kwargs['host']}:{kwargs['executor_port']}\n"
-                   + (f"  metrics   http://{kwargs['host']}:{kwargs['metrics_port']}/metrics\n"
+                   f"  client    {tcp_endpoint(kwargs['client_port'], host)}\n"
+                   f"  admin     {tcp_endpoint(kwargs['admin_port'], host)}\n"
+                   f"  executor  {tcp_endpoint(kwargs['executor_port'], host)}\n"
+                   + (f"  metrics   http://{host}:{kwargs['metrics_port']}/metrics\n"
                       if kwargs["metrics_port"] else "")
                    + "Ctrl-C stops both services.", err=False)
         _supervise(services, commands)

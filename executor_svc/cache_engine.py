@@ -6,8 +6,8 @@ import contextlib
 import torch
 from torch import Tensor
 
-from pagedserve.executor_svc.cpu import map_kv_pool
-from pagedserve.executor_svc.model import ModelConfig
+from pagedserve.executor_svc.cpu_memory import map_kv_pool
+from pagedserve.executor_svc.model_config import ModelConfig
 
 _POOLS = {"swap_out": ("device", "cpu"), "swap_in": ("cpu", "device"),
           "copies": ("device", "device")}  # (source, destination) pool of each block operation
@@ -19,7 +19,7 @@ class CacheEngine:
     ``kv_caches`` live on the device; ``cpu_caches`` (pinned when the device is CUDA, for async
     copies) hold swapped-out blocks. Attention never uses a slot its sequence did not write, so
     neither needs initial values; but on a CPU device the caches are written once at start
-    (``cpu.map_kv_pool``) to map their memory before the first step, and CPU pools ask for
+    (``cpu_memory.map_kv_pool``) to map their memory before the first step, and CPU pools ask for
     2 MiB pages. The device caches end with one more block, ``null_block``:
     zeros that no sequence owns and no plan may name, which pads tables for attention.
     Block operations take ``pairs``, an int tensor or array of shape [N, 2], and move all N blocks
@@ -30,6 +30,7 @@ class CacheEngine:
                  num_cpu_blocks: int, dtype: torch.dtype, device: torch.device | str):
         self.device = device = torch.device(device)
         self.block_size = block_size
+        self.dtype = dtype
         self.num_device_blocks = num_device_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.null_block = num_device_blocks

@@ -10,14 +10,13 @@ import click
 
 from pagedserve.common import options
 from pagedserve.common.cli import serve_until_signalled
-from pagedserve.common.config import ExecutorConfig
+from pagedserve.common.config import LOOPBACK, ExecutorConfig
 from pagedserve.common.log import setup_logging
 from pagedserve.common.up import stop_processes
 
 
 @click.command("executor")
-@click.option("--scheduler", default="tcp://127.0.0.1:5556", show_default=True,
-              help="The scheduler's executor endpoint.")
+@options.option(ExecutorConfig, "scheduler")
 @lambda f: options.apply(options.EXECUTOR_OPTIONS + options.SHARED_OPTIONS, f)
 def main(**kwargs) -> None:
     """Run the executor: model, KV cache and sampler; registers with the scheduler."""
@@ -54,9 +53,9 @@ def _start_local_ranks(kwargs: dict) -> list[subprocess.Popen]:
     its own."""
     size = kwargs["tensor_parallel_size"]
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]
-    kwargs.update(tp_rank=0, tp_master=f"127.0.0.1:{port}")
+    kwargs.update(tp_rank=0, tp_master=f"{LOOPBACK}:{port}")
     threads = max(1, len(os.sched_getaffinity(0)) // size)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # before torch is imported
     # On CUDA each rank takes its own card: rank r cuda:r, unless one was named.

@@ -101,10 +101,10 @@ def _cpu_flags() -> bytes:
 KV_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write in the cache
 
 
-def serves(query: Tensor, k_cache: Tensor) -> bool:
-    """Whether the attention kernel can run this step: a float32 or bfloat16 cache, and
-    ``fuses(query)``."""
-    return k_cache.dtype in KV_DTYPES and fuses(query)
+def serves(dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the attention kernel serves queries of ``dtype`` over a ``kv_dtype`` cache on
+    ``device``: a float32 or bfloat16 cache, and ``fuses(dtype, device)``."""
+    return kv_dtype in KV_DTYPES and fuses(dtype, device)
 
 
 def _kv_bf16(k_cache: Tensor, v_cache: Tensor) -> int:
@@ -171,9 +171,10 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Atte
     return out
 
 
-def fuses(x: Tensor) -> bool:
-    """Whether the fused layer kernels serve activations ``x``: float32 on the CPU, and built."""
-    return x.dtype == torch.float32 and x.is_cpu and load() is not None
+def fuses(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the layer kernels serve activations of ``dtype`` on ``device``: float32 on the
+    CPU, and built here."""
+    return dtype == torch.float32 and torch.device(device).type == "cpu" and load() is not None
 
 
 def add_rms_norm(x: Tensor | None, residual: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -15,12 +15,17 @@ stay finite and write nothing. Only the triton backend is captured; it makes no 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata
+from pagedserve.executor_svc.attention import AttentionMetadata
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
+
+if TYPE_CHECKING:  # for the hints only: triton is imported when its backend is chosen
+    from pagedserve.executor_svc.backends.triton import TritonBackend
 
 MAX_BUCKET = 512
 
@@ -44,7 +49,7 @@ class DecodeGraphs:
     without a GPU, and a fallback with the same numerics."""
 
     def __init__(self, model: PagedLlamaForCausalLM, kv_caches: list[tuple[Tensor, Tensor]],
-                 backend: AttentionBackend, block_size: int, null_block: int,
+                 backend: TritonBackend, block_size: int, null_block: int,
                  max_num_seqs: int, max_model_len: int, capture: bool = True):
         if backend.name != "triton":
             raise ValueError(f"decode graphs need the triton attention backend, not "
@@ -112,11 +117,10 @@ class DecodeGraphs:
             buffer[:bucket].copy_(torch.from_numpy(host), non_blocking=True)
 
     def _meta(self, bucket: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            positions=self.positions[:bucket], slot_mapping=self.slot_mapping[:bucket],
-            query_start_loc=self.query_start_loc[:bucket + 1],
-            seq_lens=self.seq_lens[:bucket], block_tables=self.block_tables[:bucket],
-            max_query_len=1, max_seq_len=self.width * self.block_size, backend=self.backend)
+        return self.backend.decode_metadata(
+            self.positions[:bucket], self.slot_mapping[:bucket],
+            self.query_start_loc[:bucket + 1], self.seq_lens[:bucket],
+            self.block_tables[:bucket], max_seq_len=self.width * self.block_size)
 
     def _forward(self, bucket: int) -> Tensor:
         return self.model(self.input_ids[:bucket], self.positions[:bucket], self._meta(bucket),

@@ -2,195 +2,39 @@
 
 The numerics follow transformers' own modeling code op for op (RoPE tables in float32, RMSNorm in
 float32), so greedy outputs match ``generate``; attention goes through the paged KV cache instead.
+The layers call the ops bound when the model loads (``backends.layer_ops``) and the attention
+backend that built the step's metadata.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import AutoConfig, PretrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.attention import AttentionMetadata
-from pagedserve.executor_svc.cpu import PackedLinear, pack_linears
-from pagedserve.executor_svc.parallel import TensorParallel, check_divisible
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# RoPE types whose frequencies do not depend on the sequence length, so one table serves all steps.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-@dataclass
-class ModelConfig:
-    """The shape of a Llama-family checkpoint, read from config.json as transformers reads it."""
-
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_proj_bias: bool
-    max_position_embeddings: int
-    sliding_window: int | None  # None: every layer attends to the whole context
-    torch_dtype: torch.dtype  # the dtype the checkpoint was saved in
-    rope_type: str
-    hf_config: PretrainedConfig = field(repr=False)
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
-        """Parse and validate ``model_dir/config.json``; an unsupported model is a ValueError."""
-        hf = AutoConfig.from_pretrained(model_dir)
-        architecture = (getattr(hf, "architectures", None) or ["<none>"])[0]
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {architecture!r} in {model_dir}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        num_kv_heads = hf.num_key_value_heads or hf.num_attention_heads
-        _check_supported(hf, num_kv_heads)
-        attention_bias = bool(getattr(hf, "attention_bias", False))
-        return cls(
-            architecture=architecture,
-            num_layers=hf.num_hidden_layers,
-            hidden_size=hf.hidden_size,
-            num_heads=hf.num_attention_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            intermediate_size=hf.intermediate_size,
-            vocab_size=hf.vocab_size,
-            rms_norm_eps=hf.rms_norm_eps,
-            tie_word_embeddings=bool(hf.tie_word_embeddings),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
-            o_proj_bias=attention_bias,
-            max_position_embeddings=hf.max_position_embeddings,
-            sliding_window=_sliding_window(hf),
-            torch_dtype=_as_dtype(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)),
-            rope_type=hf.rope_parameters["rope_type"],
-            hf_config=hf,
-        )
-
-    def sharded(self, size: int) -> ModelConfig:
-        """The shape one of ``size`` tensor-parallel ranks holds: its share of the query
-        heads, KV heads and MLP columns (a ``ValueError`` when they do not divide)."""
-        check_divisible(self.num_heads, self.num_kv_heads, self.intermediate_size, size)
-        return dataclasses.replace(self, num_heads=self.num_heads // size,
-                                   num_kv_heads=self.num_kv_heads // size,
-                                   intermediate_size=self.intermediate_size // size)
-
-    @property
-    def max_model_len(self) -> int:
-        """Longest context this model serves exactly: past a sliding window our full attention
-        would see tokens the model's own attention does not."""
-        window = self.sliding_window or self.max_position_embeddings
-        return min(self.max_position_embeddings, window)
-
-
-def _check_supported(hf: PretrainedConfig, num_kv_heads: int) -> None:
-    if hf.num_attention_heads % num_kv_heads:
-        raise ValueError(f"num_attention_heads ({hf.num_attention_heads}) must be a multiple of "
-                         f"num_key_value_heads ({num_kv_heads})")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"unsupported hidden_act {hf.hidden_act!r}; only 'silu' is supported")
-    if getattr(hf, "mlp_bias", False):
-        raise ValueError("unsupported mlp_bias=True; only bias-free MLPs are supported")
-    rope_type = hf.rope_parameters["rope_type"]
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"unsupported rope_type {rope_type!r} (its frequencies depend on the "
-                         f"sequence length); supported: {', '.join(STATIC_ROPE_TYPES)}")
-
-
-def _sliding_window(hf: PretrainedConfig) -> int | None:
-    # Qwen2 lists which layers slide (none without use_sliding_window); Mistral slides in all.
-    layer_types = getattr(hf, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return getattr(hf, "sliding_window", None)
-
-
-def _as_dtype(value) -> torch.dtype:
-    if value is None:
-        return torch.float32
-    if isinstance(value, torch.dtype):
-        return value
-    return getattr(torch, str(value).removeprefix("torch."))
-
-
-class RotaryEmbedding:
-    """cos/sin of every position up to ``max_position_embeddings``, built once in float32 exactly as
-    transformers' rotary embedding builds them for each step, then looked up by position."""
-
-    def __init__(self, config: ModelConfig, device: torch.device | str):
-        if config.rope_type == "default":
-            init = LlamaRotaryEmbedding.compute_default_rope_parameters
-        else:
-            init = ROPE_INIT_FUNCTIONS[config.rope_type]
-        inv_freq, scaling = init(config.hf_config)
-        if inv_freq.numel() * 2 != config.head_dim:
-            raise ValueError(f"RoPE covers {inv_freq.numel() * 2} of {config.head_dim} head dims; "
-                             "partial rotary embeddings are not supported")
-        positions = torch.arange(config.max_position_embeddings, device=device).float()
-        freqs = positions[:, None] * inv_freq.to(device)[None, :]
-        self.cos = freqs.cos() * scaling
-        self.sin = freqs.sin() * scaling
-
-    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        cos, sin = self.cos[positions], self.sin[positions]
-        return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
-
-
-class StepRope:
-    """One step's rotary angles: the fused CPU kernel reads ``table`` at ``positions`` itself;
-    the torch path's per-token cos/sin are computed the first time a layer asks."""
-
-    def __init__(self, table: RotaryEmbedding, positions: Tensor, dtype: torch.dtype):
-        self.table, self.positions, self.dtype = table, positions, dtype
-
-    @functools.cached_property
-    def per_token(self) -> tuple[Tensor, Tensor]:
-        """cos and sin ``[T, head_dim]`` of each token, in the activations' dtype."""
-        return self.table(self.positions, self.dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ([T, heads, head_dim]) by its tokens' angles (rotate-half layout, as HF)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-    return x * cos[:, None] + rotated * sin[:, None]
+from pagedserve.executor_svc.backends import layer_ops
+from pagedserve.executor_svc.layer_ops import LayerOps, PackedLinear, pack_linears
+from pagedserve.executor_svc.model_config import ModelConfig
+from pagedserve.executor_svc.parallel import TensorParallel
+from pagedserve.executor_svc.rope import RotaryEmbedding, StepRope
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    """The pre-norm layer's residual add and RMSNorm, through ``LayerOps.add_rms_norm``."""
+
+    def __init__(self, size: int, eps: float, ops: LayerOps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.add_rms_norm = ops.add_rms_norm
 
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-    def add_forward(self, x: Tensor | None, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """The pre-norm layer's residual add and norm: ``residual + x`` (``residual`` alone
-        when ``x`` is None) and its norm, fused in one pass where the CPU kernels serve. There
-        the sum is written into ``residual``."""
-        if cpu_kernels.fuses(residual):
-            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps), residual
-        if x is not None:
-            residual = residual + x
-        return self(residual), residual
+    def forward(self, x: Tensor | None, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """The norm of ``residual + x`` (``residual`` alone when ``x`` is None), and the sum."""
+        return self.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -211,47 +55,33 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel | None):
         super().__init__()
         self.tp = tp
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
+        self.num_heads = config.num_heads
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
-        self.qkv_sizes = list(parts.values())
         self.qkv_proj = MergedLinear(config.hidden_size, parts, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
         self.scale = config.head_dim ** -0.5
 
     def forward(self, x: Tensor, rope: StepRope, meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
-        qkv = self.qkv_proj(x)
-        if cpu_kernels.fuses(qkv) and meta.backend.name == "torch":
-            q, k, v = cpu_kernels.rope_write_kv(
-                qkv, self.num_heads, self.num_kv_heads, rope.table.cos, rope.table.sin,
-                rope.positions, *kv_cache, meta.slot_mapping)
-        else:
-            q, k, v = qkv.split(self.qkv_sizes, -1)
-            q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *rope.per_token)
-            k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), *rope.per_token)
-            v = v.view(-1, self.num_kv_heads, self.head_dim)
-            meta.backend.write_kv(k, v, *kv_cache, meta.slot_mapping)
-        out = meta.backend.attend(q, k, v, *kv_cache, meta, self.scale)
+        backend = meta.backend
+        q, k, v = backend.rope_write_kv(self.qkv_proj(x), self.num_heads, rope, kv_cache, meta)
+        out = backend.attend(q, k, v, *kv_cache, meta, self.scale)
         return _reduce(self.o_proj(out.flatten(1)), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None, ops: LayerOps):
         super().__init__()
         self.tp = tp
         size = config.intermediate_size
         parts = {"gate_proj": size, "up_proj": size}
         self.gate_up_proj = MergedLinear(config.hidden_size, parts, bias=False)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.silu_mul = ops.silu_mul
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = self.gate_up_proj(x)
-        if cpu_kernels.fuses(gate_up):
-            return _reduce(self.down_proj(cpu_kernels.silu_mul(gate_up)), self.tp)
-        gate, up = gate_up.chunk(2, -1)
-        return _reduce(self.down_proj(F.silu(gate) * up), self.tp)
+        return _reduce(self.down_proj(self.silu_mul(self.gate_up_proj(x))), self.tp)
 
 
 def _reduce(partial: Tensor, tp: TensorParallel | None) -> Tensor:
@@ -260,12 +90,12 @@ def _reduce(partial: Tensor, tp: TensorParallel | None) -> Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None, ops: LayerOps):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.self_attn = Attention(config, tp)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.mlp = MLP(config, tp, ops)
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: StepRope,
                 meta: AttentionMetadata, kv_cache: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -273,24 +103,26 @@ class DecoderLayer(nn.Module):
         next norm adds it): ``x`` is the last layer's MLP output, or the embeddings with
         ``residual`` None."""
         if residual is None:
-            hidden, residual = self.input_layernorm.add_forward(None, x)
+            hidden, residual = self.input_layernorm(None, x)
         else:
-            hidden, residual = self.input_layernorm.add_forward(x, residual)
+            hidden, residual = self.input_layernorm(x, residual)
         hidden = self.self_attn(hidden, rope, meta, kv_cache)
-        hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None, ops: LayerOps):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp, ops)
+                                    for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
 
 class PagedLlamaForCausalLM(nn.Module):
-    """A Llama-family decoder whose attention reads and writes the paged KV cache.
+    """A Llama-family decoder whose attention reads and writes the paged KV cache, computed by
+    ``ops`` (and by the attention backend of each step's metadata).
 
     Parameter names mirror the HF checkpoint's, except that q/k/v and gate/up are merged.
     Under tensor parallelism (``tp``) ``config`` is this rank's share (``ModelConfig.sharded``):
@@ -298,25 +130,31 @@ class PagedLlamaForCausalLM(nn.Module):
     (row-parallel, summed over the ranks); norms, embedding and LM head are whole on every rank.
     """
 
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding,
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, ops: LayerOps,
                  tp: TensorParallel | None = None):
         super().__init__()
         self.config = config
         self.rope = rope
+        self.ops = ops
         self.tp = tp
-        self.model = LlamaModel(config, tp)
+        self.model = LlamaModel(config, tp, ops)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_head: PackedLinear | None = None  # see prepack
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' and activations' dtype."""
+        return self.model.embed_tokens.weight.dtype
+
     def prepack(self) -> int:
-        """On CPU, prepack every projection and the LM head for oneDNN's GEMM where it
-        serves the dtype (``pagedserve.executor_svc.cpu``); returns how many matrices were packed. A
-        tied head gets its own packed copy: the embedding keeps the dense table."""
-        count = pack_linears(self)
+        """On CPU, prepack every projection and the LM head for the ops' GEMM where it has
+        one (``LayerOps.pack_linear``); returns how many matrices were packed. A tied head
+        gets its own packed copy: the embedding keeps the dense table."""
+        count = pack_linears(self, self.ops)
         needs_head = self.tp is None or self.tp.is_driver  # only rank 0 samples
         if count and self.config.tie_word_embeddings and needs_head:
-            self.packed_head = PackedLinear(self.model.embed_tokens.weight, None, batch_hint=32)
+            self.packed_head = self.ops.pack_linear(self.model.embed_tokens.weight, None)
             count += 1
         return count
 
@@ -329,7 +167,7 @@ class PagedLlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rope, meta, kv_cache)
-        return self.model.norm.add_forward(x, residual)[0]
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits ``[N, vocab]`` of the given hidden states."""
@@ -343,14 +181,15 @@ class PagedLlamaForCausalLM(nn.Module):
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
                prepack: bool = True, tp: TensorParallel | None = None) -> PagedLlamaForCausalLM:
     """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
-    possibly sharded) with weights in ``dtype`` on ``device``, in eval mode; on CPU its
-    GEMMs are prepacked unless ``prepack`` is False. With ``tp``, this rank's share of it."""
+    possibly sharded) with weights in ``dtype`` on ``device``, in eval mode, its layer ops
+    bound for them; on CPU its GEMMs are prepacked unless ``prepack`` is False. With ``tp``,
+    this rank's share of it."""
     config = ModelConfig.from_model_dir(model_dir)
     rope = RotaryEmbedding(config, device)
     if tp is not None:
         config = config.sharded(tp.size)
     with torch.device("meta"):
-        model = PagedLlamaForCausalLM(config, rope, tp)
+        model = PagedLlamaForCausalLM(config, rope, layer_ops(dtype, device), tp)
     # Allocate without initialising: every weight is loaded below.
     model = model.to(dtype).to_empty(device=device)
     load_weights(model, Path(model_dir))

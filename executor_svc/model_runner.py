@@ -1,55 +1,48 @@
-"""Apply a step plan: keep the mirror of each sequence's state, run the model, sample.
+"""Apply a step plan: update the mirror of each sequence's state (``mirror``), run the block
+operations and the model, sample.
 
-The executor never decides which block holds what; it holds what the plans told it:
-each sequence's known tokens, block table and how many tokens are in the cache.
+The executor never decides which block holds what; it holds what the plans told it. A plan is
+checked whole before anything changes (an invalid one is a ``PlanError``); once it is applied, a
+failure is an ``ExecutorFault``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from pagedserve.common import protocol as p
-from pagedserve.common.sampling import SamplerParams
-from pagedserve.executor_svc.attention import AttentionMetadata, get_backend
+from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
+from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
 from pagedserve.executor_svc.sampler import Sampler
 
 _BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
 
 
-class PlanError(ValueError):
-    """A plan that contradicts the executor's state; answered with an error, not applied."""
-
-
-@dataclass
-class SeqState:
-    token_ids: list[int]
-    block_table: list[int]
-    num_computed_tokens: int
-    params: SamplerParams
-    sample_index: int = 0
-
-    def copy(self, sample_index: int | None = None) -> "SeqState":
-        index = self.sample_index if sample_index is None else sample_index
-        return SeqState(list(self.token_ids), list(self.block_table), self.num_computed_tokens,
-                        self.params, index)
+class ExecutorFault(RuntimeError):
+    """A step failed after its plan was applied: the executor's mirror and KV cache can no
+    longer be trusted (the cause is chained)."""
 
 
 class ModelRunner:
+    """Runs plans on ``model`` over ``cache`` with the attention backend that serves
+    ``attention_backend`` for them (``backends.attention_backend``), chosen here once."""
+
     def __init__(self, model: PagedLlamaForCausalLM, cache: CacheEngine, block_size: int,
                  attention_backend: str = "torch"):
         self.model = model
         self.cache = cache
         self.block_size = block_size
         self.device = cache.device
-        self.attention = get_backend(attention_backend)
-        self.sampler = Sampler()
+        self.attention = backends.attention_backend(attention_backend, block_size, self.device,
+                                                    model.dtype, cache.dtype, cache.null_block)
+        # The logits are float32 whatever the model's dtype.
+        self.sampler = Sampler(backends.layer_ops(torch.float32, self.device))
         self.seqs: dict[int, SeqState] = {}
         self.graphs: DecodeGraphs | None = None
 
@@ -62,12 +55,22 @@ class ModelRunner:
                                    max_model_len, capture)
 
     def execute(self, plan: p.StepPlan) -> p.StepResult:
+        """Apply ``plan`` and run its step. A ``PlanError`` rejects the plan before anything
+        changed; any failure after that is an ``ExecutorFault``."""
         start = time.perf_counter()
         # Build the updated sequence states aside and check the whole plan before any
         # state or KV changes, so a rejected plan leaves the executor as it was.
-        seqs = _TableUpdate(self.seqs, self.cache.num_device_blocks).apply(plan)
+        seqs = TableUpdate(self.seqs, self.cache.num_device_blocks).apply(plan)
         self._check_batch(plan, seqs)
         self._check_block_ops(plan)
+        try:
+            return self._apply_and_run(plan, seqs, start)
+        except Exception as exc:  # whatever failed, the plan was applied: the state is unknown
+            raise ExecutorFault(f"step {plan.step} failed after its plan was applied: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+    def _apply_and_run(self, plan: p.StepPlan, seqs: dict[int, SeqState],
+                start: float) -> p.StepResult:
         ops_start = time.perf_counter()
         self._apply_block_ops(plan)
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
@@ -100,15 +103,15 @@ class ModelRunner:
 
     def _check_block_ops(self, plan: p.StepPlan) -> None:
         try:
-            self.cache.check(*(_pairs(plan, name) for name in _BLOCK_OPS))
+            self.cache.check(*(plan_pairs(plan, name) for name in _BLOCK_OPS))
         except ValueError as exc:
             raise PlanError(str(exc)) from None
 
     def _apply_block_ops(self, plan: p.StepPlan) -> None:
         # Swap out first: a block swapped out here may be swapped or copied into in this plan.
-        self.cache.swap_out(_pairs(plan, "swap_out"))
-        self.cache.swap_in(_pairs(plan, "swap_in"))
-        self.cache.copy_blocks(_pairs(plan, "copies"))
+        self.cache.swap_out(plan_pairs(plan, "swap_out"))
+        self.cache.swap_in(plan_pairs(plan, "swap_in"))
+        self.cache.copy_blocks(plan_pairs(plan, "copies"))
 
     @torch.inference_mode()
     def _run(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]) -> p.StepResult:
@@ -161,8 +164,7 @@ class ModelRunner:
         input_ids = []
         for seq, n in batch:
             input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
-        meta = AttentionMetadata.build(tables, computed, [n for _, n in batch], self.block_size,
-                                       self.device, self.attention, self.cache.null_block)
+        meta = self.attention.build(tables, computed, [n for _, n in batch])
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
                             self.cache.kv_caches)
         return hidden, meta.last_token_indices
@@ -196,76 +198,3 @@ class ModelRunner:
 def _top(out, row: int, seq_id: int, k: int) -> p.TopLogprobs:
     return p.TopLogprobs(seq_id=seq_id, token_ids=out.top_token_ids[row, :k].cpu().numpy(),
                          logprobs=out.top_logprobs[row, :k].float().cpu().numpy())
-
-
-def _pairs(plan: p.StepPlan, name: str, width: int = 2) -> np.ndarray:
-    """A plan field of flat (a, b) pairs (or wider tuples) as an [N, width] int64 array
-    (a writable copy, as torch wants)."""
-    flat = getattr(plan, name)
-    if len(flat) % width:
-        kind = "pairs" if width == 2 else f"{width}-tuples"
-        raise PlanError(f"{name} must hold {kind}, got {len(flat)} ints")
-    return flat.astype(np.int64).reshape(-1, width)
-
-
-class _TableUpdate:
-    """The sequence states after a plan's table updates, built beside the current ones.
-
-    Order: removed, new sequences, forks, chosen tokens, copy-on-write replacements, block
-    appends. States are copied before their first change (copy-on-write, as the blocks).
-    """
-
-    def __init__(self, current: dict[int, SeqState], num_blocks: int):
-        self.seqs = dict(current)
-        self.num_blocks = num_blocks
-        self.private: set[int] = set()  # states already copied for this plan
-
-    def apply(self, plan: p.StepPlan) -> dict[int, SeqState]:
-        for seq_id in plan.removed.tolist():
-            self.seqs.pop(seq_id, None)
-        for new in plan.new_seqs:
-            self._add(new.seq_id, self._new_state(new))
-        for child, parent, index in _pairs(plan, "forks", 3).tolist():
-            self._add(child, self._get(parent, "fork parent").copy(sample_index=index))
-        for seq_id, token in _pairs(plan, "append_tokens").tolist():
-            self._edit(seq_id, "append_tokens").token_ids.append(token)
-        for seq_id, block_id in _pairs(plan, "replace_last").tolist():
-            table = self._edit(seq_id, "replace_last").block_table
-            if not table:
-                raise PlanError(f"replace_last: seq {seq_id} has no block to replace")
-            table[-1] = self._block(block_id)
-        for seq_id, block_id in _pairs(plan, "block_appends").tolist():
-            self._edit(seq_id, "block_appends").block_table.append(self._block(block_id))
-        return self.seqs
-
-    def _new_state(self, new: p.NewSeq) -> SeqState:
-        if len(new.token_ids) == 0 or not 0 <= new.num_computed_tokens < len(new.token_ids):
-            raise PlanError(f"new seq {new.seq_id}: num_computed_tokens "
-                            f"{new.num_computed_tokens} with {len(new.token_ids)} tokens")
-        table = [self._block(b) for b in new.block_table.tolist()]
-        return SeqState(new.token_ids.tolist(), table, new.num_computed_tokens,
-                        SamplerParams.from_dict(new.params), new.sample_index)
-
-    def _add(self, seq_id: int, state: SeqState) -> None:
-        if seq_id in self.seqs:
-            raise PlanError(f"new seq {seq_id} already exists")
-        self.seqs[seq_id] = state
-        self.private.add(seq_id)
-
-    def _get(self, seq_id: int, what: str) -> SeqState:
-        if seq_id not in self.seqs:
-            raise PlanError(f"{what}: unknown seq id {seq_id}")
-        return self.seqs[seq_id]
-
-    def _edit(self, seq_id: int, what: str) -> SeqState:
-        state = self._get(seq_id, what)
-        if seq_id not in self.private:
-            state = self.seqs[seq_id] = state.copy()
-            self.private.add(seq_id)
-        return state
-
-    def _block(self, block_id: int) -> int:
-        if not 0 <= block_id < self.num_blocks:
-            raise PlanError(f"block id {block_id} is outside the device pool "
-                            f"[0, {self.num_blocks})")
-        return block_id

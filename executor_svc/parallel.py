@@ -45,7 +45,7 @@ class Command(enum.IntEnum):
     CONFIGURE = 1  # payload: the encoded ConfigureExecutor
     PLAN = 2       # payload: the encoded StepPlan
     DROP = 3       # the scheduler is gone: drop every sequence and the KV cache
-    TRIM = 4       # idle: hand the heap's free memory back (``cpu.release_free_memory``)
+    TRIM = 4       # idle: hand the heap's free memory back (``cpu_memory.release_free_memory``)
     STOP = 5
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from pagedserve.common.sampling import SamplerParams
-from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.layer_ops import LayerOps
 
 
 @dataclass
@@ -25,14 +25,18 @@ class Sampler:
 
     A row with a generator (a seeded request) draws only from it, so its tokens do not depend on
     what else is in the batch; rows without one share a draw from torch's default generator.
+    A batch of greedy rows that want no top tokens takes ``ops.greedy``, bound once.
     """
+
+    def __init__(self, ops: LayerOps):
+        self.greedy = ops.greedy
 
     def __call__(self, logits: Tensor, params: list[SamplerParams],
                  generators: list[torch.Generator | None]) -> SamplerOutput:
         num_top = max((_num_top(p) for p in params), default=0)
-        if num_top == 0 and cpu_kernels.fuses(logits) and all(_is_argmax(p) for p in params):
-            token_ids, sampled_logprobs = cpu_kernels.greedy(logits.contiguous())
-            none = torch.empty(len(params), 0)
+        if num_top == 0 and all(_is_argmax(p) for p in params):
+            token_ids, sampled_logprobs = self.greedy(logits)
+            none = logits.new_empty(len(params), 0)
             return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
                                  top_token_ids=none.long(), top_logprobs=none)
         logprobs = torch.log_softmax(logits, -1)

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from pagedserve.scheduler_svc.block_snapshot import BlockSnapshot
+from pagedserve.scheduler_svc.metrics import Metrics
+from pagedserve.scheduler_svc.scheduler import Scheduler
+from pagedserve.scheduler_svc.sequence import Sequence
 
 COMMANDS = ("pool", "seqs", "seq", "stats", "health", "reset_prefix_cache")
 
@@ -18,9 +25,25 @@ class AdminError(ValueError):
     """A bad admin request; its message is the reply."""
 
 
+@dataclass(frozen=True)
+class Health:
+    """The service's side of the ``health`` reply."""
+
+    executor: dict | None  # the registered executor's model, dtype and device
+    executors_lost: int
+    live_requests: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
 class AdminHandler:
-    def __init__(self, service):
-        self.service = service
+    """Answers admin requests from read-only views: the scheduler's queues and counters, the
+    blocks of its executor session (a snapshot), the metrics and the service's health."""
+
+    scheduler: Scheduler
+    metrics: Metrics
+    service_health: Callable[[], Health]
+    block_size: int
 
     def handle(self, payload: bytes) -> bytes:
         try:
@@ -37,44 +60,30 @@ class AdminHandler:
             return _reply({"error": str(exc)})
 
     def health(self, request: dict) -> dict:
-        service = self.service
-        info = service.executor_info
-        return {"status": "ready" if service.ready else "waiting_for_executor",
-                "executor": None if info is None else {
-                    "model": info.model, "dtype": info.dtype, "device": info.device},
-                "executors_lost": service.executors_lost,
-                "live_requests": len(service.frontend.requests),
-                "max_model_len": service.max_model_len}
+        status = "ready" if self.scheduler.ready else "waiting_for_executor"
+        return {"status": status, **asdict(self.service_health())}
 
     def reset_prefix_cache(self, request: dict) -> dict:
-        bm = self.service.scheduler.block_manager
-        if bm is None:
+        session = self.scheduler.session
+        if session is None:
             raise AdminError("no executor is ready yet: there is no prefix cache")
-        if not bm.reset_prefix_cache():
+        if not session.block_manager.reset_prefix_cache():
             raise AdminError("requests hold blocks: reset the prefix cache when idle")
         return {"reset": True}
 
     def pool(self, request: dict) -> dict:
         """Both pools' counts and maps, token slots, prefix cache, preemptions, queues."""
-        scheduler = self.service.scheduler
-        bm = scheduler.block_manager
-        if bm is None:
-            empty = {"total": 0, "free": 0, "used": 0, "cached": 0, "shared": 0,
-                     "refcounts": {}}
-            views = {"device": empty, "cpu": empty, "prefix_cache": {"queries": 0, "hits": 0},
-                     "slots": {"used": 0, "allocated": 0}, "map": {"device": "", "cpu": ""}}
-        else:
-            views = {**bm.stats(), "slots": bm.slots(scheduler.running),
-                     "map": bm.block_states()}
-        return {"ready": bm is not None, "block_size": self.service.config.block_size,
-                **views, **scheduler.queue_lengths(),
-                "preemptions": dict(scheduler.preemptions)}
+        scheduler, blocks = self.scheduler, self._blocks()
+        return {"ready": scheduler.ready, "block_size": self.block_size, **blocks.stats(),
+                "prefix_cache": dict(scheduler.prefix_cache_stats),
+                "slots": blocks.slots(scheduler.running), "map": blocks.block_states(),
+                **scheduler.queue_lengths(), "preemptions": dict(scheduler.preemptions)}
 
     def seqs(self, request: dict) -> dict:
         """Every running, swapped and waiting sequence with its block table and count."""
-        tables = self._tables()
-        return {"seqs": [{**_describe(seq), "num_blocks": len(tables.get(seq.seq_id, [])),
-                          "block_table": tables.get(seq.seq_id, [])}
+        tables = self._blocks().tables
+        return {"seqs": [{**_describe(seq), "num_blocks": len(tables.get(seq.seq_id, ())),
+                          "block_table": list(tables.get(seq.seq_id, ()))}
                          for seq in self._all_seqs()]}
 
     def seq(self, request: dict) -> dict:
@@ -84,27 +93,20 @@ class AdminHandler:
         if seq is None:
             raise AdminError(f"no live sequence with id {seq_id!r}: "
                              f"`pagedserve seqs` lists them")
-        bm = self.service.scheduler.block_manager
-        if bm is None:  # no executor (yet, or it was lost): nothing holds blocks
-            return {**_describe(seq), "pool": None, "blocks": []}
-        table = self._tables().get(seq.seq_id, [])
-        on_cpu = seq.seq_id in bm.swapped
-        refcounts = (bm.cpu if on_cpu else bm.device).refcounts
-        size = bm.block_size
-        blocks = [{"block_id": block_id, "refcount": refcounts[block_id],
-                   "fill": max(0, min(size, seq.num_tokens - i * size))}
-                  for i, block_id in enumerate(table)]
-        return {**_describe(seq), "pool": "cpu" if on_cpu else "device", "blocks": blocks}
+        return {**_describe(seq), **self._blocks().blocks_of(seq)}
 
     def stats(self, request: dict) -> dict:
-        return self.service.metrics.stats(time.monotonic())
+        return self.metrics.stats(time.monotonic())
 
-    def _tables(self) -> dict[int, list[int]]:
-        bm = self.service.scheduler.block_manager
-        return bm.tables if bm else {}
+    def _blocks(self) -> BlockSnapshot:
+        """The blocks now; none without an executor (yet, or it was lost)."""
+        session = self.scheduler.session
+        if session is None:
+            return BlockSnapshot.empty(self.block_size)
+        return session.block_manager.snapshot()
 
-    def _all_seqs(self):
-        scheduler = self.service.scheduler
+    def _all_seqs(self) -> Iterator[Sequence]:
+        scheduler = self.scheduler
         yield from scheduler.running
         for group in scheduler.swapped:
             yield from group

@@ -1,7 +1,9 @@
 """A pool of physical KV blocks: refcounts and an LRU free queue, O(1) allocate and free."""
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
+
+from pagedserve.scheduler_svc.block_snapshot import PoolSnapshot
 
 
 class BlockPool:
@@ -49,15 +51,6 @@ class BlockPool:
         if self.refcounts[block_id] == 0:
             self.free_queue[block_id] = None
 
-    def stats(self) -> dict:
-        """Block counts: ``shared`` blocks have refcount > 1; ``refcounts`` maps each refcount
-        of a used block to how many blocks have it."""
-        histogram = Counter(self.refcounts)
-        histogram.pop(0, None)
-        return {"total": self.num_blocks, "free": self.num_free, "used": self.num_used,
-                "shared": sum(n for refcount, n in histogram.items() if refcount > 1),
-                "refcounts": {str(refcount): n for refcount, n in sorted(histogram.items())}}
-
-    def block_states(self) -> str:
-        """One character per block, by block id: free ``.``, used ``u``, shared ``s``."""
-        return "".join(["." if r == 0 else "u" if r == 1 else "s" for r in self.refcounts])
+    def snapshot(self) -> PoolSnapshot:
+        """A copy of the refcounts and the free queue, for read-only views."""
+        return PoolSnapshot(tuple(self.refcounts), tuple(self.free_queue))

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pagedserve.common import protocol as p
 from pagedserve.scheduler_svc.output_processor import OutputProcessor
-from pagedserve.scheduler_svc.scheduler import ScheduledStep, Scheduler
+from pagedserve.scheduler_svc.scheduled_step import ScheduledStep
+from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request
 
 
 class Engine:
+    """The scheduler and the output processor together: what the service drives each step."""
+
     def __init__(self, scheduler: Scheduler, processor: OutputProcessor):
         self.scheduler = scheduler
         self.processor = processor
@@ -48,7 +51,7 @@ class Engine:
 
     def _numbered(self, step: ScheduledStep) -> tuple[ScheduledStep, p.StepPlan]:
         self.step_count += 1
-        return step, step.to_plan(self.step_count, self.scheduler.block_manager.tables)
+        return step, step.to_plan(self.step_count)
 
     def take_capped(self) -> list[Request]:
         """Requests the scheduler ended for lack of blocks since the last call."""

@@ -1,6 +1,8 @@
 """Client-facing side of the scheduler: validate requests, tokenize, build output messages."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pagedserve.common.protocol import GenerateRequest, RequestOutputMsg
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.scheduler_svc.output_processor import DeltaTracker
@@ -13,7 +15,10 @@ class InvalidRequest(ValueError):
 
 
 class Frontend:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int,
+    """Requests in, output messages out: the live requests by (client, request_id), each with
+    what its client has been sent. ``max_model_len()``: the longest context served now."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: Callable[[], int],
                  max_num_seqs: int):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -76,7 +81,8 @@ class Frontend:
         if bad is not None:
             raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary "
                                  f"[0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
+        max_model_len = self.max_model_len()
+        if len(ids) >= max_model_len:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens, but the context holds "
-                                 f"{self.max_model_len} (max_model_len): shorten the prompt")
+                                 f"{max_model_len} (max_model_len): shorten the prompt")
         return ids

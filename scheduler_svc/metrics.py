@@ -10,6 +10,7 @@ import time
 from collections import deque
 
 from pagedserve.scheduler_svc.prometheus import PrometheusMetrics
+from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request
 
 WINDOW = 10_000     # latest latencies kept for percentiles
@@ -131,17 +132,15 @@ class Metrics:
                 "ttft_s": summary(self.ttft), "itl_s": summary(self.itl),
                 "e2e_s": summary(self.e2e), "step_cost": self.step_cost()}
 
-    def refresh(self, scheduler) -> None:
+    def refresh(self, scheduler: Scheduler) -> None:
         """Take a new snapshot of the queues and pools, as one assignment, so the Prometheus
         thread never sees a half-updated one."""
-        bm = scheduler.block_manager
-        pool = bm.device if bm else None
         self.snapshot = {
             **scheduler.queue_lengths(),
-            "kv_cache_usage": pool.num_used / pool.num_blocks if pool and pool.num_blocks else 0.0,
+            "kv_cache_usage": scheduler.kv_cache_usage,
             "preemptions": dict(scheduler.preemptions),
-            "prefix_cache_queries": bm.prefix_queries if bm else 0,
-            "prefix_cache_hits": bm.prefix_hits if bm else 0}
+            "prefix_cache_queries": scheduler.prefix_cache_stats["queries"],
+            "prefix_cache_hits": scheduler.prefix_cache_stats["hits"]}
 
     def status(self, window_s: float, now: float) -> dict:
         """The periodic status line: throughput over the last ``window_s``, queues, KV cache

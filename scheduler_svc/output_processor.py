@@ -1,6 +1,8 @@
 """Sampled tokens in, text and stop decisions out: detokenize and check stop conditions."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pagedserve.common.protocol import CompletionDelta
 from pagedserve.scheduler_svc.beam_search import BeamSearch, Hypothesis
 from pagedserve.scheduler_svc.sequence import Request, Sequence
@@ -8,7 +10,10 @@ from pagedserve.scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int):
+    """Detokenizes sampled tokens and decides when a sequence stops. ``max_model_len()``: the
+    longest context served now (it is lowered to what the ready executor serves)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: Callable[[], int]):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
 
@@ -21,7 +26,7 @@ class OutputProcessor:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.tokenizer.eos_token_ids
-        max_tokens = min(params.max_tokens, self.max_model_len - len(request.prompt_token_ids))
+        max_tokens = min(params.max_tokens, self.max_model_len() - len(request.prompt_token_ids))
         return BeamSearch(params, stop_ids, max_tokens)
 
     def append(self, seq: Sequence, token_id: int, logprob: float,
@@ -56,7 +61,7 @@ class OutputProcessor:
         """Whether the sequence has reached its length limit (max_tokens, or the context
         limit), or will have once ``ahead`` more tokens are appended."""
         return (seq.num_output_tokens + ahead >= seq.request.params.max_tokens
-                or seq.num_tokens + ahead >= self.max_model_len)
+                or seq.num_tokens + ahead >= self.max_model_len())
 
     @staticmethod
     def _find_stop_string(seq: Sequence, stops: list[str], new_chars: int) -> str | None:

@@ -68,5 +68,11 @@ class PrefixCache:
         if cached is not None:
             del self.block_of[cached.hash]
 
+    def copy(self) -> PrefixCache:
+        """An independent copy of the index, for read-only views."""
+        other = PrefixCache(self.block_size)
+        other.blocks, other.block_of = dict(self.blocks), dict(self.block_of)
+        return other
+
     def _block_tokens(self, token_ids: list[int], i: int) -> tuple[int, ...]:
         return tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])

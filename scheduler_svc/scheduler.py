@@ -10,67 +10,13 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from pagedserve.common.config import PREEMPTION_MODES
-from pagedserve.common.protocol import MAX_SEQ_ID, NewSeq, StepPlan
+from pagedserve.common.protocol import MAX_SEQ_ID
 from pagedserve.scheduler_svc.beam_search import Choice
-from pagedserve.scheduler_svc.block_manager import AppendResult, BlockManager
-from pagedserve.scheduler_svc.cost_model import PreemptionCostModel
+from pagedserve.scheduler_svc.scheduled_step import ScheduledStep
 from pagedserve.scheduler_svc.sequence import Request, Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledStep:
-    """What the next plan carries; the service turns it into a ``StepPlan``."""
-
-    removed: list[int] = field(default_factory=list)
-    new_seqs: list[Sequence] = field(default_factory=list)
-    seqs: list[Sequence] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
-    block_appends: list[tuple[int, int]] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)
-    forks: list[tuple[int, int, int]] = field(default_factory=list)
-    append_tokens: list[tuple[int, int]] = field(default_factory=list)
-    replace_last: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
-
-    def add(self, seq: Sequence, num_tokens: int) -> None:
-        self.seqs.append(seq)
-        self.num_tokens.append(num_tokens)
-
-    def to_plan(self, step_no: int, tables: dict[int, list[int]]) -> StepPlan:
-        """The wire form: new sequences in full, running ones as (id, token count) only."""
-        return StepPlan(
-            step=step_no, removed=self.removed,
-            new_seqs=[NewSeq(seq_id=s.seq_id, token_ids=s.token_ids, block_table=tables[s.seq_id],
-                             params=s.request.params.sampler_params().to_dict(),
-                             num_computed_tokens=s.num_computed_tokens,
-                             sample_index=s.sample_index) for s in self.new_seqs],
-            seq_ids=[s.seq_id for s in self.seqs], num_tokens=self.num_tokens,
-            block_appends=_flat(self.block_appends), swap_out=_flat(self.swap_out),
-            swap_in=_flat(self.swap_in), copies=_flat(self.copies), forks=_flat(self.forks),
-            append_tokens=_flat(self.append_tokens), replace_last=_flat(self.replace_last))
-
-    def drop_edits(self, seq_ids: set[int]) -> None:
-        """Forget forks and chosen tokens of sequences the plan removes (preempted or
-        finished): a preempted sequence comes back whole, as a new one."""
-        self.forks = [f for f in self.forks if f[0] not in seq_ids and f[1] not in seq_ids]
-        self.append_tokens = [a for a in self.append_tokens if a[0] not in seq_ids]
-
-    def record(self, seq: Sequence, append: AppendResult) -> None:
-        """Put what ``append_slot`` did to a running sequence's table into the plan."""
-        if append.new_block is not None:
-            self.block_appends.append((seq.seq_id, append.new_block))
-        if append.cow is not None:
-            self.copies.append(append.cow)
-            self.replace_last.append((seq.seq_id, append.cow[1]))
-
+from pagedserve.scheduler_svc.session import ExecutorSession
 
 Group = list[Sequence]  # the sequences of one request that move together
 
@@ -79,21 +25,25 @@ class Scheduler:
     """Queues: ``waiting`` sequences, ``running`` sequences, ``swapped`` groups. The running
     sequences of one request form a group, preempted all or nothing: swapped out together
     (their shared blocks stay shared) or, when the CPU pool has no room, each queued again
-    to be recomputed on its own."""
+    to be recomputed on its own.
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, preemption_mode: str = "auto",
-                 cost_model: PreemptionCostModel | None = None):
+    Steps are scheduled into the blocks of the executor ``session`` attached, none before
+    one is ready. Counters (preemptions, prefix cache) live here, not in the session: the
+    metrics scrape them, and they never go backwards while the scheduler lives."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int,
+                 preemption_mode: str = "auto"):
         assert preemption_mode in PREEMPTION_MODES, preemption_mode
-        self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
-        self.cost_model = cost_model
+        self.session: ExecutorSession | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Group] = deque()
         self.preemptions = {"swap": 0, "recompute": 0}
+        # Prompt tokens looked up in the prefix cache, and of those, tokens found cached.
+        self.prefix_cache_stats = {"queries": 0, "hits": 0}
         self.capped: list[Request] = []  # requests ended for lack of blocks: tell their clients
         self._seq_ids = itertools.count()
         # Finished sequences keep their blocks until the next schedule(): by then the
@@ -103,6 +53,44 @@ class Scheduler:
         # Beam forks and chosen tokens decided from the last result, for the next plan.
         self._forks: list[tuple[int, int, int]] = []
         self._append_tokens: list[tuple[int, int]] = []
+
+    @property
+    def ready(self) -> bool:
+        """Whether an executor session is attached: steps can be scheduled."""
+        return self.session is not None
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of device blocks in use; 0 without an executor."""
+        return self.session.block_manager.usage if self.session else 0.0
+
+    def attach(self, session: ExecutorSession) -> None:
+        """Schedule into a ready executor's blocks from now on."""
+        assert self.session is None, "an executor session is attached already: detach it first"
+        self.session = session
+
+    def detach(self) -> list[Sequence]:
+        """The executor is gone, and every block with it: each sequence it held (running,
+        or swapped to its CPU memory) waits to be recomputed from its tokens, ahead of the
+        requests that never ran, in arrival order. Finished sequences are forgotten.
+        Returns the sequences that wait to be recomputed."""
+        finished = set(map(id, self._to_release))
+        self._to_release.clear()
+        self._forks, self._append_tokens = [], []
+        held = [seq for seq in self.running if id(seq) not in finished]
+        held += [seq for group in self.swapped for seq in group if id(seq) not in finished]
+        self.running, self.swapped = [], deque()
+        for seq in held:
+            seq.on_executor = False
+            seq.candidates = None
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        for request in {id(seq.request): seq.request for seq in held}.values():
+            request.num_executor_losses += 1
+        held.sort(key=lambda s: (s.request.arrival_time, s.seq_id))
+        self.waiting = deque([*held, *(s for s in self.waiting if id(s) not in finished)])
+        self.session = None
+        return held
 
     @property
     def has_work(self) -> bool:
@@ -170,8 +158,8 @@ class Scheduler:
                     or seq.num_computed_tokens + num_tokens != seq.num_tokens):
                 return None
         going_on = [seq for seq, _ in live if not ends(seq)]
-        bm = self.block_manager
-        if not going_on or bm.num_append_blocks(going_on, ahead=1) > bm.device.num_free:
+        bm = self.session.block_manager
+        if not going_on or not bm.can_append_slots(going_on, ahead=1):
             return None  # nothing to run, or a preemption to decide: after the result
         step = ScheduledStep(removed=self._release_finished())
         for seq in going_on:
@@ -184,14 +172,15 @@ class Scheduler:
         """The executor acknowledged ``step``: its tokens are now in the cache. A sequence
         that finished meanwhile (aborted, or stopped by the token of the step before) is
         left alone: what it computed is never used."""
+        bm, cost_model = self.session.block_manager, self.session.cost_model
         for seq, num_tokens in zip(step.seqs, step.num_tokens):
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += num_tokens
-            self.block_manager.cache_computed_blocks(seq)
-        if self.cost_model is not None:
-            self.cost_model.observe(sum(step.num_tokens), execute_ms,
-                                    len(step.swap_out) + len(step.swap_in), block_ops_ms)
+            bm.cache_computed_blocks(seq)
+        if cost_model is not None:
+            cost_model.observe(sum(step.num_tokens), execute_ms,
+                               len(step.swap_out) + len(step.swap_in), block_ops_ms)
 
     def advance_beams(self, request: Request) -> None:
         """Every live beam has its candidates: carry out the beam search's choice. A beam
@@ -223,7 +212,7 @@ class Scheduler:
 
     def _fork(self, parent: Sequence, child: Sequence, forks: list) -> None:
         """``child`` continues from ``parent``, sharing its blocks until it writes."""
-        self.block_manager.fork(parent, child)
+        self.session.block_manager.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = SequenceStatus.RUNNING
         child.on_executor = True
@@ -250,8 +239,7 @@ class Scheduler:
         groups = [[seq for seq in group if id(seq) not in finished] for group in self.swapped]
         self.swapped = deque(group for group in groups if group)
         for seq in self._to_release:
-            if seq.seq_id in self.block_manager.tables:
-                self.block_manager.free(seq)
+            self.session.block_manager.free(seq)
             if seq.on_executor:
                 removed.append(seq.seq_id)
                 seq.on_executor = False
@@ -269,10 +257,10 @@ class Scheduler:
         """Give every running group slots for its next tokens (preempting the latest
         arrivals when blocks run out), then tokens: decodes first, then prompt chunks."""
         preempted = False
-        bm = self.block_manager
+        bm = self.session.block_manager
         pending = [(seq, seq.num_pending_tokens) for seq in self.running]
         needy = [seq for seq, num_pending in pending if num_pending and bm.needs_block(seq)]
-        if bm.num_append_blocks(needy) <= bm.device.num_free:
+        if bm.can_append_slots(needy):
             # Room for every running sequence (the common case): nobody is preempted.
             for seq in needy:
                 step.record(seq, bm.append_slot(seq))
@@ -292,7 +280,7 @@ class Scheduler:
     def _preempt_for_room(self, step: ScheduledStep) -> tuple[list[tuple[Sequence, int]], bool]:
         """Groups in arrival order get the slots of their next tokens, preempting the latest
         arrivals until they fit. Returns the kept sequences with their pending tokens."""
-        bm = self.block_manager
+        bm = self.session.block_manager
         queue = deque(self._running_groups())
         kept: list[tuple[Sequence, int]] = []
         preempted = False
@@ -301,8 +289,7 @@ class Scheduler:
             pending = [(seq, seq.num_pending_tokens) for seq in group]
             # Beams waiting for their siblings' candidates have nothing to compute.
             active = [seq for seq, num_pending in pending if num_pending]
-            needed = bm.num_append_blocks(active)
-            while needed > bm.device.num_free:
+            while not bm.can_append_slots(active):
                 if not queue and not kept:
                     self._cap(group)
                     break
@@ -320,13 +307,12 @@ class Scheduler:
     def _schedule_swapped(self, step: ScheduledStep) -> bool:
         """Swap groups back in, oldest first; True when none is left waiting."""
         budget = self.max_num_batched_tokens - sum(step.num_tokens)
-        bm = self.block_manager
+        bm = self.session.block_manager
         while self.swapped and budget > 0:
             group = self.swapped[0]
             if len(self.running) + len(group) > self.max_num_seqs:
                 return False
-            # Room for its blocks and for the slots of its next tokens.
-            if bm.device.num_free < bm.num_distinct_blocks(group) + len(group):
+            if not bm.can_swap_in(group):
                 return False
             self.swapped.popleft()
             step.swap_in += bm.swap_in(group)
@@ -344,7 +330,7 @@ class Scheduler:
         """Admit waiting sequences in arrival order; the last one admitted may get only a
         chunk of its prompt this step (chunked prefill), the rest in later steps."""
         budget = self.max_num_batched_tokens - sum(step.num_tokens)
-        bm = self.block_manager
+        bm = self.session.block_manager
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             num_forks = len(seq.request.unforked) if seq.sample_index == 0 else 0
@@ -354,6 +340,9 @@ class Scheduler:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             bm.allocate(seq)  # counts prefix-cache hits as computed
+            if bm.enable_prefix_caching:
+                self.prefix_cache_stats["queries"] += seq.num_tokens
+                self.prefix_cache_stats["hits"] += seq.num_computed_tokens
             self._start(seq, step)
             # A prompt whose all but last token hit the prefix cache forks right away.
             samples = self._fork_samples(seq, step)
@@ -375,7 +364,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         seq.on_executor = True
         self.running.append(seq)
-        step.new_seqs.append(seq)
+        step.start(seq, self.session.block_manager.table(seq.seq_id))
 
     def _preempt(self, group: Group, step: ScheduledStep) -> None:
         """Take a running group off the device: swap its blocks to CPU memory, or drop
@@ -388,41 +377,20 @@ class Scheduler:
                 # get its candidates again (its KV is rewritten with the same values).
                 seq.candidates = None
                 seq.num_computed_tokens = seq.num_tokens - 1
+        bm = self.session.block_manager
         if self._should_swap(group):
-            step.swap_out += self.block_manager.swap_out(group)
+            step.swap_out += bm.swap_out(group)
             for seq in group:
                 seq.status = SequenceStatus.SWAPPED
             self.swapped.append(group)
             self.preemptions["swap"] += 1
             return
         for seq in reversed(group):
-            self.block_manager.free(seq)
+            bm.free(seq)
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
         self.preemptions["recompute"] += 1
-
-    def recompute_all(self) -> int:
-        """The executor is gone, and every block with it: each sequence it held (running,
-        or swapped to its CPU memory) waits to be recomputed from its tokens, ahead of the
-        requests that never ran, in arrival order. Finished sequences are forgotten; the
-        block manager is dropped until an executor is ready again. Returns how many
-        sequences wait to be recomputed."""
-        finished = set(map(id, self._to_release))
-        self._to_release.clear()
-        self._forks, self._append_tokens = [], []
-        held = [seq for seq in self.running if id(seq) not in finished]
-        held += [seq for group in self.swapped for seq in group if id(seq) not in finished]
-        self.running, self.swapped = [], deque()
-        for seq in held:
-            seq.on_executor = False
-            seq.candidates = None
-            seq.num_computed_tokens = 0
-            seq.status = SequenceStatus.WAITING
-        held.sort(key=lambda s: (s.request.arrival_time, s.seq_id))
-        self.waiting = deque([*held, *(s for s in self.waiting if id(s) not in finished)])
-        self.block_manager = None
-        return len(held)
 
     def _cap(self, group: Group) -> None:
         """Alone on the device and still out of blocks, the group can never grow: preempting
@@ -435,18 +403,15 @@ class Scheduler:
         self.capped.append(request)
 
     def _should_swap(self, group: Group) -> bool:
-        bm = self.block_manager
+        bm, cost_model = self.session.block_manager, self.session.cost_model
         if not bm.can_swap_out(group):
             return False  # a full CPU pool leaves recompute as the only way
         if len(group) > 1:
             # Sequences sharing blocks swap in every mode, as in the paper: recomputed, each
             # would need its own copy of the shared blocks, and might never fit back at once.
             return True
-        if self.preemption_mode != "auto" or self.cost_model is None:
+        if self.preemption_mode != "auto" or cost_model is None:
             return self.preemption_mode == "swap"
         seq = group[0]
-        return self.cost_model.prefers_swap(seq.num_computed_tokens, len(bm.tables[seq.seq_id]))
+        return cost_model.prefers_swap(seq.num_computed_tokens, len(bm.table(seq.seq_id)))
 
-
-def _flat(pairs: list[tuple[int, ...]]) -> list[int]:
-    return [x for pair in pairs for x in pair]

@@ -5,12 +5,9 @@ import copy
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pagedserve.common.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedserve.scheduler_svc.beam_search import BeamSearch
 
 
 class SequenceStatus(enum.Enum):
@@ -91,6 +88,13 @@ class Sequence:
         self.stop_reason = stop_reason
 
 
+class Search(Protocol):
+    """A request's beam search (``beam_search.BeamSearch``, which imports this module): the
+    request only asks whether it is over."""
+
+    done: bool
+
+
 @dataclass
 class Request:
     """A client's request: its sampling params and its sequences (one per completion)."""
@@ -103,12 +107,13 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)  # samples, or the live beams
     unforked: list[Sequence] = field(default_factory=list)  # samples not yet forked from seqs[0]
-    beam: "BeamSearch | None" = None  # beam search state, when beam_width > 1
+    beam: Search | None = None  # beam search state, when beam_width > 1
     sent_first: bool = False  # the first output message (with the prompt ids) went out
     # Timings for the metrics (time.monotonic()); num_generated: output tokens seen so far.
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_generated: int = 0
+    num_executor_losses: int = 0  # executors lost while it held blocks on them
 
     @property
     def key(self) -> tuple[bytes, str]:

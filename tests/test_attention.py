@@ -1,4 +1,5 @@
-"""The torch attention backend against the float64 references in ``kernels``."""
+"""The CPU attention backends (the compiled kernel's and torch's) against the float64
+references in ``kernels``."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.executor_svc import cpu_kernels
-from pagedserve.executor_svc.attention import AttentionMetadata, attend, write_kv
+from pagedserve.executor_svc.attention import StepLayout
+from pagedserve.executor_svc.backends import attention_backend
+from pagedserve.executor_svc.backends.cpu import CpuBackend
+from pagedserve.executor_svc.backends.torch import TorchBackend, write_kv
 from pagedserve.kernels import paged_attention_reference, reshape_and_cache_reference
 
 HEAD_DIM = 8
@@ -24,12 +28,26 @@ def slot(table: list[int], position: int, block_size: int) -> int:
     return table[position // block_size] * block_size + position % block_size
 
 
+def chosen(block_size, null_block, dtype, kv_dtype):
+    """The backend an executor chooses here for ``--attention-backend torch``."""
+    return attention_backend("torch", block_size, "cpu", dtype, kv_dtype, null_block)
+
+
+def kernel(block_size, null_block, dtype, kv_dtype):
+    return CpuBackend(block_size)
+
+
+def gathered(block_size, null_block, dtype, kv_dtype):
+    return TorchBackend(block_size, "cpu", null_block)
+
+
 def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0,
-             query_in_qkv=False, kv_dtype=None, head_dim=HEAD_DIM):
-    """Fill each sequence's cached prefix, write the new tokens with ``write_kv`` and attend.
-    Returns our output and cache, and the reference's. ``query_in_qkv``: the query is a view
-    of wider rows, as the model's is of the q/k/v projection's output. ``kv_dtype``: the
-    caches' dtype, if not ``dtype`` (the reference reads the values they hold)."""
+             query_in_qkv=False, kv_dtype=None, head_dim=HEAD_DIM, backend=chosen):
+    """Fill each sequence's cached prefix, write the new tokens with ``write_kv`` and attend
+    with the backend ``backend(block_size, null_block, dtype, kv_dtype)`` makes. Returns our
+    output and cache, and the reference's. ``query_in_qkv``: the query is a view of wider
+    rows, as the model's is of the q/k/v projection's output. ``kv_dtype``: the caches'
+    dtype, if not ``dtype`` (the reference reads the values they hold)."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in rows]
     blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
@@ -49,8 +67,8 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
         reshape_and_cache_reference(k[:computed], v[:computed], k_cache, v_cache, prefix_slots)
 
     query_lens = [q for _, q in rows]
-    meta = AttentionMetadata.build(tables, [c for c, _ in rows], query_lens, block_size, "cpu",
-                                   null_block=null_block)
+    attention = backend(block_size, null_block, dtype, kv_dtype or dtype)
+    meta = attention.build(tables, [c for c, _ in rows], query_lens)
     new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, rows)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(values, rows)])
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
@@ -60,27 +78,26 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     width = num_heads + 2 * num_kv_heads if query_in_qkv else num_heads
     query = torch.randn(len(new_k), width, head_dim, generator=g).to(dtype)[:, :num_heads]
     scale = head_dim ** -0.5
-    out = attend(query, new_k, new_v, k_cache, v_cache, meta, scale)
+    out = attention.attend(query, new_k, new_v, k_cache, v_cache, meta, scale)
     ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, query_lens, scale)
     return (out, k_cache, v_cache), (ref, ref_k, ref_v)
 
 
 @pytest.fixture(params=["kernel", "gathered"])
-def decode_path(request, monkeypatch):
-    """Decode rows through the compiled CPU kernel (as served by default) or gathered."""
-    if request.param == "kernel":
-        if cpu_kernels.load() is None:
-            pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
-    else:
-        monkeypatch.setattr(cpu_kernels, "serves", lambda *_: False)
-    return request.param
+def decode_path(request):
+    """Decode rows through the compiled CPU kernel (as served by default) or gathered: the
+    backend to pass to ``run_step``."""
+    if request.param == "kernel" and cpu_kernels.load() is None:
+        pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
+    return {"kernel": kernel, "gathered": gathered}[request.param]
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4), (8, 1)],
                          ids=["gqa", "mha", "mqa"])
 def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv_heads,
                                                                decode_path):
-    ours, reference = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.float32)
+    ours, reference = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.float32,
+                               backend=decode_path)
     (out, k_cache, v_cache), (ref, ref_k, ref_v) = ours, reference
     torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0, equal_nan=True)
@@ -98,7 +115,8 @@ def test_mixed_decode_and_prefill_batch_matches_reference_fp32(num_heads, num_kv
 def test_bfloat16_cache_under_float32_queries_matches_reference(rows, block_size, head_dim,
                                                                 decode_path):
     ours, reference = run_step(rows, 6, 3, torch.float32, block_size=block_size, seed=5,
-                               query_in_qkv=True, kv_dtype=torch.bfloat16, head_dim=head_dim)
+                               query_in_qkv=True, kv_dtype=torch.bfloat16, head_dim=head_dim,
+                               backend=decode_path)
     (out, k_cache, v_cache), (ref, ref_k, ref_v) = ours, reference
     assert k_cache.dtype == torch.bfloat16 and out.dtype == torch.float32
     torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)
@@ -123,7 +141,8 @@ def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
 def test_any_batch_matches_reference(rows, block_size, seed, num_heads, query_in_qkv,
                                      kv_dtype, decode_path):
     (out, *_), (ref, *_) = run_step(rows, num_heads, 2, torch.float32, block_size=block_size,
-                                    seed=seed, query_in_qkv=query_in_qkv, kv_dtype=kv_dtype)
+                                    seed=seed, query_in_qkv=query_in_qkv, kv_dtype=kv_dtype,
+                                    backend=decode_path)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -135,7 +154,7 @@ def test_any_batch_matches_reference(rows, block_size, seed, num_heads, query_in
 def test_many_decode_rows_match_reference(num_heads, num_kv_heads, block_size, decode_path):
     rows = [(context, 1) for context in (0, 5, 63, 64, 65, 130, 7, 200, 16, 31, 99, 1)]
     (out, *_), (ref, *_) = run_step(rows, num_heads, num_kv_heads, torch.float32,
-                                    block_size=block_size, seed=3)
+                                    block_size=block_size, seed=3, backend=decode_path)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -146,7 +165,8 @@ def test_many_decode_rows_match_reference(num_heads, num_kv_heads, block_size, d
 def test_long_prompts_match_reference(num_heads, num_kv_heads, block_size, decode_path):
     rows = [(0, 150), (70, 33), (5, 1), (0, 17), (100, 1)]
     (out, *_), (ref, *_) = run_step(rows, num_heads, num_kv_heads, torch.float32,
-                                    block_size=block_size, seed=4, query_in_qkv=True)
+                                    block_size=block_size, seed=4, query_in_qkv=True,
+                                    backend=decode_path)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -168,6 +188,7 @@ def test_without_a_compiler_decode_takes_the_gathered_path(monkeypatch):
     cpu_kernels.load.cache_clear()
     try:
         assert cpu_kernels.load() is None
+        assert isinstance(chosen(BLOCK_SIZE, 0, torch.float32, torch.float32), TorchBackend)
         (out, *_), (ref, *_) = run_step(MIXED_BATCH, 4, 2, torch.float32)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     finally:
@@ -175,8 +196,8 @@ def test_without_a_compiler_decode_takes_the_gathered_path(monkeypatch):
 
 
 def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():
-    meta = AttentionMetadata.build([[3, 6], [1, 2], [0], [5]], [4, 3, 0, 0], [1, 2, 1, 3], 4,
-                                   "cpu", null_block=9)
+    meta = TorchBackend(4, "cpu", null_block=9).build([[3, 6], [1, 2], [0], [5]], [4, 3, 0, 0],
+                                                      [1, 2, 1, 3])
     assert meta.decode_tokens.tolist() == [0, 3]
     assert meta.decode_tables.tolist() == [[3, 6], [0, 9]]  # padded with the null block
     assert meta.decode_mask.tolist() == [[True] * 5 + [False] * 3, [True] + [False] * 7]
@@ -191,21 +212,25 @@ def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():
 
 def test_decode_rows_of_different_lengths_need_a_null_block():
     with pytest.raises(ValueError, match="need a null_block"):
-        AttentionMetadata.build([[3, 6], [0]], [4, 0], [1, 1], 4, "cpu")
+        TorchBackend(4, "cpu").build([[3, 6], [0]], [4, 0], [1, 1])
 
 
-def test_slots_and_positions_follow_the_block_table():
-    meta = AttentionMetadata.build([[7, 2], [5]], [3, 0], [3, 2], 4, "cpu")
-    assert meta.positions.tolist() == [3, 4, 5, 0, 1]
-    assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0, 5 * 4 + 1]
-    assert meta.seq_lens.tolist() == [6, 2]
+@pytest.mark.parametrize("backend", [kernel, gathered], ids=["kernel", "gathered"])
+def test_slots_and_positions_follow_the_block_table(backend):
+    layout = StepLayout.build([[7, 2], [5]], [3, 0], [3, 2], 4)
+    meta = backend(4, None, torch.float32, torch.float32).build([[7, 2], [5]], [3, 0], [3, 2])
+    for step in (layout, meta):
+        assert step.positions.tolist() == [3, 4, 5, 0, 1]
+        assert step.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0,
+                                              5 * 4 + 1]
+        assert step.slot_mapping.dtype == torch.int64
+    assert layout.seq_lens.tolist() == [6, 2]
     assert meta.last_token_indices.tolist() == [2, 4]
-    assert meta.slot_mapping.dtype == torch.int64
 
 
 def test_block_table_too_short_is_rejected():
     with pytest.raises(ValueError, match="sequence 1 has 1 blocks of 4 slots, too few for its 5"):
-        AttentionMetadata.build([[0, 1], [2]], [0, 4], [5, 1], 4, "cpu")
+        StepLayout.build([[0, 1], [2]], [0, 4], [5, 1], 4)
 
 
 def test_write_kv_matches_reference_and_skips_slot_minus_one():

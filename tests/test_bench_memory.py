@@ -121,7 +121,7 @@ def test_beams_share_blocks_and_leave_the_runner_empty(tmp_path):
     path = make_tiny_model("llama", tmp_path)
     cache = CacheEngine(ModelConfig.from_model_dir(path), 4, 256, 0, torch.float32, "cpu")
     runner = ModelRunner(load_model(path, torch.float32, torch.device("cpu")), cache, 4)
-    processor = OutputProcessor(word_tokenizer(), max_model_len=128)
+    processor = OutputProcessor(word_tokenizer(), lambda: 128)
     prompts = [[5 + i, 9, 13, 21, 30 + i] for i in range(4)]
     saved = [beam_search_savings(runner, processor, prompts, [12, 16, 10, 14], width, 2)
              for width in (2, 4)]

@@ -151,8 +151,8 @@ def test_abort_stops_the_request_and_frees_its_blocks(client, services):
 def test_requests_of_a_client_that_died_are_aborted_and_their_blocks_freed(services, client):
     script = (
         "import sys\n"
-        "from common.client import Client\n"
-        "from common.sampling import SamplingParams\n"
+        "from pagedserve.common.client import Client\n"
+        "from pagedserve.common.sampling import SamplingParams\n"
         f"with Client({services.client!r}) as c:\n"
         "    params = SamplingParams(temperature=0.0, max_tokens=100000, ignore_eos=True)\n"
         f"    for _ in c.stream({PROMPTS[1]!r}, params):\n"

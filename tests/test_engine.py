@@ -17,11 +17,13 @@ from pagedserve.scheduler_svc.engine import Engine
 from pagedserve.scheduler_svc.output_processor import DeltaTracker, OutputProcessor
 from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.session import ContextLimit, ExecutorSession
 from tiny_models import make_tiny_model, transformers_greedy, word_tokenizer
 
 BLOCK_SIZE = 4
 PROMPT_LENS = [5, 17, 30, 9, 1]
 MAX_TOKENS = 12
+MAX_MODEL_LEN = 128
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -37,6 +39,18 @@ def make_runner(path, num_blocks, num_cpu_blocks=0, attention_backend="torch", d
     model = load_model(path, torch.float32, torch.device(device))
     cache = CacheEngine(config, BLOCK_SIZE, num_blocks, num_cpu_blocks, torch.float32, device)
     return ModelRunner(model, cache, BLOCK_SIZE, attention_backend)
+
+
+def make_engine(bm, max_num_seqs, max_batched, mode, eos_token_ids=()):
+    """An engine whose scheduler has an executor session over ``bm``."""
+    scheduler = Scheduler(max_num_seqs, max_batched, mode)
+    scheduler.attach(session(bm))
+    return Engine(scheduler, OutputProcessor(word_tokenizer(eos_token_ids),
+                                             lambda: MAX_MODEL_LEN))
+
+
+def session(bm):
+    return ExecutorSession(bm, ContextLimit(MAX_MODEL_LEN, "the test serves no more"))
 
 
 def drive(engine, runner, pipelined=False, on_step=None):
@@ -74,14 +88,14 @@ def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cp
     (``runner``, or a new one). Returns the scheduler (its preemption counters)."""
     runner = runner or make_runner(path, num_blocks, num_cpu_blocks, attention_backend, device)
     bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0, prefix_caching)
-    engine = Engine(Scheduler(bm, 8, max_batched, mode),
-                    OutputProcessor(word_tokenizer(eos_token_ids), max_model_len=128))
+    engine = make_engine(bm, 8, max_batched, mode, eos_token_ids)
     for request in requests:
         engine.add(request)
     ahead = drive(engine, runner, pipelined, on_step)
     assert (ahead > 0) == pipelined
     assert not engine.scheduler.has_work and all(r.is_finished for r in requests)
-    assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
+    snap = bm.snapshot()
+    assert snap.device.num_free == num_blocks and snap.cpu.num_free == num_cpu_blocks
     return engine.scheduler
 
 
@@ -137,12 +151,11 @@ def test_chunked_prefill_mixed_with_decodes_gives_the_same_tokens(tiny, pipeline
 @pytest.mark.parametrize("lose_at", [2, 9, 14])
 def test_after_a_lost_executor_every_sequence_continues_exactly_on_a_new_one(tiny, lose_at):
     """The executor dies with a step in flight (its result never comes) while sequences are
-    running, swapped, forked and waiting: ``recompute_all`` queues them again, and a fresh
-    executor and block manager finish every request with the undisturbed tokens."""
+    running, swapped, forked and waiting: ``detach`` queues them again, and a fresh
+    executor and session finish every request with the undisturbed tokens."""
     path, prompts, expected = tiny
     requests = [request(ids, n=2, temperature=0.0, ignore_eos=True) for ids in prompts]
-    engine = Engine(Scheduler(BlockManager(BLOCK_SIZE, 20, 64), 8, 16, "swap"),
-                    OutputProcessor(word_tokenizer(), max_model_len=128))
+    engine = make_engine(BlockManager(BLOCK_SIZE, 20, 64), 8, 16, "swap")
     for r in requests:
         engine.add(r)
     runner, states, swapped_at_loss = make_runner(path, 20, 64), set(), 0
@@ -154,16 +167,16 @@ def test_after_a_lost_executor_every_sequence_continues_exactly_on_a_new_one(tin
         states |= {s.status.value for r in requests for s in r.seqs}
         if step_no == lose_at:  # this plan is lost with the executor
             swapped_at_loss = len(engine.scheduler.swapped)
-            assert engine.scheduler.recompute_all() > 0
+            assert engine.scheduler.detach()
             assert all(s.num_computed_tokens == 0 for s in engine.scheduler.waiting)
-            engine.scheduler.block_manager = BlockManager(BLOCK_SIZE, 20, 64)
+            engine.scheduler.attach(session(BlockManager(BLOCK_SIZE, 20, 64)))
             runner = make_runner(path, 20, 64)
             continue
         engine.process(step, runner.execute(p.decode(p.encode(plan))))
     assert {"running", "waiting"} <= states
     assert (swapped_at_loss > 0) == (lose_at > 2)  # groups swapped to the lost CPU memory
     assert [[s.output_token_ids for s in r.seqs] for r in requests] == [[e] * 2 for e in expected]
-    assert engine.scheduler.block_manager.device.num_free == 20
+    assert engine.scheduler.session.block_manager.snapshot().device.num_free == 20
 
 
 def test_invalid_plans_are_rejected_without_changing_state(tiny):
@@ -242,7 +255,7 @@ def test_n_samples_hold_fewer_blocks_than_n_separate_requests(tiny):
     def peak_blocks(requests):
         peak = []
         run(path, requests, prefix_caching=False,
-            on_step=lambda s: peak.append(s.block_manager.device.num_used))
+            on_step=lambda s: peak.append(s.session.block_manager.snapshot().device.num_used))
         return max(peak)
 
     grouped = peak_blocks([request(prompt, n=4, seed=3, ignore_eos=True)])
@@ -296,22 +309,21 @@ def test_async_scheduling_stops_and_caches_exactly_as_step_by_step(tiny):
     def waves(pipelined, prefix_caching=True):
         runner = CountingRunner(make_runner(path, 64))
         bm = BlockManager(BLOCK_SIZE, 64, 0, 0.0, prefix_caching)
-        engine = Engine(Scheduler(bm, 8, 256, "recompute"),
-                        OutputProcessor(word_tokenizer([eos]), max_model_len=128))
+        engine = make_engine(bm, 8, 256, "recompute", [eos])
         first = first_wave()
         second = []
         for wave in (first, second):
             for r in wave:
                 engine.add(r)
             ahead = drive(engine, runner, pipelined)
-            assert (ahead > 0) == pipelined and bm.device.num_free == 64
+            assert (ahead > 0) == pipelined and bm.snapshot().device.num_free == 64
             assert all(r.is_finished for r in wave)
             second += [request(seq.token_ids, max_tokens=6, temperature=0.0, ignore_eos=True)
                        for r in first for seq in r.seqs]
             # Never past the last sampled token; one in vain after a stop token at most.
             assert all(runner.computed[seq.seq_id] <= seq.num_tokens - (seq.finish_reason != "stop")
                        for r in wave for seq in r.seqs)
-        return finished(first), finished(second), bm.prefix_hits
+        return finished(first), finished(second), engine.scheduler.prefix_cache_stats["hits"]
 
     step_by_step = waves(pipelined=False)
     reasons = {reason for groups in step_by_step[0] for _, reason in groups}
@@ -327,8 +339,7 @@ def test_async_scheduling_survives_aborts_with_two_steps_in_flight(tiny):
     path, prompts, expected = tiny
     runner = make_runner(path, 64)
     bm = BlockManager(BLOCK_SIZE, 64, 0, 0.0, True)
-    engine = Engine(Scheduler(bm, 8, 256, "recompute"),
-                    OutputProcessor(word_tokenizer(), max_model_len=128))
+    engine = make_engine(bm, 8, 256, "recompute")
     requests = [request(ids, temperature=0.0, ignore_eos=True) for ids in prompts]
     for r in requests:
         engine.add(r)
@@ -349,7 +360,7 @@ def test_async_scheduling_survives_aborts_with_two_steps_in_flight(tiny):
                 engine.abort(live[-1])
         step = in_flight.popleft()
         engine.process(step, result_of.pop(min(result_of)))
-    assert len(aborted) == 2 and bm.device.num_free == 64
+    assert len(aborted) == 2 and bm.snapshot().device.num_free == 64
     kept = [i for i, r in enumerate(requests) if r not in aborted]
     assert [requests[i].seqs[0].output_token_ids for i in kept] == [expected[i] for i in kept]
     assert all(len(r.seqs[0].output_token_ids) < MAX_TOKENS for r in aborted)

@@ -50,6 +50,13 @@ def test_wheel_writes_only_under_the_pagedserve_namespace(wheel):
     assert "pagedserve/executor_svc/csrc/cpu_kernels.c" in names
 
 
+def test_wheel_holds_every_module_of_the_source_tree(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in FOLDERS:
+        for module in (REPO / folder).rglob("*.py"):
+            assert f"pagedserve/{module.relative_to(REPO).as_posix()}" in names, module
+
+
 def test_installs_beside_the_hub_kernels_package_without_touching_its_files(wheel, tmp_path):
     target = tmp_path / "site"
     hub = _pip("install", "--no-deps", "--target", str(target), "kernels", cwd=tmp_path)

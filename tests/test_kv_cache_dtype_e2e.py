@@ -7,7 +7,7 @@ import pytest
 
 from pagedserve.common.client import Client
 from pagedserve.common.sampling import SamplingParams
-from pagedserve.executor_svc.service import resolve_kv_dtype
+from pagedserve.executor_svc.worker import resolve_kv_dtype
 from services import Services
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,8 @@ def test_scheduler_and_common_import_no_torch():
 
 
 def test_cli_help_lists_commands_without_importing_torch():
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom common.cli import main\n"
+    code = ("import sys\nfrom click.testing import CliRunner\n"
+            "from pagedserve.common.cli import main\n"
             "out = CliRunner().invoke(main, ['--help']).output\n"
             "assert 'prepare-model' in out and 'scheduler' in out, out\n"
             "assert 'torch' not in sys.modules")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import cpu_kernels
-from pagedserve.executor_svc.attention import AttentionMetadata
+from pagedserve.executor_svc.backends import attention_backend, layer_ops
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.model import ModelConfig, load_model
 from pagedserve.executor_svc.sampler import Sampler
@@ -42,7 +42,11 @@ class TinyEngine:
         self.model = model
         dtype = kv_dtype or model.model.embed_tokens.weight.dtype
         cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, dtype, "cpu")
-        self.kv_caches, self.null_block = cache.kv_caches, cache.null_block
+        self.kv_caches = cache.kv_caches
+        # As the model runner chooses them: the compiled kernels where they serve.
+        self.attention = attention_backend("torch", BLOCK_SIZE, "cpu", model.dtype, dtype,
+                                           cache.null_block)
+        self.sampler = Sampler(layer_ops(torch.float32, "cpu"))
         for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
             k_cache[:num_blocks].fill_(float("nan"))
             v_cache[:num_blocks].fill_(float("nan"))
@@ -55,15 +59,15 @@ class TinyEngine:
                 seq.block_table.append(self.free_blocks.pop())
         seqs, query_lens = [s for s, _ in batch], [n for _, n in batch]
         tables, computed = [s.block_table for s in seqs], [s.num_computed for s in seqs]
-        meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu",
-                                       null_block=self.null_block)
+        meta = self.attention.build(tables, computed, query_lens)
         input_ids = torch.tensor([t for s, n in batch
                                   for t in s.tokens[s.num_computed:s.num_computed + n]])
         with torch.inference_mode():
             hidden = self.model(input_ids, meta.positions, meta, self.kv_caches)
             logits = self.model.compute_logits(hidden)
         greedy = [SamplingParams(temperature=0)] * len(batch)
-        tokens = Sampler()(logits[meta.last_token_indices], greedy, [None] * len(batch)).token_ids
+        tokens = self.sampler(logits[meta.last_token_indices], greedy,
+                              [None] * len(batch)).token_ids
         for (seq, n), rows, token in zip(batch, logits.split(query_lens), tokens.tolist()):
             seq.num_computed += n
             seq.logits.extend(rows)
@@ -182,7 +186,8 @@ def test_bfloat16_logits_close_to_transformers_bfloat16(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     kv_caches = CacheEngine(model.config, BLOCK_SIZE, 8, 0, torch.bfloat16, "cpu").kv_caches
     tokens = torch.arange(3, 30)
-    meta = AttentionMetadata.build([[6, 1, 4, 7, 0, 2, 5]], [0], [len(tokens)], BLOCK_SIZE, "cpu")
+    attention = attention_backend("torch", BLOCK_SIZE, "cpu", torch.bfloat16, torch.bfloat16)
+    meta = attention.build([[6, 1, 4, 7, 0, 2, 5]], [0], [len(tokens)])
     with torch.inference_mode():
         logits = model.compute_logits(model(tokens, meta.positions, meta, kv_caches))
         expected = hf(tokens[None]).logits[0].float()

@@ -14,7 +14,7 @@ def tokenizer(smollm2_dir):
 
 def feed(tokenizer, text, max_model_len=8192, **params):
     """Stream ``text``'s tokens through the processor; returns (seq, deltas sent, reason)."""
-    processor = OutputProcessor(tokenizer, max_model_len)
+    processor = OutputProcessor(tokenizer, lambda: max_model_len)
     request = Request("r", b"c", SamplingParams(**params), [504, 3575], stream=True)
     seq = Sequence(0, request.prompt_token_ids, request)
     request.seqs.append(seq)
@@ -40,7 +40,7 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tokenizer):
 
 def test_eos_stops_unless_ignored(tokenizer):
     eos = next(iter(tokenizer.eos_token_ids))
-    processor = OutputProcessor(tokenizer, 8192)
+    processor = OutputProcessor(tokenizer, lambda: 8192)
     for ignore_eos, expected in ((False, ("stop", None)), (True, None)):
         request = Request("r", b"c", SamplingParams(ignore_eos=ignore_eos), [504], stream=False)
         seq = Sequence(0, [504], request)
@@ -56,7 +56,7 @@ def test_max_tokens_and_context_end_with_length(tokenizer):
 
 
 def test_cumulative_logprob_and_top_logprobs_recorded(tokenizer):
-    processor = OutputProcessor(tokenizer, 8192)
+    processor = OutputProcessor(tokenizer, lambda: 8192)
     request = Request("r", b"c", SamplingParams(logprobs=1), [504], stream=False)
     seq = Sequence(0, [504], request)
     processor.start(seq)

@@ -5,6 +5,7 @@ import torch
 
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.backends import layer_ops
 from pagedserve.executor_svc.sampler import Sampler
 
 VOCAB = 100
@@ -15,7 +16,9 @@ def random_logits(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def sample(logits, params, generators=None):
-    return Sampler()(logits, params, generators or [None] * len(params))
+    """As the model runner samples on this CPU."""
+    sampler = Sampler(layer_ops(torch.float32, "cpu"))
+    return sampler(logits, params, generators or [None] * len(params))
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -8,13 +8,30 @@ from pagedserve.common.sampling import SamplingParams
 from pagedserve.scheduler_svc.block_manager import BlockManager
 from pagedserve.scheduler_svc.scheduler import Scheduler
 from pagedserve.scheduler_svc.sequence import Request, SequenceStatus
+from pagedserve.scheduler_svc.session import ContextLimit, ExecutorSession
 
 BLOCK_SIZE = 4
 
 
+def session(bm: BlockManager) -> ExecutorSession:
+    """A ready executor's session over ``bm``, without a cost model."""
+    return ExecutorSession(bm, ContextLimit(bm.max_seq_len, "the KV pool holds no more"))
+
+
+def attached(bm, *args, **kwargs) -> Scheduler:
+    """A scheduler (``Scheduler(*args, **kwargs)``) with an executor session over ``bm``."""
+    scheduler = Scheduler(*args, **kwargs)
+    scheduler.attach(session(bm))
+    return scheduler
+
+
 def make_scheduler(num_blocks=64, max_num_seqs=8, max_batched=64, watermark=0.0):
-    bm = BlockManager(BLOCK_SIZE, num_blocks, 0, watermark)
-    return Scheduler(bm, max_num_seqs, max_batched)
+    return attached(BlockManager(BLOCK_SIZE, num_blocks, 0, watermark), max_num_seqs, max_batched)
+
+
+def blocks(scheduler):
+    """A snapshot of the scheduler's blocks."""
+    return scheduler.session.block_manager.snapshot()
 
 
 def add(scheduler, request_id, prompt_len, max_tokens=4, **params):
@@ -88,7 +105,7 @@ def test_decode_steps_carry_one_token_and_new_blocks_only_at_boundaries():
     assert first.new_seqs == [seq] and first.block_appends == []
     second = scheduler.schedule()
     assert second.new_seqs == [] and second.num_tokens == [1]
-    assert second.block_appends == [(0, scheduler.block_manager.tables[0][-1])]
+    assert second.block_appends == [(0, blocks(scheduler).tables[0][-1])]
 
 
 def test_latest_arrival_is_preempted_for_recompute_when_blocks_run_out():
@@ -100,16 +117,16 @@ def test_latest_arrival_is_preempted_for_recompute_when_blocks_run_out():
     assert step.seqs == [old] and step.removed == [1]
     assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0
     assert scheduler.waiting[0] is new and scheduler.preemptions == {"swap": 0, "recompute": 1}
-    assert 1 not in scheduler.block_manager.tables
+    assert 1 not in blocks(scheduler).tables
 
 
 def test_finished_blocks_are_released_only_at_the_next_schedule():
     scheduler = make_scheduler()
     seq = add(scheduler, 0, 5, max_tokens=1)
     run_step(scheduler)
-    assert seq.is_finished and 0 in scheduler.block_manager.tables  # step may be in flight
+    assert seq.is_finished and 0 in blocks(scheduler).tables  # step may be in flight
     step = scheduler.schedule()
-    assert step.removed == [0] and not scheduler.block_manager.tables
+    assert step.removed == [0] and not blocks(scheduler).tables
 
 
 @settings(max_examples=60, deadline=None)
@@ -128,12 +145,12 @@ def test_every_request_completes_and_the_pool_ends_empty(requests, num_blocks, s
         if not scheduler.has_work and not pending:
             break
         run_step(scheduler)
-        bm = scheduler.block_manager
-        assert bm.device.num_used == len({b for t in bm.tables.values() for b in t})
+        snap = blocks(scheduler)
+        assert snap.device.num_used == len({b for t in snap.tables.values() for b in t})
         assert len(scheduler.running) <= 4
     assert all(s.is_finished for s in seqs) and not pending
     assert [s.num_output_tokens for s in seqs] == [m for _, m in requests]
-    assert scheduler.block_manager.device.num_free == num_blocks
+    assert blocks(scheduler).device.num_free == num_blocks
 
 
 def test_samples_fork_after_the_prompt_but_its_last_token_and_copy_the_shared_block():
@@ -150,7 +167,7 @@ def test_samples_fork_after_the_prompt_but_its_last_token_and_copy_the_shared_bl
     # Each computes the last prompt token; two of the three copy the shared partial block.
     assert step.seqs == request.seqs and step.num_tokens == [1, 1, 1]
     assert len(step.copies) == 2 and len(step.replace_last) == 2
-    tables = scheduler.block_manager.tables
+    tables = blocks(scheduler).tables
     assert len({tables[s.seq_id][0] for s in request.seqs}) == 1  # the full block is shared
     assert len({tables[s.seq_id][1] for s in request.seqs}) == 3
 
@@ -172,8 +189,7 @@ def run_after(scheduler, step):
 def test_groups_move_whole_and_every_sample_completes(requests, num_blocks, num_cpu_blocks,
                                                       mode, seed):
     rng = random.Random(seed)
-    bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0)
-    scheduler = Scheduler(bm, 8, 64, mode)
+    scheduler = attached(BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0), 8, 64, mode)
     firsts, pending = [], list(enumerate(requests))
     for _ in range(3000):
         while pending and rng.random() < 0.5:
@@ -182,8 +198,9 @@ def test_groups_move_whole_and_every_sample_completes(requests, num_blocks, num_
         if not scheduler.has_work and not pending:
             break
         run_step(scheduler)
-        for pool, swapped in ((bm.device, False), (bm.cpu, True)):
-            held = Counter(b for sid, t in bm.tables.items() if (sid in bm.swapped) == swapped
+        snap = blocks(scheduler)
+        for pool, swapped in ((snap.device, False), (snap.cpu, True)):
+            held = Counter(b for sid, t in snap.tables.items() if (sid in snap.swapped) == swapped
                            for b in t)
             assert all(pool.refcounts[b] == k for b, k in held.items())
             assert pool.num_used == len(held)
@@ -197,7 +214,8 @@ def test_groups_move_whole_and_every_sample_completes(requests, num_blocks, num_
         # A group that alone outgrows the pool ends early ("length"), like max_model_len.
         assert all(s.num_output_tokens == s.request.params.max_tokens
                    or first.request in scheduler.capped for s in seqs)
-    assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
+    snap = blocks(scheduler)
+    assert snap.device.num_free == num_blocks and snap.cpu.num_free == num_cpu_blocks
 
 
 def test_a_group_that_outgrows_the_pool_alone_ends_with_length_instead_of_looping():
@@ -210,19 +228,18 @@ def test_a_group_that_outgrows_the_pool_alone_ends_with_length_instead_of_loopin
     seqs = first.request.seqs
     assert scheduler.capped == [first.request] and not scheduler.has_work
     assert all(s.finish_reason == "length" and 0 < s.num_output_tokens < 20 for s in seqs)
-    assert scheduler.block_manager.device.num_free == 6
+    assert blocks(scheduler).device.num_free == 6
 
 
-def test_recompute_all_requeues_every_held_sequence_and_admin_still_describes_them():
+def test_detach_requeues_every_held_sequence_and_admin_still_describes_them():
     """After the executor is lost: running and swapped sequences wait again, computed from
-    scratch, oldest first, and ``pagedserve seq`` shows them without a block manager."""
+    scratch, oldest first, and ``pagedserve seq`` shows them without an executor session."""
     import json
-    from types import SimpleNamespace
 
     from pagedserve.scheduler_svc.admin import AdminHandler
 
-    scheduler = Scheduler(BlockManager(4, 8, 8), max_num_seqs=8, max_num_batched_tokens=64,
-                          preemption_mode="swap")
+    scheduler = attached(BlockManager(4, 8, 8), max_num_seqs=8, max_num_batched_tokens=64,
+                         preemption_mode="swap")
     requests = [Request(str(i), b"c", SamplingParams(max_tokens=50, ignore_eos=True),
                         list(range(3, 13)), stream=False) for i in range(4)]
     for request in requests:
@@ -236,12 +253,12 @@ def test_recompute_all_requeues_every_held_sequence_and_admin_still_describes_th
     late = Request("late", b"c", SamplingParams(), [5, 6], stream=False)
     scheduler.add(late)  # never ran: stays behind the ones that did
     assert scheduler.running and scheduler.swapped and len(scheduler.waiting) == 1
-    assert scheduler.recompute_all() == 4
-    assert scheduler.block_manager is None and not scheduler.running and not scheduler.swapped
+    assert len(scheduler.detach()) == 4
+    assert scheduler.session is None and not scheduler.running and not scheduler.swapped
     assert [s.request.request_id for s in scheduler.waiting] == ["0", "1", "2", "3", "late"]
     assert all(s.num_computed_tokens == 0 and s.status == SequenceStatus.WAITING
                for s in scheduler.waiting)
-    handler = AdminHandler(SimpleNamespace(scheduler=scheduler))
+    handler = AdminHandler(scheduler, metrics=None, service_health=None, block_size=4)
     seq_id = scheduler.waiting[0].seq_id
     reply = json.loads(handler.handle(json.dumps({"cmd": "seq", "seq_id": seq_id}).encode()))
     assert reply["blocks"] == [] and reply["pool"] is None
@@ -314,8 +331,7 @@ def test_every_sequence_reads_its_own_tokens_with_and_without_async_scheduling(
     from pagedserve.common import protocol as p
 
     rng, stop = random.Random(seed), 100  # a sampled 100 is a stop token: one in eight
-    bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0)
-    scheduler = Scheduler(bm, 8, 64, mode)
+    scheduler = attached(BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0), 8, 64, mode)
     executor = SimExecutor(random.Random(seed + 1), stop)
     requests = [(pl, m, n) for pl, m, n in requests if pl + m <= num_blocks * BLOCK_SIZE // 2]
     firsts, pending, in_flight, step_no, ahead = [], list(enumerate(requests)), [], 0, 0
@@ -323,7 +339,7 @@ def test_every_sequence_reads_its_own_tokens_with_and_without_async_scheduling(
     def send(step):
         nonlocal step_no
         step_no += 1
-        plan = p.decode(p.encode(step.to_plan(step_no, bm.tables)))
+        plan = p.decode(p.encode(step.to_plan(step_no)))
         in_flight.append((step, executor.execute(plan)))
 
     for _ in range(3000):
@@ -356,5 +372,6 @@ def test_every_sequence_reads_its_own_tokens_with_and_without_async_scheduling(
                     scheduler.finish(seq, "stop")
     assert not pending and not scheduler.has_work and not in_flight
     assert all(s.is_finished for first in firsts for s in first.request.seqs)
-    assert bm.device.num_free == num_blocks and bm.cpu.num_free == num_cpu_blocks
+    snap = blocks(scheduler)
+    assert snap.device.num_free == num_blocks and snap.cpu.num_free == num_cpu_blocks
     assert pipelined or ahead == 0

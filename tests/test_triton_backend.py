@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from pagedserve.executor_svc.attention import AttentionMetadata, get_backend
+from pagedserve.executor_svc.backends import attention_backend
 from pagedserve.executor_svc.model import load_model
 from pagedserve.executor_svc.cuda_graphs import batch_buckets
 from test_engine import BLOCK_SIZE, make_runner, request, run
@@ -58,8 +58,9 @@ def test_triton_and_torch_backends_agree_on_a_mixed_step(tiny):
         caches = [(torch.randn(shape).index_fill_(0, torch.tensor([8]), 0),
                    torch.randn(shape).index_fill_(0, torch.tensor([8]), 0))
                   for _ in model.model.layers]
-        meta = AttentionMetadata.build(tables, computed, query_lens, BLOCK_SIZE, "cpu",
-                                       get_backend(name), null_block=8)
+        backend = attention_backend(name, BLOCK_SIZE, "cpu", torch.float32, torch.float32,
+                                    null_block=8)
+        meta = backend.build(tables, computed, query_lens)
         with torch.inference_mode():
             hidden[name] = model(ids, meta.positions, meta, caches)
     torch.testing.assert_close(hidden["triton"], hidden["torch"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,244 @@
+"""A step that fails after its plan was applied is an executor fault, never an invalid plan:
+the executor drops what it mirrors and registers again, the scheduler recomputes, and the
+request completes as if nothing had happened. Faults are real: the model's forward raises."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from pagedserve.common import protocol as p
+from pagedserve.common.config import ExecutorConfig
+from pagedserve.executor_svc.model_runner import ExecutorFault, PlanError
+from pagedserve.executor_svc.service import ExecutorService
+from pagedserve.executor_svc.worker import Worker
+from tiny_models import make_tiny_model
+
+BLOCK_SIZE = 4
+PROMPT = [5, 17, 30, 9, 44, 2]
+
+
+class FaultyForward:
+    """Wraps ``model``'s forward so that its ``fail_at``-th call (from 1) raises ValueError,
+    as a kernel rejecting its arguments mid-step would."""
+
+    def __init__(self, model: torch.nn.Module, fail_at: int):
+        self.forward, self.fail_at, self.calls = model.forward, fail_at, 0
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("injected: a kernel rejected its arguments")
+        return self.forward(*args, **kwargs)
+
+
+def plan(step: int, seq_id: int = 0, **fields) -> p.StepPlan:
+    """A valid plan: sequence ``seq_id`` arrives with ``PROMPT`` (the first step), or decodes."""
+    if step == 0:
+        new = p.NewSeq(seq_id=seq_id, token_ids=PROMPT, block_table=[0, 1],
+                       params={"temperature": 0.0})
+        fields = dict(new_seqs=[new], seq_ids=[seq_id], num_tokens=[len(PROMPT)]) | fields
+    else:
+        fields = dict(new_seqs=[], seq_ids=[seq_id], num_tokens=[1]) | fields
+    return p.decode(p.encode(p.StepPlan(step=step, removed=[], block_appends=[], **fields)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture
+def worker(model_dir):
+    worker = Worker(ExecutorConfig(model=str(model_dir), num_device_blocks=8,
+                                   num_cpu_blocks=2))
+    worker.start(p.ConfigureExecutor(block_size=BLOCK_SIZE, max_model_len=128,
+                                     max_num_seqs=8, max_num_batched_tokens=64))
+    return worker
+
+
+def test_a_failure_inside_the_forward_pass_is_a_fault_after_the_plan_was_applied(worker):
+    FaultyForward(worker.model, fail_at=1)
+    with pytest.raises(ExecutorFault, match="step 0 failed after its plan was applied: "
+                                            "ValueError: injected") as fault:
+        worker.execute(p.encode(plan(0)))
+    assert not isinstance(fault.value, (PlanError, ValueError))
+    assert isinstance(fault.value.__cause__, ValueError)
+    assert worker.runner.seqs[0].block_table == [0, 1]  # the plan had been applied
+
+
+def test_only_plan_validation_answers_invalid_request_and_applies_nothing(worker):
+    FaultyForward(worker.model, fail_at=1)
+    unknown = plan(1, seq_id=3)  # seq 3 was never sent
+    reply = worker.execute(p.encode(unknown))
+    assert isinstance(reply, p.ErrorMsg) and reply.code == "invalid_request"
+    assert "unknown seq id 3" in reply.message and worker.runner.seqs == {}
+    bad_params = plan(0, new_seqs=[p.NewSeq(seq_id=0, token_ids=PROMPT, block_table=[0, 1],
+                                            params={"stop": ["x"]})])
+    reply = worker.execute(p.encode(bad_params))
+    assert reply.code == "invalid_request" and "unknown sampler parameter(s): stop" in reply.message
+    assert worker.runner.seqs == {}
+
+
+class FakeScheduler:
+    """The scheduler's side of the executor link, driven by hand: a ROUTER socket that
+    answers heartbeats and hands every other message to the test."""
+
+    def __init__(self):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.executor: bytes | None = None
+
+    def receive(self, timeout_s: float = 30.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.sock.poll(100):
+                continue
+            identity, payload = self.sock.recv_multipart()
+            if identity.endswith(p.HEARTBEAT_SUFFIX):
+                self.sock.send_multipart([identity, p.encode(p.Heartbeat())])
+                continue
+            self.executor = identity
+            return p.decode(payload)
+        raise TimeoutError("the executor sent nothing")
+
+    def send(self, msg) -> None:
+        self.sock.send_multipart([self.executor, p.encode(msg)])
+
+    def configure(self):
+        """Answer the registration; the executor's next word (past repeats of it)."""
+        self.send(p.ConfigureExecutor(block_size=BLOCK_SIZE, max_model_len=128, max_num_seqs=8,
+                                      max_num_batched_tokens=64))
+        while isinstance(msg := self.receive(), p.RegisterExecutor):
+            pass
+        return msg
+
+
+def test_after_a_fault_the_executor_registers_again_and_serves_the_recomputed_sequence(
+        model_dir):
+    scheduler = FakeScheduler()
+    service = ExecutorService(ExecutorConfig(model=str(model_dir), scheduler=scheduler.address,
+                                             num_device_blocks=8, num_cpu_blocks=2))
+    thread = threading.Thread(target=service.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert isinstance(scheduler.receive(), p.RegisterExecutor)
+        assert isinstance(scheduler.configure(), p.ExecutorReady)
+        scheduler.send(plan(0))
+        first = scheduler.receive()
+        assert isinstance(first, p.StepResult)
+        faulty = FaultyForward(service.worker.model, fail_at=1)
+        scheduler.send(plan(1))  # decodes the sampled token: the forward pass raises
+        again = scheduler.receive()
+        assert isinstance(again, p.RegisterExecutor), again  # not an invalid_request error
+        identity = scheduler.executor
+        assert isinstance(scheduler.configure(), p.ExecutorReady)
+        assert service.worker.runner.seqs == {}  # it dropped what it mirrored
+        # The scheduler recomputes: the prompt and the token sampled before the fault.
+        recompute = [*PROMPT, int(first.token_ids[0])]
+        scheduler.send(plan(2, new_seqs=[p.NewSeq(seq_id=0, token_ids=recompute,
+                                                  block_table=[0, 1],
+                                                  params={"temperature": 0.0})],
+                            num_tokens=[len(recompute)]))
+        result = scheduler.receive()
+        assert isinstance(result, p.StepResult) and result.seq_ids.tolist() == [0]
+        assert faulty.calls == 2 and scheduler.executor == identity
+    finally:
+        service.stop()
+        thread.join(timeout=30)
+        scheduler.ctx.destroy(linger=0)
+    assert not thread.is_alive()
+
+
+@pytest.mark.slow
+def test_a_fault_mid_request_is_recovered_and_the_request_completes_exactly(smollm2_dir):
+    from pagedserve.common.client import Client
+    from pagedserve.common.sampling import SamplingParams
+    from pagedserve.common.up import stop_processes
+    from services import admin, free_ports, pagedserve, wait_ready
+
+    client_port, executor_port, admin_port = free_ports(3)
+    scheduler = pagedserve("scheduler", "--model", str(smollm2_dir), "--client-port",
+                           str(client_port), "--executor-port", str(executor_port),
+                           "--admin-port", str(admin_port))
+    service = thread = None
+    try:
+        service = ExecutorService(ExecutorConfig(
+            model=str(smollm2_dir), scheduler=f"tcp://127.0.0.1:{executor_port}",
+            num_device_blocks=64, num_cpu_blocks=8))
+        faulty = FaultyForward(service.worker.model, fail_at=4)  # the prompt, 2 decodes, boom
+        thread = threading.Thread(target=service.serve_forever, daemon=True)
+        thread.start()
+        address = f"tcp://127.0.0.1:{admin_port}"
+        wait_ready(address, [scheduler], timeout_s=120)
+        with Client(f"tcp://127.0.0.1:{client_port}", timeout=120.0) as client:
+            out = client.generate("The capital of France is",
+                                  SamplingParams(temperature=0.0, max_tokens=6))
+        assert out.outputs[0].text == " Paris.\n\nThe answer"
+        assert faulty.calls > 4 and admin(address, "health")["executors_lost"] == 1
+    finally:
+        if service is not None:
+            service.stop()
+            thread.join(timeout=30)
+        stop_processes([scheduler])
+
+
+class PoisonedForward:
+    """Wraps ``model``'s forward so that every step whose input holds ``token`` raises, as a
+    request that brings the executor down each time it runs would."""
+
+    def __init__(self, model: torch.nn.Module, token: int):
+        self.forward, self.token, self.faults = model.forward, token, 0
+        model.forward = self
+
+    def __call__(self, input_ids, *args, **kwargs):
+        if bool((input_ids == self.token).any()):
+            self.faults += 1
+            raise ValueError("injected: this request's tokens bring the executor down")
+        return self.forward(input_ids, *args, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_request_that_faults_the_executor_every_time_fails_and_the_others_are_served(
+        smollm2_dir):
+    from pagedserve.common.client import Client, ServerError
+    from pagedserve.common.sampling import SamplingParams
+    from pagedserve.common.up import stop_processes
+    from pagedserve.scheduler_svc.service import MAX_EXECUTOR_LOSSES
+    from services import admin, free_ports, pagedserve, wait_ready
+
+    client_port, executor_port, admin_port = free_ports(3)
+    scheduler = pagedserve("scheduler", "--model", str(smollm2_dir), "--client-port",
+                           str(client_port), "--executor-port", str(executor_port),
+                           "--admin-port", str(admin_port))
+    service = thread = None
+    try:
+        service = ExecutorService(ExecutorConfig(
+            model=str(smollm2_dir), scheduler=f"tcp://127.0.0.1:{executor_port}",
+            num_device_blocks=64, num_cpu_blocks=8))
+        poisoned = PoisonedForward(service.worker.model, token=12345)
+        thread = threading.Thread(target=service.serve_forever, daemon=True)
+        thread.start()
+        address = f"tcp://127.0.0.1:{admin_port}"
+        wait_ready(address, [scheduler], timeout_s=120)
+        greedy = SamplingParams(temperature=0.0, max_tokens=6)
+        with Client(f"tcp://127.0.0.1:{client_port}", timeout=120.0) as client:
+            with pytest.raises(ServerError, match="not recomputed again"):
+                client.generate([504, 3575, 12345, 282], greedy)
+            out = client.generate("The capital of France is", greedy)
+        assert out.outputs[0].text == " Paris.\n\nThe answer"
+        assert poisoned.faults == MAX_EXECUTOR_LOSSES
+        assert admin(address, "health")["executors_lost"] == MAX_EXECUTOR_LOSSES
+        assert thread.is_alive()  # the executor itself never gave up
+    finally:
+        if service is not None:
+            service.stop()
+            thread.join(timeout=30)
+        stop_processes([scheduler])
