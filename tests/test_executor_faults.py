@@ -157,37 +157,69 @@ def test_after_a_fault_the_executor_registers_again_and_serves_the_recomputed_se
     assert not thread.is_alive()
 
 
+class Serving:
+    """A real scheduler process and, in this process, an executor whose model ``wrap``
+    wraps (to inject faults); ``client`` and ``admin`` are the scheduler's addresses."""
+
+    def __init__(self, model_dir, wrap):
+        from services import free_ports, pagedserve, wait_ready
+
+        client_port, executor_port, admin_port = free_ports(3)
+        self.client = f"tcp://127.0.0.1:{client_port}"
+        self.admin = f"tcp://127.0.0.1:{admin_port}"
+        self.scheduler = pagedserve("scheduler", "--model", str(model_dir), "--client-port",
+                                    str(client_port), "--executor-port", str(executor_port),
+                                    "--admin-port", str(admin_port))
+        self.service = self.thread = None
+        try:
+            self.service = ExecutorService(ExecutorConfig(
+                model=str(model_dir), scheduler=f"tcp://127.0.0.1:{executor_port}",
+                num_device_blocks=64, num_cpu_blocks=8))
+            self.wrapper = wrap(self.service.worker.model)
+            self.thread = threading.Thread(target=self.service.serve_forever, daemon=True)
+            self.thread.start()
+            wait_ready(self.admin, [self.scheduler], timeout_s=120)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        from pagedserve.common.up import stop_processes
+
+        if self.service is not None:
+            self.service.stop()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        stop_processes([self.scheduler])
+
+
+@pytest.fixture
+def serving(smollm2_dir):
+    """``serving(wrap)``: a ``Serving`` over SmolLM2, closed after the test."""
+    started: list[Serving] = []
+
+    def start(wrap) -> Serving:
+        started.append(Serving(smollm2_dir, wrap))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.close()
+
+
 @pytest.mark.slow
-def test_a_fault_mid_request_is_recovered_and_the_request_completes_exactly(smollm2_dir):
+def test_a_fault_mid_request_is_recovered_and_the_request_completes_exactly(serving):
     from pagedserve.common.client import Client
     from pagedserve.common.sampling import SamplingParams
-    from pagedserve.common.up import stop_processes
-    from services import admin, free_ports, pagedserve, wait_ready
+    from services import admin
 
-    client_port, executor_port, admin_port = free_ports(3)
-    scheduler = pagedserve("scheduler", "--model", str(smollm2_dir), "--client-port",
-                           str(client_port), "--executor-port", str(executor_port),
-                           "--admin-port", str(admin_port))
-    service = thread = None
-    try:
-        service = ExecutorService(ExecutorConfig(
-            model=str(smollm2_dir), scheduler=f"tcp://127.0.0.1:{executor_port}",
-            num_device_blocks=64, num_cpu_blocks=8))
-        faulty = FaultyForward(service.worker.model, fail_at=4)  # the prompt, 2 decodes, boom
-        thread = threading.Thread(target=service.serve_forever, daemon=True)
-        thread.start()
-        address = f"tcp://127.0.0.1:{admin_port}"
-        wait_ready(address, [scheduler], timeout_s=120)
-        with Client(f"tcp://127.0.0.1:{client_port}", timeout=120.0) as client:
-            out = client.generate("The capital of France is",
-                                  SamplingParams(temperature=0.0, max_tokens=6))
-        assert out.outputs[0].text == " Paris.\n\nThe answer"
-        assert faulty.calls > 4 and admin(address, "health")["executors_lost"] == 1
-    finally:
-        if service is not None:
-            service.stop()
-            thread.join(timeout=30)
-        stop_processes([scheduler])
+    # The prompt, 2 decodes, then the forward raises.
+    server = serving(lambda model: FaultyForward(model, fail_at=4))
+    with Client(server.client, timeout=120.0) as client:
+        out = client.generate("The capital of France is",
+                              SamplingParams(temperature=0.0, max_tokens=6))
+    assert out.outputs[0].text == " Paris.\n\nThe answer"
+    assert server.wrapper.calls > 4 and admin(server.admin, "health")["executors_lost"] == 1
 
 
 class PoisonedForward:
@@ -207,38 +239,19 @@ class PoisonedForward:
 
 @pytest.mark.slow
 def test_a_request_that_faults_the_executor_every_time_fails_and_the_others_are_served(
-        smollm2_dir):
+        serving):
     from pagedserve.common.client import Client, ServerError
     from pagedserve.common.sampling import SamplingParams
-    from pagedserve.common.up import stop_processes
     from pagedserve.scheduler_svc.service import MAX_EXECUTOR_LOSSES
-    from services import admin, free_ports, pagedserve, wait_ready
+    from services import admin
 
-    client_port, executor_port, admin_port = free_ports(3)
-    scheduler = pagedserve("scheduler", "--model", str(smollm2_dir), "--client-port",
-                           str(client_port), "--executor-port", str(executor_port),
-                           "--admin-port", str(admin_port))
-    service = thread = None
-    try:
-        service = ExecutorService(ExecutorConfig(
-            model=str(smollm2_dir), scheduler=f"tcp://127.0.0.1:{executor_port}",
-            num_device_blocks=64, num_cpu_blocks=8))
-        poisoned = PoisonedForward(service.worker.model, token=12345)
-        thread = threading.Thread(target=service.serve_forever, daemon=True)
-        thread.start()
-        address = f"tcp://127.0.0.1:{admin_port}"
-        wait_ready(address, [scheduler], timeout_s=120)
-        greedy = SamplingParams(temperature=0.0, max_tokens=6)
-        with Client(f"tcp://127.0.0.1:{client_port}", timeout=120.0) as client:
-            with pytest.raises(ServerError, match="not recomputed again"):
-                client.generate([504, 3575, 12345, 282], greedy)
-            out = client.generate("The capital of France is", greedy)
-        assert out.outputs[0].text == " Paris.\n\nThe answer"
-        assert poisoned.faults == MAX_EXECUTOR_LOSSES
-        assert admin(address, "health")["executors_lost"] == MAX_EXECUTOR_LOSSES
-        assert thread.is_alive()  # the executor itself never gave up
-    finally:
-        if service is not None:
-            service.stop()
-            thread.join(timeout=30)
-        stop_processes([scheduler])
+    server = serving(lambda model: PoisonedForward(model, token=12345))
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    with Client(server.client, timeout=120.0) as client:
+        with pytest.raises(ServerError, match="not recomputed again"):
+            client.generate([504, 3575, 12345, 282], greedy)
+        out = client.generate("The capital of France is", greedy)
+    assert out.outputs[0].text == " Paris.\n\nThe answer"
+    assert server.wrapper.faults == MAX_EXECUTOR_LOSSES
+    assert admin(server.admin, "health")["executors_lost"] == MAX_EXECUTOR_LOSSES
+    assert server.thread.is_alive()  # the executor itself never gave up

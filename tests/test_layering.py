@@ -1,4 +1,6 @@
-"""The folders are the architecture: the scheduler and the shared base never import torch."""
+"""The folders are the architecture: the scheduler and the shared base never import torch,
+and no module imports one that imports it back."""
+import ast
 import subprocess
 import sys
 
@@ -24,3 +26,53 @@ def test_cli_help_lists_commands_without_importing_torch():
             "assert 'prepare-model' in out and 'scheduler' in out, out\n"
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _module_imports(path, module: str, is_package: bool) -> set[str]:
+    """The pagedserve modules that ``module`` imports when it is loaded: its module-level
+    imports, not those inside functions (imported when called) or under TYPE_CHECKING."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([package.rsplit(".", node.level - 1)[0], base]).rstrip(".")
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_no_import_circle_among_our_modules():
+    modules = {}
+    for folder in ("common", "scheduler_svc", "executor_svc", "kernels", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            is_package = parts[-1] == "__init__"
+            name = ".".join(("pagedserve",) + (parts[:-1] if is_package else parts))
+            modules[name] = (path, is_package)
+    graph = {name: sorted(m for m in _module_imports(path, name, is_package)
+                          if m in modules and m != name)
+             for name, (path, is_package) in modules.items()}
+    # A package importing its own submodules is how Python loads them, not a circle.
+    graph = {name: [m for m in deps if not m.startswith(name + ".")]
+             for name, deps in graph.items()}
+    circles = []
+
+    def visit(name: str, path: list[str], done: set[str]) -> None:
+        if name in path:
+            circles.append(path[path.index(name):] + [name])
+            return
+        if name in done:
+            return
+        for dep in graph[name]:
+            visit(dep, path + [name], done)
+        done.add(name)
+
+    done: set[str] = set()
+    for name in graph:
+        visit(name, [], done)
+    assert not circles, circles
