@@ -35,7 +35,7 @@ from pagedserve.benchmarks.workload import WORKLOADS, make_requests
 from pagedserve.common import protocol as p
 from pagedserve.common.config import default_model_dir
 from pagedserve.common.sampling import SamplingParams
-from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc import backends, cpu_kernels
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cpu_memory import (bound_primitive_cache, release_free_memory,
                                                 tune_allocator)
@@ -184,7 +184,9 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
         timers.uninstall()
     return {"workload": workload, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
-            "attention_backend": attention_backend, "decode_graphs": graphs, "wall_s": wall,
+            "attention_backend": attention_backend,
+            "kernels": backends.chosen(model, runner.attention, runner.sampler.ops),
+            "decode_graphs": graphs, "wall_s": wall,
             "generated_tok_s": generated / wall,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
             **{f"{kind}_ms_p50": statistics.median(ts) * 1e3 for kind, ts in times.items()

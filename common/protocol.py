@@ -122,6 +122,9 @@ class ExecutorReady:
     TYPE: ClassVar[str] = "ready"
     num_device_blocks: int
     num_cpu_blocks: int
+    # op -> the implementation chosen for it on this machine, and on a CPU "cpu": its name
+    # and SIMD extensions (executor_svc.backends.chosen); shown by `pagedserve health`
+    kernels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from pagedserve.common.log import get_logger
 log = get_logger("executor")
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+BUILD = "8-float (256-bit) vectors, -march=native"  # what the source is written for
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 

@@ -55,6 +55,8 @@ class PackedLinear(nn.Module):
     every call). Holds only the packed weight: the dense one is not kept (a tied embedding
     keeps its own). Each variant packs in ``__init__`` and multiplies in ``matmul``."""
 
+    name = "packed"  # each variant's own, in the kernels an executor reports
+
     def __init__(self, weight: Tensor):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -72,6 +74,8 @@ class PackedLinear(nn.Module):
 class OneDnnLinear(PackedLinear):
     """oneDNN's packed layout: it ran the decoder's GEMMs of a 32-token decode step at 95
     instead of 54 GFLOP/s (BENCHMARKS.md, "What changed in the executor")."""
+
+    name = "onednn"
 
     def __init__(self, weight: Tensor, bias: Tensor | None, batch_hint: int = 32):
         super().__init__(weight)

@@ -29,6 +29,7 @@ class Sampler:
     """
 
     def __init__(self, ops: LayerOps):
+        self.ops = ops
         self.greedy = ops.greedy
 
     def __call__(self, logits: Tensor, params: list[SamplerParams],

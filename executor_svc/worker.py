@@ -15,6 +15,7 @@ import torch
 from pagedserve.common import protocol as p
 from pagedserve.common.config import ExecutorConfig
 from pagedserve.common.log import get_logger
+from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cpu_memory import (bound_primitive_cache, release_free_memory,
                                                 tune_allocator)
@@ -100,10 +101,12 @@ class Worker:
         if (self.device.type == "cuda" and self.attention == "triton"
                 and not self.config.enforce_eager and self.tp is None):
             self._capture_graphs(configure)
+        kernels = backends.chosen(self.model, self.runner.attention, self.runner.sampler.ops)
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
-                 block_size=configure.block_size, attention=self.runner.attention.name,
-                 dtype=str(self.kv_dtype).removeprefix("torch."))
-        return p.ExecutorReady(num_device_blocks=num_device, num_cpu_blocks=num_cpu)
+                 block_size=configure.block_size,
+                 dtype=str(self.kv_dtype).removeprefix("torch."), **kernels)
+        return p.ExecutorReady(num_device_blocks=num_device, num_cpu_blocks=num_cpu,
+                               kernels=kernels)
 
     def execute(self, payload: bytes) -> p.StepResult | p.ErrorMsg:
         """The result of the encoded plan ``payload``, or an ``invalid_request`` error for a

@@ -49,6 +49,7 @@ class ExecutorLink:
         self.on_rejected, self.on_lost = on_rejected, on_lost
         self.identity: bytes | None = None
         self.info: p.RegisterExecutor | None = None
+        self.kernels: dict[str, str] = {}  # what the ready executor computes with, per op
         self.num_lost = 0
         self.in_flight: deque[InFlight] = deque()  # oldest first; two at most
         self._heard = 0.0  # monotonic time of the registered executor's last word
@@ -56,10 +57,11 @@ class ExecutorLink:
         self._pending: ContextLimit | None = None
 
     def describe(self) -> dict | None:
-        """The registered executor's model, dtype and device; None before one registers."""
+        """The registered executor's model, dtype and device, and once it is ready the
+        kernels it chose (with its processor, on a CPU); None before one registers."""
         info = self.info
         return None if info is None else {"model": info.model, "dtype": info.dtype,
-                                           "device": info.device}
+                                           "device": info.device, "kernels": self.kernels}
 
     def send(self, entry: InFlight, plan: p.StepPlan) -> None:
         self.in_flight.append(entry)
@@ -131,8 +133,10 @@ class ExecutorLink:
             return
         session = ExecutorSession.open(self.config, self.info, msg, self._pending)
         self._pending = None
+        self.kernels = dict(msg.kernels)
         log.info("executor ready", device_blocks=msg.num_device_blocks,
-                 cpu_blocks=msg.num_cpu_blocks, block_size=self.config.block_size)
+                 cpu_blocks=msg.num_cpu_blocks, block_size=self.config.block_size,
+                 **self.kernels)
         self.on_ready(session)
 
     def _on_heartbeat(self, identity: bytes, payload: bytes) -> None:
@@ -167,6 +171,7 @@ class ExecutorLink:
         """Forget the executor and everything it held; its sequences wait to be recomputed
         by the next one that registers (``pagedserve up`` and compose restart it)."""
         self.identity = self.info = None
+        self.kernels = {}
         self.in_flight.clear()  # their results will never come: their tokens are recomputed
         self.num_lost += 1
         self.on_lost(why)

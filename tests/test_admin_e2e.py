@@ -20,6 +20,8 @@ from services import Services, free_ports, pagedserve
 
 from pagedserve.common.client import Client
 from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.cpu_features import cpu_info
 
 pytestmark = pytest.mark.slow
 
@@ -145,6 +147,18 @@ def test_pool_starts_all_free_with_the_handshake_sizes(run):
     assert pool["cpu"]["total"] == 64 and pool["cpu"]["used"] == 0
     assert pool["map"] == {"device": "." * 12, "cpu": "." * 64}
 
+
+
+def test_health_names_the_processor_and_the_kernel_each_op_runs_on(run):
+    executor = run["services"].admin_cmd("health")["executor"]
+    kernels = executor["kernels"]
+    assert executor["device"] == "cpu" and kernels["cpu"] == cpu_info().describe()
+    # float32 on a CPU: our compiled kernels, where they built here, else torch.
+    path = "cpu" if cpu_kernels.load() is not None else "torch"
+    assert {op: kernels[op] for op in ("attention", "layer_ops", "greedy")} == {
+        "attention": path, "layer_ops": path, "greedy": path}
+    assert kernels["linear"] == ("cpu" if path == "cpu" else "onednn")
+    assert ("cpu_kernels" in kernels) == (path == "cpu")
 
 def test_samples_share_their_prompt_block_while_they_run(run):
     seqs, pool = run["pair"]

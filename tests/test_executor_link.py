@@ -67,11 +67,15 @@ def test_the_handshake_agrees_the_context_and_opens_one_session_when_ready(harne
     configure = register(harness, max_model_len=64)
     assert isinstance(configure, p.ConfigureExecutor)
     assert configure.block_size == 4 and configure.max_model_len == 64
-    harness.send(p.ExecutorReady(num_device_blocks=8, num_cpu_blocks=4))
+    assert harness.link.describe() == {"model": "m", "dtype": "float32", "device": "cpu",
+                                       "kernels": {}}  # none chosen before it is ready
+    kernels = {"attention": "cpu", "cpu": "AMD EPYC: avx2 fma"}
+    harness.send(p.ExecutorReady(num_device_blocks=8, num_cpu_blocks=4, kernels=kernels))
     harness.send(p.ExecutorReady(num_device_blocks=8, num_cpu_blocks=4))  # ignored
     (kind, session), = harness.events
     assert kind == "ready" and session.max_model_len == 32  # 8 blocks of 4 tokens
-    assert harness.link.describe() == {"model": "m", "dtype": "float32", "device": "cpu"}
+    assert harness.link.describe() == {"model": "m", "dtype": "float32", "device": "cpu",
+                                       "kernels": kernels}
 
 
 def test_a_silent_or_re_registering_executor_is_lost_with_its_plans_in_flight(harness):

@@ -12,12 +12,14 @@ The model and the sampler call what was bound and never ask again.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.attention import AttentionBackend
 from pagedserve.executor_svc.backends.cpu import CpuBackend, CpuOps
 from pagedserve.executor_svc.backends.torch import TorchBackend
-from pagedserve.executor_svc.layer_ops import LayerOps
+from pagedserve.executor_svc.cpu_features import cpu_info
+from pagedserve.executor_svc.layer_ops import LayerOps, PackedLinear
 
 BACKENDS = ("torch", "triton")  # what an executor is configured with
 
@@ -42,3 +44,18 @@ def attention_backend(name: str, block_size: int, device: torch.device | str,
 def layer_ops(dtype: torch.dtype, device: torch.device | str) -> LayerOps:
     """The layer ops for ``dtype`` activations on ``device``."""
     return CpuOps() if cpu_kernels.fuses(dtype, device) else LayerOps()
+
+
+def chosen(model: nn.Module, attention: AttentionBackend, sampler_ops: LayerOps) -> dict[str, str]:
+    """Which implementation serves each op of ``model`` here (``cpu``: our compiled kernels),
+    and on a CPU what it has to offer them: for the log, ``pagedserve health`` and the
+    benchmarks, so that every number names the path that made it."""
+    linears = {getattr(module, "name", "torch") for module in model.modules()
+               if isinstance(module, (nn.Linear, PackedLinear))}
+    paths = {"attention": attention.name, "layer_ops": model.ops.name,
+             "linear": "+".join(sorted(linears)), "greedy": sampler_ops.name}
+    if "cpu" in paths.values() or "cpu" in linears:
+        paths["cpu_kernels"] = cpu_kernels.BUILD
+    if attention.device.type == "cpu":
+        paths["cpu"] = cpu_info().describe()
+    return paths

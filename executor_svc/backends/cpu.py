@@ -76,6 +76,8 @@ class KernelLinear(PackedLinear):
     """Our GEMM's weight panels (``cpu_kernels.PackedWeight``), bfloat16 where every weight
     is a bfloat16 value."""
 
+    name = "cpu"
+
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__(weight)
         self.kernel = cpu_kernels.PackedWeight(weight.detach(), bias)
