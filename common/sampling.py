@@ -92,9 +92,7 @@ class SamplingParams:
 
     def sampler_params(self) -> "SamplerParams":
         """What the executor samples with (stop strings, lengths and counts stay here)."""
-        return SamplerParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                             seed=self.seed, logprobs=self.logprobs,
-                             beam_width=self.beam_width)
+        return SamplerParams(**{name: getattr(self, name) for name in _SAMPLER_FIELDS})
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":

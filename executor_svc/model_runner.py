@@ -70,14 +70,15 @@ class ModelRunner:
                                 f"{type(exc).__name__}: {exc}") from exc
 
     def _apply_and_run(self, plan: p.StepPlan, seqs: dict[int, SeqState],
-                start: float) -> p.StepResult:
+                       start: float) -> p.StepResult:
         ops_start = time.perf_counter()
         self._apply_block_ops(plan)
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
         self.seqs = seqs
-        batch = [(seqs[sid], n) for sid, n in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist())]
+        seq_ids = plan.seq_ids.tolist()
+        batch = [(seqs[sid], n) for sid, n in zip(seq_ids, plan.num_tokens.tolist())]
         forward_start = time.perf_counter()
-        result = self._run(plan.seq_ids.tolist(), batch)
+        result = self._run(seq_ids, batch)
         end = time.perf_counter()
         result.step, result.block_ops_ms = plan.step, block_ops_ms
         result.forward_ms = (end - forward_start) * 1e3

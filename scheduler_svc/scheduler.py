@@ -106,7 +106,7 @@ class Scheduler:
         """Queue a new request: its samples (n, or best_of) or its first beam."""
         num_samples = 1 if request.params.beam_width > 1 else (
             request.params.best_of or request.params.n)
-        request.seqs = [Sequence(next(self._seq_ids) % (MAX_SEQ_ID + 1), request.prompt_token_ids,
+        request.seqs = [Sequence(self._next_seq_id(), request.prompt_token_ids,
                                  request, sample_index=i) for i in range(num_samples)]
         # One prefill for all samples: the others are forked from the first.
         request.unforked = request.seqs[1:]
@@ -192,7 +192,7 @@ class Scheduler:
             parent = choice.parent
             seq = parent
             if any(chosen is parent for chosen, _ in next_beams):
-                seq = parent.fork(next(self._seq_ids) % (MAX_SEQ_ID + 1))
+                seq = parent.fork(self._next_seq_id())
                 self._fork(parent, seq, self._forks)
             next_beams.append((seq, choice))
         # Tokens go on after every fork: a fork copies its parent without the new token
@@ -209,6 +209,10 @@ class Scheduler:
             if not any(beam is seq for seq in survivors):
                 self.finish(beam, "stop")  # freed: pruned, or the search is over
         request.seqs = survivors or beams
+
+    def _next_seq_id(self) -> int:
+        # Ids wrap within the int32 the wire carries; a sequence lives far shorter than 2**31.
+        return next(self._seq_ids) % (MAX_SEQ_ID + 1)
 
     def _fork(self, parent: Sequence, child: Sequence, forks: list) -> None:
         """``child`` continues from ``parent``, sharing its blocks until it writes."""
