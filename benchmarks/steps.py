@@ -36,6 +36,7 @@ from pagedserve.common import protocol as p
 from pagedserve.common.config import default_model_dir
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import backends, cpu_kernels
+from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cpu_memory import (bound_primitive_cache, release_free_memory,
                                                 tune_allocator)
@@ -128,15 +129,19 @@ class Breakdown:
 def run(workload: str, profile_from: int | None = None, *, model_dir: Path | None = None,
         device: str = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch", eager: bool = False, breakdown: bool = False,
-        kv_dtype: torch.dtype | None = None) -> dict:
-    """Serve ``workload`` as the services would (the executor's defaults on CPU) and time its
-    steps; the KV cache in ``kv_dtype`` (default: ``dtype``)."""
+        kv_dtype: torch.dtype | None = None, autotune: bool = True) -> dict:
+    """Serve ``workload`` as the services would (the executor's defaults on CPU: each op
+    timed and chosen at load unless ``autotune`` is False) and time its steps; the KV cache
+    in ``kv_dtype`` (default: ``dtype``)."""
     kv_dtype = kv_dtype or dtype
     if device == "cpu":  # as the executor sets up
         bound_primitive_cache()
         tune_allocator()
     model_dir = model_dir or default_model_dir()
-    model = load_model(model_dir, dtype, device)
+    load_start = time.perf_counter()
+    tuner = Tuner.for_machine() if autotune and torch.device(device).type == "cpu" else None
+    model = load_model(model_dir, dtype, device, tuner=tuner)
+    load_s = time.perf_counter() - load_start
     release_free_memory()
     runner = ModelRunner(model, CacheEngine(model.config, BLOCK_SIZE, NUM_BLOCKS, 0, kv_dtype,
                                             device), BLOCK_SIZE, attention_backend)
@@ -186,7 +191,8 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
             "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
             "attention_backend": attention_backend,
             "kernels": backends.chosen(model, runner.attention, runner.sampler.ops),
-            "decode_graphs": graphs, "wall_s": wall,
+            "decode_graphs": graphs, "autotune": tuner is not None, "load_s": load_s,
+            "wall_s": wall,
             "generated_tok_s": generated / wall,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
             **{f"{kind}_ms_p50": statistics.median(ts) * 1e3 for kind, ts in times.items()
@@ -208,6 +214,8 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     parser.add_argument("--enforce-eager", action="store_true",
                         help="No CUDA graphs for decode steps (CUDA with triton attention).")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="Bind the default ops instead of the fastest measured here.")
     parser.add_argument("--model", type=Path, default=None,
                         help="Model directory (default: the prepared SmolLM2).")
     parser.add_argument("--random-weights", action="store_true",
@@ -215,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     options = dict(device=args.device, dtype=getattr(torch, args.dtype),
                    attention_backend=args.attention_backend, eager=args.enforce_eager,
-                   breakdown=args.breakdown,
+                   breakdown=args.breakdown, autotune=not args.no_autotune,
                    kv_dtype=None if args.kv_cache_dtype == "auto" else torch.bfloat16)
     if args.random_weights:
         with tempfile.TemporaryDirectory() as tmp:

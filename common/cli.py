@@ -26,7 +26,10 @@ LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing
     "executor": ("pagedserve.executor_svc.cli:main", "Run the executor service."),
     "prepare-model": ("pagedserve.executor_svc.prepare_model:main",
                       "Convert the default model into the local cache."),
-    "up": ("pagedserve.common.up:main", "Run scheduler and executor locally."),
+    "gateway": ("pagedserve.gateway.cli:main", "Serve the OpenAI HTTP API (needs the gateway "
+                                               "extra)."),
+    "up": ("pagedserve.common.up:main", "Run scheduler, executor and gateway locally."),
+    "down": ("pagedserve.common.up:down", "Stop a `pagedserve up` running on this machine."),
     "bench": ("pagedserve.benchmarks.cli:bench",
               "Benchmarks: throughput of running services, memory."),
     "pool": ("pagedserve.common.admin_cli:pool",
@@ -76,6 +79,8 @@ def main() -> None:
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--chat", is_flag=True,
+              help="Send PROMPT as a user message, in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole output as JSON.")
 @click.option("--server", default=tcp_endpoint(SchedulerConfig.client_port), show_default=True,
               help="The scheduler's client endpoint.")
@@ -83,8 +88,8 @@ def main() -> None:
               help="Seconds of server silence before giving up.")
 @lambda f: options.apply(options.AUTH_OPTIONS, f)
 def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top_k, seed,
-             stream, as_json, server, timeout, auth, keys) -> None:
-    """Generate a continuation of PROMPT."""
+             stream, chat, as_json, server, timeout, auth, keys) -> None:
+    """Generate a continuation of PROMPT (with --chat: the model's answer to it)."""
     from pagedserve.common.client import Client, PagedServeError
 
     if stream and (n > 1 or beam_width > 1 or (best_of or 1) > 1):
@@ -94,13 +99,16 @@ def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top
         params = SamplingParams(n=n, best_of=best_of, beam_width=beam_width,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_tokens=max_tokens)
+        messages = [{"role": "user", "content": prompt}]
         with Client(server, timeout=timeout, keys=client_keys(auth, keys)) as client:
             if stream and not as_json:
-                for delta in client.stream(prompt, params):
+                deltas = (client.chat_stream(messages, params) if chat
+                          else client.stream(prompt, params))
+                for delta in deltas:
                     click.echo(delta.outputs[0].text, nl=False)
                 click.echo()
                 return
-            out = client.generate(prompt, params)
+            out = client.chat(messages, params) if chat else client.generate(prompt, params)
     except (PagedServeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

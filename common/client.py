@@ -7,6 +7,8 @@
         out = client.generate("The capital of France is", SamplingParams(max_tokens=12))
         print(out.outputs[0].text)
 
+        out = client.chat([{"role": "user", "content": "Name a colour."}])
+
 Against a scheduler started with ``--auth``, pass ``keys=common.auth.peer_keys("client")``.
 ``AsyncClient`` offers the same methods as coroutines. ``Client`` runs an ``AsyncClient``
 on a private event-loop thread, so one ``Client`` may be shared by many threads.
@@ -18,17 +20,22 @@ import contextlib
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import zmq
 import zmq.asyncio
 
 from pagedserve.common import protocol as p
 from pagedserve.common.auth import PeerKeys
+from pagedserve.common.chat_template import ChatTemplate, ChatTemplateError
 from pagedserve.common.config import SchedulerConfig, tcp_endpoint
 from pagedserve.common.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
+Messages = Sequence[Mapping]  # chat messages: {"role": ..., "content": ...}
+ModelInfo = p.ModelInfo
+# How long ``close`` may take to hand the aborts of live requests to the network.
+CLOSE_LINGER_MS = 1000
 
 
 class PagedServeError(Exception):
@@ -69,7 +76,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, p.Logprob]] | None = None  # per position: the sampled token first
     finish_reason: str | None = None   # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
 
@@ -86,6 +93,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # with SamplingParams.prompt_logprobs, in the first output: per prompt token (None for
+    # the first) {token_id: Logprob}, the prompt's token first
+    prompt_logprobs: list[dict[int, p.Logprob] | None] | None = None
 
 
 
@@ -114,6 +124,7 @@ class AsyncClient:
         self._sent: set[str] = set()  # live requests the server has been sent
         self._reader: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
+        self._chat_template: ChatTemplate | None = None  # the served model's, once asked
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -122,25 +133,81 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Abort the requests still live (a stream left unfinished), then disconnect; a
+        call still waiting for its output raises ``ServerError``."""
+        live, self._sent = sorted(self._sent), set()
+        for request_id in live:
+            with contextlib.suppress(ServerTimeoutError):
+                await self._send(p.encode(p.AbortRequest(request_id=request_id)), request_id)
+        for queue in self._queues.values():
+            queue.put_nowait(p.ErrorMsg(code="closed", message="the client was closed"))
         for task in (self._reader, self._pinger):
             if task is not None:
                 task.cancel()
-        self._ctx.destroy(linger=0)
+        # The aborts are queued, not yet sent: give them a moment to leave.
+        self._ctx.destroy(linger=CLOSE_LINGER_MS if live else 0)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> RequestOutput:
         """Generate completions for one prompt (text or token ids) and return them whole."""
-        total = None
-        async for delta in self._run(prompt, params, request_id, stream=False):
-            total = delta if total is None else _merge(total, delta)
-        return total
+        return await _collect(self._run(prompt, params, request_id, stream=False))
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield a ``RequestOutput`` per step holding only the new text and tokens;
-        the deltas concatenate to what ``generate`` returns."""
-        async for delta in self._run(prompt, params, request_id, stream=True):
-            yield delta
+        the deltas concatenate to what ``generate`` returns. Leaving the loop early (or
+        closing the iterator) aborts the request."""
+        async with contextlib.aclosing(self._run(prompt, params, request_id, stream=True)) as run:
+            async for delta in run:
+                yield delta
+
+    async def chat(self, messages: Messages, params: SamplingParams | None = None,
+                   request_id: str | None = None,
+                   add_generation_prompt: bool = True) -> RequestOutput:
+        """Generate the answer to a conversation (``messages``: dicts with "role" and
+        "content"), rendered with the served model's chat template; the output's ``prompt``
+        is the rendered text."""
+        prompt = await self.render_chat(messages, add_generation_prompt)
+        return await _collect(self._run(prompt, params, request_id, stream=False,
+                                        add_special_tokens=False))
+
+    async def chat_stream(self, messages: Messages, params: SamplingParams | None = None,
+                          request_id: str | None = None,
+                          add_generation_prompt: bool = True) -> AsyncIterator[RequestOutput]:
+        """``chat``, streamed: a delta per step, as ``stream``."""
+        prompt = await self.render_chat(messages, add_generation_prompt)
+        async with contextlib.aclosing(self._run(prompt, params, request_id, stream=True,
+                                                 add_special_tokens=False)) as run:
+            async for delta in run:
+                yield delta
+
+    async def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text ``chat`` sends for ``messages``: the served model's chat template
+        (asked of the scheduler once) rendered here. Raises ``InvalidRequestError`` when the
+        model has no template or the template refuses the conversation."""
+        if self._chat_template is None:
+            info = await self.model_info()
+            if info.chat_template is None:
+                raise InvalidRequestError(
+                    f"the model {info.model} has no chat template: start the scheduler with "
+                    f"--chat-template FILE, or send a plain prompt")
+            self._chat_template = ChatTemplate(info.chat_template, info.special_tokens)
+        try:
+            return self._chat_template.render(messages, add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise InvalidRequestError(str(exc)) from None
+
+    async def model_info(self) -> ModelInfo:
+        """The served model (name, context length, chat template) and whether an executor
+        is ready now; asked of the scheduler on every call."""
+        request_id = uuid.uuid4().hex
+        self._start_reader()
+        queue = self._queues[request_id] = asyncio.Queue()
+        try:
+            await self._send(p.encode(p.ModelInfoRequest(request_id=request_id)), request_id)
+            return await self._next(queue, request_id)
+        finally:
+            del self._queues[request_id]
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its output ends with finish_reason "abort"."""
@@ -159,14 +226,15 @@ class AsyncClient:
                 f"these its keys)?") from None
 
     async def _run(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
-                   stream: bool) -> AsyncIterator[RequestOutput]:
+                   stream: bool, add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             raise InvalidRequestError(f"request_id {request_id!r} is already live")
-        msg = p.GenerateRequest(request_id=request_id, params=params.to_dict(), stream=stream)
+        msg = p.GenerateRequest(request_id=request_id, params=params.to_dict(), stream=stream,
+                                add_special_tokens=add_special_tokens)
         if isinstance(prompt, str):
             msg.prompt = prompt
         else:
@@ -198,7 +266,8 @@ class AsyncClient:
                 with contextlib.suppress(ServerTimeoutError):
                     await self.abort(request_id)
 
-    async def _next(self, queue: asyncio.Queue, request_id: str) -> p.RequestOutputMsg:
+    async def _next(self, queue: asyncio.Queue,
+                    request_id: str) -> p.RequestOutputMsg | p.ModelInfo:
         while True:
             try:
                 msg = await asyncio.wait_for(queue.get(), self.timeout)
@@ -230,7 +299,8 @@ class AsyncClient:
         while True:
             payload = await self._sock.recv()
             try:
-                msg = p.decode(payload, (p.RequestOutputMsg, p.ErrorMsg, p.Heartbeat))
+                msg = p.decode(payload, (p.RequestOutputMsg, p.ModelInfo, p.ErrorMsg,
+                                         p.Heartbeat))
             except p.ProtocolError as exc:
                 msg = p.ErrorMsg(code="protocol_error", message=f"bad reply from server: {exc}")
             if isinstance(msg, p.Heartbeat) or (isinstance(msg, p.ErrorMsg)
@@ -251,6 +321,7 @@ class Client:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="pagedserve-client")
         self._thread.start()
+        self._closed = False
         self._async = self._call(_make_async(address, timeout, max_message_mb, keys))
 
     def __enter__(self) -> "Client":
@@ -260,8 +331,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._loop.is_running():
+        """Abort the live requests and disconnect, as ``AsyncClient.close``."""
+        if not self._closed:
             self._call(self._async.close())
+            self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
 
@@ -285,7 +358,32 @@ class Client:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                request_id: str | None = None) -> Iterator[RequestOutput]:
         """Yield per-step deltas, as ``AsyncClient.stream``."""
-        agen = self._async.stream(prompt, params, request_id)
+        return self._iterate(self._async.stream(prompt, params, request_id))
+
+    def chat(self, messages: Messages, params: SamplingParams | None = None,
+             request_id: str | None = None, add_generation_prompt: bool = True) -> RequestOutput:
+        """The answer to a conversation, as ``AsyncClient.chat``."""
+        return self._call(self._async.chat(messages, params, request_id, add_generation_prompt))
+
+    def chat_stream(self, messages: Messages, params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    add_generation_prompt: bool = True) -> Iterator[RequestOutput]:
+        """Yield per-step deltas of ``chat``, as ``AsyncClient.chat_stream``."""
+        return self._iterate(self._async.chat_stream(messages, params, request_id,
+                                                     add_generation_prompt))
+
+    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text ``chat`` sends, as ``AsyncClient.render_chat``."""
+        return self._call(self._async.render_chat(messages, add_generation_prompt))
+
+    def model_info(self) -> ModelInfo:
+        """The served model and whether an executor is ready, as ``AsyncClient.model_info``."""
+        return self._call(self._async.model_info())
+
+    def _iterate(self, agen: AsyncIterator[RequestOutput]) -> Iterator[RequestOutput]:
+        """An async iterator of the client's loop, iterated from this thread; closing this
+        one (or leaving its loop) closes it, unless the client was closed first (which
+        aborted its request)."""
         try:
             while True:
                 try:
@@ -293,13 +391,25 @@ class Client:
                 except StopAsyncIteration:
                     return
         finally:
-            self._call(agen.aclose())
+            if not self._closed:
+                self._call(agen.aclose())
 
     def abort(self, request_id: str) -> None:
         self._call(self._async.abort(request_id))
 
     def _call(self, coro):
+        if self._closed:  # its loop has stopped: nothing would ever run the call
+            coro.close()
+            raise PagedServeError("the client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+async def _collect(deltas: AsyncIterator[RequestOutput]) -> RequestOutput:
+    total = None
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            total = delta if total is None else _merge(total, delta)
+    return total
 
 
 async def _make_async(address: str, timeout: float, max_message_mb: float,
@@ -310,7 +420,7 @@ async def _make_async(address: str, timeout: float, max_message_mb: float,
 def _to_output(msg: p.RequestOutputMsg, prompt: str | None, prompt_ids: list[int]) -> RequestOutput:
     return RequestOutput(
         request_id=msg.request_id, prompt=prompt, prompt_token_ids=prompt_ids,
-        finished=msg.finished,
+        finished=msg.finished, prompt_logprobs=msg.prompt_logprobs,
         outputs=[CompletionOutput(index=d.index, text=d.text, token_ids=d.token_ids.tolist(),
                                   cumulative_logprob=d.cumulative_logprob,
                                   logprobs=d.logprobs, finish_reason=d.finish_reason,

@@ -15,6 +15,8 @@ from pagedserve.common.protocol import CLIENT_HEARTBEAT_S, EXECUTOR_HEARTBEAT_S,
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 KEYS_DIR_DEFAULT = "$PAGEDSERVE_KEYS or ~/.config/pagedserve/keys"  # as common.auth.keys_dir
 LOOPBACK = "127.0.0.1"
+HTTP_PORT = 8000  # the gateway's (pagedserve gateway --port, pagedserve up --http-port)
+API_KEY_ENV = "PAGEDSERVE_API_KEY"  # the gateway's bearer token (its --api-key)
 CPU_KV_CACHE_GB = 4.0  # the KV pool without --kv-cache-gb where no profiling pass sizes it
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -83,6 +85,9 @@ class SchedulerConfig(ServiceConfig):
         2048, "Tokens computed in one step at most; longer prompts are split into chunks "
               "across steps.")
     max_model_len: int | None = setting(None, "Context length limit [default: the model's].")
+    chat_template: str | None = setting(
+        None, "Jinja chat template file that clients render chats with [default: the model's "
+              "chat_template.jinja, else tokenizer_config.json's chat_template].")
     client_timeout: float = setting(
         30.0, f"Seconds a client with live requests may stay silent (clients send a heartbeat "
               f"every {CLIENT_HEARTBEAT_S:g} s) before it is taken for gone and its requests "
@@ -152,8 +157,10 @@ class ExecutorConfig(ServiceConfig):
     scheduler: str = setting(tcp_endpoint(SchedulerConfig.executor_port),
                              "The scheduler's executor endpoint.")
     device: str = setting("cpu", "cpu, cuda or cuda:N.")
-    dtype: str = setting("auto", "Weights and KV cache dtype (auto: float32 on CPU, half on "
-                                 "CUDA).", choices=DTYPES)
+    dtype: str = setting(
+        "auto", "Weights and KV cache dtype. auto: on a CPU, bfloat16 where it computes bfloat16 "
+                "natively (AVX512_BF16 or AMX) unless measured slower there than float32, "
+                "float32 elsewhere; on CUDA the checkpoint's half precision.", choices=DTYPES)
     kv_cache_dtype: str = setting(
         "auto", "KV cache dtype (auto: the weights'). bfloat16 under float32 weights holds "
                 "twice the tokens in the same memory and halves what decode attention reads; "

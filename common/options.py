@@ -15,8 +15,9 @@ from pagedserve.common.config import ExecutorConfig, SchedulerConfig, ServiceCon
 
 # Where the flag is not the field's name: the switch reads better without "enable".
 _FLAG_NAMES = {"enable_prefix_caching": "prefix-caching"}
-# Fields naming a directory: click rejects a file given there.
+# Fields naming a directory: click rejects a file given there; and the other way round.
 _DIRECTORIES = {"model", "keys"}
+_FILES = {"chat_template"}
 
 
 def option(config: type, name: str):
@@ -40,7 +41,9 @@ def _value_type(hint) -> type:
 def _click_type(name: str, kind: type, choices: tuple[str, ...]):
     if choices:
         return click.Choice(choices)
-    return click.Path(file_okay=False) if name in _DIRECTORIES else kind
+    if name in _DIRECTORIES:
+        return click.Path(file_okay=False)
+    return click.Path(dir_okay=False) if name in _FILES else kind
 
 
 def _options(config: type, leave_out: tuple[str, ...] = ()) -> list:

@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NewType
+from typing import Any, ClassVar, NamedTuple, NewType
 
 import msgpack
 import numpy as np
@@ -38,12 +38,45 @@ class GenerateRequest:
     stream: bool                    # true: a delta every step; false: one final output
     prompt: str | None = None       # text prompt, or ...
     prompt_token_ids: Ints | None = None  # ... token ids (exactly one of the two)
+    # false: the prompt text already holds its special tokens (a rendered chat template),
+    # so the tokenizer adds none (no second BOS)
+    add_special_tokens: bool = True
 
 
 @dataclass
 class AbortRequest:
     TYPE: ClassVar[str] = "abort"
     request_id: str
+
+
+@dataclass
+class ModelInfoRequest:
+    TYPE: ClassVar[str] = "model_info_request"
+    request_id: str                 # chosen by the client; the answer carries it back
+
+
+@dataclass
+class ModelInfo:
+    TYPE: ClassVar[str] = "model_info"
+    request_id: str                 # the ModelInfoRequest's
+    model: str                      # the model's name (its directory's)
+    # Longest context served now, prompt and output tokens together: the model's (or
+    # --max-model-len) until an executor is ready, which may lower it; final while
+    # executor_ready
+    max_model_len: int
+    executor_ready: bool            # an executor is registered and ready: requests run now
+    vocab_size: int                 # prompt token ids must be in [0, vocab_size)
+    chat_template: str | None       # jinja source of the chat template; None: the model has none
+    special_tokens: dict[str, str]  # bos_token, eos_token, ...: the variables a template reads
+    adds_bos_token: bool            # the tokenizer puts a BOS before a text prompt itself
+
+
+class Logprob(NamedTuple):
+    """One token's entry in a position's logprobs, as vLLM's ``Logprob`` (a list on the wire)."""
+
+    logprob: float                  # under the model's raw distribution
+    rank: int                       # 1: the most likely token (ties count as above)
+    decoded_token: str              # the token's own text, special tokens included
 
 
 @dataclass
@@ -55,7 +88,8 @@ class CompletionDelta:
     cumulative_logprob: float       # sum of the sampled tokens' logprobs so far
     finish_reason: str | None = None      # "stop" | "length" | "abort" once finished
     stop_reason: int | str | None = None  # the stop string or token id that ended it
-    logprobs: list | None = None    # per new token: {token_id: logprob} of the top-N, if asked
+    # per new token, when asked: {token_id: Logprob}, the sampled token first, then the top-N
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass
@@ -65,6 +99,9 @@ class RequestOutputMsg:
     outputs: list[CompletionDelta]
     finished: bool
     prompt_token_ids: Ints | None = None  # in the first message of a request only
+    # with it, when asked: per prompt token {token_id: Logprob}, the prompt's token first,
+    # then the top-N; None for the first token, which nothing predicts
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass
@@ -136,6 +173,8 @@ class NewSeq:
     params: dict                    # SamplerParams.to_dict(): what the sampler reads
     num_computed_tokens: int = 0    # leading tokens whose KV is already in the cache
     sample_index: int = 0           # which of its request's samples: seeds draws with the seed
+    num_prompt_tokens: int | None = None  # leading tokens that are the prompt (the rest are
+    #                                       outputs, of a recomputed sequence); None: all
 
 
 @dataclass
@@ -169,6 +208,18 @@ class TopLogprobs:
     seq_id: int
     token_ids: Ints                 # the N most likely tokens, most likely first
     logprobs: Floats
+    sampled_rank: int = 0           # the sampled token's rank (1: most likely); 0: beam candidates
+
+
+@dataclass
+class PromptLogprobs:
+    TYPE: ClassVar[str] = "prompt_logprobs"
+    seq_id: int
+    start: int                      # the position of the first prompt token scored (>= 1)
+    logprobs: Floats                # each scored token's logprob given the tokens before it
+    ranks: Ints                     # and its rank there (1: most likely)
+    top_token_ids: Ints             # per scored token its N most likely, flat: N = len / count
+    top_logprobs: Floats
 
 
 @dataclass
@@ -182,14 +233,16 @@ class StepResult:
     # Beam search: each beam that reached the end of its tokens gets its top 2 x beam_width
     # next tokens here instead of a sampled token; the scheduler chooses.
     beam_candidates: list[TopLogprobs] = field(default_factory=list)
+    # The prompt tokens that this step's positions predict, for sequences that asked.
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     execute_ms: float = 0.0         # executor time for the step, for metrics
     block_ops_ms: float = 0.0       # of which swaps and copies: the swap cost the scheduler learns
     forward_ms: float = 0.0         # of which the forward pass, logits and sampling
 
 
 MESSAGES = {cls.TYPE: cls for cls in (
-    GenerateRequest, AbortRequest, RequestOutputMsg, ErrorMsg, Heartbeat,
-    RegisterExecutor, ConfigureExecutor, ExecutorReady, StepPlan, StepResult)}
+    GenerateRequest, AbortRequest, ModelInfoRequest, RequestOutputMsg, ModelInfo, ErrorMsg,
+    Heartbeat, RegisterExecutor, ConfigureExecutor, ExecutorReady, StepPlan, StepResult)}
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -287,11 +340,28 @@ def _check(hint, value, where: str):
             raise ProtocolError(f"field {where!r} must be a list, got {_describe(value)}")
         item = args[0] if args else Any
         return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and args:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"field {where!r} must be a map, got {_describe(value)}")
+        return {_check(args[0], k, f"{where} key"): _check(args[1], v, f"{where}[{k!r}]")
+                for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields"):
+        return _named_tuple(hint, value, where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ProtocolError(f"field {where!r} must be a map, got {_describe(value)}")
         return _from_wire(hint, value, where)
     return _check_scalar(hint, value, where)
+
+
+def _named_tuple(cls, value, where: str):
+    """A NamedTuple travels as a list of its fields, in order."""
+    if not isinstance(value, list) or len(value) != len(cls._fields):
+        raise ProtocolError(f"field {where!r} must be a list of {len(cls._fields)} "
+                            f"({', '.join(cls._fields)}), got {_describe(value)}")
+    hints = _hints(cls)
+    return cls(*(_check(hints[name], v, f"{where}.{name}")
+                 for name, v in zip(cls._fields, value)))
 
 
 def _check_scalar(hint, value, where: str):

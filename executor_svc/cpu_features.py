@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The extensions our kernels, torch's (oneDNN) and vLLM's CPU build choose between, widest last.
-EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-              "amx_int8")
+EXTENSIONS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+              "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+BF16_NATIVE = ("amx_bf16", "avx512_bf16")  # extensions that compute bfloat16 natively
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class CpuInfo:
 
     def has(self, extension: str) -> bool:
         return extension in self.extensions
+
+    def native_bf16(self) -> str | None:
+        """The widest extension with which this CPU computes bfloat16 natively, if any."""
+        return next((e for e in BF16_NATIVE if self.has(e)), None)
 
     def describe(self) -> str:
         """``"AMD EPYC: avx2 fma"``: the name and the extensions, one line."""

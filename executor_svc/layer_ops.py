@@ -3,9 +3,13 @@ linear layers) and greedy sampling, bound once when the model loads.
 
 ``LayerOps`` does it in torch operators, with oneDNN's prepacked GEMM for the linear layers on
 a CPU: on CUDA, and on a CPU where the compiled kernels do not serve. ``backends.cpu.CpuOps``
-overrides each op with its kernel; ``backends.layer_ops`` chooses between them.
+overrides each op with its kernel; ``backends.layer_ops`` chooses between them, or
+``autotune`` per op by timing them: ``ChosenOps`` holds its choices, and ``BucketedLinear``
+its choice per number of rows for each linear layer.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +20,17 @@ from pagedserve.common.log import get_logger
 log = get_logger("executor")
 
 
+OPS = ("add_rms_norm", "silu_mul", "greedy")  # what a LayerOps does besides the linear layers
+
+
 class LayerOps:
     """The ops in torch operators; the interface every variant implements."""
 
     name = "torch"
+
+    def names(self) -> dict[str, str]:
+        """The implementation of each op of ``OPS``, by name."""
+        return dict.fromkeys(OPS, self.name)
 
     def add_rms_norm(self, x: Tensor | None, residual: Tensor, weight: Tensor,
                      eps: float) -> tuple[Tensor, Tensor]:
@@ -84,6 +95,67 @@ class OneDnnLinear(PackedLinear):
 
     def matmul(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class TorchLinear(PackedLinear):
+    """``F.linear`` itself, on the dense weight: nothing packed (oneDNN packs it at every
+    call), kept as a candidate where that is fastest."""
+
+    name = "torch"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__(weight)
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class BucketedLinear(PackedLinear):
+    """One linear layer in several implementations, each serving inputs of up to its number
+    of rows (decode-sized steps and prefill-sized ones differ in what is fastest): ``layers``
+    is ``[(max_rows, layer), ...]`` by increasing ``max_rows``, the last one None (any)."""
+
+    def __init__(self, layers: list[tuple[int | None, PackedLinear]]):
+        super().__init__(torch.empty(layers[0][1].out_features, layers[0][1].in_features,
+                                     device="meta"))
+        if layers[-1][0] is not None:
+            raise ValueError(f"the last bucket must take any number of rows, not up to "
+                             f"{layers[-1][0]}")
+        self.limits = [limit for limit, _ in layers[:-1]]
+        self.layers = nn.ModuleList(layer for _, layer in layers)
+        self.name = ", ".join(f"{layer.name}{'<=' if limit else '>'}{limit or self.limits[-1]}"
+                              for limit, layer in layers) + " rows"
+
+    def matmul(self, x: Tensor) -> Tensor:
+        rows = x.shape[0]
+        for limit, layer in zip(self.limits, self.layers):
+            if rows <= limit:
+                return layer.matmul(x)
+        return self.layers[-1].matmul(x)
+
+
+class ChosenOps(LayerOps):
+    """Each op from the implementation chosen for it (``ops``: op name -> the LayerOps whose
+    op is fastest here), bound once; each linear layer packed by ``pack``."""
+
+    def __init__(self, ops: dict[str, LayerOps],
+                 pack: Callable[[Tensor, Tensor | None], PackedLinear | None]):
+        missing = set(OPS) - set(ops)
+        if missing:
+            raise ValueError(f"no implementation chosen for {', '.join(sorted(missing))}")
+        self._names = {op: ops[op].name for op in OPS}
+        self.add_rms_norm = ops["add_rms_norm"].add_rms_norm
+        self.silu_mul = ops["silu_mul"].silu_mul
+        self.greedy = ops["greedy"].greedy
+        self.pack_linear = pack
+        layer = {self._names["add_rms_norm"], self._names["silu_mul"]}
+        self.name = layer.pop() if len(layer) == 1 else " ".join(
+            f"{op}={self._names[op]}" for op in ("add_rms_norm", "silu_mul"))
+
+    def names(self) -> dict[str, str]:
+        return dict(self._names)
 
 
 def can_pack(dtype: torch.dtype) -> bool:

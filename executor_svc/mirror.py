@@ -1,6 +1,7 @@
 """The executor's mirror of its sequences: what the plans told it of each one (its known
-tokens, block table and how many tokens are in the cache), and a plan's table updates, staged
-beside the live states so that a plan that fails validation changes nothing."""
+tokens, how many of them are the prompt, block table and how many tokens are in the cache),
+and a plan's table updates, staged beside the live states so that a plan that fails
+validation changes nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,18 +18,24 @@ class PlanError(ValueError):
 
 @dataclass
 class SeqState:
-    """One sequence as the plans told it; ``sample_index`` tells its request's samples apart."""
+    """One sequence as the plans told it; ``sample_index`` tells its request's samples apart.
+    ``token_ids``: the prompt (``num_prompt_tokens``), then the outputs so far."""
 
     token_ids: list[int]
     block_table: list[int]
     num_computed_tokens: int
     params: SamplerParams
+    num_prompt_tokens: int
     sample_index: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     def copy(self, sample_index: int | None = None) -> "SeqState":
         index = self.sample_index if sample_index is None else sample_index
         return SeqState(list(self.token_ids), list(self.block_table), self.num_computed_tokens,
-                        self.params, index)
+                        self.params, self.num_prompt_tokens, index)
 
 
 def plan_pairs(plan: p.StepPlan, name: str, width: int = 2) -> np.ndarray:
@@ -75,13 +82,18 @@ class TableUpdate:
         if len(new.token_ids) == 0 or not 0 <= new.num_computed_tokens < len(new.token_ids):
             raise PlanError(f"new seq {new.seq_id}: num_computed_tokens "
                             f"{new.num_computed_tokens} with {len(new.token_ids)} tokens")
+        num_prompt_tokens = (len(new.token_ids) if new.num_prompt_tokens is None
+                             else new.num_prompt_tokens)
+        if not 0 < num_prompt_tokens <= len(new.token_ids):
+            raise PlanError(f"new seq {new.seq_id}: num_prompt_tokens {num_prompt_tokens} "
+                            f"with {len(new.token_ids)} tokens")
         table = [self._block(b) for b in new.block_table.tolist()]
         try:
             params = SamplerParams.from_dict(new.params)
         except ValueError as exc:
             raise PlanError(f"new seq {new.seq_id}: {exc}") from None
         return SeqState(new.token_ids.tolist(), table, new.num_computed_tokens, params,
-                        new.sample_index)
+                        num_prompt_tokens, new.sample_index)
 
     def _add(self, seq_id: int, state: SeqState) -> None:
         if seq_id in self.seqs:

@@ -16,7 +16,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from pagedserve.executor_svc.attention import AttentionMetadata
+from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.backends import layer_ops
+from pagedserve.executor_svc.backends.tuned import tuned_ops
 from pagedserve.executor_svc.layer_ops import LayerOps, PackedLinear, pack_linears
 from pagedserve.executor_svc.model_config import ModelConfig
 from pagedserve.executor_svc.parallel import TensorParallel
@@ -179,17 +181,21 @@ class PagedLlamaForCausalLM(nn.Module):
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
-               prepack: bool = True, tp: TensorParallel | None = None) -> PagedLlamaForCausalLM:
+               prepack: bool = True, tp: TensorParallel | None = None,
+               tuner: Tuner | None = None) -> PagedLlamaForCausalLM:
     """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
     possibly sharded) with weights in ``dtype`` on ``device``, in eval mode, its layer ops
-    bound for them; on CPU its GEMMs are prepacked unless ``prepack`` is False. With ``tp``,
-    this rank's share of it."""
+    bound for them; on CPU its GEMMs are prepacked unless ``prepack`` is False, and with a
+    ``tuner`` each op and GEMM is the fastest measured here (``backends.tuned``). With
+    ``tp``, this rank's share of it."""
     config = ModelConfig.from_model_dir(model_dir)
     rope = RotaryEmbedding(config, device)
     if tp is not None:
         config = config.sharded(tp.size)
+    tune = tuner is not None and torch.device(device).type == "cpu"
+    ops = tuned_ops(tuner, config, dtype) if tune else layer_ops(dtype, device)
     with torch.device("meta"):
-        model = PagedLlamaForCausalLM(config, rope, layer_ops(dtype, device), tp)
+        model = PagedLlamaForCausalLM(config, rope, ops, tp)
     # Allocate without initialising: every weight is loaded below.
     model = model.to(dtype).to_empty(device=device)
     load_weights(model, Path(model_dir))

@@ -19,9 +19,10 @@ from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
-from pagedserve.executor_svc.sampler import Sampler
+from pagedserve.executor_svc.sampler import Sampler, score
 
 _BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
+_SCORE_ROWS = 256  # prompt positions scored at once: their logits are [rows, vocab]
 
 
 class ExecutorFault(RuntimeError):
@@ -41,8 +42,7 @@ class ModelRunner:
         self.device = cache.device
         self.attention = backends.attention_backend(attention_backend, block_size, self.device,
                                                     model.dtype, cache.dtype, cache.null_block)
-        # The logits are float32 whatever the model's dtype.
-        self.sampler = Sampler(backends.layer_ops(torch.float32, self.device))
+        self.sampler = Sampler(backends.sampler_ops(model))
         self.seqs: dict[int, SeqState] = {}
         self.graphs: DecodeGraphs | None = None
 
@@ -121,6 +121,9 @@ class ModelRunner:
         if not batch:
             return result
         hidden, last_token_indices = self._forward(batch)
+        tp = self.model.tp
+        if tp is None or tp.is_driver:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, seq_ids, batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
         # A sequence samples once all its known tokens are in the cache.
@@ -128,7 +131,6 @@ class ModelRunner:
                 if seq.num_computed_tokens == len(seq.token_ids)]
         if not rows:
             return result
-        tp = self.model.tp
         if tp is not None and not tp.is_driver:
             # Rank 0 samples; this rank appends the same tokens, and answers no one.
             for seq_id, token in zip(*(t.tolist() for t in tp.share_tokens())):
@@ -136,8 +138,7 @@ class ModelRunner:
             return result
         logits = self.model.compute_logits(hidden[last_token_indices[rows]])
         seqs = [batch[i][0] for i in rows]
-        out = self.sampler(logits, [seq.params for seq in seqs],
-                           [self._generator(seq) for seq in seqs])
+        out = self.sampler(logits, seqs, [self._generator(seq) for seq in seqs])
         sampled, beams = [], []
         for j, (i, seq) in enumerate(zip(rows, seqs)):
             (beams if seq.params.beam_width > 1 else sampled).append((j, seq_ids[i], seq))
@@ -151,6 +152,32 @@ class ModelRunner:
             _top(out, j, sid, max(2 * seq.params.beam_width, seq.params.logprobs or 0))
             for j, sid, seq in beams]
         return result
+
+    def _prompt_logprobs(self, hidden: Tensor, seq_ids: list[int],
+                         batch: list[tuple[SeqState, int]]) -> list[p.PromptLogprobs]:
+        """Score the prompt tokens that this step's positions predict (position i predicts
+        token i + 1), for the sequences that ask; before their progress moves on."""
+        scored, offset = [], 0
+        for seq_id, (seq, n) in zip(seq_ids, batch):
+            first = seq.num_computed_tokens
+            count = min(first + n, seq.num_prompt_tokens - 1) - first
+            if seq.params.prompt_logprobs is not None and count > 0:
+                scored.append(self._score_prompt(seq_id, seq, first,
+                                                 hidden[offset:offset + count]))
+            offset += n
+        return scored
+
+    def _score_prompt(self, seq_id: int, seq: SeqState, first: int,
+                      hidden: Tensor) -> p.PromptLogprobs:
+        """Score the prompt tokens after position ``first`` that ``hidden`` predicts, a few
+        hundred positions at a time (their logits span the vocabulary)."""
+        targets = torch.tensor(seq.token_ids[first + 1:first + 1 + len(hidden)],
+                               device=self.device)
+        parts = [score(self.model.compute_logits(rows), tokens, seq.params.prompt_logprobs)
+                 for rows, tokens in zip(hidden.split(_SCORE_ROWS), targets.split(_SCORE_ROWS))]
+        logprobs, ranks, top_ids, top_logprobs = (torch.cat(t).cpu().numpy() for t in zip(*parts))
+        return p.PromptLogprobs(seq_id=seq_id, start=first + 1, logprobs=logprobs, ranks=ranks,
+                                top_token_ids=top_ids.ravel(), top_logprobs=top_logprobs.ravel())
 
     def _forward(self, batch: list[tuple[SeqState, int]]) -> tuple[Tensor, Tensor]:
         """The hidden states of the step's new tokens, and where each sequence's last one is;
@@ -180,8 +207,9 @@ class ModelRunner:
         result.seq_ids = np.array([sid for _, sid, _ in sampled], dtype=np.int32)
         result.token_ids = np.array(tokens, dtype=np.int32)
         result.logprobs = out.logprobs[rows].float().cpu().numpy()
-        result.top_logprobs = [_top(out, j, sid, seq.params.logprobs)
-                               for j, sid, seq in sampled if seq.params.logprobs]
+        ranks = out.ranks.tolist() if out.ranks is not None else []
+        result.top_logprobs = [_top(out, j, sid, seq.params.logprobs, ranks[j])
+                               for j, sid, seq in sampled if seq.params.logprobs is not None]
 
     def _generator(self, seq: SeqState) -> torch.Generator | None:
         """Seeded requests draw from (seed, sample index, position) alone: batch-independent
@@ -196,6 +224,7 @@ class ModelRunner:
         return gen
 
 
-def _top(out, row: int, seq_id: int, k: int) -> p.TopLogprobs:
+def _top(out, row: int, seq_id: int, k: int, sampled_rank: int = 0) -> p.TopLogprobs:
     return p.TopLogprobs(seq_id=seq_id, token_ids=out.top_token_ids[row, :k].cpu().numpy(),
-                         logprobs=out.top_logprobs[row, :k].float().cpu().numpy())
+                         logprobs=out.top_logprobs[row, :k].float().cpu().numpy(),
+                         sampled_rank=sampled_rank)

@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 
 from pagedserve.common.sampling import SamplerParams
+from pagedserve.executor_svc import logits_processors
 from pagedserve.executor_svc.layer_ops import LayerOps
+from pagedserve.executor_svc.mirror import SeqState
 
 
 @dataclass
@@ -18,37 +20,72 @@ class SamplerOutput:
     logprobs: Tensor  # [S] float32: the sampled token's log-prob under the model's raw distribution
     top_token_ids: Tensor  # [S, K] int64, most likely first; K = largest `logprobs` in the batch
     top_logprobs: Tensor  # [S, K] float32
+    # [S] int64: the sampled token's rank under the raw distribution (1: most likely, ties
+    # count as above); None when no row asked for logprobs
+    ranks: Tensor | None = None
 
 
 class Sampler:
-    """Greedy rows take the argmax; the others apply temperature, then top-k, then top-p, then draw.
+    """First the logits processors (``logits_processors``: logit bias, min_tokens, penalties);
+    then greedy rows take the argmax, and the others apply temperature, then min-p, then
+    top-k, then top-p, then draw. Logprobs are those of the raw distribution, as vLLM's.
 
     A row with a generator (a seeded request) draws only from it, so its tokens do not depend on
     what else is in the batch; rows without one share a draw from torch's default generator.
-    A batch of greedy rows that want no top tokens takes ``ops.greedy``, bound once.
+    A batch of greedy rows that want no logprobs and no processor takes ``ops.greedy``, bound
+    once.
     """
 
     def __init__(self, ops: LayerOps):
         self.ops = ops
         self.greedy = ops.greedy
 
-    def __call__(self, logits: Tensor, params: list[SamplerParams],
+    def __call__(self, logits: Tensor, seqs: list[SeqState],
                  generators: list[torch.Generator | None]) -> SamplerOutput:
-        num_top = max((_num_top(p) for p in params), default=0)
-        if num_top == 0 and all(_is_argmax(p) for p in params):
+        params = [seq.params for seq in seqs]
+        if all(_plain_greedy(seq) for seq in seqs):
             token_ids, sampled_logprobs = self.greedy(logits)
             none = logits.new_empty(len(params), 0)
             return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
                                  top_token_ids=none.long(), top_logprobs=none)
         logprobs = torch.log_softmax(logits, -1)
+        if any(logits_processors.adjusts(seq) for seq in seqs):
+            logits = logits_processors.process(logits, seqs)
         token_ids = logits.argmax(-1)
         if not all(_is_argmax(p) for p in params):
             greedy = torch.tensor([_is_argmax(p) for p in params], device=logits.device)
             token_ids = torch.where(greedy, token_ids, _sample(logits, params, generators))
+        num_top = max(_num_top(p) for p in params)
         top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
         sampled_logprobs = logprobs.gather(-1, token_ids[:, None]).squeeze(1)
+        ranks = None
+        if any(p.logprobs is not None for p in params):
+            ranks = _ranks(logprobs, sampled_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
-                             top_token_ids=top_token_ids, top_logprobs=top_logprobs)
+                             top_token_ids=top_token_ids, top_logprobs=top_logprobs,
+                             ranks=ranks)
+
+
+def score(logits: Tensor, token_ids: Tensor,
+          num_top: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Under each row's raw distribution: the logprob and rank of the row's token in
+    ``token_ids``, and the row's ``num_top`` most likely tokens and their logprobs."""
+    logprobs = torch.log_softmax(logits, -1)
+    chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(1)
+    top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
+    return chosen, _ranks(logprobs, chosen), top_token_ids, top_logprobs
+
+
+def _ranks(logprobs: Tensor, chosen: Tensor) -> Tensor:
+    """1 + the tokens more likely than each row's chosen one (ties count as above), as vLLM's."""
+    return (logprobs >= chosen[:, None]).sum(-1)
+
+
+def _plain_greedy(seq: SeqState) -> bool:
+    """A greedy row that wants the argmax of its raw logits and its logprob, nothing more."""
+    params = seq.params
+    return (params.greedy and params.beam_width == 1 and params.logprobs is None
+            and not logits_processors.adjusts(seq))
 
 
 def _is_argmax(params: SamplerParams) -> bool:
@@ -67,6 +104,9 @@ def _sample(logits: Tensor, params: list[SamplerParams],
     # Greedy rows get temperature 1 here; their draw is discarded.
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     logits = logits / temperature[:, None]
+    if any(p.min_p for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        logits = logits_processors.mask_below_min_p(logits, min_p)
     if any(p.top_k or p.top_p < 1 for p in params):
         logits = _top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
     probs = logits.softmax(-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -16,7 +17,10 @@ from pagedserve.common import protocol as p
 from pagedserve.common.config import ExecutorConfig
 from pagedserve.common.log import get_logger
 from pagedserve.executor_svc import backends
+from pagedserve.executor_svc.autotune import Tuner
+from pagedserve.executor_svc.backends.tuned import choose_dtype
 from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.cpu_features import BF16_NATIVE, CpuInfo, cpu_info
 from pagedserve.executor_svc.cpu_memory import (bound_primitive_cache, release_free_memory,
                                                 tune_allocator)
 from pagedserve.executor_svc.model import load_model
@@ -28,14 +32,39 @@ log = get_logger("executor")
 GIB = 1 << 30
 
 
-def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (exact, and the reference for tests); on CUDA the
-    checkpoint's half-precision dtype, with float32 checkpoints served in bfloat16."""
+class DtypeChoice(NamedTuple):
+    """The weights' dtype and why: ``"bfloat16 (auto: amx_bf16)"``, for the log and
+    ``backends.chosen``."""
+
+    dtype: torch.dtype
+    reason: str
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device,
+                  cpu: CpuInfo | None = None, tuner: Tuner | None = None) -> DtypeChoice:
+    """``auto`` on a CPU (``cpu``: this one): bfloat16 where it computes bfloat16 natively
+    (``CpuInfo.native_bf16``), float32 elsewhere (exact, and the reference for tests); with a
+    ``tuner``, float32 also where bfloat16's layers measure slower here
+    (``tuned.choose_dtype``). On CUDA the checkpoint's half-precision dtype, with float32
+    checkpoints served in bfloat16."""
     if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cpu":
-        return torch.float32
-    return model_config.torch_dtype if model_config.torch_dtype != torch.float32 else torch.bfloat16
+        return DtypeChoice(getattr(torch, name), f"{name} (--dtype)")
+    if device.type != "cpu":
+        dtype = (model_config.torch_dtype if model_config.torch_dtype != torch.float32
+                 else torch.bfloat16)
+        return DtypeChoice(dtype, f"{_name(dtype)} (auto: CUDA, checkpoint in "
+                                  f"{_name(model_config.torch_dtype)})")
+    native = (cpu or cpu_info()).native_bf16()
+    if native is None:
+        return DtypeChoice(torch.float32, f"float32 (auto: no {' or '.join(BF16_NATIVE)})")
+    if tuner is not None and choose_dtype(tuner, model_config) == "float32":
+        return DtypeChoice(torch.float32, f"float32 (auto: {native}, but bfloat16 measured "
+                                          f"slower here)")
+    return DtypeChoice(torch.bfloat16, f"bfloat16 (auto: {native})")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_kv_dtype(name: str, dtype: torch.dtype, attention: str) -> torch.dtype:
@@ -58,7 +87,12 @@ class Worker:
         self.device = torch.device(config.device)
         self.model_dir = str(config.model_dir())
         model_config = ModelConfig.from_model_dir(self.model_dir)
-        self.dtype = resolve_dtype(config.dtype, model_config, self.device)
+        # On a CPU each op is the fastest measured here, once per machine (autotune).
+        tuner = Tuner.for_machine() if self.device.type == "cpu" else None
+        start = time.perf_counter()
+        self.dtype, self.dtype_reason = resolve_dtype(config.dtype, model_config, self.device,
+                                                      tuner=tuner)
+        log.info("dtype chosen", dtype=self.dtype_reason)
         self.attention = config.resolved_attention_backend()
         _check_attention(self.attention, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype, self.attention)
@@ -68,10 +102,12 @@ class Worker:
         log.info("loading model", model=self.model_dir, dtype=str(self.dtype),
                  device=str(self.device), attention=self.attention, tp_rank=config.tp_rank,
                  tensor_parallel_size=config.tensor_parallel_size)
-        self.model = load_model(self.model_dir, self.dtype, self.device, tp=self.tp)
+        self.model = load_model(self.model_dir, self.dtype, self.device, tp=self.tp,
+                                tuner=tuner)
         if self.device.type == "cpu":
             release_free_memory()
-        log.info("model loaded", layer_ops=self.model.ops.name)
+        log.info("model loaded", layer_ops=self.model.ops.name,
+                 seconds=round(time.perf_counter() - start, 1))
         self.runner: ModelRunner | None = None
 
     @property
@@ -101,10 +137,11 @@ class Worker:
         if (self.device.type == "cuda" and self.attention == "triton"
                 and not self.config.enforce_eager and self.tp is None):
             self._capture_graphs(configure)
-        kernels = backends.chosen(self.model, self.runner.attention, self.runner.sampler.ops)
+        kernels = backends.chosen(self.model, self.runner.attention, self.runner.sampler.ops,
+                                  self.dtype_reason)
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
                  block_size=configure.block_size,
-                 dtype=str(self.kv_dtype).removeprefix("torch."), **kernels)
+                 kv_dtype=str(self.kv_dtype).removeprefix("torch."), **kernels)
         return p.ExecutorReady(num_device_blocks=num_device, num_cpu_blocks=num_cpu,
                                kernels=kernels)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.common.sampling import SamplingParams
-from pagedserve.scheduler_svc.sequence import Sequence
+from pagedserve.scheduler_svc.sequence import PositionLogprobs, Sequence, position_logprobs
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Hypothesis:
     cumulative_logprob: float
     score: float
     finish_reason: str                      # "stop" | "length" | "abort"
-    logprobs: list[dict[int, float]]
+    logprobs: list[PositionLogprobs]
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,13 @@ class BeamSearch:
         full = len(self.hypotheses) == self.width
         return self._can_improve and not (full and self.early_stopping)
 
-    def position_logprobs(self, beam: Sequence, token: int, logprob: float) -> dict | None:
+    def position_logprobs(self, beam: Sequence, token: int,
+                          logprob: float) -> PositionLogprobs | None:
         """The logprobs entry of ``beam``'s next position, when the request asked for them."""
-        if not self.num_logprobs:
+        if self.num_logprobs is None:
             return None
-        return {**dict(beam.candidates[:self.num_logprobs]), token: logprob}
+        rank = next(r for r, (t, _) in enumerate(beam.candidates, 1) if t == token)
+        return position_logprobs(token, logprob, rank, beam.candidates[:self.num_logprobs])
 
     def _add(self, beam: Sequence, token: int, logprob: float, total: float, reason: str) -> None:
         entry = self.position_logprobs(beam, token, logprob)

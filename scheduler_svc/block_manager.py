@@ -72,24 +72,27 @@ class BlockManager:
 
     # ---------------------------------------------------------------- admission
 
-    def can_allocate(self, seq: Sequence, num_forks: int = 0) -> bool:
+    def can_allocate(self, seq: Sequence, num_forks: int = 0,
+                     use_prefix_cache: bool = True) -> bool:
         """Room for a waiting sequence, and for the copy-on-write of its shared last block
-        by each of ``num_forks`` samples to be forked from it."""
-        hits = self._cached_prefix(seq)
+        by each of ``num_forks`` samples to be forked from it; with ``use_prefix_cache``
+        false, all its blocks are fresh."""
+        hits = self._cached_prefix(seq) if use_prefix_cache else []
         # A hit on a free block needs no fresh block, but it does leave the free queue.
         num_revived = sum(1 for block_id in hits if self._device.refcounts[block_id] == 0)
         needed = self.blocks_needed(seq.num_tokens) - len(hits) + num_revived + num_forks
         # Admission keeps a watermark free so running sequences can still grow.
         return self._device.num_free - needed >= self._watermark_blocks
 
-    def allocate(self, seq: Sequence) -> list[int]:
-        """Give a waiting sequence blocks for all its tokens, reusing its cached prefix.
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> list[int]:
+        """Give a waiting sequence blocks for all its tokens, reusing its cached prefix
+        unless ``use_prefix_cache`` is false (as ``can_allocate`` was asked).
 
         Sets ``seq.num_computed_tokens`` to the tokens covered by cache hits; returns the
         block table.
         """
         assert seq.seq_id not in self._tables, f"seq {seq.seq_id} already has blocks"
-        hits = self._cached_prefix(seq)
+        hits = self._cached_prefix(seq) if use_prefix_cache else []
         # Take the hits first, so that a fresh allocation cannot evict one of them.
         for block_id in hits:
             self._device.incref(block_id)

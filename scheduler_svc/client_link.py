@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -17,15 +18,17 @@ log = get_logger("scheduler")
 
 
 class ClientLink:
-    """Requests in (generate, abort, heartbeat), outputs and errors out. A client with live
-    requests hears from us at least every ``CLIENT_HEARTBEAT_S``; a client silent for longer
-    than ``client_timeout`` is gone: its requests are aborted and their blocks freed."""
+    """Requests in (generate, abort, model info, heartbeat), outputs and errors out. A client
+    with live requests hears from us at least every ``CLIENT_HEARTBEAT_S``; a client silent for
+    longer than ``client_timeout`` is gone: its requests are aborted and their blocks freed.
+    ``model_info(request_id)``: the answer to a model info request, with the service's state."""
 
     def __init__(self, sock: zmq.Socket, frontend: Frontend, engine: Engine,
-                 config: SchedulerConfig):
+                 config: SchedulerConfig, model_info: Callable[[str], p.ModelInfo]):
         self.sock = sock
         self.frontend = frontend
         self.engine = engine
+        self.model_info = model_info
         self.max_waiting = config.max_waiting
         self.client_timeout = config.client_timeout
         self._last_sent: dict[bytes, float] = {}   # client -> when we last sent it anything
@@ -38,7 +41,8 @@ class ClientLink:
     def on_message(self, client: bytes, payload: bytes) -> None:
         self._last_heard[client] = time.monotonic()
         try:
-            msg = p.decode(payload, (p.GenerateRequest, p.AbortRequest, p.Heartbeat))
+            msg = p.decode(payload, (p.GenerateRequest, p.AbortRequest, p.ModelInfoRequest,
+                                     p.Heartbeat))
         except p.ProtocolError as exc:
             self.send(client, p.ErrorMsg(code="protocol_error", message=str(exc)))
             return
@@ -46,6 +50,8 @@ class ClientLink:
             self._answer_lost(client, msg.request_ids or [])
         elif isinstance(msg, p.AbortRequest):
             self._abort(client, msg.request_id)
+        elif isinstance(msg, p.ModelInfoRequest):
+            self.send(client, self.model_info(msg.request_id))
         else:
             self._intake(client, msg)
 

@@ -62,8 +62,9 @@ class Engine:
         """Take the executor's result for ``step``; returns the requests with new output."""
         self.scheduler.update(step, result.execute_ms, result.block_ops_ms)
         seqs = {seq.seq_id: seq for seq in step.seqs}
-        top = {t.seq_id: dict(zip(t.token_ids.tolist(), t.logprobs.tolist()))
-               for t in result.top_logprobs}
+        for scored in result.prompt_logprobs:
+            self.processor.keep_prompt_logprobs(seqs[scored.seq_id].request, scored)
+        top = {t.seq_id: t for t in result.top_logprobs}
         touched: dict[tuple[bytes, str], Request] = {}
         for sid, token, logprob in zip(result.seq_ids.tolist(), result.token_ids.tolist(),
                                        result.logprobs.tolist()):

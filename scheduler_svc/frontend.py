@@ -16,14 +16,17 @@ class InvalidRequest(ValueError):
 
 class Frontend:
     """Requests in, output messages out: the live requests by (client, request_id), each with
-    what its client has been sent. ``max_model_len()``: the longest context served now."""
+    what its client has been sent. ``max_model_len()``: the longest context served now.
+    ``sampling_defaults``: the model's, for what a request leaves unset
+    (``generation_config.sampling_defaults``)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: Callable[[], int],
-                 max_num_seqs: int):
+                 max_num_seqs: int, sampling_defaults: dict | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
+        self.sampling_defaults = sampling_defaults or {}
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.trackers: dict[tuple[bytes, str], DeltaTracker] = {}
 
@@ -34,7 +37,8 @@ class Frontend:
                                  f"request of this client")
         params = self._params(msg.params, msg.stream)
         prompt_ids = self._prompt_ids(msg)
-        request = Request(msg.request_id, client, params, prompt_ids, msg.stream)
+        request = Request(msg.request_id, client, params, prompt_ids, msg.stream,
+                          frozenset(self.tokenizer.eos_token_ids))
         self.requests[request.key] = request
         self.trackers[request.key] = DeltaTracker(request, self.tokenizer)
         return request
@@ -43,10 +47,11 @@ class Frontend:
         """The next message for the request's client: what changed since the last one."""
         first = not request.sent_first
         request.sent_first = True
-        msg = RequestOutputMsg(request_id=request.request_id,
-                               outputs=self.trackers[request.key].deltas(),
+        tracker = self.trackers[request.key]
+        msg = RequestOutputMsg(request_id=request.request_id, outputs=tracker.deltas(),
                                finished=request.is_finished,
-                               prompt_token_ids=request.prompt_token_ids if first else None)
+                               prompt_token_ids=request.prompt_token_ids if first else None,
+                               prompt_logprobs=tracker.prompt_logprobs() if first else None)
         if msg.finished:
             del self.requests[request.key]
             del self.trackers[request.key]
@@ -54,9 +59,11 @@ class Frontend:
 
     def _params(self, data: dict, stream: bool) -> SamplingParams:
         try:
-            params = SamplingParams.from_dict(data)
+            params = SamplingParams.from_dict(data, self.sampling_defaults)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"invalid sampling params: {exc}") from None
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        self._check_token_ids("logit_bias", params.logit_bias)
         group = max(params.n, params.best_of or 1, params.beam_width)
         if group > self.max_num_seqs:
             raise InvalidRequest(f"the request runs {group} sequences at once (n, best_of or "
@@ -70,11 +77,17 @@ class Frontend:
                                  f"best samples are known only at the end; use stream=False")
         return params
 
+    def _check_token_ids(self, name: str, token_ids) -> None:
+        bad = next((t for t in token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"invalid sampling params: {name} holds token id {bad}, "
+                                 f"outside the vocabulary [0, {self.vocab_size})")
+
     def _prompt_ids(self, msg: GenerateRequest) -> list[int]:
         if (msg.prompt is None) == (msg.prompt_token_ids is None):
             raise InvalidRequest("give exactly one of prompt and prompt_token_ids")
-        ids = (self.tokenizer.encode(msg.prompt) if msg.prompt is not None
-               else msg.prompt_token_ids.tolist())
+        ids = (self.tokenizer.encode(msg.prompt, msg.add_special_tokens)
+               if msg.prompt is not None else msg.prompt_token_ids.tolist())
         if not ids:
             raise InvalidRequest("the prompt is empty")
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from weakref import WeakKeyDictionary
 
 from pagedserve.scheduler_svc.prometheus import PrometheusMetrics
 from pagedserve.scheduler_svc.scheduler import Scheduler
-from pagedserve.scheduler_svc.sequence import Request
+from pagedserve.scheduler_svc.sequence import Request, Sequence
 
 WINDOW = 10_000     # latest latencies kept for percentiles
 HISTORY_S = 60.0    # token totals kept this long, for throughput over a recent window
@@ -47,6 +48,9 @@ class Metrics:
         self.e2e: deque[float] = deque(maxlen=WINDOW)
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        # Per sequence: its output tokens and the time of the last one, when last observed.
+        # Weak keys: an aborted sequence is never observed again, and must not stay here.
+        self._last_token: WeakKeyDictionary[Sequence, tuple[int, float]] = WeakKeyDictionary()
         self.num_finished = 0
         self.start_time = time.monotonic()
         # (time, prompt_tokens, generation_tokens) after each observed step, oldest first.
@@ -97,12 +101,22 @@ class Metrics:
             self._record(self.ttft, self.prometheus.ttft, now - request.arrival_time)
             self.prompt_tokens += len(request.prompt_token_ids)
             self.prometheus.prompt_tokens.inc(len(request.prompt_token_ids))
-        else:
-            self._record(self.itl, self.prometheus.itl, now - request.last_token_time)
-        request.last_token_time = now
+        self._observe_gaps(request, now)
         request.num_generated = generated
         self.generation_tokens += new
         self.prometheus.generation_tokens.inc(new)
+
+    def _observe_gaps(self, request: Request, now: float) -> None:
+        """Inter-token latency: for each sequence with a new token, the time since its own
+        previous one. A sequence's first token ends no gap: the wait for a forked sample's
+        first token (n > 1) is not inter-token time. (A beam forked from another starts
+        here afresh too; the beam it was forked from goes on, and records the step.)"""
+        for seq in request.seqs:
+            count, last = self._last_token.get(seq, (0, None))
+            if seq.num_output_tokens > count:
+                if last is not None:
+                    self._record(self.itl, self.prometheus.itl, now - last)
+                self._last_token[seq] = (seq.num_output_tokens, now)
 
     @staticmethod
     def _record(window: deque, histogram, seconds: float) -> None:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pagedserve.common.protocol import CompletionDelta
+from pagedserve.common.protocol import CompletionDelta, Logprob, PromptLogprobs, TopLogprobs
+from pagedserve.common.sampling import SamplingParams
 from pagedserve.scheduler_svc.beam_search import BeamSearch, Hypothesis
-from pagedserve.scheduler_svc.sequence import Request, Sequence
+from pagedserve.scheduler_svc.sequence import (PositionLogprobs, Request, Sequence,
+                                               position_logprobs)
 from pagedserve.scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -18,7 +20,8 @@ class OutputProcessor:
         self.max_model_len = max_model_len
 
     def start(self, seq: Sequence) -> None:
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids,
+                                                 seq.request.params.skip_special_tokens)
 
     def beam_search(self, request: Request) -> BeamSearch:
         """The beam search of a request, with this model's stop tokens and length limit."""
@@ -30,31 +33,50 @@ class OutputProcessor:
         return BeamSearch(params, stop_ids, max_tokens)
 
     def append(self, seq: Sequence, token_id: int, logprob: float,
-               top: dict[int, float] | None) -> tuple[str, int | str | None] | None:
-        """Add one sampled token; returns ``(finish_reason, stop_reason)`` when it ends the seq."""
+               top: TopLogprobs | None) -> tuple[str, int | str | None] | None:
+        """Add one sampled token (``top``: its position's logprobs, if asked); returns
+        ``(finish_reason, stop_reason)`` when it ends the seq.
+
+        As vLLM: nothing stops the output before ``min_tokens`` tokens; a stop token's text
+        and a stop string are left out of the text unless ``include_stop_str_in_output``."""
         seq.append_token(token_id, logprob)
         if top is not None:
-            seq.logprobs.append({**top, token_id: logprob})
-        delta = seq.detokenizer.step([token_id])
-        seq.output_text += delta
-        reason = self._stop_reason(seq, token_id, len(delta))
+            seq.logprobs.append(position_logprobs(
+                token_id, logprob, top.sampled_rank,
+                zip(top.token_ids.tolist(), top.logprobs.tolist())))
+        params = seq.request.params
+        may_stop = seq.num_output_tokens > params.min_tokens
+        reason = self._stop_token(params, token_id) if may_stop else None
+        if reason is None or params.include_stop_str_in_output:
+            delta = seq.detokenizer.step([token_id])
+            seq.output_text += delta
+            if reason is None and may_stop and params.stop:
+                reason = self._find_stop_string(seq, params, len(delta))
+        if reason is None and self.at_length(seq):
+            reason = "length", None
         if reason is not None and not isinstance(reason[1], str):
             seq.output_text += seq.detokenizer.flush()  # text held back for a partial character
         return reason
 
-    def _stop_reason(self, seq: Sequence, token_id: int,
-                     new_chars: int) -> tuple[str, int | str | None] | None:
-        params = seq.request.params
+    @staticmethod
+    def keep_prompt_logprobs(request: Request, scored: PromptLogprobs) -> None:
+        """Keep the logprobs of the prompt tokens the executor scored, in prompt order; a
+        position already kept (a recomputed prompt) is skipped."""
+        tokens = request.prompt_token_ids
+        top_ids = scored.top_token_ids.reshape(len(scored.logprobs), -1).tolist()
+        top_logprobs = scored.top_logprobs.reshape(len(scored.logprobs), -1).tolist()
+        for i, (logprob, rank) in enumerate(zip(scored.logprobs.tolist(), scored.ranks.tolist())):
+            position = scored.start + i
+            if position == len(request.prompt_logprobs) + 1:
+                request.prompt_logprobs.append(position_logprobs(
+                    tokens[position], logprob, rank, zip(top_ids[i], top_logprobs[i])))
+
+    def _stop_token(self, params: SamplingParams,
+                    token_id: int) -> tuple[str, int | None] | None:
         if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             return "stop", None
         if token_id in params.stop_token_ids:
             return "stop", token_id
-        if params.stop:
-            hit = self._find_stop_string(seq, params.stop, new_chars)
-            if hit is not None:
-                return "stop", hit
-        if self.at_length(seq):
-            return "length", None
         return None
 
     def at_length(self, seq: Sequence, ahead: int = 0) -> bool:
@@ -64,15 +86,23 @@ class OutputProcessor:
                 or seq.num_tokens + ahead >= self.max_model_len())
 
     @staticmethod
-    def _find_stop_string(seq: Sequence, stops: list[str], new_chars: int) -> str | None:
-        # Only the tail can hold a new match: the text this token added plus a stop's length.
-        for stop in stops:
-            start = max(0, len(seq.output_text) - new_chars - len(stop) + 1)
-            index = seq.output_text.find(stop, start)
+    def _find_stop_string(seq: Sequence, params: SamplingParams,
+                          new_chars: int) -> tuple[str, str] | None:
+        """The stop string that starts first in the text (the shortest, of those starting
+        there), which ends the text: cut before it, or after it with
+        ``include_stop_str_in_output``."""
+        text = seq.output_text
+        hits = []
+        for stop in params.stop:
+            # Only the tail can hold a new match: the text this token added plus a stop's length.
+            index = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
             if index >= 0:
-                seq.output_text = seq.output_text[:index]  # the stop string is not returned
-                return stop
-        return None
+                hits.append((index, len(stop), stop))
+        if not hits:
+            return None
+        index, length, stop = min(hits)
+        seq.output_text = text[:index + length if params.include_stop_str_in_output else index]
+        return "stop", stop
 
 
 class DeltaTracker:
@@ -105,25 +135,45 @@ class DeltaTracker:
         return [self._delta(i, seq) for i, seq in enumerate(seqs)]
 
     def _hypothesis(self, index: int, hypothesis: Hypothesis) -> CompletionDelta:
-        detokenizer = IncrementalDetokenizer(self.tokenizer, self.request.prompt_token_ids)
-        text = detokenizer.step(hypothesis.token_ids) + detokenizer.flush()
-        last = hypothesis.token_ids[-1] if hypothesis.token_ids else None
-        stop_reason = last if last in self.request.params.stop_token_ids else None
-        return CompletionDelta(index=index, text=text, token_ids=hypothesis.token_ids,
+        params = self.request.params
+        detokenizer = IncrementalDetokenizer(self.tokenizer, self.request.prompt_token_ids,
+                                             params.skip_special_tokens)
+        token_ids = hypothesis.token_ids
+        # As a sampled output's: the stop token that ended it is not in the text.
+        stopped = hypothesis.finish_reason == "stop" and not params.include_stop_str_in_output
+        text = detokenizer.step(token_ids[:-1] if stopped else token_ids) + detokenizer.flush()
+        last = token_ids[-1] if token_ids else None
+        stop_reason = last if last in params.stop_token_ids else None
+        return CompletionDelta(index=index, text=text, token_ids=token_ids,
                                cumulative_logprob=hypothesis.cumulative_logprob,
                                finish_reason=hypothesis.finish_reason, stop_reason=stop_reason,
-                               logprobs=hypothesis.logprobs if self.request.params.logprobs
-                               else None)
+                               logprobs=self._logprobs(hypothesis.logprobs))
+
+    def prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
+        """The prompt's logprobs, when the request asked for them: None for its first token,
+        which nothing predicts."""
+        if self.request.params.prompt_logprobs is None:
+            return None
+        return [None, *self._with_texts(self.request.prompt_logprobs)]
 
     def _delta(self, index: int, seq: Sequence) -> CompletionDelta:
         visible = len(seq.output_text) if seq.is_finished else max(
             self.sent_text[index], len(seq.output_text) - self.holdback)
         text = seq.output_text[self.sent_text[index]:visible]
         tokens = seq.output_token_ids[self.sent_tokens[index]:]
-        logprobs = seq.logprobs[self.sent_tokens[index]:] if seq.request.params.logprobs else None
+        logprobs = self._logprobs(seq.logprobs[self.sent_tokens[index]:])
         self.sent_text[index] = visible
         self.sent_tokens[index] += len(tokens)
         return CompletionDelta(index=index, text=text, token_ids=tokens,
                                cumulative_logprob=seq.cumulative_logprob,
                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                                logprobs=logprobs)
+
+    def _logprobs(self, positions: list[PositionLogprobs]) -> list[dict[int, Logprob]] | None:
+        return None if self.request.params.logprobs is None else self._with_texts(positions)
+
+    def _with_texts(self, positions: list[PositionLogprobs]) -> list[dict[int, Logprob]]:
+        """Positions' logprobs as the client gets them, each token with its own text."""
+        texts = iter(self.tokenizer.token_texts([t for entry in positions for t in entry]))
+        return [{token: Logprob(value, rank, next(texts))
+                 for token, (value, rank) in entry.items()} for entry in positions]

@@ -45,9 +45,10 @@ class ScheduledStep:
         return StepPlan(
             step=step_no, removed=self.removed,
             new_seqs=[NewSeq(seq_id=s.seq_id, token_ids=s.token_ids, block_table=table,
-                             params=s.request.params.sampler_params().to_dict(),
+                             params=s.request.sampler_params.to_dict(),
                              num_computed_tokens=s.num_computed_tokens,
-                             sample_index=s.sample_index)
+                             sample_index=s.sample_index,
+                             num_prompt_tokens=s.num_prompt_tokens)
                       for s, table in zip(self.new_seqs, self.new_tables)],
             seq_ids=[s.seq_id for s in self.seqs], num_tokens=self.num_tokens,
             block_appends=_flat(self.block_appends), swap_out=_flat(self.swap_out),

@@ -340,11 +340,13 @@ class Scheduler:
             num_forks = len(seq.request.unforked) if seq.sample_index == 0 else 0
             if len(self.running) + 1 + num_forks > self.max_num_seqs:
                 break
-            if not bm.can_allocate(seq, num_forks):
+            # Prompt logprobs need the logits of every prompt position: no cache hits.
+            use_cache = seq.request.params.prompt_logprobs is None
+            if not bm.can_allocate(seq, num_forks, use_cache):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            bm.allocate(seq)  # counts prefix-cache hits as computed
-            if bm.enable_prefix_caching:
+            bm.allocate(seq, use_cache)  # counts prefix-cache hits as computed
+            if bm.enable_prefix_caching and use_cache:
                 self.prefix_cache_stats["queries"] += seq.num_tokens
                 self.prefix_cache_stats["hits"] += seq.num_computed_tokens
             self._start(seq, step)

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pagedserve.common.sampling import SamplingParams
+from pagedserve.common.sampling import SamplerParams, SamplingParams
+
+# One position's logprobs: token id -> (logprob, rank), the chosen token first.
+PositionLogprobs = dict[int, tuple[float, int]]
 
 
 class SequenceStatus(enum.Enum):
@@ -22,7 +27,8 @@ class Sequence:
 
     ``sample_index``: which of its request's samples it is (seeds its draws).
     ``candidates``: under beam search, the (token_id, logprob) pairs the executor proposed
-    for the next token; the scheduler chooses once every beam of the request has them.
+    for the next token, most likely first; the scheduler chooses once every beam of the
+    request has them. ``logprobs``: per output position, when the request asks for them.
     """
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], request: "Request",
@@ -37,7 +43,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.on_executor = False  # the executor holds state for it (must be told to drop it)
         self.cumulative_logprob = 0.0
-        self.logprobs: list[dict[int, float]] = []
+        self.logprobs: list[PositionLogprobs] = []
         self.output_text = ""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -88,6 +94,16 @@ class Sequence:
         self.stop_reason = stop_reason
 
 
+def position_logprobs(token_id: int, logprob: float, rank: int,
+                      top: Iterable[tuple[int, float]]) -> PositionLogprobs:
+    """A position's logprobs as vLLM returns them: the chosen token with its rank, then the
+    ``top`` (token_id, logprob) pairs, most likely first, ranked from 1 (the chosen token, if
+    among them, is entered once)."""
+    entry = {token_id: (logprob, rank)}
+    entry.update((token, (value, r)) for r, (token, value) in enumerate(top, 1))
+    return entry
+
+
 class Search(Protocol):
     """A request's beam search (``beam_search.BeamSearch``, which imports this module): the
     request only asks whether it is over."""
@@ -104,20 +120,27 @@ class Request:
     params: SamplingParams
     prompt_token_ids: list[int]
     stream: bool
+    eos_token_ids: frozenset[int] = frozenset()  # the model's: min_tokens holds them back
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)  # samples, or the live beams
     unforked: list[Sequence] = field(default_factory=list)  # samples not yet forked from seqs[0]
     beam: Search | None = None  # beam search state, when beam_width > 1
+    # prompt_logprobs: those of prompt tokens 1, 2, ... as the executor scores them
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
     sent_first: bool = False  # the first output message (with the prompt ids) went out
     # Timings for the metrics (time.monotonic()); num_generated: output tokens seen so far.
     first_token_time: float | None = None
-    last_token_time: float | None = None
     num_generated: int = 0
     num_executor_losses: int = 0  # executors lost while it held blocks on them
 
     @property
     def key(self) -> tuple[bytes, str]:
         return (self.client, self.request_id)
+
+    @functools.cached_property
+    def sampler_params(self) -> SamplerParams:
+        """What the executor samples this request's sequences with."""
+        return self.params.sampler_params(self.eos_token_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -22,7 +22,9 @@ from pagedserve.scheduler_svc.client_link import ClientLink
 from pagedserve.scheduler_svc.engine import Engine
 from pagedserve.scheduler_svc.executor_link import ExecutorLink, InFlight
 from pagedserve.scheduler_svc.frontend import Frontend
+from pagedserve.scheduler_svc.generation_config import sampling_defaults
 from pagedserve.scheduler_svc.metrics import Metrics
+from pagedserve.scheduler_svc.model_card import ModelCard
 from pagedserve.scheduler_svc.output_processor import OutputProcessor
 from pagedserve.scheduler_svc.scheduled_step import ScheduledStep
 from pagedserve.scheduler_svc.scheduler import Scheduler
@@ -63,6 +65,7 @@ class SchedulerService:
         model_dir = config.model_dir()
         tokenizer = Tokenizer.from_model_dir(model_dir)
         vocab_size, max_positions = read_model_limits(model_dir)
+        self.model_card = ModelCard.read(model_dir, tokenizer, vocab_size, config.chat_template)
         self.model_limit = ContextLimit(min(config.max_model_len or max_positions, max_positions),
                                         "the model serves no more")
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
@@ -70,8 +73,10 @@ class SchedulerService:
         self.engine = Engine(self.scheduler, OutputProcessor(tokenizer, self.max_model_len))
         self.metrics = Metrics(model_dir.name)
         self.sockets = Sockets(config, self.metrics.prometheus)
-        frontend = Frontend(tokenizer, vocab_size, self.max_model_len, config.max_num_seqs)
-        self.clients = ClientLink(self.sockets.clients, frontend, self.engine, config)
+        frontend = Frontend(tokenizer, vocab_size, self.max_model_len, config.max_num_seqs,
+                            sampling_defaults(model_dir))
+        self.clients = ClientLink(self.sockets.clients, frontend, self.engine, config,
+                                  self.model_info)
         self.executor = ExecutorLink(
             self.sockets.executor, config, vocab_size, self.model_limit,
             on_ready=self._on_ready, on_result=self._on_result, on_rejected=self._on_rejected,
@@ -88,6 +93,10 @@ class SchedulerService:
         what the ready executor serves."""
         session = self.scheduler.session
         return (self.model_limit if session is None else session.limit).max_model_len
+
+    def model_info(self, request_id: str) -> p.ModelInfo:
+        """The served model, as a client asks for it (``ModelInfoRequest``)."""
+        return self.model_card.info(request_id, self.max_model_len(), self.scheduler.ready)
 
     def health(self) -> Health:
         return Health(executor=self.executor.describe(), executors_lost=self.executor.num_lost,

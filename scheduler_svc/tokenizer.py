@@ -56,13 +56,19 @@ class Tokenizer:
         """Number of token ids the tokenizer knows, added tokens included."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with the special tokens the tokenizer's post-processor adds."""
-        return self._tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with the special tokens the tokenizer's post-processor adds
+        unless ``add_special_tokens`` is false (a rendered chat template holds its own)."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``; bytes of an incomplete character come out as U+FFFD."""
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, special tokens included (vLLM's ``decoded_token``); a byte
+        token that is part of a character comes out as U+FFFD."""
+        return self._tokenizer.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
 
 
 class IncrementalDetokenizer:
@@ -111,9 +117,9 @@ class IncrementalDetokenizer:
         return child
 
     def _emit(self, text: str) -> str:
-        if len(text) <= len(self._prefix_text):
+        delta = _text_after(self._prefix_text, text)
+        if not delta:
             return ""  # e.g. only skipped special tokens so far
-        delta = text[len(self._prefix_text):]
         # The ids just emitted become the context of the next window.
         self._ids = self._ids[self._read:]
         self._read = len(self._ids)
@@ -123,6 +129,16 @@ class IncrementalDetokenizer:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, self.skip_special_tokens)
+
+
+def _text_after(prefix_text: str, text: str) -> str:
+    """What ``text`` adds to ``prefix_text``, the text of its leading ids. A U+FFFD ending the
+    prefix may stand for the bytes of a character cut short (a token-id prompt can end inside
+    one): when ``text`` completes that character, the character is new text."""
+    start = len(prefix_text.rstrip(REPLACEMENT_CHAR))
+    while start < min(len(prefix_text), len(text)) and text[start] == prefix_text[start]:
+        start += 1
+    return text[start:]
 
 
 def _read_json(path: Path) -> dict:

@@ -91,15 +91,17 @@ class Services:
 @contextlib.contextmanager
 def up(model: str | Path, log_path: Path, *args: str):
     """``pagedserve up --model MODEL ARGS`` on free ports, its output in ``log_path``; yields
-    it (``proc``, ``client``, ``admin``, ``log``) once ready by its own account too. On exit
-    its log's tail is printed (pytest shows it for a failed test) and it is stopped."""
-    client, executor, admin_port = free_ports(3)
+    it (``proc``, ``client``, ``admin``, ``http``: the gateway's URL, ``log``) once ready by
+    its own account too. On exit its log's tail is printed (pytest shows it for a failed
+    test) and it is stopped."""
+    client, executor, admin_port, http = free_ports(4)
     with open(log_path, "w") as log:
         proc = pagedserve("up", "--model", str(model), "--client-port", str(client),
                           "--executor-port", str(executor), "--admin-port", str(admin_port),
-                          *args, stdout=log, stderr=subprocess.STDOUT)
+                          "--http-port", str(http), *args, stdout=log, stderr=subprocess.STDOUT)
     services = SimpleNamespace(proc=proc, client=f"tcp://127.0.0.1:{client}",
-                               admin=f"tcp://127.0.0.1:{admin_port}", log=log_path)
+                               admin=f"tcp://127.0.0.1:{admin_port}",
+                               http=f"http://127.0.0.1:{http}", log=log_path)
     try:
         wait_ready(services.admin, [proc])
         # up itself polls for readiness: until it says so, a service exiting is a failed start

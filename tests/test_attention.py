@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc import cpu_build, cpu_kernels
 from pagedserve.executor_svc.attention import StepLayout
 from pagedserve.executor_svc.backends import attention_backend
 from pagedserve.executor_svc.backends.cpu import CpuBackend
@@ -125,10 +125,29 @@ def test_bfloat16_cache_under_float32_queries_matches_reference(rows, block_size
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
-def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads):
-    (out, *_), (ref, *_) = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.bfloat16)
+def test_mixed_batch_matches_reference_bf16(num_heads, num_kv_heads, decode_path):
+    (out, *_), (ref, *_) = run_step(MIXED_BATCH, num_heads, num_kv_heads, torch.bfloat16,
+                                    backend=decode_path)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, rtol=1.6e-2, atol=1e-2)
+
+
+# A bf16 model: bfloat16 queries read in place from the q/k/v projection's output, over a
+# bfloat16 cache (widened a span at a time, or read in place) or a float32 one. The kernel's
+# softmax and sums are float32: the output is within its own rounding to bfloat16.
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [MIXED_BATCH, [(0, 150), (70, 33), (5, 1), (100, 1)]],
+                         ids=["mixed", "long"])
+@pytest.mark.parametrize("block_size, head_dim", [(16, 8), (16, 64), (64, 256)])
+def test_bfloat16_queries_in_the_kernel_match_reference(rows, block_size, head_dim, kv_dtype):
+    if cpu_kernels.load() is None:
+        pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
+    ours, reference = run_step(rows, 6, 3, torch.bfloat16, block_size=block_size, seed=6,
+                               query_in_qkv=True, kv_dtype=kv_dtype, head_dim=head_dim,
+                               backend=kernel)
+    (out, k_cache, _), (ref, *_) = ours, reference
+    assert out.dtype == torch.bfloat16 and k_cache.dtype == kv_dtype
+    torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-5)
 
 
 # The fixture only chooses the decode path: the same choice serves every example.
@@ -174,25 +193,35 @@ def test_kernel_is_cached_per_machine_and_rebuilt_into_a_fresh_cache(tmp_path, m
     if cpu_kernels.load() is None:
         pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
     monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path))
-    cpu_kernels.load.cache_clear()
+    monkeypatch.delenv("PAGEDSERVE_KERNELS_DIR", raising=False)
+    forget_the_loaded_kernels()
     try:
         assert cpu_kernels.load() is not None
         [built] = (tmp_path / "kernels").iterdir()
         assert built.name.startswith("cpu_kernels-") and built.suffix == ".so"
     finally:
-        cpu_kernels.load.cache_clear()
+        forget_the_loaded_kernels()
 
 
-def test_without_a_compiler_decode_takes_the_gathered_path(monkeypatch):
+def test_without_a_compiler_decode_takes_the_gathered_path(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    cpu_kernels.load.cache_clear()
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path))  # no build made before is found
+    monkeypatch.delenv("PAGEDSERVE_KERNELS_DIR", raising=False)
+    monkeypatch.setattr(cpu_build.tempfile, "gettempdir", lambda: str(tmp_path))
+    forget_the_loaded_kernels()
     try:
         assert cpu_kernels.load() is None
         assert isinstance(chosen(BLOCK_SIZE, 0, torch.float32, torch.float32), TorchBackend)
         (out, *_), (ref, *_) = run_step(MIXED_BATCH, 4, 2, torch.float32)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     finally:
-        cpu_kernels.load.cache_clear()
+        forget_the_loaded_kernels()
+
+
+def forget_the_loaded_kernels() -> None:
+    """The next ``cpu_kernels.load()`` finds (or builds) and loads a build anew."""
+    cpu_build.load.cache_clear()
+    cpu_kernels.load.cache_clear()
 
 
 def test_decode_rows_are_one_batch_and_prefill_rows_go_one_by_one():

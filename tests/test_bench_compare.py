@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from pagedserve.benchmarks import compare
 from pagedserve.benchmarks.cli import bench
 from pagedserve.benchmarks.workload import fingerprint, make_requests
+from pagedserve.executor_svc.cpu_features import CpuInfo
 
 
 def test_request_sets_are_the_shared_workloads_and_the_sweep():
@@ -50,7 +51,9 @@ def test_pagedserve_and_transformers_side_by_side_on_one_request(smollm2_dir, tm
         timing = run["results"][system]["results"]["sweep-1"]
         assert len(timing["runs_s"]) == 1 and timing["median_s"] > 0
     assert run["results"]["pagedserve"]["executor"]["dtype"] == "float32"
+    assert "dtype" in run["results"]["pagedserve"]["executor"]["kernels"]
     saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["cpu"] == run["cpu"] and saved["peer_dtype"] == "float32"
     assert saved["sets"]["sweep-1"] == {"requests": 1, "tokens": 256}
     assert "| sweep-1 | 1 |" in compare.format_table(run["sets"], run["results"])
 
@@ -69,3 +72,30 @@ def test_a_peer_that_dies_is_reported_and_the_others_results_are_kept(tmp_path):
                                      "--sweep", "1", "--vllm-python", str(peer), "--out",
                                      str(tmp_path / "cli")])
     assert cli.exit_code == 1 and "no results: vllm was killed by SIGILL" in cli.output
+
+
+@pytest.mark.parametrize("extensions, dtype", [(("avx2", "fma"), "float32"),
+                                               (("avx2", "fma", "avx512f", "avx512_bf16"),
+                                                "bfloat16"),
+                                               (("avx2", "fma", "amx_tile", "amx_bf16"),
+                                                "bfloat16")])
+def test_peers_run_at_their_fastest_dtype_for_the_cpu(extensions, dtype):
+    cpu = CpuInfo("Some CPU", extensions)
+    assert compare.peer_dtype("auto", cpu) == dtype
+    assert compare.peer_dtype("float32", cpu) == "float32"
+    with pytest.raises(ValueError, match="peer dtype 'int8'"):
+        compare.peer_dtype("int8", cpu)
+
+
+def test_the_run_names_the_cpu_and_each_system_s_kernels():
+    run = {"cpu": "AMD EPYC: avx2 fma", "peer_dtype": "float32", "results": {
+        "pagedserve": {"executor": {"kernels": {"linear": "cpu<=32, onednn>32 rows",
+                                                "dtype": "float32 (auto: no amx_bf16 or "
+                                                         "avx512_bf16)",
+                                                "cpu": "AMD EPYC: avx2 fma"}}},
+        "vllm": {"results": {}}}}
+    assert compare.describe_run(run).splitlines() == [
+        "cpu: AMD EPYC: avx2 fma",
+        "pagedserve: linear cpu<=32, onednn>32 rows; dtype float32 (auto: no amx_bf16 or "
+        "avx512_bf16)",
+        "vllm: float32"]

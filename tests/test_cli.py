@@ -3,6 +3,7 @@ import json
 import signal
 import subprocess
 
+import httpx
 import pytest
 
 from services import free_ports, pagedserve
@@ -10,16 +11,23 @@ from services import free_ports, pagedserve
 pytestmark = pytest.mark.slow
 
 
-def test_up_then_generate_answers_paris_and_ctrl_c_stops_both(smollm2_dir):
-    client, executor, admin = free_ports(3)
+def test_up_then_generate_answers_paris_and_down_stops_everything(smollm2_dir):
+    client, executor, admin, http = free_ports(4)
     up = pagedserve("up", "--model", str(smollm2_dir), "--client-port", str(client),
                     "--executor-port", str(executor), "--admin-port", str(admin),
+                    "--http-port", str(http),
                     "--num-device-blocks", "256", "--num-cpu-blocks", "8", "--no-prefix-caching",
                     stdout=subprocess.PIPE, text=True,
                     # as `pagedserve up &` in a shell: a background job starts with SIGINT ignored
                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    url = f"http://127.0.0.1:{http}"
     try:
         assert up.stdout.readline().strip() == "pagedserve ready"
+        assert up.stdout.readline().split() == ["http", f"{url}/v1"]
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 24, "temperature": 0})
+        assert "Paris" in chat.json()["choices"][0]["message"]["content"]
         gen = pagedserve("generate", "The capital of France is", "--max-tokens", "12",
                          "--server", f"tcp://127.0.0.1:{client}", stdout=subprocess.PIPE,
                          text=True)
@@ -33,9 +41,18 @@ def test_up_then_generate_answers_paris_and_ctrl_c_stops_both(smollm2_dir):
         assert set(data["cpu"]) >= {"total", "free", "used"}
         assert pagedserve("health", "--admin-port", str(admin),
                           stdout=subprocess.DEVNULL).wait(timeout=30) == 0
+        # from another terminal: `up` ran in the background of a script, SIGINT ignored
+        down = pagedserve("down", "--admin-port", str(admin), stdout=subprocess.PIPE, text=True)
+        assert down.wait(timeout=60) == 0, down.stdout.read()
+        assert up.wait(timeout=5) == 0
     finally:
-        up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=30) == 0
-    # both services are gone: the admin socket no longer answers
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    # the services are gone: neither the admin socket nor the gateway answers
     assert pagedserve("health", "--admin-port", str(admin), stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL).wait(timeout=30) == 1
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
+    nothing = pagedserve("down", "--admin-port", str(admin), stderr=subprocess.PIPE, text=True)
+    assert nothing.wait(timeout=30) == 1 and "no `pagedserve up`" in nothing.stderr.read()

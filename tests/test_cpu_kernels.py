@@ -1,5 +1,8 @@
 """The compiled CPU kernels of a decoder layer (elementwise work and the packed GEMM) against
-float64 references, at sizes that are and are not multiples of their vectors and tiles."""
+float64 references, at sizes that are and are not multiples of their vectors and tiles, on
+float32 and on bfloat16 activations (a bf16 model's: float32 math inside, each output within
+the rounding of bfloat16, and the inputs' own roundings, as the sum written back, exactly
+torch's)."""
 from __future__ import annotations
 
 import pytest
@@ -13,32 +16,52 @@ pytestmark = pytest.mark.skipif(cpu_kernels.load() is None,
                                 reason="the CPU kernels did not build here (no C compiler?)")
 
 
-def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tolerance(dtype: torch.dtype, roundings: int = 1) -> dict[str, float]:
+    """An output's error: float32 sums, and in bfloat16 each of the kernel's roundings, at
+    most half a unit in the last of 8 significant bits, 2^-8 of the value."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5)
+    return dict(rtol=roundings * 2 ** -8, atol=1e-5)
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 200])  # 200 x 576 runs on several threads
 @pytest.mark.parametrize("hidden", [8, 13, 576])
 @pytest.mark.parametrize("with_x", [True, False])
-def test_add_rms_norm(tokens, hidden, with_x):
-    residual, x = randn(tokens, hidden, scale=3.0), randn(tokens, hidden, seed=1)
-    weight, eps = randn(hidden, seed=2), 1e-5
-    total = (residual.double() + x.double()) if with_x else residual.double()
-    expected = weight.double() * total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(tokens, hidden, with_x, dtype):
+    residual = randn(tokens, hidden, scale=3.0, dtype=dtype)
+    x, weight = randn(tokens, hidden, seed=1, dtype=dtype), randn(hidden, seed=2, dtype=dtype)
+    eps = 1e-5
     before = residual.clone()
     out = cpu_kernels.add_rms_norm(x if with_x else None, residual, weight, eps)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == dtype
+    # the sum is written back rounded exactly as torch's add rounds it
     torch.testing.assert_close(residual, before + x if with_x else before, rtol=0, atol=0)
+    total = residual.double()
+    expected = weight.double() * total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+    # the normalised row and its product with the weight are rounded, as torch's operators do
+    torch.testing.assert_close(out.double(), expected, **tolerance(dtype, roundings=2))
+    # torch rounds at the same two points; where the sums of squares (summed in another order)
+    # put the normalised value a unit apart, its product may land a unit further still
     torch_norm, _ = LayerOps().add_rms_norm(None, residual, weight, eps)
-    torch.testing.assert_close(out, torch_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, torch_norm, **tolerance(dtype, roundings=3))
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 300])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 8), (9, 3, 64), (2, 1, 6)])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype):
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype, dtype):
     half, num_positions, num_slots = head_dim // 2, 512, 2 * tokens
-    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
     angles = randn(num_positions, half, seed=1, scale=3.0)
     cos, sin = angles.cos(), angles.sin()
     g = torch.Generator().manual_seed(3)
@@ -58,10 +81,11 @@ def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype):
     q, k, v = cpu_kernels.rope_write_kv(qkv, heads, kv_heads, cos, sin, positions, k_cache,
                                         v_cache, slots)
     for got, want in ((q, want_q), (k, want_k), (v, want_v)):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tolerance(dtype))
     stored = slots >= 0
     flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-    # a bfloat16 cache holds them rounded exactly as torch rounds
+    # the cache holds the rotated rows, rounded exactly as torch rounds to a bfloat16 cache
     torch.testing.assert_close(flat_k[slots[stored]], k[stored].to(kv_dtype), rtol=0, atol=0)
     torch.testing.assert_close(flat_v[slots[stored]], v[stored].to(kv_dtype), rtol=0, atol=0)
     untouched = torch.ones(num_slots, dtype=torch.bool)
@@ -102,19 +126,23 @@ def test_rope_write_kv_rejects_positions_and_slots_out_of_range():
 
 @pytest.mark.parametrize("tokens", [1, 4, 100])
 @pytest.mark.parametrize("inter", [8, 12, 1536])
-def test_silu_mul(tokens, inter):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(tokens, inter, dtype):
     # gates from -100 to 100: exp(-|g|) underflows at one end, sigmoid saturates at the other
-    gate_up = randn(tokens, 2 * inter, scale=8.0)
+    gate_up = randn(tokens, 2 * inter, scale=8.0, dtype=dtype)
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
     gate, up = gate_up.double().chunk(2, -1)
     expected = gate * torch.sigmoid(gate) * up
     out = cpu_kernels.silu_mul(gate_up)
-    torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=1e-6)
+    assert out.dtype == dtype
+    close = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else tolerance(dtype)
+    torch.testing.assert_close(out.double(), expected, **close)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 8, 13, 49152])
-def test_greedy_matches_argmax_and_log_softmax(vocab):
-    logits = randn(6, vocab, scale=5.0)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_matches_argmax_and_log_softmax(vocab, dtype):
+    logits = randn(6, vocab, scale=5.0, dtype=dtype)
     if vocab > 1:
         logits[1, vocab // 2] = logits[1, vocab - 1] = 1e3  # a tie: the first index wins
         logits[2, : vocab - 1] = float("-inf")  # all mass on the last token
@@ -133,22 +161,27 @@ def test_greedy_matches_argmax_and_log_softmax(vocab):
 # k slices of at most 384 (float32 panels) or 768 (bfloat16 panels).
 @pytest.mark.parametrize("in_features,out_features", [(1, 1), (5, 17), (64, 16), (385, 49),
                                                       (576, 960), (1537, 33)])
-@pytest.mark.parametrize("bf16_values", [True, False])
+# float32: weights that are not bfloat16 values, and (a bf16 checkpoint served in float32)
+# weights that are, packed as bfloat16 losslessly; bfloat16: a bf16 model's weights and inputs.
+@pytest.mark.parametrize("model", ["float32", "float32 bf16 values", "bfloat16"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear(tokens, in_features, out_features, bf16_values, with_bias):
-    x = randn(tokens, in_features)
-    weight = randn(out_features, in_features, seed=1)
-    if bf16_values:  # a bf16 checkpoint served in float32: packed as bf16, losslessly
+def test_linear(tokens, in_features, out_features, model, with_bias):
+    dtype = torch.bfloat16 if model == "bfloat16" else torch.float32
+    x = randn(tokens, in_features, dtype=dtype)
+    weight = randn(out_features, in_features, seed=1, dtype=dtype)
+    if model == "float32 bf16 values":
         weight = weight.bfloat16().float()
-    bias = randn(out_features, seed=2) if with_bias else None
+    bias = randn(out_features, seed=2, dtype=dtype) if with_bias else None
     linear = cpu_kernels.PackedWeight(weight, bias)
-    assert linear.panels.dtype == (torch.bfloat16 if bf16_values else torch.float32)
+    assert linear.panels.dtype == (torch.float32 if model == "float32" else torch.bfloat16)
     expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    got = linear(x)
+    got = linear(x, torch.float32)
     assert got.shape == (tokens, out_features)
     # float32 sums: each output within a few ulps of the sum of its terms' magnitudes
     magnitude = x.double().abs() @ weight.double().abs().T
     assert ((got.double() - expected).abs() <= 1e-6 * magnitude + 1e-6).all()
+    # in the input's dtype by default: bfloat16 outputs are those sums, rounded as torch rounds
+    assert torch.equal(linear(x), got.to(dtype))
 
 
 def test_linear_is_the_same_on_one_thread_and_on_several():
@@ -196,3 +229,11 @@ def test_paged_attention_rejects_a_batch_it_cannot_read():
         attend([0, 4, 5], [3, 1])  # four new tokens in a context of three
     with pytest.raises(ValueError, match="longer than its context or table"):
         attend([0, 4, 5], [33, 1])  # past its two blocks of 16
+
+
+def test_activations_of_two_dtypes_or_another_dtype_are_refused_by_name():
+    residual, x = randn(2, 8, dtype=torch.bfloat16), randn(2, 8)
+    with pytest.raises(ValueError, match="one dtype for all; got torch.bfloat16, torch.float32"):
+        cpu_kernels.add_rms_norm(x, residual, randn(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match="got torch.float16"):
+        cpu_kernels.silu_mul(randn(2, 8, dtype=torch.float16))

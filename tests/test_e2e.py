@@ -122,8 +122,8 @@ def test_stop_token_id_and_logprobs(client):
     assert (out.finish_reason, out.stop_reason) == ("stop", 198)
     assert len(out.logprobs) == 3
     for token, top in zip(out.token_ids, out.logprobs):
-        assert len(top) == 2 and max(top, key=top.get) == token  # greedy picks the top one
-    assert out.cumulative_logprob == pytest.approx(sum(t[k] for k, t in
+        assert len(top) == 2 and next(iter(top)) == token and top[token].rank == 1  # greedy
+    assert out.cumulative_logprob == pytest.approx(sum(t[k].logprob for k, t in
                                                        zip(out.token_ids, out.logprobs)), abs=1e-4)
 
 

@@ -235,6 +235,51 @@ def test_seeded_samples_are_reproducible_and_exact_under_preemption(tiny, mode):
     assert all(len({tuple(s) for s in group}) > 1 for group in alone)  # the samples differ
 
 
+def test_penalised_greedy_equals_transformers_under_recompute(tiny):
+    path, prompts, plain = tiny
+    expected = transformers_greedy(path, prompts, MAX_TOKENS, repetition_penalty=1.5)
+    requests = [request(ids, temperature=0.0, ignore_eos=True, repetition_penalty=1.5)
+                for ids in prompts]
+    scheduler = run(path, requests, 12, mode="recompute")
+    assert scheduler.preemptions["recompute"] > 0
+    assert [r.seqs[0].output_token_ids for r in requests] == expected != plain
+
+
+def test_samples_penalised_over_their_own_output_continue_exactly_when_swapped(tiny):
+    path, prompts, _ = tiny
+
+    def samples(num_blocks, **penalties):
+        # cool enough to repeat tokens, as greedy does
+        requests = [request(ids, n=3, seed=5, temperature=0.2, ignore_eos=True, **penalties)
+                    for ids in prompts]
+        scheduler = run(path, requests, num_blocks, mode="swap", num_cpu_blocks=128)
+        return [[s.output_token_ids for s in r.seqs] for r in requests], scheduler.preemptions
+
+    alone, _ = samples(64, presence_penalty=2.0, frequency_penalty=2.0)
+    constrained, preemptions = samples(20, presence_penalty=2.0, frequency_penalty=2.0)
+    assert preemptions["swap"] > 0 and constrained == alone
+    assert alone != samples(64)[0]  # the penalties changed the draws
+
+
+@pytest.mark.parametrize("num_blocks", [64, 20])
+def test_prompt_logprobs_equal_transformers_across_chunks_and_recompute(tiny, num_blocks):
+    path, prompts, _ = tiny
+    requests = [request(ids, n=2, temperature=0.0, prompt_logprobs=3) for ids in prompts]
+    scheduler = run(path, requests, num_blocks, max_batched=8, mode="recompute")  # chunked
+    assert (scheduler.preemptions["recompute"] > 0) == (num_blocks == 20)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for r, ids in zip(requests, prompts):
+        with torch.inference_mode():
+            expected = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1)
+        assert len(r.prompt_logprobs) == len(ids) - 1
+        for token, entry, row in zip(ids[1:], r.prompt_logprobs, expected):
+            assert next(iter(entry)) == token and 3 <= len(entry) <= 4
+            for t, (logprob, rank) in entry.items():
+                assert logprob == pytest.approx(row[t].item(), abs=1e-4)
+                # ranks as transformers' logits give them, up to float rounding
+                assert (row > logprob + 1e-4).sum() < rank <= (row >= logprob - 1e-4).sum()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_on_cuda_swapped_and_forked_samples_give_the_transformers_tokens(tiny, backend):

@@ -47,7 +47,8 @@ def test_wheel_writes_only_under_the_pagedserve_namespace(wheel):
     assert tops == {"pagedserve", dist_info}, tops
     for folder in FOLDERS:
         assert f"pagedserve/{folder}/__init__.py" in names, folder
-    assert "pagedserve/executor_svc/csrc/cpu_kernels.c" in names
+    sources = {"attention.c", "layer.c", "gemm.c", "vec.h"}
+    assert {f"pagedserve/executor_svc/csrc/{name}" for name in sources} <= set(names)
 
 
 def test_wheel_holds_every_module_of_the_source_tree(wheel):

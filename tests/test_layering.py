@@ -1,5 +1,5 @@
-"""The folders are the architecture: the scheduler and the shared base never import torch,
-and no module imports one that imports it back."""
+"""The folders are the architecture: the scheduler, the gateway and the shared base never
+import torch, and no module imports one that imports it back."""
 import ast
 import subprocess
 import sys
@@ -8,13 +8,22 @@ from services import ROOT
 
 TORCH_FREE = ["pagedserve.scheduler_svc.service", "pagedserve.scheduler_svc.cli",
               "pagedserve.common.client", "pagedserve.common.cli",
-              "pagedserve.common.up", "pagedserve.common.protocol", "pagedserve.benchmarks.cli"]
+              "pagedserve.common.up", "pagedserve.common.protocol", "pagedserve.benchmarks.cli",
+              "pagedserve.gateway.app", "pagedserve.gateway.cli"]
 
 
-def test_scheduler_and_common_import_no_torch():
+def test_scheduler_gateway_and_common_import_no_torch():
     code = (f"import sys\nfor m in {TORCH_FREE!r}: __import__(m)\n"
             "bad = sorted(m for m in ('torch', 'transformers', 'pagedserve.executor_svc')\n"
             "             if m in sys.modules)\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_gateway_imports_neither_service():
+    code = ("import sys\nimport pagedserve.gateway.app, pagedserve.gateway.cli\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('pagedserve.scheduler_svc',\n"
+            "                                                     'pagedserve.executor_svc')))\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -48,7 +57,7 @@ def _module_imports(path, module: str, is_package: bool) -> set[str]:
 
 def test_no_import_circle_among_our_modules():
     modules = {}
-    for folder in ("common", "scheduler_svc", "executor_svc", "kernels", "benchmarks"):
+    for folder in ("common", "scheduler_svc", "executor_svc", "kernels", "benchmarks", "gateway"):
         for path in (ROOT / folder).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             is_package = parts[-1] == "__init__"

@@ -17,8 +17,9 @@ from pagedserve.scheduler_svc.cli import main as scheduler
 NOT_FLAGS = {"watermark"}
 # `up` has no --scheduler: it connects its executor to the scheduler it starts.
 NOT_UP = {"scheduler"}
-# `up`'s own option, no service's setting: how long it waits for both to be ready.
-UP_ONLY = {"ready_timeout"}
+# `up`'s own options, no service's setting: how long it waits for the services to be ready,
+# and the HTTP gateway's port, switch and key.
+UP_ONLY = {"ready_timeout", "http_port", "no_http", "api_key"}
 
 COMMANDS = {"scheduler": (scheduler, [SchedulerConfig]),
             "executor": (executor, [ExecutorConfig]),

@@ -6,19 +6,26 @@ import torch
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.backends import layer_ops
+from pagedserve.executor_svc.mirror import SeqState
 from pagedserve.executor_svc.sampler import Sampler
 
 VOCAB = 100
+EOS = frozenset({2})
 
 
 def random_logits(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def sample(logits, params, generators=None):
-    """As the model runner samples on this CPU."""
+def sample(logits, params, generators=None, histories=None, num_prompt_tokens=1):
+    """As the model runner samples on this CPU: row i is a sequence sampled with ``params[i]``
+    whose tokens are ``histories[i]`` (default: a one-token prompt), the first
+    ``num_prompt_tokens`` of them its prompt."""
+    histories = histories or [[0]] * len(params)
+    seqs = [SeqState(list(tokens), [], len(tokens), p.sampler_params(EOS), num_prompt_tokens)
+            for p, tokens in zip(params, histories)]
     sampler = Sampler(layer_ops(torch.float32, "cpu"))
-    return sampler(logits, params, generators or [None] * len(params))
+    return sampler(logits, seqs, generators or [None] * len(params))
 
 
 def seeded(seed: int) -> torch.Generator:

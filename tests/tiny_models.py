@@ -59,15 +59,17 @@ def word_tokenizer(eos_token_ids=()):
     return Tokenizer(inner, set(eos_token_ids))
 
 
-def transformers_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def transformers_greedy(path: Path, prompts: list[list[int]], max_tokens: int,
+                        **generate_kwargs) -> list[list[int]]:
     """transformers' own greedy continuation of each prompt by the model at ``path``
-    (float32), exactly ``max_tokens`` tokens: EOS does not stop it."""
+    (float32), exactly ``max_tokens`` tokens: EOS does not stop it. ``generate_kwargs``
+    go to ``generate`` (its logits processors)."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     out = []
     for ids in prompts:
         with torch.inference_mode():
             tokens = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                                 min_new_tokens=max_tokens)
+                                 min_new_tokens=max_tokens, **generate_kwargs)
         out.append(tokens[0, len(ids):].tolist())
     return out

@@ -4,22 +4,26 @@
   Triton kernels (CUDA; CPU tensors under triton's interpreter); ``cpu``, the compiled CPU
   kernels, which is what ``--attention-backend torch`` runs on a CPU for float32 activations
   over a float32 or bfloat16 cache where the kernels built; else ``torch``, torch operators.
-- **Layer ops** (``layer_ops``, bound by ``load_model``, and the sampler's greedy path):
-  ``cpu`` where the compiled kernels serve float32 activations on a CPU, else ``torch``.
+- **Layer ops** (``layer_ops``, bound by ``load_model``, and the sampler's greedy path,
+  ``sampler_ops``): ``cpu`` where the compiled kernels serve float32 activations on a CPU,
+  else ``torch``. Given a ``Tuner`` (as the executor does on a CPU), ``load_model`` binds
+  ``tuned.tuned_ops`` instead: per op the fastest correct implementation measured here, and
+  for each linear layer per bucket of rows (``autotune``).
 
 The model and the sampler call what was bound and never ask again.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import float32, nn  # (the name torch is this package's torch backend)
 
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.attention import AttentionBackend
 from pagedserve.executor_svc.backends.cpu import CpuBackend, CpuOps
 from pagedserve.executor_svc.backends.torch import TorchBackend
 from pagedserve.executor_svc.cpu_features import cpu_info
-from pagedserve.executor_svc.layer_ops import LayerOps, PackedLinear
+from pagedserve.executor_svc.layer_ops import (BucketedLinear, ChosenOps, LayerOps,
+                                               PackedLinear)
 
 BACKENDS = ("torch", "triton")  # what an executor is configured with
 
@@ -46,16 +50,43 @@ def layer_ops(dtype: torch.dtype, device: torch.device | str) -> LayerOps:
     return CpuOps() if cpu_kernels.fuses(dtype, device) else LayerOps()
 
 
-def chosen(model: nn.Module, attention: AttentionBackend, sampler_ops: LayerOps) -> dict[str, str]:
-    """Which implementation serves each op of ``model`` here (``cpu``: our compiled kernels),
-    and on a CPU what it has to offer them: for the log, ``pagedserve health`` and the
-    benchmarks, so that every number names the path that made it."""
-    linears = {getattr(module, "name", "torch") for module in model.modules()
-               if isinstance(module, (nn.Linear, PackedLinear))}
+def sampler_ops(model: nn.Module) -> LayerOps:
+    """The ops whose greedy sampling serves ``model``'s float32 logits: the model's own where
+    they were tuned (``tuned_ops`` times greedy on float32 logits), else ``layer_ops``'s."""
+    if isinstance(model.ops, ChosenOps):
+        return model.ops
+    return layer_ops(float32, model.model.embed_tokens.weight.device)
+
+
+def chosen(model: nn.Module, attention: AttentionBackend, sampler_ops: LayerOps,
+           dtype: str | None = None) -> dict[str, str]:
+    """Which implementation serves each op of ``model`` here (``cpu``: our compiled kernels;
+    a linear layer per bucket of rows, ``"cpu<=32, onednn>32 rows"``, and per shape where
+    shapes differ), why its ``dtype`` where given, and on a CPU what it has to offer them:
+    for the log, ``pagedserve health`` and the benchmarks, so that every number names the
+    path that made it."""
+    linears = {}
+    inner = {id(layer) for module in model.modules() if isinstance(module, BucketedLinear)
+             for layer in module.layers}  # reported by their BucketedLinear
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, PackedLinear)) and id(module) not in inner:
+            shape = f"{module.out_features}x{module.in_features}"
+            linears.setdefault(getattr(module, "name", "torch"), set()).add(shape)
+    layer = model.ops.names()
     paths = {"attention": attention.name, "layer_ops": model.ops.name,
-             "linear": "+".join(sorted(linears)), "greedy": sampler_ops.name}
-    if "cpu" in paths.values() or "cpu" in linears:
-        paths["cpu_kernels"] = cpu_kernels.BUILD
-    if attention.device.type == "cpu":
+             "add_rms_norm": layer["add_rms_norm"], "silu_mul": layer["silu_mul"],
+             "linear": _linear_names(linears), "greedy": sampler_ops.names()["greedy"]}
+    if dtype is not None:
+        paths["dtype"] = dtype
+    if attention.device.type == "cpu":  # the build serving, or why none does: in health too
+        paths["cpu_kernels"] = cpu_kernels.describe()
         paths["cpu"] = cpu_info().describe()
     return paths
+
+
+def _linear_names(linears: dict[str, set[str]]) -> str:
+    """One name where every linear layer has it, else each name with the shapes it serves."""
+    if len(linears) == 1:
+        return next(iter(linears))
+    return "; ".join(f"{', '.join(sorted(shapes))}: {name}"
+                     for name, shapes in sorted(linears.items()))

@@ -1,5 +1,5 @@
 """The compiled CPU kernels (``executor_svc.cpu_kernels``) as an attention backend and as
-layer ops: float32 activations on a CPU where the kernels built.
+layer ops: float32 or bfloat16 activations on a CPU where the kernels built.
 
 Each op here is one kernel call. A faster variant of an op for this CPU (another instruction
 set, chosen at start-up) belongs in these classes, so that the model and the sampler, which

@@ -1,0 +1,237 @@
+"""Which implementation of each op is fastest on this CPU, found by timing them once at start
+on the model's real shapes, as oneDNN and Triton autotune; never by dtype alone.
+
+For each op with more than one implementation here (``candidates``): each candidate's result
+is checked against torch's (a candidate that computes wrong never wins), then each is called
+a few times to warm up and timed, in rounds that alternate the candidates (a neighbour's load
+falls on all of them alike), and the lowest time wins: each candidate's fastest call, since a
+neighbour's load only ever adds time (a median taken on a busy machine keeps its noise).
+The choices are kept in a JSON file
+in pagedserve's cache, one per machine key (the processor and its extensions, torch's
+version, the compiled kernels' source, the thread count) and within it one entry per op,
+shape and dtype: the next start on the same machine times nothing.
+
+``PAGEDSERVE_CPU_OPS`` forces choices instead: ``torch`` (or ``cpu``: every op that has one),
+or per op, ``linear=onednn,greedy=torch``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pagedserve.common.config import cache_dir
+from pagedserve.common.log import get_logger
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.cpu_features import CpuInfo, cpu_info
+
+log = get_logger("executor")
+OVERRIDE_ENV = "PAGEDSERVE_CPU_OPS"
+TUNED_OPS = ("linear", "add_rms_norm", "silu_mul", "greedy")
+WARMUP, ROUNDS = 2, 5
+ROUND_BUDGET_S = 0.15  # fewer rounds (down to MIN_ROUNDS) where one round takes longer
+MIN_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The implementation chosen for one op and shape, and each candidate's fastest call in
+    seconds (empty where nothing was timed: a forced or a single choice)."""
+
+    name: str
+    seconds: dict[str, float]
+
+    @property
+    def best_s(self) -> float | None:
+        """The chosen implementation's time, if it was timed."""
+        return self.seconds.get(self.name)
+
+
+class ChoiceCache:
+    """The choices of one machine key in a JSON file; a file that does not parse is ignored
+    (and replaced on the next choice)."""
+
+    def __init__(self, path: Path, machine: dict[str, Any]):
+        self.path = path
+        self.machine = machine
+        self.entries = self._read()
+
+    def get(self, key: str) -> Choice | None:
+        entry = self.entries.get(key)
+        return None if entry is None else Choice(entry["name"], entry["seconds"])
+
+    def put(self, key: str, choice: Choice) -> None:
+        """Remember ``choice`` for ``key``, on disk at once (written beside and renamed:
+        another executor never reads half a file)."""
+        self.entries[key] = {"name": choice.name, "seconds": choice.seconds}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False,
+                                         suffix=".tmp") as f:
+            json.dump({"machine": self.machine, "choices": self.entries}, f, indent=1)
+        os.replace(f.name, self.path)
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+            entries = data["choices"]
+            if data["machine"] != self.machine or not all(
+                    isinstance(e["name"], str) and isinstance(e["seconds"], dict)
+                    for e in entries.values()):
+                raise ValueError("entries of another shape")
+            return entries
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("autotune cache unreadable: timing again", path=str(self.path),
+                        error=str(exc))
+            return {}
+
+
+def machine_key(cpu: CpuInfo | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Everything besides the op, shape and dtype that could change which is fastest."""
+    csrc = Path(cpu_kernels.__file__).with_name("csrc")
+    source = hashlib.sha256(cpu_kernels.describe().encode())  # the build that serves
+    for file in sorted(csrc.glob("*")) if csrc.is_dir() else []:
+        source.update(b"\0" + file.name.encode() + b"\0" + file.read_bytes())
+    return {"cpu": (cpu or cpu_info()).describe(), "torch": torch.__version__,
+            "kernels": source.hexdigest()[:16],
+            "threads": threads or torch.get_num_threads()}
+
+
+def parse_forced(text: str) -> tuple[str | None, dict[str, str]]:
+    """``PAGEDSERVE_CPU_OPS``'s value as (the choice for every op, the choice per op):
+    ``"torch"`` -> ("torch", {}); ``"linear=onednn,greedy=cpu"`` -> (None, {...})."""
+    every, per_op = None, {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, sep, name = item.partition("=")
+        if not sep:
+            every = item
+        elif op.strip() not in TUNED_OPS:
+            raise ValueError(f"{OVERRIDE_ENV}: unknown op {op.strip()!r} in {text!r}; "
+                             f"ops: {', '.join(TUNED_OPS)}")
+        else:
+            per_op[op.strip()] = name.strip()
+    return every, per_op
+
+
+class Tuner:
+    """Chooses among candidates by checking and timing them (``choose``), remembering each
+    choice in ``cache``; ``forced`` (``parse_forced``'s pair) overrides the timing."""
+
+    def __init__(self, cache: ChoiceCache | None,
+                 forced: tuple[str | None, dict[str, str]] = (None, {})):
+        self.cache = cache
+        self.every, self.per_op = forced
+
+    @classmethod
+    def for_machine(cls, cpu: CpuInfo | None = None) -> Tuner:
+        """A tuner whose choices are cached for this machine (or ``cpu``) under
+        pagedserve's cache dir, forced as ``PAGEDSERVE_CPU_OPS`` says."""
+        machine = machine_key(cpu)
+        name = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(ChoiceCache(cache_dir() / "autotune" / f"{name}.json", machine),
+                   parse_forced(os.environ.get(OVERRIDE_ENV, "")))
+
+    def choose(self, op: str, key: str, candidates: dict[str, Callable[..., Any]],
+               make_inputs: Callable[[], Sequence], reference: Callable[..., Any],
+               tolerance: float) -> Choice:
+        """The fastest of ``candidates`` (name -> function of ``make_inputs()``) for ``op``
+        at ``key`` (its shape and dtype) among those whose result agrees with
+        ``reference``'s within ``tolerance`` (relative to the result's largest value)."""
+        forced = self._forced(op, candidates)
+        if forced is not None:
+            return Choice(forced, {})
+        if len(candidates) == 1:
+            return Choice(next(iter(candidates)), {})
+        entry = f"{op} {key}"
+        cached = self.cache.get(entry) if self.cache else None
+        if cached is not None and cached.name in candidates:
+            return cached
+        correct = self._correct(entry, candidates, make_inputs, reference, tolerance)
+        seconds = time_candidates(correct, make_inputs())
+        choice = Choice(min(seconds, key=seconds.get), seconds)
+        log.info("autotuned", op=entry, choice=choice.name,
+                 ms={name: round(s * 1e3, 3) for name, s in seconds.items()})
+        if self.cache:
+            self.cache.put(entry, choice)
+        return choice
+
+    def _forced(self, op: str, candidates: dict[str, Callable]) -> str | None:
+        name = self.per_op.get(op)
+        if name is not None and name not in candidates:
+            raise ValueError(f"{OVERRIDE_ENV} forces {op}={name}, which does not serve here; "
+                             f"choose from {', '.join(candidates)}")
+        if name is None and self.every in candidates:
+            name = self.every
+        return name
+
+    @staticmethod
+    def _correct(entry: str, candidates: dict[str, Callable], make_inputs: Callable,
+                 reference: Callable, tolerance: float) -> dict[str, Callable]:
+        want = reference(*make_inputs())
+        correct = {}
+        for name, run in candidates.items():
+            error = deviation(run(*make_inputs()), want)
+            if error <= tolerance:
+                correct[name] = run
+            else:
+                log.warning("autotune candidate computes wrong: not chosen", op=entry,
+                            candidate=name, relative_error=float(f"{error:.3g}"))
+        if not correct:
+            raise RuntimeError(f"no implementation of {entry} agrees with torch's "
+                               f"({', '.join(candidates)} all differ)")
+        return correct
+
+
+def time_candidates(candidates: dict[str, Callable[..., Any]],
+                    inputs: Sequence) -> dict[str, float]:
+    """Each candidate's fastest call on ``inputs``, in seconds: ``WARMUP`` calls each, then
+    rounds of one call of each, ``ROUNDS`` of them or fewer where a round is slow."""
+    for run in candidates.values():
+        for _ in range(WARMUP):
+            run(*inputs)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    rounds, done = ROUNDS, 0
+    while done < rounds:
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run(*inputs)
+            times[name].append(time.perf_counter() - start)
+        done += 1
+        if done == 1:
+            round_s = sum(t[0] for t in times.values())
+            rounds = max(MIN_ROUNDS, min(ROUNDS, int(ROUND_BUDGET_S / max(round_s, 1e-9))))
+    return {name: min(t) for name, t in times.items()}
+
+
+def deviation(got: Any, want: Any) -> float:
+    """The largest difference of ``got`` from ``want`` (tensors, or tuples of them),
+    relative to ``want``'s largest magnitude; infinite where shapes or integer results
+    (token ids) differ."""
+    pairs = zip(got, want) if isinstance(want, tuple) else [(got, want)]
+    worst = 0.0
+    for g, w in pairs:
+        if g.shape != w.shape:
+            return float("inf")
+        if not w.is_floating_point():
+            if not torch.equal(g, w):
+                return float("inf")
+            continue
+        g, w = g.float(), w.float()
+        scale = w.abs().max().item() or 1.0
+        error = (g - w).abs().max().item() / scale if w.numel() else 0.0
+        worst = max(worst, error if error == error else float("inf"))  # NaN: wrong
+    return worst
+
+
+def dtype_tolerance(dtype: torch.dtype) -> float:
+    """How far a candidate may differ from torch in ``dtype``: float32 sums in another
+    order, or one bfloat16 rounding."""
+    return 1e-4 if dtype == torch.float32 else 2e-2

@@ -1,0 +1,209 @@
+"""The candidates ``autotune`` times for one model on a CPU, and the ops bound from its
+choices: our compiled kernels (``backends.cpu``) against torch's operators and oneDNN
+(``layer_ops``), per op, and for each linear layer's shape per bucket of rows.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.autotune import Tuner, dtype_tolerance
+from pagedserve.executor_svc.backends.cpu import CpuOps, KernelLinear
+from pagedserve.executor_svc.layer_ops import (OPS, BucketedLinear, ChosenOps, LayerOps,
+                                               OneDnnLinear, PackedLinear, TorchLinear,
+                                               can_pack)
+from pagedserve.executor_svc.model_config import ModelConfig
+
+
+class Bucket(NamedTuple):
+    """Inputs of up to ``max_rows`` rows (None: any more), timed at ``rows``."""
+
+    max_rows: int | None
+    rows: int
+
+
+# Decode steps feed the linear layers a row per sequence; prefill steps hundreds.
+BUCKETS = (Bucket(32, 32), Bucket(None, 256))
+# A prefill-sized GEMM is bound by arithmetic, not by streaming the weight: a wide one (the
+# LM head) is timed on this many of its output columns, at the same speed per column.
+PREFILL_COLUMNS = 2048
+LINEARS = {"cpu": KernelLinear, "onednn": OneDnnLinear, "torch": TorchLinear}
+
+
+def linear_candidates(dtype: torch.dtype) -> list[str]:
+    """The linear implementations that serve ``dtype`` weights on this CPU."""
+    names = ["cpu"] if cpu_kernels.fuses(dtype, "cpu") else []
+    return names + (["onednn"] if can_pack(dtype) else []) + ["torch"]
+
+
+def op_candidates(dtype: torch.dtype) -> dict[str, LayerOps]:
+    """The layer ops that serve ``dtype`` activations on this CPU, by name."""
+    return {"cpu": CpuOps(), "torch": LayerOps()} if cpu_kernels.fuses(dtype, "cpu") else {
+        "torch": LayerOps()}
+
+
+class LinearTuning:
+    """Packs each linear layer in the implementation chosen, per bucket of rows, for its
+    shape: timed on the first weight of each shape (its real values: our GEMM streams
+    bfloat16 where they all are bfloat16 values), then bound for every layer of it."""
+
+    def __init__(self, tuner: Tuner, dtype: torch.dtype):
+        self.tuner = tuner
+        self.dtype = dtype
+        self.candidates = linear_candidates(dtype)
+        self.plans: dict[str, list[tuple[int | None, str]]] = {}
+        self.seconds: dict[str, float] = {}  # per shape: the winners' times, all buckets
+
+    def pack(self, weight: Tensor, bias: Tensor | None) -> PackedLinear:
+        """``F.linear(x, weight, bias)`` in the implementation chosen for each bucket."""
+        key = self.shape_key(weight, bias)
+        built: dict[str, PackedLinear] = {}
+        if key not in self.plans:
+            self.plans[key] = self._tune(key, weight, bias, built)
+        layers = [(limit, built.get(name) or built.setdefault(name, LINEARS[name](weight, bias)))
+                  for limit, name in self.plans[key]]
+        if len({name for _, name in self.plans[key]}) == 1:
+            return layers[0][1]
+        return BucketedLinear(layers)
+
+    def shape_key(self, weight: Tensor, bias: Tensor | None) -> str:
+        """What decides the speed of a linear layer: its shape, bias, dtype and, in float32,
+        whether its values are all bfloat16 ones (then our GEMM streams half the bytes)."""
+        out_features, in_features = weight.shape
+        exact = (self.dtype == torch.float32
+                 and torch.equal(weight.to(torch.bfloat16).float(), weight))
+        return (f"{out_features}x{in_features}{' +bias' if bias is not None else ''} "
+                f"{str(self.dtype).removeprefix('torch.')}{' bf16-valued' if exact else ''}")
+
+    def _tune(self, key: str, weight: Tensor, bias: Tensor | None,
+              built: dict[str, PackedLinear]) -> list[tuple[int | None, str]]:
+        plan, total = [], 0.0
+        for bucket in BUCKETS:
+            w, b, layers = weight, bias, built
+            if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
+                w, b, layers = weight[:PREFILL_COLUMNS], None if bias is None else \
+                    bias[:PREFILL_COLUMNS], {}
+            candidates = {name: _lazy_matmul(name, w, b, layers) for name in self.candidates}
+            x = torch.randn(bucket.rows, weight.shape[1],
+                            generator=torch.Generator().manual_seed(0)).to(self.dtype)
+            choice = self.tuner.choose(
+                "linear", f"{key} rows{'<=' if bucket.max_rows else '>'}"
+                          f"{bucket.max_rows or BUCKETS[0].max_rows}", candidates,
+                lambda x=x: (x,), lambda x, w=w, b=b: F.linear(x, w, b),
+                dtype_tolerance(self.dtype))
+            plan.append((bucket.max_rows, choice.name))
+            total += choice.best_s or 0.0
+        self.seconds[key] = total
+        return plan
+
+
+def _lazy_matmul(name: str, weight: Tensor, bias: Tensor | None,
+                 layers: dict[str, PackedLinear]):
+    """``name``'s matmul of ``weight``, packed on first call and kept in ``layers``."""
+    def matmul(x: Tensor) -> Tensor:
+        if name not in layers:
+            layers[name] = LINEARS[name](weight, bias)
+        return layers[name].matmul(x)
+    return matmul
+
+
+def tuned_ops(tuner: Tuner, config: ModelConfig, dtype: torch.dtype) -> ChosenOps:
+    """The fastest correct implementation of each layer op for ``config``'s shapes in
+    ``dtype`` (greedy sampling: of float32 logits), and its linear layers packed by
+    ``LinearTuning``."""
+    chosen = {op: _choose_op(tuner, op, config, torch.float32 if op == "greedy" else dtype)
+              for op in OPS}
+    return ChosenOps(chosen, LinearTuning(tuner, dtype).pack)
+
+
+def _choose_op(tuner: Tuner, op: str, config: ModelConfig, dtype: torch.dtype) -> LayerOps:
+    impls = op_candidates(dtype)
+    width = {"add_rms_norm": config.hidden_size, "silu_mul": 2 * config.intermediate_size,
+             "greedy": config.vocab_size}[op]
+    key = f"width={width} rows={'+'.join(str(b.rows) for b in BUCKETS)} " \
+          f"{str(dtype).removeprefix('torch.')}"
+
+    def make_inputs() -> list[tuple]:
+        gen = torch.Generator().manual_seed(0)
+        sets = []
+        for bucket in BUCKETS:
+            x = torch.randn(bucket.rows, width, generator=gen).to(dtype)
+            sets.append((x,) if op != "add_rms_norm" else (
+                x, torch.randn(bucket.rows, width, generator=gen).to(dtype),
+                torch.rand(width, generator=gen).to(dtype), config.rms_norm_eps))
+        return sets
+
+    def call(impl: LayerOps):
+        return lambda *sets: tuple(out for args in sets
+                                   for out in _as_tuple(getattr(impl, op)(*args)))
+
+    choice = tuner.choose(op, key, {name: call(impl) for name, impl in impls.items()},
+                          make_inputs, call(LayerOps()), dtype_tolerance(dtype))
+    return impls[choice.name]
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def choose_dtype(tuner: Tuner, config: ModelConfig) -> str:
+    """``bfloat16`` or ``float32``, whichever runs ``config``'s decoder layer (without
+    attention) and LM head faster here with the ops tuned for it, on decode- and
+    prefill-sized steps (cached like any choice)."""
+    proxies = {str(dtype).removeprefix("torch."): _LayerProxy(tuner, config, dtype)
+               for dtype in (torch.bfloat16, torch.float32)}
+    reference = _LayerProxy.reference(config)
+    choice = tuner.choose("dtype", f"{config.hidden_size}x{config.intermediate_size} "
+                                   f"heads={config.num_heads}/{config.num_kv_heads}x"
+                                   f"{config.head_dim} vocab={config.vocab_size}",
+                          proxies, reference.inputs, reference, _PROXY_TOLERANCE)
+    return choice.name
+
+
+_PROXY_TOLERANCE = 0.1  # a chain of bfloat16 roundings against float32
+
+
+class _LayerProxy:
+    """A decoder layer's work besides attention, and the LM head, on random bfloat16-valued
+    weights of ``config``'s shapes, computed by the ops tuned for ``dtype``."""
+
+    def __init__(self, tuner: Tuner | None, config: ModelConfig, dtype: torch.dtype):
+        gen = torch.Generator().manual_seed(0)
+        hidden, q = config.hidden_size, config.num_heads * config.head_dim
+        shapes = {"qkv": (q + 2 * config.num_kv_heads * config.head_dim, hidden),
+                  "o": (hidden, q), "gate_up": (2 * config.intermediate_size, hidden),
+                  "down": (hidden, config.intermediate_size), "head": (config.vocab_size, hidden)}
+        weights = {name: (torch.randn(shape, generator=gen) * shape[1] ** -0.5).bfloat16()
+                   for name, shape in shapes.items()}
+        self.config, self.dtype = config, dtype
+        self.ops = LayerOps() if tuner is None else tuned_ops(tuner, config, dtype)
+        pack = ((lambda w, b: TorchLinear(w, b)) if tuner is None else self.ops.pack_linear)
+        self.linears = {name: pack(w.to(dtype), None) for name, w in weights.items()}
+        self.norm = torch.ones(hidden, dtype=dtype)
+
+    @classmethod
+    def reference(cls, config: ModelConfig) -> _LayerProxy:
+        """The proxy in float32 torch operators."""
+        return cls(None, config, torch.float32)
+
+    def inputs(self) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randn(b.rows, self.config.hidden_size, generator=gen) for b in BUCKETS]
+
+    def __call__(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        outs = []
+        for x in xs:
+            x = x.to(self.dtype)
+            eps = self.config.rms_norm_eps
+            hidden, residual = self.ops.add_rms_norm(None, x.clone(), self.norm, eps)
+            hidden = self.linears["o"](self.linears["qkv"](hidden)[:, :self.linears["o"]
+                                                                   .in_features])
+            hidden, residual = self.ops.add_rms_norm(hidden, residual, self.norm, eps)
+            hidden = self.linears["down"](self.ops.silu_mul(self.linears["gate_up"](hidden)))
+            outs.append(hidden.float())
+        outs.append(self.linears["head"](xs[0].to(self.dtype)).float())
+        return tuple(outs)

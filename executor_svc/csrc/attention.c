@@ -1,0 +1,312 @@
+/* Paged attention on the CPU: every new token of a step (decode rows and prompts alike)
+ * attends over its sequence's context straight from the paged KV cache, with no gathered copy
+ * of it. (A decoder layer's elementwise work is in layer.c, the linear layers in gemm.c.)
+ *
+ * Layouts (all contiguous):
+ *   query, out        [tokens, num_heads, head_dim]: each sequence's new tokens in a run
+ *                     (query's rows may lie further apart: query_stride values, so that the
+ *                     q/k/v projection's output is read in place); float32 or (act_bf16)
+ *                     bfloat16: read and written once per head and work item, so their dtype
+ *                     is tested there, not made a constant
+ *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim], float32 or bfloat16
+ *                     (kv_bf16: half the bytes to read; attention still computes in float32)
+ *   block_tables      [num_seqs, max_blocks] int64
+ *   query_start       [num_seqs + 1] int64 (where each sequence's tokens start in query)
+ *   seq_lens          [num_seqs] int64 (context length, this step's tokens included)
+ *
+ * A work item (work_items) is a tile of a prompt's rows for one kv head, or a decode row's
+ * sequence; it walks the context a span of blocks at a time with an online softmax, each
+ * span's K/V read while it is in cache. Items are shared out by OpenMP. The library links
+ * libgomp.so.1 by name and is loaded after torch, so it runs on torch's own OpenMP threads:
+ * no second pool competing for the cores.
+ *
+ * Written with vec.h's 8-float vectors, so head_dim must be a multiple of 8. Scores of eight
+ * tokens are accumulated side by side (eight independent FMA chains), and exp runs on 8 scores
+ * at a time.
+ */
+#include "vec.h"
+
+#define MAX_HEADS 64
+#define MAX_BLOCK 256
+#define MAX_VECS 32 /* head_dim / 8 */
+
+typedef struct {
+    const void *query;
+    const void *k_cache, *v_cache; /* float32, or bfloat16 (kv_bf16) */
+    const int64_t *block_tables, *query_start, *seq_lens;
+    void *out;
+    int64_t query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks, kv_bf16;
+    int64_t act_bf16; /* query and out bfloat16 */
+    float scale;
+} Work;
+
+/* Query rows q0 ... q0 + rows - 1 of sequence `seq` (of its query_len new tokens), their
+ * query heads that read kv heads g0 ... g1 - 1 (each kv head serves `group` query heads). Row
+ * i sits at position seq_len - query_len + q0 + i and attends to the context up to and
+ * including itself. The context is taken a few blocks at a time (up to SPAN slots): for each
+ * kv head in turn, each row's query heads score the span, take one online-softmax step over
+ * it, and add its values; the span's K/V rows come from memory for the first of them and
+ * from L1/L2 for the others. Block tables scatter blocks, so the hardware prefetcher cannot
+ * guess where the next span's lie: they are fetched meanwhile. Where an item reads every kv
+ * head (a decode row), a block's K (and V) is one contiguous run, and fetching its first slot
+ * is enough for the hardware to follow on through the rest (fetching every slot cost 13% of
+ * the compute and gained nothing); one kv head's slices of a block are not contiguous, so
+ * there every slot's are fetched. `vecs` (head_dim / 8) is a
+ * constant where attend_any dispatches on it, so that a head's output (vecs vectors) is
+ * summed in registers. A bfloat16 cache (bf16) is read either in place, each value widened
+ * where it is used, or (widen) widened once per span and kv head into float32 buffers that all
+ * of that kv head's query heads and rows then read: a bfloat16 load takes three instructions
+ * where a float32 one folds into its FMA. */
+#define SPAN 32
+#define WIDEN_FLOATS 8192 /* a span of one kv head's K (and V), widened: 32 KiB each */
+
+/* K and V of kv head g over the span's slots up to span_end (in whole groups of 8: every slot
+ * a row may score), widened to float32 into kw and vw ([slot in span][head_dim]). */
+static inline __attribute__((always_inline)) void widen_span(const Work *w, const int64_t *table,
+                                                             int64_t first, int64_t span_end,
+                                                             int64_t g, const int64_t vecs,
+                                                             float *kw, float *vw) {
+    const int64_t bs = w->block_size, hd = vecs * 8, row = w->num_kv_heads * hd;
+    for (int64_t b = first; b * bs < span_end; b++) {
+        const int64_t n = span_end - b * bs < bs ? span_end - b * bs : bs;
+        const int64_t n8 = (n + 7) / 8 * 8 < bs ? (n + 7) / 8 * 8 : bs;
+        const int64_t at = (table[b] * bs * w->num_kv_heads + g) * hd;
+        float *kb = kw + (b - first) * bs * hd, *vb = vw + (b - first) * bs * hd;
+        for (int64_t j = 0; j < n8; j++)
+            for (int64_t c = 0; c < vecs; c++) {
+                *(v8u *)(kb + j * hd + c * 8) = load8(w->k_cache, at + j * row + c * 8, 1);
+                *(v8u *)(vb + j * hd + c * 8) = load8(w->v_cache, at + j * row + c * 8, 1);
+            }
+    }
+}
+
+static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
+                                                         int64_t rows, int64_t g0, int64_t g1,
+                                                         const int64_t vecs, const int bf16,
+                                                         const int widen) {
+    const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
+    const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
+    const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
+    const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
+    const int64_t len = first_pos + rows; /* the last row's context */
+    const int64_t row = kvh * hd; /* values between consecutive slots of a block */
+    const int64_t line = bf16 ? 32 : 16; /* values in a 64-byte cache line */
+    const char *k_bytes = w->k_cache, *v_bytes = w->v_cache;
+    const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
+    const int64_t *table = w->block_tables + seq * w->max_blocks;
+    v8 q[rows * heads][vecs], acc[rows * heads][vecs]; /* [row * heads + head] */
+    float max[rows * heads], sum[rows * heads];
+    float scores[MAX_BLOCK + SPAN + 8] __attribute__((aligned(32)));
+    /* widened K and V of the span for one kv head: [slot in span][hd] */
+    float kw[widen ? span_blocks * bs * hd : 1] __attribute__((aligned(32)));
+    float vw[widen ? span_blocks * bs * hd : 1] __attribute__((aligned(32)));
+    const int64_t stride = widen ? hd : row; /* values between slots where K/V are read */
+    const int in_place_bf16 = bf16 && !widen;
+#define kv_at(b, g) ((table[b] * bs * kvh + (g)) * hd) /* block b's slot 0, kv head g */
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t qs = (first_token + r) * w->query_stride + (h0 + h) * hd;
+            for (int64_t c = 0; c < vecs; c++) {
+                q[r * heads + h][c] = load8(w->query, qs + c * 8, w->act_bf16) * splat(w->scale);
+                acc[r * heads + h][c] = splat(0.0f);
+            }
+            max[r * heads + h] = -INFINITY;
+            sum[r * heads + h] = 0.0f;
+        }
+    for (int64_t first = 0; first * bs < len; first += span_blocks) {
+        const int64_t span_stop = (first + span_blocks) * bs;
+        const int64_t span_end = len < span_stop ? len : span_stop;
+        for (int64_t b = first + span_blocks; b < first + 2 * span_blocks && b * bs < len; b++) {
+            const int64_t n = g1 - g0 == kvh ? 1 : len - b * bs < bs ? len - b * bs : bs;
+            const int64_t kv = (table[b] * bs * kvh + g0) * hd;
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t f = 0; f < (g1 - g0) * hd; f += line) {
+                    const int64_t at = (kv + j * row + f) * (bf16 ? 2 : 4);
+                    __builtin_prefetch(k_bytes + at);
+                    __builtin_prefetch(v_bytes + at);
+                }
+        }
+        for (int64_t g = g0; g < g1; g++) {
+            if (widen) widen_span(w, table, first, span_end, g, vecs, kw, vw);
+            for (int64_t r = 0; r < rows; r++) {
+                /* Row r sees slots up to its own position: the span's first m of them. */
+                const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
+                if (end <= first * bs) continue;
+                const int64_t m = end - first * bs, padded = (m + 7) & ~7;
+                for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h++) {
+                    const int64_t i = r * heads + h;
+                    for (int64_t b = first; b * bs < end; b++) {
+                        const int64_t k = widen ? (b - first) * bs * hd : kv_at(b, g);
+                        const void *kc = widen ? (const void *)kw : w->k_cache;
+                        const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                        float *s = scores + (b - first) * bs;
+                        int64_t j = 0; /* slots past n: scored, then masked */
+                        for (; j + 8 <= bs && j < n; j += 8) {
+                            v8 a[8];
+                            for (int t = 0; t < 8; t++) a[t] = splat(0.0f);
+                            for (int64_t c = 0; c < vecs; c++) {
+                                const v8 qc = q[i][c];
+                                for (int t = 0; t < 8; t++)
+                                    a[t] += qc * load8(kc, k + (j + t) * stride + c * 8,
+                                                         in_place_bf16);
+                            }
+                            *(v8u *)(s + j) = hsum8(a);
+                        }
+                        for (; j < n; j++) { /* blocks whose size is not a multiple of 8 */
+                            v8 a = splat(0.0f);
+                            for (int64_t c = 0; c < vecs; c++)
+                                a += q[i][c] * load8(kc, k + j * stride + c * 8, in_place_bf16);
+                            s[j] = hsum(a);
+                        }
+                    }
+                    for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
+                    v8 top = splat(-INFINITY);
+                    for (int64_t j = 0; j < padded; j += 8) {
+                        const v8 sj = *(const v8 *)(scores + j);
+                        const i8 above = sj > top;
+                        top = (v8)(((i8)sj & above) | ((i8)top & ~above));
+                    }
+                    float span_max = top[0];
+                    for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
+                    const float new_max = span_max > max[i] ? span_max : max[i];
+                    const float correction = expf(max[i] - new_max); /* 0 on the first span */
+                    v8 sums = splat(0.0f);
+                    for (int64_t j = 0; j < padded; j += 8) {
+                        const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 if masked */
+                        sums += p;
+                        *(v8 *)(scores + j) = p;
+                    }
+                    sum[i] = sum[i] * correction + hsum(sums);
+                    max[i] = new_max;
+                    v8 o[MAX_VECS];
+                    for (int64_t c = 0; c < vecs; c++) o[c] = acc[i][c] * splat(correction);
+                    for (int64_t b = first; b * bs < end; b++) {
+                        const int64_t v = widen ? (b - first) * bs * hd : kv_at(b, g);
+                        const void *vc = widen ? (const void *)vw : w->v_cache;
+                        const int64_t n = end - b * bs < bs ? end - b * bs : bs;
+                        const float *p = scores + (b - first) * bs;
+                        for (int64_t j = 0; j < n; j++) {
+                            const v8 pj = splat(p[j]);
+                            for (int64_t c = 0; c < vecs; c++)
+                                o[c] += pj * load8(vc, v + j * stride + c * 8, in_place_bf16);
+                        }
+                    }
+                    for (int64_t c = 0; c < vecs; c++) acc[i][c] = o[c];
+                }
+            }
+        }
+    }
+#undef kv_at
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t out = ((first_token + r) * w->num_heads + h0 + h) * hd;
+            const v8 inv = splat(1.0f / sum[r * heads + h]);
+            for (int64_t c = 0; c < vecs; c++)
+                store8(w->out, out + c * 8, acc[r * heads + h][c] * inv, w->act_bf16);
+        }
+}
+
+/* attend with head_dim a constant for the common sizes, and a variable for others. */
+static inline __attribute__((always_inline)) void attend_dims(const Work *w,
+                                                              const int64_t item[5],
+                                                              const int bf16, const int widen) {
+    const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
+    switch (w->head_dim) {
+    case 64: attend(w, seq, q0, rows, g0, g1, 8, bf16, widen); break;
+    case 128: attend(w, seq, q0, rows, g0, g1, 16, bf16, widen); break;
+    case 32: attend(w, seq, q0, rows, g0, g1, 4, bf16, widen); break;
+    case 16: attend(w, seq, q0, rows, g0, g1, 2, bf16, widen); break;
+    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8, bf16, widen);
+    }
+}
+
+/* ... and how the cache is read a constant too: float32 in place; bfloat16 widened a span at
+ * a time where a span of one kv head fits WIDEN_FLOATS, else in place. */
+static void attend_any(const Work *w, const int64_t item[5]) {
+    const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
+    if (!w->kv_bf16)
+        attend_dims(w, item, 0, 0);
+    else if (span_slots * w->head_dim <= WIDEN_FLOATS)
+        attend_dims(w, item, 1, 1);
+    else
+        attend_dims(w, item, 1, 0);
+}
+
+/* Rows of one prompt per work item: they share each span's K/V in L1. Fewer where their
+ * queries and sums (2 x rows x group x head_dim floats, on the stack) would pass 128 KiB. */
+#define QUERY_TILE 16
+#define TILE_FLOATS 16384
+
+/* The work items (seq, q0, rows, g0, g1) of a step, into `items` (or only counted, when it is
+ * NULL); returns how many. Prompts come first, their later (longer) tiles first, so that the
+ * dynamic schedule ends on small items. A prompt's tile takes one kv head at a time; a decode
+ * row takes its whole sequence, whose blocks' K/V rows are then read whole, unless there are
+ * too few of them to keep every thread busy: then one kv head too. */
+static void put_item(int64_t (*items)[5], int64_t at, int64_t seq, int64_t q0, int64_t rows,
+                     int64_t g0, int64_t g1) {
+    if (!items) return; /* only counting */
+    items[at][0] = seq, items[at][1] = q0, items[at][2] = rows;
+    items[at][3] = g0, items[at][4] = g1;
+}
+
+static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t num_kv_heads,
+                          int64_t group_floats, int64_t num_threads, int64_t (*items)[5]) {
+    int64_t tile = TILE_FLOATS / group_floats;
+    tile = tile < 1 ? 1 : tile > QUERY_TILE ? QUERY_TILE : tile;
+    int64_t count = 0, decodes = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t query_len = query_start[s + 1] - query_start[s];
+        if (query_len == 1) {
+            decodes++;
+            continue;
+        }
+        for (int64_t q0 = (query_len - 1) / tile * tile; q0 >= 0; q0 -= tile) {
+            const int64_t rows = query_len - q0 < tile ? query_len - q0 : tile;
+            for (int64_t g = 0; g < num_kv_heads; g++)
+                put_item(items, count++, s, q0, rows, g, g + 1);
+        }
+    }
+    const int split = decodes < 4 * num_threads; /* one kv head per item */
+    for (int64_t s = 0; s < num_seqs; s++) {
+        if (query_start[s + 1] - query_start[s] != 1) continue;
+        if (!split) put_item(items, count++, s, 0, 1, 0, num_kv_heads);
+        for (int64_t g = 0; split && g < num_kv_heads; g++)
+            put_item(items, count++, s, 0, 1, g, g + 1);
+    }
+    return count;
+}
+
+/* Attention of every new token of a step over its sequence's context in the paged cache,
+ * causal within the step's own tokens, whose K/V must be in the cache already. Sequence s
+ * has tokens query_start[s] ... query_start[s + 1] - 1 of query and out and a context of
+ * seq_lens[s] tokens, this step's included. Returns 0; -1 for shapes it does not serve (the
+ * caller checks them first) or a query longer than its context; -2 when out of memory. */
+int paged_attention(const void *query, int64_t query_stride, int64_t act_bf16,
+                    const void *k_cache, const void *v_cache, int64_t kv_bf16,
+                    const int64_t *block_tables, const int64_t *query_start,
+                    const int64_t *seq_lens, void *out, int64_t num_seqs, int64_t num_heads,
+                    int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                    int64_t max_blocks, float scale, int64_t num_threads) {
+    if (num_kv_heads < 1 || num_heads % num_kv_heads || num_heads > MAX_HEADS ||
+        head_dim % 8 || head_dim / 8 > MAX_VECS || block_size > MAX_BLOCK || num_threads < 1 ||
+        query_stride < num_heads * head_dim)
+        return -1;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t query_len = query_start[s + 1] - query_start[s];
+        if (query_len < 1 || query_len > seq_lens[s] || seq_lens[s] > max_blocks * block_size)
+            return -1;
+    }
+    const int64_t group_floats = num_heads / num_kv_heads * head_dim;
+    const int64_t count =
+        work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, NULL);
+    int64_t(*items)[5] = malloc((size_t)(count ? count : 1) * sizeof *items);
+    if (!items) return -2;
+    work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, items);
+    const Work w = {query, k_cache, v_cache, block_tables, query_start, seq_lens, out,
+                    query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
+                    kv_bf16 != 0, act_bf16 != 0, scale};
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+    for (int64_t i = 0; i < count; i++) attend_any(&w, items[i]);
+    free(items);
+    return 0;
+}

@@ -1,0 +1,178 @@
+#include "vec.h"
+
+/* Linear layers: out[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]), float32 math and sums; x and out
+ * float32 or bfloat16, each on its own (a bf16 model's LM head takes bfloat16 hidden states and
+ * gives float32 logits).
+ *
+ * The weight is packed once, at load (cpu_gemm.pack_weight): panels of GEMM_NR output columns
+ * (two vectors of GEMM_VW floats), each [k][GEMM_NR] (the last panel zero-padded; see load_w
+ * for the order of a row's columns), stored as float32 or as bfloat16 where every weight is a
+ * bfloat16 value (then the widening to float32 is exact, and it halves the bytes a decode step
+ * streams from memory). Each call copies x into panels of at most GEMM_MR rows, [k][GEMM_MR],
+ * so that the inner loop reads both operands front to back (a bfloat16 x is widened
+ * there, exactly). A GEMM_MR x GEMM_NR tile of out
+ * lives in 2 x GEMM_MR registers while the k loop runs: per k, two loads of w, GEMM_MR
+ * broadcasts of x and 2 x GEMM_MR FMAs. k is walked in slices (at most GEMM_KC float32 rows of
+ * 16 columns' width, 24 KiB) so that a panel's slice stays in L1 while every row panel of a
+ * chunk of GEMM_MC rows passes over it; the threads share out (chunk, column panel) pairs.
+ * A bfloat16 out is summed in a float32 tile of the chunk's rows over every slice, and rounded
+ * once, as torch rounds, when the last slice is added.
+ *
+ * The vector width follows the build: 16 floats where AVX-512 is compiled in (32 registers:
+ * a 12 x 32 tile, 24 accumulators), else 8 (16 registers: 6 x 16, 12 accumulators).
+ * -DGEMM_VW=16 forces the wide tile on any build, so that it is tested on machines without
+ * AVX-512 too. */
+
+#ifndef GEMM_VW
+#ifdef __AVX512F__
+#define GEMM_VW 16
+#else
+#define GEMM_VW 8
+#endif
+#endif
+#define GEMM_MR (GEMM_VW == 16 ? 12 : 6)
+#define GEMM_NR (2 * GEMM_VW)
+#define GEMM_KC (384 * 16 / GEMM_NR)
+#define GEMM_MC 72
+
+typedef float vg __attribute__((vector_size(4 * GEMM_VW)));
+typedef float vgu __attribute__((vector_size(4 * GEMM_VW), aligned(4)));
+typedef int32_t ig __attribute__((vector_size(4 * GEMM_VW)));
+typedef int32_t igu __attribute__((vector_size(4 * GEMM_VW), aligned(2)));
+
+static inline vg gsplat(float x) { return (vg){0} + x; }
+
+/* The output columns of one weight panel: the packing in cpu_gemm.py reads it. */
+int64_t gemm_columns(void) { return GEMM_NR; }
+
+/* Row kk of a weight panel: its GEMM_NR columns as two vectors, the first and the second
+ * GEMM_VW columns. A bfloat16 panel stores each row interleaved, column i at 2i and column
+ * GEMM_VW + i at 2i + 1: a bfloat16 is the top half of a float32, so one load holds both
+ * vectors, a shift makes the first and a mask the second. */
+static inline __attribute__((always_inline)) void load_w(const void *w, int64_t kk, int bf16,
+                                                         vg *w0, vg *w1) {
+    if (bf16) {
+        const ig pair = *(const igu *)((const uint16_t *)w + kk * GEMM_NR);
+        *w0 = (vg)(pair << 16);
+        *w1 = (vg)(pair & (int32_t)0xffff0000u);
+    } else {
+        *w0 = *(const vgu *)((const float *)w + kk * GEMM_NR);
+        *w1 = *(const vgu *)((const float *)w + kk * GEMM_NR + GEMM_VW);
+    }
+}
+
+/* One tile: `rows` (<= GEMM_MR) rows of x's panel `a` times one weight panel's slice `w`, over
+ * kc; the result is stored to (first slice) or added to `out`'s rows x cols. `init` (GEMM_NR
+ * floats, or NULL) starts the sums: the bias, on the first slice. */
+static inline __attribute__((always_inline)) void gemm_tile(
+    int rows, int bf16, const float *a, const void *w, int64_t kc, const float *init,
+    float *out, int64_t ldo, int cols, int first) {
+    vg acc[GEMM_MR][2];
+    for (int r = 0; r < rows; r++) {
+        acc[r][0] = init ? *(const vgu *)init : gsplat(0.0f);
+        acc[r][1] = init ? *(const vgu *)(init + GEMM_VW) : gsplat(0.0f);
+    }
+#pragma GCC unroll 4
+    for (int64_t kk = 0; kk < kc; kk++) {
+        vg w0, w1;
+        load_w(w, kk, bf16, &w0, &w1);
+        for (int r = 0; r < rows; r++) {
+            const vg ar = gsplat(a[kk * GEMM_MR + r]);
+            acc[r][0] += ar * w0;
+            acc[r][1] += ar * w1;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *o = out + r * ldo;
+        if (cols == GEMM_NR) {
+            if (!first) acc[r][0] += *(vgu *)o, acc[r][1] += *(vgu *)(o + GEMM_VW);
+            *(vgu *)o = acc[r][0], *(vgu *)(o + GEMM_VW) = acc[r][1];
+        } else {
+            for (int c = 0; c < cols; c++)
+                o[c] = (first ? 0.0f : o[c]) + acc[r][c / GEMM_VW][c % GEMM_VW];
+        }
+    }
+}
+
+/* The tile with its row count and weight type as constants, so that its loops unroll and
+ * its sums stay in registers. */
+static void gemm_tile_any(int rows, int bf16, const float *a, const void *w, int64_t kc,
+                          const float *init, float *out, int64_t ldo, int cols, int first) {
+#define TILE(R)                                                                            \
+    case R:                                                                                \
+        if (bf16) gemm_tile(R, 1, a, w, kc, init, out, ldo, cols, first);                 \
+        else gemm_tile(R, 0, a, w, kc, init, out, ldo, cols, first);                      \
+        break;
+    switch (rows) {
+        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+#if GEMM_MR > 6
+        TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+#endif
+    }
+#undef TILE
+}
+
+/* Rows first ... first + rows - 1 of x (k values each; float32 or bfloat16), as float32 into
+ * a row panel [k][GEMM_MR], zero past `rows`. */
+static inline __attribute__((always_inline)) void pack_rows(const void *x, int64_t first,
+                                                            int64_t rows, int64_t k, float *a,
+                                                            const int bf16) {
+    for (int64_t kk = 0; kk < k; kk++)
+        for (int64_t r = 0; r < GEMM_MR; r++)
+            a[kk * GEMM_MR + r] = r < rows ? load1(x, (first + r) * k + kk, bf16) : 0.0f;
+}
+
+/* Returns 0, -1 for arguments it does not serve, -2 when the row panels cannot be allocated. */
+int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
+           const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
+           int64_t num_threads) {
+    if (m < 0 || n < 1 || k < 1 || num_threads < 1) return -1;
+    if (m == 0) return 0;
+    const int64_t row_panels = (m + GEMM_MR - 1) / GEMM_MR, panels = (n + GEMM_NR - 1) / GEMM_NR;
+    /* Rows are dealt evenly over the panels (32 rows: 6, 6, 5, 5, 5, 5, not 6 x 5 + 2): a
+     * tile of few rows leaves the FMA units waiting on its few sums. */
+    const int64_t base = m / row_panels, extra = m % row_panels;
+    const int64_t chunk = GEMM_MC / GEMM_MR, chunks = (row_panels + chunk - 1) / chunk;
+    const size_t elem = weight_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t kc_limit = GEMM_KC * sizeof(float) / elem;
+    const int64_t slices = (k + kc_limit - 1) / kc_limit, kc_max = (k + slices - 1) / slices;
+    float *a = malloc((size_t)(row_panels * GEMM_MR * k) * sizeof(float));
+    if (!a) return -2;
+    const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
+#define row_of(p) ((p) * base + ((p) < extra ? (p) : extra)) /* row panel p's first row */
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < row_panels; p++) {
+            const int64_t rows = base + (p < extra);
+            if (x_bf16) pack_rows(x, row_of(p), rows, k, a + p * k * GEMM_MR, 1);
+            else pack_rows(x, row_of(p), rows, k, a + p * k * GEMM_MR, 0);
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int64_t j = 0; j < panels; j++) {
+                const int cols = n - j * GEMM_NR < GEMM_NR ? (int)(n - j * GEMM_NR) : GEMM_NR;
+                float init[GEMM_NR] = {0};
+                for (int i = 0; bias && i < cols; i++) init[i] = bias[j * GEMM_NR + i];
+                const int64_t p_end = (c + 1) * chunk < row_panels ? (c + 1) * chunk : row_panels;
+                float sums[out_bf16 ? GEMM_MC * GEMM_NR : 1]; /* the chunk's rows x cols */
+                float *o = out_bf16 ? sums : (float *)out + j * GEMM_NR;
+                const int64_t ldo = out_bf16 ? GEMM_NR : n, r0 = out_bf16 ? row_of(c * chunk) : 0;
+                for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+                    const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
+                    const char *w = (const char *)packed + (j * k + k0) * GEMM_NR * elem;
+                    for (int64_t p = c * chunk; p < p_end; p++)
+                        gemm_tile_any((int)(base + (p < extra)), (int)weight_bf16,
+                                      a + (p * k + k0) * GEMM_MR, w, kc,
+                                      k0 == 0 && bias ? init : NULL,
+                                      o + (row_of(p) - r0) * ldo, ldo, cols, k0 == 0);
+                }
+                for (int64_t r = r0; out_bf16 && r < row_of(p_end); r++)
+                    for (int i = 0; i < cols; i++)
+                        store1(out, r * n + j * GEMM_NR + i, o[(r - r0) * GEMM_NR + i], 1);
+            }
+    }
+#undef row_of
+    free(a);
+    return 0;
+}

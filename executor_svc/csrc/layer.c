@@ -1,0 +1,214 @@
+/* The elementwise work of a decoder layer, fused: one pass over each row instead of the five
+ * to ten torch operators (each a pass over memory and a dispatch from Python) it takes unfused;
+ * and greedy sampling. Rows are tokens; tensors are contiguous [tokens, width] unless said
+ * otherwise. Activations are float32 or, with act_bf16, bfloat16 (as a bf16 model's): the math
+ * is float32 either way, and a bfloat16 result is rounded as torch rounds it. Any width is
+ * served: 8 values at a time, then one by one. Small batches run on the calling thread. Each
+ * kernel is an inline function with the dtype a constant, called once per dtype, so that the
+ * float32 code has no test of it in its loops. */
+#include "vec.h"
+
+/* residual += x (where x is given), then out = weight * residual / sqrt(mean(residual^2) + eps):
+ * the residual add and RMSNorm of a pre-norm decoder layer. In bfloat16 every step rounds as a
+ * bf16 model's operators do: the sum written back, the normalised row, and its product with
+ * the (bfloat16) weight. */
+static inline __attribute__((always_inline)) void add_rms_norm_row(
+    void *r, const void *x, const void *weight, void *o, int64_t hidden, float eps,
+    const int bf16) {
+    const int64_t body = hidden & ~(int64_t)7;
+    v8 squares = splat(0.0f);
+    for (int64_t i = 0; i < body; i += 8) {
+        v8 ri = load8(r, i, bf16);
+        if (x) {
+            ri = round8(ri + load8(x, i, bf16), bf16);
+            store8(r, i, ri, bf16);
+        }
+        squares += ri * ri;
+    }
+    float sum = hsum(squares);
+    for (int64_t i = body; i < hidden; i++) {
+        float ri = load1(r, i, bf16);
+        if (x) {
+            ri = round1(ri + load1(x, i, bf16), bf16);
+            store1(r, i, ri, bf16);
+        }
+        sum += ri * ri;
+    }
+    const float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+    for (int64_t i = 0; i < body; i += 8)
+        store8(o, i, load8(weight, i, bf16) * round8(load8(r, i, bf16) * splat(inv), bf16), bf16);
+    for (int64_t i = body; i < hidden; i++)
+        store1(o, i, load1(weight, i, bf16) * round1(load1(r, i, bf16) * inv, bf16), bf16);
+}
+
+/* residual, x, weight and out all float32, or (act_bf16) all bfloat16. */
+int add_rms_norm(void *residual, const void *x, const void *weight, void *out, int64_t act_bf16,
+                 int64_t tokens, int64_t hidden, float eps, int64_t num_threads) {
+    if (num_threads < 1) return -1;
+    const int64_t elem = act_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) if (tokens * hidden >= PARALLEL_MIN_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        char *r = (char *)residual + t * hidden * elem, *o = (char *)out + t * hidden * elem;
+        const char *xt = x ? (const char *)x + t * hidden * elem : NULL;
+        if (act_bf16) add_rms_norm_row(r, xt, weight, o, hidden, eps, 1);
+        else add_rms_norm_row(r, xt, weight, o, hidden, eps, 0);
+    }
+    return 0;
+}
+
+/* Rotary embedding of each token's query and key heads, in place in the q/k/v projection's
+ * output (row: num_heads query heads, then num_kv_heads key heads, then as many value heads,
+ * head_dim values each; rows row_stride values apart; float32, or bfloat16 with act_bf16,
+ * rotated in float32 and rounded once), rotate-half layout: cos and sin are float32
+ * [num_positions, head_dim / 2]. Then each token's keys and values are copied to its cache
+ * slot (caches [num_slots, num_kv_heads, head_dim], float32 or, with kv_bf16, bfloat16 rounded
+ * as torch rounds); slot -1 stores nothing. Returns 0, -1 for arguments it does not serve, 1
+ * for a position past the tables, 2 for a slot past the caches (nothing is written then). */
+static inline __attribute__((always_inline)) void rope_row(void *row, const float *c,
+                                                           const float *s, int64_t heads,
+                                                           int64_t head_dim, const int bf16) {
+    const int64_t half = head_dim / 2, body = half & ~(int64_t)7;
+    for (int64_t h = 0; h < heads; h++) {
+        const int64_t lo = h * head_dim, hi = lo + half;
+        for (int64_t i = 0; i < body; i += 8) {
+            const v8 a = load8(row, lo + i, bf16), b = load8(row, hi + i, bf16);
+            const v8 ci = *(const v8u *)(c + i), si = *(const v8u *)(s + i);
+            store8(row, lo + i, a * ci - b * si, bf16);
+            store8(row, hi + i, b * ci + a * si, bf16);
+        }
+        for (int64_t i = body; i < half; i++) {
+            const float a = load1(row, lo + i, bf16), b = load1(row, hi + i, bf16);
+            store1(row, lo + i, a * c[i] - b * s[i], bf16);
+            store1(row, hi + i, b * c[i] + a * s[i], bf16);
+        }
+    }
+}
+
+int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *cos,
+                  const float *sin, int64_t num_positions, const int64_t *positions,
+                  void *k_cache, void *v_cache, int64_t kv_bf16, const int64_t *slots,
+                  int64_t num_slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t head_dim, int64_t num_threads) {
+    const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
+    const int64_t rotated = num_heads + num_kv_heads;
+    const int64_t elem = act_bf16 ? 2 : 4, kv_elem = kv_bf16 ? 2 : 4;
+    if (head_dim % 2 || num_threads < 1 || row_stride < (rotated + num_kv_heads) * head_dim)
+        return -1;
+    for (int64_t t = 0; t < tokens; t++) {
+        if (positions[t] < 0 || positions[t] >= num_positions) return 1;
+        if (slots[t] < -1 || slots[t] >= num_slots) return 2;
+    }
+#pragma omp parallel for num_threads(num_threads) \
+    if (tokens * rotated * head_dim >= PARALLEL_MIN_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        char *row = (char *)qkv + t * row_stride * elem;
+        const float *c = cos + positions[t] * half, *s = sin + positions[t] * half;
+        if (act_bf16) rope_row(row, c, s, rotated, head_dim, 1);
+        else rope_row(row, c, s, rotated, head_dim, 0);
+        if (slots[t] < 0) continue;
+        const char *keys = row + num_heads * head_dim * elem;
+        const char *values = row + rotated * head_dim * elem;
+        char *k = (char *)k_cache + slots[t] * kv_width * kv_elem;
+        char *v = (char *)v_cache + slots[t] * kv_width * kv_elem;
+        if (act_bf16 == kv_bf16) {
+            memcpy(k, keys, kv_width * kv_elem);
+            memcpy(v, values, kv_width * kv_elem);
+        } else {
+            for (int64_t i = 0; i < kv_width; i++) {
+                store1(k, i, load1(keys, i, act_bf16), kv_bf16);
+                store1(v, i, load1(values, i, act_bf16), kv_bf16);
+            }
+        }
+    }
+    return 0;
+}
+
+/* out = silu(gate) * up, where each row of gate_up is [gate | up], inter values each; out is
+ * [tokens, inter]. sigmoid(g) is taken through e = exp(-|g|) (1 / (1 + e) for g >= 0, else
+ * e / (1 + e)), so exp8 only ever sees x <= 0. */
+static inline __attribute__((always_inline)) void silu_mul_row(const void *gate, const void *up,
+                                                               void *o, int64_t inter,
+                                                               const int bf16) {
+    const int64_t body = inter & ~(int64_t)7;
+    for (int64_t i = 0; i < body; i += 8) {
+        const v8 g = load8(gate, i, bf16);
+        const i8 negative = g < splat(0.0f);
+        const v8 e = exp8((v8)((i8)g | (i8)splat(-0.0f))); /* exp(-|g|) */
+        const v8 numerator = (v8)(((i8)e & negative) | ((i8)splat(1.0f) & ~negative));
+        store8(o, i, g * (numerator / (splat(1.0f) + e)) * load8(up, i, bf16), bf16);
+    }
+    for (int64_t i = body; i < inter; i++) {
+        const float g = load1(gate, i, bf16);
+        store1(o, i, g / (1.0f + expf(-g)) * load1(up, i, bf16), bf16);
+    }
+}
+
+int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, int64_t inter,
+             int64_t num_threads) {
+    if (num_threads < 1) return -1;
+    const int64_t elem = act_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) if (tokens * inter >= PARALLEL_MIN_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        const char *gate = (const char *)gate_up + t * 2 * inter * elem;
+        const char *up = gate + inter * elem;
+        char *o = (char *)out + t * inter * elem;
+        if (act_bf16) silu_mul_row(gate, up, o, inter, 1);
+        else silu_mul_row(gate, up, o, inter, 0);
+    }
+    return 0;
+}
+
+/* Greedy sampling of each row of logits ([rows, vocab], float32 or bfloat16): the index of its
+ * largest logit (the first one on ties, and the first NaN where there is one, as torch.argmax)
+ * and that token's log-probability, -log(sum(exp(logits - max))). One pass finds the maximum
+ * and where it first is (per lane, then across lanes); a second sums, while the row is still
+ * in cache. */
+static inline __attribute__((always_inline)) void greedy_row(const void *x, int64_t vocab,
+                                                             int64_t *token_id, float *logprob,
+                                                             const int bf16) {
+    const int64_t body = vocab & ~(int64_t)7;
+    v8 best = splat(-INFINITY);
+    i8 where = {0, 1, 2, 3, 4, 5, 6, 7}, lanes = where, nan = {0};
+    for (int64_t i = 0; i < body; i += 8) {
+        const v8 xi = load8(x, i, bf16);
+        const i8 above = xi > best;
+        nan |= xi != xi;
+        best = (v8)(((i8)xi & above) | ((i8)best & ~above));
+        where = ((lanes + (int32_t)i) & above) | (where & ~above);
+    }
+    float max = body ? best[0] : load1(x, 0, bf16);
+    int64_t token = body ? where[0] : 0;
+    for (int i = 1; i < 8 && body; i++)
+        if (best[i] > max || (best[i] == max && where[i] < token)) max = best[i], token = where[i];
+    for (int64_t i = body; i < vocab; i++)
+        if (load1(x, i, bf16) > max) max = load1(x, i, bf16), token = i;
+    int any_nan = 0;
+    for (int i = 0; i < 8; i++) any_nan |= nan[i];
+    for (int64_t i = body; i < vocab; i++) any_nan |= isnan(load1(x, i, bf16));
+    if (any_nan || max == INFINITY) { /* torch's log_softmax gives NaN for these rows */
+        for (int64_t i = 0; i < vocab && any_nan; i++)
+            if (isnan(load1(x, i, bf16))) token = i, any_nan = 0;
+        *token_id = token;
+        *logprob = NAN;
+        return;
+    }
+    v8 sums = splat(0.0f);
+    for (int64_t i = 0; i < body; i += 8) sums += exp8(load8(x, i, bf16) - splat(max));
+    float sum = hsum(sums);
+    for (int64_t i = body; i < vocab; i++) sum += expf(load1(x, i, bf16) - max);
+    *token_id = token;
+    *logprob = -logf(sum);
+}
+
+int greedy(const void *logits, int64_t logits_bf16, int64_t rows, int64_t vocab,
+           int64_t *token_ids, float *logprobs, int64_t num_threads) {
+    if (vocab < 1 || num_threads < 1) return -1;
+    const int64_t elem = logits_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) if (rows * vocab >= PARALLEL_MIN_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *x = (const char *)logits + r * vocab * elem;
+        if (logits_bf16) greedy_row(x, vocab, token_ids + r, logprobs + r, 1);
+        else greedy_row(x, vocab, token_ids + r, logprobs + r, 0);
+    }
+    return 0;
+}

@@ -1,0 +1,142 @@
+/* What every CPU kernel source shares: vectors of 8 floats written with GCC's vector
+ * extensions (one AVX2 register; under AVX-512 the compiler gives them its 32 registers and
+ * EVEX encodings), bfloat16 loads and rounding, and the exp the softmaxes use.
+ * Each source is compiled once per instruction set (executor_svc/cpu_build.py): the same code,
+ * lowered by the compiler to the widest instructions the build names. */
+#ifndef PAGEDSERVE_VEC_H
+#define PAGEDSERVE_VEC_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
+typedef uint16_t h8u __attribute__((vector_size(16), aligned(2))); /* 8 bfloat16, unaligned */
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+typedef uint16_t h8 __attribute__((vector_size(16)));
+
+/* Eight values from element i of an array of float32 or (bf16) bfloat16 values, as float32:
+ * a bfloat16 is the top half of the float32 with the same bits. */
+static inline __attribute__((always_inline)) v8 load8(const void *p, int64_t i, const int bf16) {
+    if (!bf16) return *(const v8u *)((const float *)p + i);
+    return (v8)(__builtin_convertvector(*(const h8u *)((const uint16_t *)p + i), i8) << 16);
+}
+
+/* float32 to bfloat16 as torch rounds it: to nearest, ties to even; NaN to 0x7fc0. */
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* to_bf16 of eight values. */
+static inline __attribute__((always_inline)) h8 to_bf16x8(v8 x) {
+    const u8 bits = (u8)x;
+    const u8 nan = (u8)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
+    const u8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), h8);
+}
+
+/* Stores eight values at element i of an array of float32 or (bf16) bfloat16 ones. */
+static inline __attribute__((always_inline)) void store8(void *p, int64_t i, v8 x,
+                                                         const int bf16) {
+    if (bf16) *(h8u *)((uint16_t *)p + i) = to_bf16x8(x);
+    else *(v8u *)((float *)p + i) = x;
+}
+
+/* One value of either kind, for the tails past the last whole vector. */
+static inline __attribute__((always_inline)) float load1(const void *p, int64_t i,
+                                                         const int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+static inline __attribute__((always_inline)) void store1(void *p, int64_t i, float x,
+                                                         const int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = to_bf16(x);
+    else ((float *)p)[i] = x;
+}
+
+/* x as the nearest bfloat16 value (still a float32) where bf16, else x itself: what a bf16
+ * model's torch operator rounds its result to before the next one reads it. */
+static inline __attribute__((always_inline)) v8 round8(v8 x, const int bf16) {
+    if (!bf16) return x;
+    return (v8)(__builtin_convertvector(to_bf16x8(x), i8) << 16);
+}
+
+static inline __attribute__((always_inline)) float round1(float x, const int bf16) {
+    if (!bf16) return x;
+    const uint16_t h = to_bf16(x);
+    return load1(&h, 0, 1);
+}
+
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum(v8 x) {
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+/* The sums of eight vectors' lanes, as the lanes of one: three rounds of pairwise shuffles
+ * and adds, where eight separate horizontal sums take three times the instructions.
+ * __builtin_shufflevector needs GCC 12 or clang; older compilers sum lane by lane. */
+#if defined(__clang__) || __GNUC__ >= 12
+static inline v8 pair_sums(v8 x, v8 y, int round) {
+    switch (round) { /* each lane ends up with the sum of two of x's or y's partial sums */
+    case 0:
+        return __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+    case 1:
+        return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    default:
+        return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+static inline v8 hsum8(const v8 a[8]) {
+    const v8 s01 = pair_sums(a[0], a[1], 0), s23 = pair_sums(a[2], a[3], 0);
+    const v8 s45 = pair_sums(a[4], a[5], 0), s67 = pair_sums(a[6], a[7], 0);
+    return pair_sums(pair_sums(s01, s23, 1), pair_sums(s45, s67, 1), 2);
+}
+#else
+static inline v8 hsum8(const v8 a[8]) {
+    return (v8){hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3]),
+                hsum(a[4]), hsum(a[5]), hsum(a[6]), hsum(a[7])};
+}
+#endif
+
+/* exp for x <= 0 (scores minus their running max): Cody-Waite reduction to r in
+ * [-ln2/2, ln2/2], a degree-6 polynomial, then 2^n through the exponent bits. Below -87 it
+ * returns about 1e-38 instead of 0, far under float32 resolution of a sum that holds 1. */
+static inline v8 exp8(v8 x) {
+    const v8 lo = splat(-87.0f);
+    const i8 below = x < lo; /* all ones where true */
+    x = (v8)(((i8)lo & below) | ((i8)x & ~below));
+    const v8 magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    v8 r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    v8 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+    return p * (v8)bits;
+}
+
+/* Work below this many floats runs on the calling thread: forking the team would cost more
+ * than the work. */
+#define PARALLEL_MIN_FLOATS 65536
+
+#endif

@@ -1,0 +1,81 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every failure the gateway answers goes through ``APIError``: bad input (400, naming the
+field in ``param``), a missing or wrong key (401), an unknown model (404), a body over the
+cap (413), no executor ready or a full queue (503). The client library's errors map onto
+these in ``from_client_error``.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from pagedserve.common.client import (InvalidRequestError, OverloadedError, PagedServeError,
+                                      ServerTimeoutError)
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error",
+          413: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does; ``param`` names the offending request field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def from_client_error(exc: PagedServeError, param: str | None = None) -> APIError:
+    """The answer to a request the scheduler refused or could not serve; ``param``: the
+    request field an invalid request is about (its prompt or messages)."""
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param)
+    if isinstance(exc, OverloadedError):
+        return APIError(503, str(exc), code="overloaded")
+    if isinstance(exc, ServerTimeoutError):
+        return APIError(503, str(exc), code="scheduler_unreachable")
+    return APIError(500, str(exc))
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error of ``app`` in OpenAI's shape, FastAPI's own 422 as a 400."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc.errors()).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+
+def validation_error(errors) -> APIError:
+    """A 400 from pydantic's errors: every problem in the message, the first field as
+    ``param`` (a union's alternatives each report their own mismatch)."""
+    problems, params = [], []
+    for error in errors:
+        loc = [str(part) for part in error["loc"] if part != "body"]
+        if error["type"] == "json_invalid":
+            problems.append(f"the body is not valid JSON: {error.get('ctx', {}).get('error')}")
+            continue
+        if loc:
+            params.append(loc[0])
+        where = ".".join(loc) or "body"
+        problems.append(f"{where}: {error['msg']}"
+                        + (f" (got {error['input']!r:.60})" if "input" in error and loc else ""))
+    return APIError(400, "; ".join(problems), params[0] if params else None)

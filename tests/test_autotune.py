@@ -1,0 +1,212 @@
+"""Each op is the fastest correct implementation measured on this machine, chosen once, cached
+per machine key, and forced by PAGEDSERVE_CPU_OPS; --dtype auto follows the CPU."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from pagedserve.common.config import cache_dir
+from pagedserve.executor_svc import autotune, cpu_kernels
+from pagedserve.executor_svc.autotune import ChoiceCache, Tuner, parse_forced
+from pagedserve.executor_svc.backends import chosen, sampler_ops
+from pagedserve.executor_svc.backends import tuned as tuned_module
+from pagedserve.executor_svc.backends.torch import TorchBackend
+from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.cpu_features import CpuInfo
+from pagedserve.executor_svc.layer_ops import BucketedLinear, TorchLinear
+from pagedserve.executor_svc.model import load_model
+from pagedserve.executor_svc.model_config import ModelConfig
+from pagedserve.executor_svc.worker import resolve_dtype
+from tiny_models import make_tiny_model
+
+MACHINE = {"cpu": "Test CPU: avx2 fma", "torch": "2.x", "kernels": "abc", "threads": 2}
+X = torch.arange(12.0).view(3, 4)
+
+
+def _sleepy(seconds: float, result=None):
+    def run(x):
+        time.sleep(seconds)
+        return x * 2 if result is None else result
+    return run
+
+
+def _choose(tuner, candidates, op="linear", key="4x4 float32"):
+    return tuner.choose(op, key, candidates, lambda: (X.clone(),), lambda x: x * 2, 1e-4)
+
+
+def _tuner(tmp_path, machine=MACHINE, forced=""):
+    return Tuner(ChoiceCache(tmp_path / "choices.json", machine), parse_forced(forced))
+
+
+def test_the_fastest_correct_candidate_wins(tmp_path):
+    choice = _choose(_tuner(tmp_path), {"slow": _sleepy(0.004), "fast": _sleepy(0.0005),
+                                        "slower": _sleepy(0.008)})
+    assert choice.name == "fast"
+    assert choice.seconds["fast"] < choice.seconds["slow"] < choice.seconds["slower"]
+
+
+def test_a_candidate_that_computes_wrong_never_wins(tmp_path):
+    wrong = _sleepy(0, result=X * 2 + 1e-2)  # fastest, but off by more than the tolerance
+    choice = _choose(_tuner(tmp_path), {"wrong": wrong, "right": _sleepy(0.002)})
+    assert choice.name == "right" and "wrong" not in choice.seconds
+    with pytest.raises(RuntimeError, match="no implementation of linear 4x4 float32 agrees"):
+        _choose(_tuner(tmp_path / "other"), {"wrong": wrong, "nan": _sleepy(0, X * torch.nan)})
+
+
+def test_a_cached_choice_is_not_timed_again_and_a_changed_key_is(tmp_path):
+    _choose(_tuner(tmp_path), {"a": _sleepy(0.003), "b": _sleepy(0)})
+    saved = json.loads((tmp_path / "choices.json").read_text())
+    assert saved["machine"] == MACHINE and saved["choices"]["linear 4x4 float32"]["name"] == "b"
+
+    def never(x):
+        raise AssertionError("a cached choice ran its candidates")
+    assert _choose(_tuner(tmp_path), {"a": never, "b": never}).name == "b"  # a hit
+    # another shape, or another machine (its own file in use, read here as the same path)
+    assert _choose(_tuner(tmp_path), {"a": _sleepy(0), "b": _sleepy(0.003)},
+                   key="8x4 float32").name == "a"
+    other = _tuner(tmp_path, MACHINE | {"threads": 4})
+    assert other.cache.entries == {}
+
+
+def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path):
+    (tmp_path / "choices.json").write_text("{not json")
+    assert _choose(_tuner(tmp_path), {"a": _sleepy(0.003), "b": _sleepy(0)}).name == "b"
+    assert json.loads((tmp_path / "choices.json").read_text())["choices"]
+
+
+def test_the_cache_file_is_keyed_by_the_machine():
+    avx2 = Tuner.for_machine(CpuInfo("A", ("avx2", "fma")))
+    amx = Tuner.for_machine(CpuInfo("A", ("avx2", "fma", "amx_bf16")))
+    assert avx2.cache.path.parent == cache_dir() / "autotune"
+    assert avx2.cache.path != amx.cache.path
+    assert avx2.cache.machine["torch"] == torch.__version__
+
+
+def test_forced_choices_override_the_timing(tmp_path):
+    fast_wrong = {"cpu": _sleepy(0.003), "torch": _sleepy(0)}
+    assert _choose(_tuner(tmp_path, forced="cpu"), fast_wrong).name == "cpu"
+    assert _choose(_tuner(tmp_path, forced="torch,linear=cpu"), fast_wrong).name == "cpu"
+    assert _choose(_tuner(tmp_path, forced="greedy=cpu"), fast_wrong).name == "torch"
+    with pytest.raises(ValueError, match="forces linear=onednn, which does not serve here"):
+        _choose(_tuner(tmp_path, forced="linear=onednn"), fast_wrong)
+    with pytest.raises(ValueError, match="unknown op 'gemm'"):
+        parse_forced("gemm=cpu")
+
+
+def test_a_linear_layer_dispatches_by_its_rows():
+    weight = torch.randn(6, 4)
+    small, big = TorchLinear(weight, None), TorchLinear(weight * 2, None)
+    layer = BucketedLinear([(32, small), (None, big)])
+    assert layer.name == "torch<=32, torch>32 rows"
+    x = torch.randn(33, 4)
+    assert torch.equal(layer(x[:32]), small(x[:32])) and torch.equal(layer(x), big(x))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model("llama_tied", tmp_path_factory.mktemp("tuned"))
+
+
+def test_a_tuned_model_computes_what_the_untuned_one_does(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "WARMUP", 1)  # the choice matters less here than the time
+    monkeypatch.setattr(autotune, "ROUNDS", 1)
+    monkeypatch.setattr(autotune, "MIN_ROUNDS", 1)
+    tuner = _tuner(tmp_path)
+    tuned = load_model(model_dir, torch.float32, "cpu", tuner=tuner)
+    untuned = load_model(model_dir, torch.float32, "cpu")
+    got, want = _greedy_steps(tuned), _greedy_steps(untuned)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, logits_got), (_, logits_want) in zip(got, want):
+        torch.testing.assert_close(logits_got, logits_want, rtol=1e-4, atol=1e-4)
+    assert {entry.split()[0] for entry in tuner.cache.entries} == {
+        "linear", "add_rms_norm", "silu_mul", "greedy"}
+    kernels = chosen(tuned, _attention(), sampler_ops(tuned), "float32 (--dtype)")
+    assert kernels["dtype"] == "float32 (--dtype)" and kernels["linear"]
+
+
+def _greedy_steps(model, steps: int = 3) -> list[tuple[list[int], torch.Tensor]]:
+    """Two prompts (40 rows: the prefill bucket), then decode steps, greedy; each step's
+    tokens and logits."""
+    cache = CacheEngine(model.config, 4, 64, 0, torch.float32, "cpu")
+    attention = _attention(cache.null_block)
+    sampler = sampler_ops(model)
+    tables, computed, tokens = [list(range(0, 12)), list(range(12, 24))], [0, 0], [
+        list(range(3, 33)), list(range(100, 110))]
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            lens = [len(t) - c for t, c in zip(tokens, computed)]
+            meta = attention.build(tables, computed, lens)
+            ids = torch.tensor([i for t, c in zip(tokens, computed) for i in t[c:]])
+            hidden = model(ids, meta.positions, meta, cache.kv_caches)
+            logits = model.compute_logits(hidden[meta.last_token_indices])
+            next_ids = sampler.greedy(logits)[0].tolist()
+            out.append((next_ids, logits))
+            computed = [len(t) for t in tokens]
+            tokens = [t + [i] for t, i in zip(tokens, next_ids)]
+    return out
+
+
+def test_forcing_torch_binds_torch_everywhere(model_dir, tmp_path):
+    model = load_model(model_dir, torch.float32, "cpu", tuner=_tuner(tmp_path, forced="torch"))
+    assert set(model.ops.names().values()) == {"torch"}
+    kernels = chosen(model, _attention(), sampler_ops(model))
+    assert kernels["linear"] == "torch" and kernels["cpu_kernels"] == cpu_kernels.describe()
+
+
+def _attention(null_block: int | None = None):
+    return TorchBackend(4, "cpu", null_block)
+
+
+AVX2 = CpuInfo("Zen 3", ("avx2", "fma"))
+ZEN4 = CpuInfo("Zen 4", ("avx2", "fma", "avx512f", "avx512_bf16"))
+XEON = CpuInfo("Xeon", ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"))
+
+
+@pytest.mark.parametrize("cpu, dtype, reason", [
+    (AVX2, torch.float32, "float32 (auto: no amx_bf16 or avx512_bf16)"),
+    (ZEN4, torch.bfloat16, "bfloat16 (auto: avx512_bf16)"),
+    (XEON, torch.bfloat16, "bfloat16 (auto: amx_bf16)")])
+def test_auto_dtype_on_a_cpu_is_bfloat16_where_it_computes_it_natively(model_dir, cpu, dtype,
+                                                                       reason):
+    config = ModelConfig.from_model_dir(model_dir)
+    assert tuple(resolve_dtype("auto", config, torch.device("cpu"), cpu)) == (dtype, reason)
+    assert resolve_dtype("float32", config, torch.device("cpu"), XEON).dtype == torch.float32
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_auto_dtype_takes_float32_where_bfloat16_measures_slower(model_dir, tmp_path,
+                                                                 monkeypatch, faster):
+    def proxy_time(tuner, config, dtype):
+        delay = 0 if str(dtype).endswith(faster) else 0.004
+        return lambda *xs: (time.sleep(delay), tuple(x.float() for x in xs))[1]
+    monkeypatch.setattr(tuned_module, "_LayerProxy", _FakeProxy(proxy_time))
+    config = ModelConfig.from_model_dir(model_dir)
+    choice = resolve_dtype("auto", config, torch.device("cpu"), XEON, _tuner(tmp_path))
+    assert choice.dtype == getattr(torch, faster)
+    assert choice.reason == ("bfloat16 (auto: amx_bf16)" if faster == "bfloat16" else
+                             "float32 (auto: amx_bf16, but bfloat16 measured slower here)")
+
+
+class _FakeProxy:
+    """Stands in for ``tuned._LayerProxy``: the identity, at a chosen speed per dtype."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self, tuner, config, dtype):
+        return self.make(tuner, config, dtype)
+
+    def reference(self, config):
+        run = self.make(None, config, torch.float32)
+        run.inputs = lambda: [torch.ones(2, 3)]
+        return run
+
+
+def test_the_kernels_build_and_source_are_part_of_the_machine_key(monkeypatch):
+    before = autotune.machine_key(AVX2)["kernels"]
+    monkeypatch.setattr(cpu_kernels, "describe", lambda: "another build")
+    assert autotune.machine_key(AVX2)["kernels"] != before
