@@ -153,12 +153,15 @@ def test_health_names_the_processor_and_the_kernel_each_op_runs_on(run):
     executor = run["services"].admin_cmd("health")["executor"]
     kernels = executor["kernels"]
     assert executor["device"] == "cpu" and kernels["cpu"] == cpu_info().describe()
-    # float32 on a CPU: our compiled kernels, where they built here, else torch.
-    path = "cpu" if cpu_kernels.load() is not None else "torch"
-    assert {op: kernels[op] for op in ("attention", "layer_ops", "greedy")} == {
-        "attention": path, "layer_ops": path, "greedy": path}
-    assert kernels["linear"] == ("cpu" if path == "cpu" else "onednn")
-    assert ("cpu_kernels" in kernels) == (path == "cpu")
+    # Attention: our kernels where they built. Each other op: what the start-up timing chose
+    # between our kernels and torch's (a linear layer per shape and bucket of rows).
+    assert kernels["attention"] == ("cpu" if cpu_kernels.load() is not None else "torch")
+    assert {kernels[op] for op in ("add_rms_norm", "silu_mul", "greedy")} <= {"cpu", "torch"}
+    linear = set(re.findall(r"[a-z]+", re.sub(r"\d+x\d+|rows", "", kernels["linear"])))
+    assert linear and linear <= {"cpu", "onednn", "torch"}, kernels["linear"]
+    assert kernels["cpu_kernels"] == cpu_kernels.describe()  # the build, or why none serves
+    assert kernels["dtype"].startswith(("float32 (auto", "bfloat16 (auto"))
+
 
 def test_samples_share_their_prompt_block_while_they_run(run):
     seqs, pool = run["pair"]

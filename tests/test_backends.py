@@ -22,14 +22,15 @@ built = pytest.mark.skipif(cpu_kernels.load() is None,
 def test_torch_attention_on_a_cpu_is_the_compiled_kernels_where_they_serve():
     assert isinstance(attention_backend("torch", 16, "cpu", F32, F32), CpuBackend)
     assert isinstance(attention_backend("torch", 16, "cpu", F32, BF16), CpuBackend)
-    assert isinstance(layer_ops(F32, "cpu"), CpuOps)
+    assert isinstance(attention_backend("torch", 16, "cpu", BF16, BF16), CpuBackend)
+    assert isinstance(layer_ops(F32, "cpu"), CpuOps) and isinstance(layer_ops(BF16, "cpu"), CpuOps)
 
 
-@pytest.mark.parametrize("dtype, kv_dtype", [(BF16, BF16), (F32, torch.float16)])
+@pytest.mark.parametrize("dtype, kv_dtype", [(F32, torch.float16), (torch.float16, F32)])
 def test_dtypes_the_kernels_do_not_read_take_torch_operators(dtype, kv_dtype):
     backend = attention_backend("torch", 16, "cpu", dtype, kv_dtype, null_block=7)
     assert isinstance(backend, TorchBackend) and backend.null_block == 7
-    assert type(layer_ops(BF16, "cpu")) is LayerOps
+    assert type(layer_ops(torch.float16, "cpu")) is LayerOps
 
 
 def test_without_the_kernels_everything_takes_torch_operators(monkeypatch):

@@ -2,10 +2,11 @@
 
 - **Attention** (``attention_backend``, chosen by the model runner): ``triton``, the paged
   Triton kernels (CUDA; CPU tensors under triton's interpreter); ``cpu``, the compiled CPU
-  kernels, which is what ``--attention-backend torch`` runs on a CPU for float32 activations
-  over a float32 or bfloat16 cache where the kernels built; else ``torch``, torch operators.
+  kernels, which is what ``--attention-backend torch`` runs on a CPU for float32 or bfloat16
+  activations over a float32 or bfloat16 cache where the kernels built; else ``torch``, torch
+  operators.
 - **Layer ops** (``layer_ops``, bound by ``load_model``, and the sampler's greedy path,
-  ``sampler_ops``): ``cpu`` where the compiled kernels serve float32 activations on a CPU,
+  ``sampler_ops``): ``cpu`` where the compiled kernels serve the activations on a CPU,
   else ``torch``. Given a ``Tuner`` (as the executor does on a CPU), ``load_model`` binds
   ``tuned.tuned_ops`` instead: per op the fastest correct implementation measured here, and
   for each linear layer per bucket of rows (``autotune``).
