@@ -59,6 +59,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                      lib.greedy, lib.linear):
         function.restype = ctypes.c_int
     lib.gemm_columns.restype = _I64
+    lib.attention_bf16_products.restype = _I64
     return lib
 
 
@@ -122,7 +123,9 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Atte
     bfloat16; its rows may lie apart, as in a view of the q/k/v projection's output) over
     their contexts in the paged cache, as ``batch`` describes them; the step's own K/V must be
     in the cache already. ``[T, H, hd]`` in the query's dtype (float32 softmax and sums),
-    contiguous."""
+    contiguous. Where the build has bf16 dot products (``attention_bf16_products()``), bf16
+    queries over a bf16 cache take them, the probabilities rounded to bf16 for the second
+    product as torch's bf16 attention rounds them."""
     num_heads, head_dim = query.shape[1:]
     _, block_size, num_kv_heads, _ = k_cache.shape
     if query.stride(2) != 1 or query.stride(1) != head_dim:

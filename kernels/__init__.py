@@ -17,7 +17,8 @@ holds it to that. Keep this module free of a ``__version__``.
 from .cache_ops import reshape_and_cache
 from .decode import paged_decode_attention
 from .prefill import paged_prefill_attention
-from .reference import paged_attention_reference, reshape_and_cache_reference
+from .reference import (bf16_attention_tolerance, paged_attention_reference,
+                        reshape_and_cache_reference)
 
-__all__ = ["paged_attention_reference", "paged_decode_attention", "paged_prefill_attention",
-           "reshape_and_cache", "reshape_and_cache_reference"]
+__all__ = ["bf16_attention_tolerance", "paged_attention_reference", "paged_decode_attention",
+           "paged_prefill_attention", "reshape_and_cache", "reshape_and_cache_reference"]

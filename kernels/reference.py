@@ -50,6 +50,15 @@ def paged_attention_reference(query: Tensor, key_cache: Tensor, value_cache: Ten
     return out
 
 
+def bf16_attention_tolerance(weighted_abs: Tensor, reference: Tensor) -> Tensor:
+    """How far a bf16 attention output may lie from ``reference`` (float64) where its
+    probabilities are rounded to bf16 before they weigh the values (as torch's bf16 flash
+    attention and the CPU kernel's bf16 dot products do): each probability by 2^-9 of itself,
+    so the sum by 2^-9 of ``weighted_abs`` (the reference run over the values' magnitudes),
+    and the output's own rounding by 2^-9 of it; twice both, for the float32 sums."""
+    return 2 ** -8 * (weighted_abs + reference.abs()) + 1e-5
+
+
 def _gather(cache: Tensor, table: list[int], seq_len: int) -> Tensor:
     """The first ``seq_len`` tokens of a sequence, read block by block through its table."""
     block_size = cache.shape[1]

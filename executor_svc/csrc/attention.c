@@ -22,7 +22,9 @@
  *
  * Written with vec.h's 8-float vectors, so head_dim must be a multiple of 8. Scores of eight
  * tokens are accumulated side by side (eight independent FMA chains), and exp runs on 8 scores
- * at a time.
+ * at a time. Where the build has AVX512_BF16, a bf16 model over a bf16 cache (head_dim a
+ * multiple of 32) takes attend_dp instead: bf16 dot products for both of attention's
+ * products.
  */
 #include "vec.h"
 
@@ -206,6 +208,219 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
         }
 }
 
+#if defined(__AVX512BF16__) && (defined(__clang__) || __GNUC__ >= 12)
+/* A bf16 model over a bf16 cache, where the CPU has AVX512_BF16: both products through
+ * vdpbf16ps, which multiplies pairs of bf16 values and adds both products to a float32 lane
+ * (32 multiplies per instruction, twice the float32 FMA's), reading the cache in place.
+ *   Scores: a token's K row against a query head, 32 dimensions per instruction into 16
+ *   lanes of partial sums; 16 tokens' partial sums are then summed lane-wise into one vector
+ *   of 16 scores (hsum16). The products of two bf16 values are exact in float32, so the
+ *   scores are as exact as the float32 path's.
+ *   Values: two tokens at a time, their V rows interleaved (unpacklo/hi) so that each 32-bit
+ *   lane holds one dimension of both, against the pair of their probabilities rounded to bf16
+ *   (as torch's bf16 flash attention rounds them for its second product). The unpacks work
+ *   within 128-bit lanes, so the sums' lanes hold the dimensions in a fixed shuffled order,
+ *   put back when the output is written.
+ * Softmax and sums stay float32. */
+#include <immintrin.h>
+#define HAVE_ATTEND_DP 1
+
+typedef float v16 __attribute__((vector_size(64)));
+
+/* pair_sums of vec.h on 16 lanes: round r leaves blocks of 2^r lanes from x and y alternating,
+ * each the sum of two of its vector's blocks. */
+static inline v16 pair_sums16(v16 x, v16 y, int round) {
+    switch (round) {
+    case 0:
+        return __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28,
+                                       14, 30) +
+               __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29,
+                                       15, 31);
+    case 1:
+        return __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13,
+                                       28, 29) +
+               __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15,
+                                       30, 31);
+    case 2:
+        return __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
+                                       26, 27) +
+               __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29,
+                                       30, 31);
+    default:
+        return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
+                                       23) +
+               __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    }
+}
+
+/* Lane t: the sum of a[t]'s lanes. */
+static inline v16 hsum16(const v16 a[16]) {
+    v16 s[8], t[4];
+    for (int i = 0; i < 8; i++) s[i] = pair_sums16(a[2 * i], a[2 * i + 1], 0);
+    for (int i = 0; i < 4; i++) t[i] = pair_sums16(s[2 * i], s[2 * i + 1], 1);
+    return pair_sums16(pair_sums16(t[0], t[1], 2), pair_sums16(t[2], t[3], 2), 3);
+}
+
+static inline __m512bh bf16_at(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+/* Slots per span here: four times SPAN, since what a span costs beside its products (the
+ * softmax's max, rescaling and bookkeeping per query head) is a large share of a decode row's
+ * work at SPAN, and a span of one kv head's K and V (128 slots x 64 dims x 2 bytes, twice)
+ * still sits in L2 while each of its query heads reads it. */
+#define DP_SPAN 128
+#define DP_SLOTS (MAX_BLOCK > DP_SPAN ? MAX_BLOCK : DP_SPAN)
+
+/* o (2 x zs sums) += p's pair of probabilities times the V rows va and vb, interleaved. */
+static inline __attribute__((always_inline)) void add_pair(__m512 *o, __m512bh p,
+                                                           const uint16_t *va,
+                                                           const uint16_t *vb, const int64_t zs) {
+    for (int64_t z = 0; z < zs; z++) {
+        const __m512i x = _mm512_loadu_si512(va + 32 * z), y = _mm512_loadu_si512(vb + 32 * z);
+        o[2 * z] = _mm512_dpbf16_ps(o[2 * z], (__m512bh)_mm512_unpacklo_epi16(x, y), p);
+        o[2 * z + 1] = _mm512_dpbf16_ps(o[2 * z + 1], (__m512bh)_mm512_unpackhi_epi16(x, y), p);
+    }
+}
+
+static inline __m512bh pair_at(const uint16_t *probs) {
+    uint32_t pair;
+    memcpy(&pair, probs, sizeof pair);
+    return (__m512bh)_mm512_set1_epi32((int)pair);
+}
+
+/* attend for a bf16 model over a bf16 cache: the same items, spans and online softmax, with
+ * head_dim = 32 * zs. */
+static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64_t seq,
+                                                            int64_t q0, int64_t rows, int64_t g0,
+                                                            int64_t g1, const int64_t zs) {
+    const int64_t kvh = w->num_kv_heads, hd = zs * 32, bs = w->block_size;
+    const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
+    const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
+    const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
+    const int64_t len = first_pos + rows;
+    const int64_t row = kvh * hd;
+    const uint16_t *kc = w->k_cache, *vc = w->v_cache;
+    const char *k_bytes = w->k_cache, *v_bytes = w->v_cache;
+    const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
+    const int64_t *table = w->block_tables + seq * w->max_blocks;
+    __m512bh q[rows * heads][zs];
+    __m512 acc[rows * heads][2 * zs]; /* dimensions in unpack order */
+    float max[rows * heads], sum[rows * heads];
+    float scores[DP_SLOTS + 16] __attribute__((aligned(64)));
+    uint16_t probs[DP_SLOTS + 16] __attribute__((aligned(64)));
+    int64_t slot_at[DP_SLOTS]; /* where each slot of the span starts, kv head 0 */
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *qs = (const uint16_t *)w->query +
+                                 (first_token + r) * w->query_stride + (h0 + h) * hd;
+            for (int64_t z = 0; z < zs; z++) q[r * heads + h][z] = bf16_at(qs + 32 * z);
+            for (int64_t z = 0; z < 2 * zs; z++) acc[r * heads + h][z] = _mm512_setzero_ps();
+            max[r * heads + h] = -INFINITY;
+            sum[r * heads + h] = 0.0f;
+        }
+    for (int64_t first = 0; first * bs < len; first += span_blocks) {
+        const int64_t span_stop = (first + span_blocks) * bs;
+        const int64_t span_end = len < span_stop ? len : span_stop;
+        /* every line of this span's K/V (on the first) and the next one's, fetched ahead */
+        for (int64_t b = first ? first + span_blocks : 0;
+             b < first + 2 * span_blocks && b * bs < len; b++) {
+            const int64_t n = len - b * bs < bs ? len - b * bs : bs;
+            const int64_t kv = (table[b] * bs * kvh + g0) * hd;
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t f = 0; f < (g1 - g0) * hd; f += 32) {
+                    __builtin_prefetch(k_bytes + (kv + j * row + f) * 2);
+                    __builtin_prefetch(v_bytes + (kv + j * row + f) * 2);
+                }
+        }
+        for (int64_t t = 0; t < span_end - first * bs; t++)
+            slot_at[t] = (table[first + t / bs] * bs + t % bs) * row;
+        for (int64_t g = g0; g < g1; g++) {
+            const uint16_t *kg = kc + g * hd, *vg = vc + g * hd;
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
+                if (end <= first * bs) continue;
+                const int64_t m = end - first * bs, padded = (m + 15) & ~15;
+                for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h++) {
+                    const int64_t i = r * heads + h;
+                    for (int64_t c0 = 0; c0 < m; c0 += 16) {
+                        v16 a[16];
+                        for (int t = 0; t < 16; t++) { /* slots past m: slot c0's again */
+                            const uint16_t *k = kg + slot_at[c0 + t < m ? c0 + t : c0];
+                            __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[i][0], bf16_at(k));
+                            for (int64_t z = 1; z < zs; z++)
+                                s = _mm512_dpbf16_ps(s, q[i][z], bf16_at(k + 32 * z));
+                            a[t] = (v16)s;
+                        }
+                        *(v16 *)(scores + c0) = hsum16(a) * (v16)_mm512_set1_ps(w->scale);
+                    }
+                    for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
+                    v8 top = splat(-INFINITY);
+                    for (int64_t j = 0; j < padded; j += 8) {
+                        const v8 sj = *(const v8 *)(scores + j);
+                        const i8 above = sj > top;
+                        top = (v8)(((i8)sj & above) | ((i8)top & ~above));
+                    }
+                    float span_max = top[0];
+                    for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
+                    const float new_max = span_max > max[i] ? span_max : max[i];
+                    const float correction = expf(max[i] - new_max); /* 0 on the first span */
+                    v8 sums = splat(0.0f);
+                    for (int64_t j = 0; j < padded; j += 8) {
+                        const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max));
+                        sums += p;
+                        *(v8 *)(scores + j) = p;
+                    }
+                    sum[i] = sum[i] * correction + hsum(sums);
+                    max[i] = new_max;
+                    for (int64_t j = m; j < padded; j++) scores[j] = 0.0f; /* an odd m's pair */
+                    for (int64_t j = 0; j < padded; j += 16)
+                        _mm256_store_si256((__m256i *)(probs + j),
+                                           (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores + j)));
+                    /* two sets of sums, alternate pairs: twice the chains of dot products
+                     * that can be in flight at once */
+                    __m512 o[2 * zs], o2[2 * zs];
+                    const __m512 scale_by = _mm512_set1_ps(correction);
+                    for (int64_t z = 0; z < 2 * zs; z++) {
+                        o[z] = _mm512_mul_ps(acc[i][z], scale_by);
+                        o2[z] = _mm512_setzero_ps();
+                    }
+                    int64_t j = 0;
+                    for (; j + 4 <= m; j += 4) {
+                        add_pair(o, pair_at(probs + j), vg + slot_at[j], vg + slot_at[j + 1], zs);
+                        add_pair(o2, pair_at(probs + j + 2), vg + slot_at[j + 2],
+                                 vg + slot_at[j + 3], zs);
+                    }
+                    for (; j < m; j += 2)
+                        add_pair(o, pair_at(probs + j), vg + slot_at[j],
+                                 vg + slot_at[j + 1 < m ? j + 1 : j], zs);
+                    for (int64_t z = 0; z < 2 * zs; z++) acc[i][z] = _mm512_add_ps(o[z], o2[z]);
+                }
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t i = r * heads + h, out = ((first_token + r) * w->num_heads + h0 + h) * hd;
+            const v16 inv = (v16)_mm512_set1_ps(1.0f / sum[i]);
+            for (int64_t z = 0; z < zs; z++) {
+                /* unpacklo's lane 4L + k holds dimension 8L + k, unpackhi's 8L + 4 + k */
+                const v16 lo = (v16)acc[i][2 * z], hi = (v16)acc[i][2 * z + 1];
+                const v16 d0 = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5,
+                                                       6, 7, 20, 21, 22, 23) * inv;
+                const v16 d1 = __builtin_shufflevector(lo, hi, 8, 9, 10, 11, 24, 25, 26, 27, 12,
+                                                       13, 14, 15, 28, 29, 30, 31) * inv;
+                store8(w->out, out + 32 * z, __builtin_shufflevector(d0, d0, 0, 1, 2, 3, 4, 5, 6, 7), 1);
+                store8(w->out, out + 32 * z + 8,
+                       __builtin_shufflevector(d0, d0, 8, 9, 10, 11, 12, 13, 14, 15), 1);
+                store8(w->out, out + 32 * z + 16,
+                       __builtin_shufflevector(d1, d1, 0, 1, 2, 3, 4, 5, 6, 7), 1);
+                store8(w->out, out + 32 * z + 24,
+                       __builtin_shufflevector(d1, d1, 8, 9, 10, 11, 12, 13, 14, 15), 1);
+            }
+        }
+}
+#endif
+
 /* attend with head_dim a constant for the common sizes, and a variable for others. */
 static inline __attribute__((always_inline)) void attend_dims(const Work *w,
                                                               const int64_t item[5],
@@ -224,6 +439,17 @@ static inline __attribute__((always_inline)) void attend_dims(const Work *w,
  * a time where a span of one kv head fits WIDEN_FLOATS, else in place. */
 static void attend_any(const Work *w, const int64_t item[5]) {
     const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
+#ifdef HAVE_ATTEND_DP
+    if (w->kv_bf16 && w->act_bf16 && w->head_dim % 32 == 0) {
+        const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
+        switch (w->head_dim) {
+        case 64: attend_dp(w, seq, q0, rows, g0, g1, 2); return;
+        case 128: attend_dp(w, seq, q0, rows, g0, g1, 4); return;
+        case 32: attend_dp(w, seq, q0, rows, g0, g1, 1); return;
+        default: attend_dp(w, seq, q0, rows, g0, g1, w->head_dim / 32); return;
+        }
+    }
+#endif
     if (!w->kv_bf16)
         attend_dims(w, item, 0, 0);
     else if (span_slots * w->head_dim <= WIDEN_FLOATS)
@@ -274,6 +500,16 @@ static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t 
             put_item(items, count++, s, 0, 1, g, g + 1);
     }
     return count;
+}
+
+/* 1 where a bf16 model's attention over a bf16 cache takes attend_dp (its probabilities
+ * rounded to bf16 before they weigh the values), else 0. */
+int64_t attention_bf16_products(void) {
+#ifdef HAVE_ATTEND_DP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Attention of every new token of a step over its sequence's context in the paged cache,
