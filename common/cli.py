@@ -19,7 +19,7 @@ from pagedserve.common import options
 from pagedserve.common.auth import PeerKeys, peer_keys
 from pagedserve.common.auth import keygen as keygen_files
 from pagedserve.common.config import KEYS_DIR_DEFAULT, SchedulerConfig, tcp_endpoint
-from pagedserve.common.sampling import SamplingParams
+from pagedserve.common.sampling import MODEL_DEFAULTS, SamplingParams
 
 LAZY_COMMANDS = {  # name: (module:attribute, short help shown without importing it)
     "scheduler": ("pagedserve.scheduler_svc.cli:main", "Run the scheduler service."),
@@ -64,19 +64,25 @@ def main() -> None:
     """pagedserve: LLM serving on PagedAttention."""
 
 
+def _model_default(name: str) -> str:
+    """The help of an option left unset to the served model's default."""
+    return (f"[default: the model's generation_config.json, else "
+            f"{MODEL_DEFAULTS[name]}]")
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--max-tokens", type=int, default=16, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help=_model_default("max_tokens"))
 @click.option("--n", type=int, default=1, show_default=True,
               help="Completions to return (parallel sampling, or the best beams).")
 @click.option("--best-of", type=int, default=None,
               help="Samples to draw; the n of highest cumulative logprob are returned.")
 @click.option("--beam-width", type=int, default=1, show_default=True,
               help="Above 1: beam search (deterministic).")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="0 is greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=None,
+              help="0 is greedy.  " + _model_default("temperature"))
+@click.option("--top-p", type=float, default=None, help=_model_default("top_p"))
+@click.option("--top-k", type=int, default=None, help="0 disables.  " + _model_default("top_k"))
 @click.option("--seed", type=int, default=None)
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--chat", is_flag=True,
@@ -89,7 +95,8 @@ def main() -> None:
 @lambda f: options.apply(options.AUTH_OPTIONS, f)
 def generate(prompt, max_tokens, n, best_of, beam_width, temperature, top_p, top_k, seed,
              stream, chat, as_json, server, timeout, auth, keys) -> None:
-    """Generate a continuation of PROMPT (with --chat: the model's answer to it)."""
+    """Generate a continuation of PROMPT (with --chat: the model's answer to it). The
+    sampling options left out are the server's to set: the model's defaults."""
     from pagedserve.common.client import Client, PagedServeError
 
     if stream and (n > 1 or beam_width > 1 or (best_of or 1) > 1):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -106,8 +107,9 @@ def _v1_router() -> APIRouter:
             deltas = await _started(merged([backend.stream(p, params, shaper.request_id(i))
                                             for i, p in enumerate(prompts)]), "prompt")
             return EventStreamResponse(_events(shaper, deltas, _include_usage(body)))
-        outputs = await _all([backend.generate(p, params, shaper.request_id(i))
-                              for i, p in enumerate(prompts)], "prompt")
+        outputs = await _unless_gone(request, _all(
+            [backend.generate(p, params, shaper.request_id(i)) for i, p in enumerate(prompts)],
+            "prompt"))
         return shaper.response(outputs)
 
     @router.post("/chat/completions")
@@ -123,8 +125,9 @@ def _v1_router() -> APIRouter:
             deltas = await _started(merged([backend.chat_stream(
                 messages, params, request_id, body.add_generation_prompt)]), "messages")
             return EventStreamResponse(_events(shaper, deltas, _include_usage(body)))
-        out = await _all([backend.chat(messages, params, request_id,
-                                       body.add_generation_prompt)], "messages")
+        out = await _unless_gone(request, _all(
+            [backend.chat(messages, params, request_id, body.add_generation_prompt)],
+            "messages"))
         return shaper.response(out[0])
 
     return router
@@ -200,6 +203,29 @@ async def _all(coros: list, param: str) -> list:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _unless_gone(request: Request, answer: Awaitable):
+    """``answer``'s result, unless the HTTP client goes away first: then it is cancelled
+    (a cancelled request sends its abort, and its blocks are freed at once)."""
+    answering = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([answering, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not answering.done():
+            raise APIError(499, "the client closed the connection before the answer",
+                           code="client_closed")
+        return answering.result()
+    finally:
+        gone.cancel()
+        answering.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the HTTP client has gone. Its body has been read, so the server's next
+    message is the disconnect: waited for, not polled."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _events(shaper: CompletionShaper | ChatShaper, deltas, include_usage: bool):

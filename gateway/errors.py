@@ -2,8 +2,9 @@
 
 Every failure the gateway answers goes through ``APIError``: bad input (400, naming the
 field in ``param``), a missing or wrong key (401), an unknown model (404), a body over the
-cap (413), no executor ready or a full queue (503). The client library's errors map onto
-these in ``from_client_error``.
+cap (413), no executor ready or a full queue (503), and a client gone before its answer
+(499, as nginx logs it: nobody reads it, the metrics count it). The client library's errors
+map onto these in ``from_client_error``.
 """
 from __future__ import annotations
 

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import click
+import httpx
+import pytest
 
 from pagedserve.benchmarks.compare import free_ports  # noqa: F401 - the tests take it from here
 from pagedserve.common.cli import admin_request
+from pagedserve.common.client import Client
 from pagedserve.common.up import stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,22 +42,40 @@ def admin(address: str, cmd: str, timeout_s: float = 5.0, **fields) -> dict:
         raise TimeoutError(exc.message) from None
 
 
-def wait_ready(admin_address: str, processes: list[subprocess.Popen],
-               timeout_s: float = 180.0) -> None:
-    """Until the scheduler at ``admin_address`` reports a ready executor; a process that exits
-    first is an error."""
+def wait_until(ready: Callable[[], bool], processes: list[subprocess.Popen], timeout_s: float,
+               what: str) -> None:
+    """Until ``ready()`` holds; a process that exits first is an error."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for proc in processes:
             if proc.poll() is not None:
                 raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if admin(admin_address, "health", 1.0)["status"] == "ready":
-                return
-        except TimeoutError:
-            pass
+        if ready():
+            return
         time.sleep(0.2)
-    raise TimeoutError("services not ready")
+    raise TimeoutError(f"{what} not ready")
+
+
+def wait_ready(admin_address: str, processes: list[subprocess.Popen],
+               timeout_s: float = 180.0) -> None:
+    """Until the scheduler at ``admin_address`` reports a ready executor; a process that exits
+    first is an error."""
+    def ready() -> bool:
+        try:
+            return admin(admin_address, "health", 1.0)["status"] == "ready"
+        except TimeoutError:
+            return False
+    wait_until(ready, processes, timeout_s, "services")
+
+
+def wait_http(url: str, processes: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
+    """Until ``url`` answers 200; a process that exits first is an error."""
+    def ready() -> bool:
+        try:
+            return httpx.get(url, timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_until(ready, processes, timeout_s, url)
 
 
 class Services:
@@ -86,6 +109,39 @@ class Services:
 
     def stop(self) -> None:
         stop_processes([self.scheduler, self.executor], timeout_s=15)
+
+
+def model_with_defaults(model_dir: Path, path: Path, defaults: dict) -> Path:
+    """``model_dir``'s files linked into ``path``, with ``defaults`` added to its
+    generation_config.json: the model's defaults for what a request leaves unset."""
+    for file in model_dir.iterdir():
+        if file.name != "generation_config.json":
+            (path / file.name).symlink_to(file)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, **defaults}))
+    return path
+
+
+def services_fixtures(client_timeout_s: float, num_device_blocks: int):
+    """A test module's ``services`` and ``client`` fixtures: the default model's scheduler
+    (``--client-timeout client_timeout_s``) and executor (``num_device_blocks`` device blocks,
+    16 CPU blocks; float32, as the transformers outputs they are compared with, where dtype
+    auto would be bfloat16), started once for the module, and a ``Client`` of them."""
+
+    @pytest.fixture(scope="module")
+    def services(smollm2_dir):
+        svc = Services(smollm2_dir, scheduler_args=["--client-timeout", str(client_timeout_s)],
+                       executor_args=["--num-device-blocks", str(num_device_blocks),
+                                      "--num-cpu-blocks", "16", "--dtype", "float32"])
+        yield svc
+        svc.stop()
+
+    @pytest.fixture(scope="module")
+    def client(services):
+        with Client(services.client, timeout=60.0) as c:
+            yield c
+
+    return services, client
 
 
 @contextlib.contextmanager

@@ -73,7 +73,8 @@ def test_only_peers_with_the_right_keys_get_in(smollm2_dir, keys):
         env["PAGEDSERVE_SCHEDULER_PUBLIC_KEY"] = public_key("scheduler", good).decode()
         out = subprocess.run(
             [sys.executable, "-m", "pagedserve.common.cli", "generate", "--auth", "--keys",
-             "/nonexistent", "--server", client, "--max-tokens", "3", "The capital of France is"],
+             "/nonexistent", "--server", client, "--max-tokens", "3", "--temperature", "0",
+             "The capital of France is"],
             cwd=ROOT, env={**os.environ, **env}, capture_output=True,
             text=True, timeout=120)
         assert out.returncode == 0, out.stderr

@@ -6,7 +6,7 @@ import subprocess
 import httpx
 import pytest
 
-from services import free_ports, pagedserve
+from services import Services, free_ports, model_with_defaults, pagedserve
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ def test_up_then_generate_answers_paris_and_down_stops_everything(smollm2_dir):
             "max_tokens": 24, "temperature": 0})
         assert "Paris" in chat.json()["choices"][0]["message"]["content"]
         gen = pagedserve("generate", "The capital of France is", "--max-tokens", "12",
-                         "--server", f"tcp://127.0.0.1:{client}", stdout=subprocess.PIPE,
-                         text=True)
+                         "--temperature", "0", "--server", f"tcp://127.0.0.1:{client}",
+                         stdout=subprocess.PIPE, text=True)
         assert gen.wait(timeout=120) == 0
         assert gen.stdout.read().startswith(" Paris")
 
@@ -56,3 +56,25 @@ def test_up_then_generate_answers_paris_and_down_stops_everything(smollm2_dir):
         httpx.get(f"{url}/health")
     nothing = pagedserve("down", "--admin-port", str(admin), stderr=subprocess.PIPE, text=True)
     assert nothing.wait(timeout=30) == 1 and "no `pagedserve up`" in nothing.stderr.read()
+
+
+def test_generate_sends_only_the_options_given_and_the_model_sets_the_rest(smollm2_dir,
+                                                                          tmp_path):
+    model = model_with_defaults(smollm2_dir, tmp_path, {"temperature": 0.0, "max_new_tokens": 5})
+    services = Services(model, executor_args=["--num-device-blocks", "64",
+                                              "--num-cpu-blocks", "8"])
+
+    def token_ids(*options: str) -> list[int]:
+        gen = pagedserve("generate", "The capital of France is", "--json", "--server",
+                         services.client, *options, stdout=subprocess.PIPE, text=True)
+        out, _ = gen.communicate(timeout=120)
+        assert gen.returncode == 0
+        return json.loads(out)["outputs"][0]["token_ids"]
+
+    try:
+        unset = token_ids()
+        assert len(unset) == 5  # the model's max_new_tokens, not a default of the CLI's
+        assert unset == token_ids("--temperature", "0", "--max-tokens", "5")  # and greedy
+        assert len(token_ids("--max-tokens", "3")) == 3
+    finally:
+        services.stop()

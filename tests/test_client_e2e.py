@@ -11,7 +11,7 @@ import pytest
 
 from pagedserve.common.client import AsyncClient, Client, InvalidRequestError
 from pagedserve.common.sampling import SamplingParams
-from services import Services, admin, free_ports, pagedserve
+from services import admin, free_ports, pagedserve, services_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +25,7 @@ ABORTED_WITHIN_S = 10  # the scheduler forgets an aborted request as the abort a
 FREED_WITHIN_S = 60    # its blocks go at the next step, however slow a loaded machine is
 
 
-@pytest.fixture(scope="module")
-def services(smollm2_dir):
-    svc = Services(smollm2_dir, scheduler_args=["--client-timeout", str(CLIENT_TIMEOUT_S)],
-                   executor_args=["--num-device-blocks", "256", "--num-cpu-blocks", "16"])
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(services):
-    with Client(services.client, timeout=60.0) as c:
-        yield c
+services, client = services_fixtures(CLIENT_TIMEOUT_S, num_device_blocks=256)
 
 
 def test_greedy_chat_equals_transformers_and_ends_on_end_of_turn(client, smollm2_dir):
@@ -76,8 +65,8 @@ def test_generate_chat_command_answers_the_prompt_as_a_user_message(client, serv
     expected = client.chat(QUESTION, params).outputs[0].text
     for stream in ([], ["--stream"]):
         cli = pagedserve("generate", "--chat", QUESTION[0]["content"], "--max-tokens", "64",
-                         "--server", services.client, *stream, stdout=subprocess.PIPE,
-                         text=True)
+                         "--temperature", "0", "--server", services.client, *stream,
+                         stdout=subprocess.PIPE, text=True)
         stdout, _ = cli.communicate(timeout=60)
         assert cli.returncode == 0 and stdout == expected + "\n"
 

@@ -68,6 +68,26 @@ def test_gpu_deployment_has_its_services_healthchecks_and_only_client_and_http_p
         assert services[name]["volumes"][0]["source"] == "model-cache"
 
 
+@pytest.mark.parametrize("files, loaders", [(GPU, ["scheduler", "executor"]),
+                                             (CPU, ["scheduler", "executor"]),
+                                             (TP, ["scheduler", *RANKS])], ids=["gpu", "cpu", "tp"])
+def test_pagedserve_model_mounts_a_host_directory_read_only_for_every_service_reading_it(
+        files, loaders, tmp_path):
+    default = resolved(files)
+    for name in loaders:  # the model cache, and an empty --model: the prepared default model
+        assert "--model=" in default[name]["command"]
+        assert [(v["type"], v["source"], v["target"], v["read_only"])
+                for v in default[name]["volumes"]] == [("volume", "model-cache", "/cache", True)]
+    chosen = resolved(files, {"PAGEDSERVE_MODEL": str(tmp_path)})
+    for name in loaders:  # the host directory at the same path: the model keeps its name
+        assert f"--model={tmp_path}" in chosen[name]["command"]
+        assert [(v["type"], v["source"], v["target"], v["read_only"])
+                for v in chosen[name]["volumes"]] == [("bind", str(tmp_path), str(tmp_path),
+                                                       True)]
+    assert "volumes" not in chosen["gateway"]
+    assert chosen["prepare-model"]["volumes"] == default["prepare-model"]["volumes"]
+
+
 def test_gateway_publishes_http_with_an_http_healthcheck_and_serves_the_schedulers_metrics():
     services = resolved(GPU)
     gateway, scheduler = services["gateway"], services["scheduler"]
@@ -126,13 +146,16 @@ def test_tensor_parallel_example_runs_one_executor_service_per_rank_on_its_own_g
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("files, executors", [(CPU, RANKS[:1]), (TP, RANKS)], ids=["cpu", "tp"])
+@pytest.mark.parametrize("files, executors, own_model", [(CPU, RANKS[:1], True),
+                                                         (TP, RANKS, False)],
+                         ids=["cpu-PAGEDSERVE_MODEL", "tp"])
 def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path, monkeypatch,
-                                                       files, executors):
+                                                       files, executors, own_model):
     """Each service's entrypoint + command and environment exactly as the CPU deployment
     (or the tensor-parallel example, its ranks on CPU) resolves them, with loopback addresses
     and free ports given through its variables; the gateway answers over HTTP and its
-    healthcheck passes."""
+    healthcheck passes. The CPU deployment serves a model directory given as
+    PAGEDSERVE_MODEL, the other the prepared default model."""
     client_port, executor_port, admin_port, metrics_port, master_port, http_port = free_ports(6)
     env = {"PAGEDSERVE_BIND": "127.0.0.1", "PAGEDSERVE_SCHEDULER_HOST": "127.0.0.1",
            "PAGEDSERVE_CLIENT_PORT": str(client_port), "PAGEDSERVE_HTTP_PORT": str(http_port),
@@ -141,7 +164,8 @@ def test_resolved_commands_serve_a_request_on_loopback(smollm2_dir, tmp_path, mo
            "PAGEDSERVE_KV_CACHE_GB": "0.25",
            "PAGEDSERVE_SWAP_SPACE_GB": "0.25", "PAGEDSERVE_LOG_FORMAT": "console",
            "PAGEDSERVE_CACHE_DIR": str(smollm2_dir.parents[1]),
-           "PAGEDSERVE_TP_DEVICE": "cpu", "PAGEDSERVE_TP_MASTER": f"127.0.0.1:{master_port}"}
+           "PAGEDSERVE_TP_DEVICE": "cpu", "PAGEDSERVE_TP_MASTER": f"127.0.0.1:{master_port}",
+           **({"PAGEDSERVE_MODEL": str(smollm2_dir)} if own_model else {})}
     services = resolved(files, env)
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, 2 // len(executors))))  # 2 cores here
     run(services["prepare-model"], tmp_path).check_returncode()

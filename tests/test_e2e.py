@@ -14,7 +14,7 @@ import zmq
 from pagedserve.common import protocol as p
 from pagedserve.common.client import Client, InvalidRequestError
 from pagedserve.common.sampling import SamplingParams
-from services import Services, admin, free_ports, pagedserve
+from services import admin, free_ports, pagedserve, services_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +32,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
 CLIENT_TIMEOUT_S = 5  # live clients send a heartbeat every second
 
 
-@pytest.fixture(scope="module")
-def services(smollm2_dir):
-    svc = Services(smollm2_dir, scheduler_args=["--client-timeout", str(CLIENT_TIMEOUT_S)],
-                   executor_args=["--num-device-blocks", "1024", "--num-cpu-blocks", "16"])
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(services):
-    with Client(services.client, timeout=60.0) as c:
-        yield c
+services, client = services_fixtures(CLIENT_TIMEOUT_S, num_device_blocks=1024)
 
 
 @pytest.fixture(scope="module")

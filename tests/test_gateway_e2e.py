@@ -3,11 +3,12 @@ not) and raw HTTP against a gateway process in front of a real scheduler and exe
 
 Greedy answers through HTTP equal the ZeroMQ client's; bad input is a 400 in OpenAI's shape
 naming the field and leaves the gateway serving and the pool empty; a client that goes away
-mid-stream has its request aborted and its blocks freed at once.
+mid-stream, or before a whole answer, has its requests aborted and their blocks freed at once.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -20,7 +21,7 @@ import pytest
 from pagedserve.common.client import Client
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.common.up import stop_processes
-from services import Services, free_ports, pagedserve
+from services import Services, free_ports, pagedserve, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -28,22 +29,6 @@ KEY = "sk-test-gateway"
 PROMPT = "The capital of France is"
 CHAT = [{"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "What is the capital of France?"}]
-
-
-def wait_http(url: str, processes: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
-    """Until ``url`` answers 200; a process that exits first is an error."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for proc in processes:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready")
 
 
 def start_gateway(server: str, *args: str) -> tuple[subprocess.Popen, str]:
@@ -266,13 +251,38 @@ def test_a_client_gone_mid_stream_frees_its_blocks_at_once(served):
             next(events)
         [seq] = served.services.admin_cmd("seqs")["seqs"]
         assert seq["request_id"].startswith("cmpl-")
+    assert_aborted_at_once(served)
+
+
+def test_a_client_gone_before_a_whole_answer_frees_its_blocks_at_once(served):
+    body = {"prompt": [PROMPT, PROMPT], "max_tokens": 4000, "ignore_eos": True,
+            "temperature": 0.0}
+
+    async def leave_while_generating():
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as client:
+            post = asyncio.ensure_future(client.post(f"{served.url}/v1/completions", json=body))
+            while len(seqs := served.services.admin_cmd("seqs")["seqs"]) < 2:
+                assert not post.done(), post.result().text
+                await asyncio.sleep(0.05)
+            assert all(seq["request_id"].startswith("cmpl-") for seq in seqs)
+            post.cancel()  # the connection closes with it
+            with contextlib.suppress(asyncio.CancelledError):
+                await post
+
+    asyncio.run(leave_while_generating())
+    assert_aborted_at_once(served)
+
+
+def assert_aborted_at_once(served) -> None:
+    """The requests of a client that has just gone end at once, and leave the pool empty."""
     gone = time.monotonic()
     while served.services.admin_cmd("seqs")["seqs"] and time.monotonic() - gone < 30:
         time.sleep(0.05)
     freed_s = time.monotonic() - gone
-    print(f"request aborted {freed_s:.2f} s after the client went away")
-    # under a second on an idle machine; without the abort the request would run on for its
-    # 2000 tokens, or until the scheduler's 30 s client timeout
+    print(f"requests aborted {freed_s:.2f} s after the client went away")
+    # under a second on an idle machine; without the abort they would run on for their
+    # thousands of tokens, or until the scheduler's 30 s client timeout
     assert freed_s < 10.0
     assert_idle(served)
 

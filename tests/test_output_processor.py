@@ -15,14 +15,20 @@ def tokenizer(smollm2_dir):
     return Tokenizer.from_model_dir(smollm2_dir)
 
 
-def feed(tokenizer, text, max_model_len=8192, **params):
-    """Stream ``text``'s tokens through the processor; returns (seq, deltas sent, reason)."""
+def started(tokenizer, prompt=(504,), max_model_len=8192, stream=False, **params):
+    """A processor, and the started sequence of a one-sequence request with ``params``."""
     processor = OutputProcessor(tokenizer, lambda: max_model_len)
-    request = Request("r", b"c", SamplingParams(**params), [504, 3575], stream=True)
+    request = Request("r", b"c", SamplingParams(**params), list(prompt), stream=stream)
     seq = Sequence(0, request.prompt_token_ids, request)
     request.seqs.append(seq)
     processor.start(seq)
-    tracker, sent, reason = DeltaTracker(request, processor.tokenizer), [], None
+    return processor, seq
+
+
+def feed(tokenizer, text, max_model_len=8192, **params):
+    """Stream ``text``'s tokens through the processor; returns (seq, deltas sent, reason)."""
+    processor, seq = started(tokenizer, [504, 3575], max_model_len, stream=True, **params)
+    tracker, sent, reason = DeltaTracker(seq.request, tokenizer), [], None
     for token in tokenizer.encode(text):
         reason = processor.append(seq, token, -0.5, None)
         if reason:
@@ -43,11 +49,8 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tokenizer):
 
 def test_eos_stops_unless_ignored(tokenizer):
     eos = next(iter(tokenizer.eos_token_ids))
-    processor = OutputProcessor(tokenizer, lambda: 8192)
     for ignore_eos, expected in ((False, ("stop", None)), (True, None)):
-        request = Request("r", b"c", SamplingParams(ignore_eos=ignore_eos), [504], stream=False)
-        seq = Sequence(0, [504], request)
-        processor.start(seq)
+        processor, seq = started(tokenizer, ignore_eos=ignore_eos)
         assert processor.append(seq, eos, 0.0, None) == expected
 
 
@@ -64,15 +67,11 @@ def top(token_ids, logprobs, sampled_rank):
 
 
 def test_logprobs_are_vllms_the_sampled_token_first_with_rank_and_text(tokenizer):
-    processor = OutputProcessor(tokenizer, lambda: 8192)
-    request = Request("r", b"c", SamplingParams(logprobs=1), [504], stream=False)
-    seq = Sequence(0, [504], request)
-    request.seqs.append(seq)
-    processor.start(seq)
+    processor, seq = started(tokenizer, logprobs=1)
     processor.append(seq, 7042, -0.25, top([9], [-0.125], sampled_rank=2))
     processor.append(seq, 30, -0.5, top([30], [-0.5], sampled_rank=1))
     assert seq.cumulative_logprob == -0.75
-    logprobs = DeltaTracker(request, tokenizer).deltas()[0].logprobs
+    logprobs = DeltaTracker(seq.request, tokenizer).deltas()[0].logprobs
     first = tokenizer.token_texts([9])[0]
     assert logprobs == [{7042: Logprob(-0.25, 2, " Paris"), 9: Logprob(-0.125, 1, first)},
                         {30: Logprob(-0.5, 1, ".")}]
@@ -80,13 +79,9 @@ def test_logprobs_are_vllms_the_sampled_token_first_with_rank_and_text(tokenizer
 
 
 def test_logprobs_0_returns_the_sampled_token_alone(tokenizer):
-    processor = OutputProcessor(tokenizer, lambda: 8192)
-    request = Request("r", b"c", SamplingParams(logprobs=0), [504], stream=False)
-    seq = Sequence(0, [504], request)
-    request.seqs.append(seq)
-    processor.start(seq)
+    processor, seq = started(tokenizer, logprobs=0)
     processor.append(seq, 7042, -0.25, top([], [], sampled_rank=3))
-    assert DeltaTracker(request, tokenizer).deltas()[0].logprobs == [
+    assert DeltaTracker(seq.request, tokenizer).deltas()[0].logprobs == [
         {7042: Logprob(-0.25, 3, " Paris")}]
 
 

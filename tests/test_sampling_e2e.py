@@ -3,14 +3,13 @@ from a directory whose generation_config.json sets a repetition penalty and the 
 (the defaults of what a request leaves unset)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from pagedserve.common.client import Client
 from pagedserve.common.sampling import SamplingParams
-from services import Services
+from services import Services, model_with_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,7 @@ MODEL_DEFAULTS = {"repetition_penalty": 1.3, "max_new_tokens": 12}
 @pytest.fixture(scope="module")
 def model_dir(smollm2_dir, tmp_path_factory):
     """The default model's files, with MODEL_DEFAULTS added to its generation_config.json."""
-    path = tmp_path_factory.mktemp("model")
-    for file in smollm2_dir.iterdir():
-        if file.name != "generation_config.json":
-            (path / file.name).symlink_to(file)
-    config = json.loads((smollm2_dir / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(json.dumps({**config, **MODEL_DEFAULTS}))
-    return path
+    return model_with_defaults(smollm2_dir, tmp_path_factory.mktemp("model"), MODEL_DEFAULTS)
 
 
 @pytest.fixture(scope="module")
