@@ -6,7 +6,9 @@ path it replaces, in SmolLM2's shape (9 query heads over 3 kv heads of 64, block
 - **decode**: 64 sequences of 300-700 tokens, one new token each, their blocks scattered over
   the pool; every call reads another layer's cache (30 of them, ~1.5 GB), so that, as in a
   real step, the context comes from memory. torch path: the gathered batched matmuls. Also
-  ours over the same values in a bfloat16 cache (``--kv-cache-dtype bfloat16``): half the bytes.
+  ours over the same values in a bfloat16 cache (``--kv-cache-dtype bfloat16``): half the bytes;
+  and a bf16 model's (bfloat16 queries too), which takes bf16 dot products where the build
+  has AVX512_BF16: ``PAGEDSERVE_CPU_ISA=avx512`` runs the same without them.
 - **prompt**: one prompt of 128 and one of 500 tokens with nothing cached, causal. torch path:
   its fused attention (``scaled_dot_product_attention``), as the executor called it per prompt.
 
@@ -71,11 +73,17 @@ def decode_case(rounds: int) -> dict[str, float]:
         for k_cache, v_cache in half_caches:
             cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE)
 
+    bf16_query = query.bfloat16()
+
+    def bf16_model():
+        for k_cache, v_cache in half_caches:
+            cpu_kernels.paged_attention(bf16_query, k_cache, v_cache, batch, SCALE)
+
     k_cache, v_cache = caches[0]
     torch.testing.assert_close(
         cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE),
         decode(query, k_cache, v_cache, meta, SCALE), rtol=1e-4, atol=1e-4)
-    runs = {"ours": ours, "torch": torch_path, "ours_bf16": ours_bf16}
+    runs = {"ours": ours, "torch": torch_path, "ours_bf16": ours_bf16, "bf16_model": bf16_model}
     return {name: t / LAYERS for name, t in _timed(runs, rounds).items()}
 
 
@@ -95,9 +103,15 @@ def prompt_case(length: int, rounds: int) -> dict[str, float]:
     def torch_path():
         return prefill(query, keys, values, None, SCALE, HEADS // KV_HEADS)
 
+    half = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+
+    def bf16_model():
+        return cpu_kernels.paged_attention(*half, batch, SCALE)
+
     torch.testing.assert_close(ours(), torch_path(), rtol=1e-4, atol=1e-4)
     return _timed({"ours": lambda: [ours() for _ in range(10)],
-                   "torch": lambda: [torch_path() for _ in range(10)]}, rounds)
+                   "torch": lambda: [torch_path() for _ in range(10)],
+                   "bf16_model": lambda: [bf16_model() for _ in range(10)]}, rounds)
 
 
 def main() -> None:
@@ -106,7 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     if cpu_kernels.load() is None:
         raise SystemExit("the CPU kernels did not build here")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{cpu_kernels.describe()}")
     cases = {"decode 64 x 300-700 tokens, per layer": decode_case(args.rounds)}
     for length in (128, 500):
         cases[f"prompt of {length}, per call"] = {
@@ -118,6 +133,10 @@ def main() -> None:
     print(f"{'decode, bfloat16 cache, per layer':38s} ours {decode['ours_bf16'] * 1e3:7.3f} ms  "
           f"float32 cache {decode['ours'] * 1e3:7.3f} ms  "
           f"{decode['ours'] / decode['ours_bf16']:5.2f}x")
+    print(f"{'bf16 model (bf16 queries and cache)':38s} decode {decode['bf16_model'] * 1e3:7.3f} "
+          f"ms per layer; prompts of 128 / 500 "
+          + " / ".join(f"{cases[f'prompt of {n}, per call']['bf16_model'] * 1e3:.3f}"
+                       for n in (128, 500)) + " ms per call")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,16 @@ LINEARS = {"cpu": KernelLinear, "onednn": OneDnnLinear, "torch": TorchLinear}
 
 
 def linear_candidates(dtype: torch.dtype) -> list[str]:
-    """The linear implementations that serve ``dtype`` weights on this CPU."""
+    """The linear implementations that serve ``dtype`` weights on this CPU. ``F.linear`` on
+    bfloat16 weights is left out where oneDNN's prepacked GEMM serves them: it reorders the
+    weight anew for every row count it meets and oneDNN's primitive cache keeps each copy (the
+    LM head's is 56 MB), so the executor grew by ~100 MB per thousand requests of varying
+    batch (tests/test_load_e2e.py on a Zen 4, where it had won the LM head's >32-row bucket by
+    1%)."""
     names = ["cpu"] if cpu_kernels.fuses(dtype, "cpu") else []
-    return names + (["onednn"] if can_pack(dtype) else []) + ["torch"]
+    if can_pack(dtype):
+        return names + ["onednn"] + (["torch"] if dtype != torch.bfloat16 else [])
+    return names + ["torch"]
 
 
 def op_candidates(dtype: torch.dtype) -> dict[str, LayerOps]:
