@@ -252,12 +252,14 @@ class AsyncClient:
             await self._send(payload, request_id)
             self._sent.add(request_id)
             prompt_ids: list[int] = []
+            text = prompt if isinstance(prompt, str) else None
             while not finished:
                 out = await self._next(queue, request_id)
                 if out.prompt_token_ids is not None:
                     prompt_ids = out.prompt_token_ids.tolist()
+                text = out.prompt if out.prompt is not None else text  # token ids' text
                 finished = out.finished
-                yield _to_output(out, prompt if isinstance(prompt, str) else None, prompt_ids)
+                yield _to_output(out, text, prompt_ids)
         finally:
             del self._queues[request_id]
             sent = request_id in self._sent

@@ -99,6 +99,8 @@ class RequestOutputMsg:
     outputs: list[CompletionDelta]
     finished: bool
     prompt_token_ids: Ints | None = None  # in the first message of a request only
+    # with them, where the request gave token ids: their text (special tokens kept), for echo
+    prompt: str | None = None
     # with it, when asked: per prompt token {token_id: Logprob}, the prompt's token first,
     # then the top-N; None for the first token, which nothing predicts
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None

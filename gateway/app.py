@@ -165,9 +165,6 @@ def _prompts(body: CompletionRequest) -> list:
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
-    if body.echo and not all(isinstance(p, str) for p in prompt):
-        raise APIError(400, "echo needs a text prompt: the gateway holds no tokenizer to "
-                            "write token ids back as text", "echo")
     return prompt
 
 

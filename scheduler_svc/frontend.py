@@ -38,7 +38,8 @@ class Frontend:
         params = self._params(msg.params, msg.stream)
         prompt_ids = self._prompt_ids(msg)
         request = Request(msg.request_id, client, params, prompt_ids, msg.stream,
-                          frozenset(self.tokenizer.eos_token_ids))
+                          frozenset(self.tokenizer.eos_token_ids),
+                          prompt_from_ids=msg.prompt is None)
         self.requests[request.key] = request
         self.trackers[request.key] = DeltaTracker(request, self.tokenizer)
         return request
@@ -51,7 +52,9 @@ class Frontend:
         msg = RequestOutputMsg(request_id=request.request_id, outputs=tracker.deltas(),
                                finished=request.is_finished,
                                prompt_token_ids=request.prompt_token_ids if first else None,
-                               prompt_logprobs=tracker.prompt_logprobs() if first else None)
+                               prompt_logprobs=tracker.prompt_logprobs() if first else None,
+                               prompt=self.tokenizer.decode(request.prompt_token_ids, False)
+                               if first and request.prompt_from_ids else None)
         if msg.finished:
             del self.requests[request.key]
             del self.trackers[request.key]

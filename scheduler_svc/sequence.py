@@ -128,6 +128,7 @@ class Request:
     # prompt_logprobs: those of prompt tokens 1, 2, ... as the executor scores them
     prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
     sent_first: bool = False  # the first output message (with the prompt ids) went out
+    prompt_from_ids: bool = False  # given as token ids: the first message carries their text
     # Timings for the metrics (time.monotonic()); num_generated: output tokens seen so far.
     first_token_time: float | None = None
     num_generated: int = 0

@@ -123,6 +123,11 @@ def test_completion_logprobs_and_echo(served):
     assert "".join(echoed_logprobs.tokens) == echoed.choices[0].text
     assert echoed_logprobs.token_logprobs[0] is None and echoed_logprobs.text_offset[0] == 0
     assert echoed_logprobs.token_logprobs[-5:] == logprobs.token_logprobs
+    # a token-id prompt is echoed as its text, which the scheduler's tokenizer writes
+    ids = served.client.generate(PROMPT, greedy(1)).prompt_token_ids
+    by_ids = served.sdk.completions.create(model=served.model, prompt=ids, max_tokens=5,
+                                           temperature=0.0, echo=True)
+    assert by_ids.choices[0].text == PROMPT + choice.text
 
 
 # ------------------------------------------------------------------ chat
