@@ -82,6 +82,35 @@ static inline __attribute__((always_inline)) void widen_span(const Work *w, cons
     }
 }
 
+/* One online-softmax step over a span's scores (m of them, masked up to padded, a multiple
+ * of 8): the scores become their exps against the new running max, *max and *sum are
+ * updated, and the factor that rescales the sums of earlier spans is returned (0 on the
+ * first span). */
+static inline __attribute__((always_inline)) float softmax_step(float *scores, int64_t m,
+                                                                int64_t padded, float *max,
+                                                                float *sum) {
+    for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
+    v8 top = splat(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 8) {
+        const v8 sj = *(const v8 *)(scores + j);
+        const i8 above = sj > top;
+        top = (v8)(((i8)sj & above) | ((i8)top & ~above));
+    }
+    float span_max = top[0];
+    for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
+    const float new_max = span_max > *max ? span_max : *max;
+    const float correction = expf(*max - new_max);
+    v8 sums = splat(0.0f);
+    for (int64_t j = 0; j < padded; j += 8) {
+        const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 if masked */
+        sums += p;
+        *(v8 *)(scores + j) = p;
+    }
+    *sum = *sum * correction + hsum(sums);
+    *max = new_max;
+    return correction;
+}
+
 static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
                                                          int64_t rows, int64_t g0, int64_t g1,
                                                          const int64_t vecs, const int bf16,
@@ -161,25 +190,7 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
                             s[j] = hsum(a);
                         }
                     }
-                    for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
-                    v8 top = splat(-INFINITY);
-                    for (int64_t j = 0; j < padded; j += 8) {
-                        const v8 sj = *(const v8 *)(scores + j);
-                        const i8 above = sj > top;
-                        top = (v8)(((i8)sj & above) | ((i8)top & ~above));
-                    }
-                    float span_max = top[0];
-                    for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
-                    const float new_max = span_max > max[i] ? span_max : max[i];
-                    const float correction = expf(max[i] - new_max); /* 0 on the first span */
-                    v8 sums = splat(0.0f);
-                    for (int64_t j = 0; j < padded; j += 8) {
-                        const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max)); /* 0 if masked */
-                        sums += p;
-                        *(v8 *)(scores + j) = p;
-                    }
-                    sum[i] = sum[i] * correction + hsum(sums);
-                    max[i] = new_max;
+                    const float correction = softmax_step(scores, m, padded, &max[i], &sum[i]);
                     v8 o[MAX_VECS];
                     for (int64_t c = 0; c < vecs; c++) o[c] = acc[i][c] * splat(correction);
                     for (int64_t b = first; b * bs < end; b++) {
@@ -353,25 +364,7 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
                         }
                         *(v16 *)(scores + c0) = hsum16(a) * (v16)_mm512_set1_ps(w->scale);
                     }
-                    for (int64_t j = m; j < padded; j++) scores[j] = -INFINITY;
-                    v8 top = splat(-INFINITY);
-                    for (int64_t j = 0; j < padded; j += 8) {
-                        const v8 sj = *(const v8 *)(scores + j);
-                        const i8 above = sj > top;
-                        top = (v8)(((i8)sj & above) | ((i8)top & ~above));
-                    }
-                    float span_max = top[0];
-                    for (int t = 1; t < 8; t++) span_max = top[t] > span_max ? top[t] : span_max;
-                    const float new_max = span_max > max[i] ? span_max : max[i];
-                    const float correction = expf(max[i] - new_max); /* 0 on the first span */
-                    v8 sums = splat(0.0f);
-                    for (int64_t j = 0; j < padded; j += 8) {
-                        const v8 p = exp8(*(v8 *)(scores + j) - splat(new_max));
-                        sums += p;
-                        *(v8 *)(scores + j) = p;
-                    }
-                    sum[i] = sum[i] * correction + hsum(sums);
-                    max[i] = new_max;
+                    const float correction = softmax_step(scores, m, padded, &max[i], &sum[i]);
                     for (int64_t j = m; j < padded; j++) scores[j] = 0.0f; /* an odd m's pair */
                     for (int64_t j = 0; j < padded; j += 16)
                         _mm256_store_si256((__m256i *)(probs + j),
