@@ -1,8 +1,9 @@
-"""A/B of server flags: ``pagedserve up`` with its defaults against ``up`` with other flags,
-alternating run by run on one shared workload (the machine's speed drifts: alternating spreads
-the drift over both sides).
+"""A/B of server flags: ``pagedserve up`` with its defaults against ``up`` with other flags
+(or environment variables), alternating run by run on one shared workload (the machine's
+speed drifts: alternating spreads the drift over both sides).
 
     python -m pagedserve.benchmarks.ab --workload fixed --rounds 3 --flags=--no-async-scheduling
+    python -m pagedserve.benchmarks.ab --workload mixed --env LRU_CACHE_CAPACITY=1024
 
 Each run starts a fresh ``up``, warms it up, resets the prefix cache and times the workload
 through the client; then reads the step cost from ``stats``. Prints every run and the medians,
@@ -19,14 +20,15 @@ from pathlib import Path
 from pagedserve.benchmarks.compare import free_ports, request_sets, run_pagedserve
 
 
-def run(workload: str, rounds: int, flags: list[str], out: Path) -> dict:
+def run(workload: str, rounds: int, flags: list[str], env: dict[str, str], out: Path) -> dict:
     sets = request_sets([workload], 1, [], 1)
     tokens = sum(len(r["prompt"]) + r["output_len"] for r in sets[workload]["requests"])
-    sides = {"defaults": (), " ".join(flags): tuple(flags)}
+    other = " ".join([*(f"{key}={value}" for key, value in env.items()), *flags])
+    sides = {"defaults": ((), {}), other: (tuple(flags), env)}
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for i in range(rounds):
-        for name, args in sides.items():
-            result = run_pagedserve(sets, free_ports(3), out, args=args,
+        for name, (args, side_env) in sides.items():
+            result = run_pagedserve(sets, free_ports(3), out, args=args, env=side_env,
                                     log_name=f"ab-{i}-{'a' if name == 'defaults' else 'b'}.log")
             cost = result["step_cost"]
             runs[name].append({"total_tok_s": tokens / result["results"][workload]["median_s"],
@@ -41,11 +43,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="fixed", choices=["fixed", "mixed"])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--flags", required=True, help="The other side's flags, one string.")
+    parser.add_argument("--flags", default="", help="The other side's flags, one string.")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="An environment variable of the other side's (repeatable).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ab"))
     args = parser.parse_args()
+    env = dict(pair.split("=", 1) for pair in args.env)
+    if not args.flags and not env:
+        parser.error("nothing to compare: give --flags or --env")
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = run(args.workload, args.rounds, shlex.split(args.flags), args.out)
+    runs = run(args.workload, args.rounds, shlex.split(args.flags), env, args.out)
     (args.out / "ab.json").write_text(json.dumps({"workload": args.workload, "runs": runs},
                                                  indent=1))
     print(f"| up | total tok/s ({args.workload}), median of {args.rounds} | step p50 (ms) | "

@@ -66,8 +66,9 @@ def _as_dicts(requests) -> list[dict]:
 
 def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
                    model: str | None = None, args: tuple[str, ...] = (),
-                   log_name: str = "pagedserve.log") -> dict:
-    """Start ``pagedserve up`` with its defaults (and ``args``), time every set, stop it."""
+                   log_name: str = "pagedserve.log", env: dict[str, str] | None = None) -> dict:
+    """Start ``pagedserve up`` with its defaults (and ``args``, and ``env`` added to the
+    environment), time every set, stop it."""
     client_port, executor_port, admin_port = ports
     admin = tcp_endpoint(admin_port)
     log = open(log_dir / log_name, "w")
@@ -76,7 +77,7 @@ def run_pagedserve(sets: dict[str, dict], ports: list[int], log_dir: Path,
          "--executor-port", str(executor_port), "--admin-port", str(admin_port),
          "--log-stats-interval", "0", "--no-http",  # timed through ZeroMQ: no gateway
          *(["--model", model] if model else []), *args],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         start_new_session=True)
     try:
         _wait_ready(admin, proc)

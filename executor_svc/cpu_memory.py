@@ -1,5 +1,5 @@
-"""How the executor holds memory on a CPU: a steadier allocator, a bounded oneDNN primitive
-cache, and KV pools mapped before the first step.
+"""How the executor holds memory on a CPU: a steadier allocator, bounded oneDNN
+caches, and KV pools mapped before the first step.
 
 glibc serves every allocation above its mmap threshold with a fresh ``mmap``, and returns it on
 free; each step then page-faults its activations in again. On this project's VM that took a
@@ -44,12 +44,16 @@ def tune_allocator() -> bool:
 
 
 def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE_CAPACITY) -> None:
-    """Keep at most ``capacity`` oneDNN primitives (unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
-    says otherwise); call before the first GEMM. oneDNN caches one primitive per GEMM shape,
-    so one per batch size each step brings; its default of 1024 let an executor's resident
-    memory grow run after run (BENCHMARKS.md, "Memory under load"). Steps whose batch size
-    was evicted build it again, about a millisecond per weight shape."""
+    """Keep at most ``capacity`` oneDNN primitives, and as many of torch's own cached oneDNN
+    operations (unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` or ``LRU_CACHE_CAPACITY`` say
+    otherwise); call before the first GEMM. Both keep one entry per GEMM shape, so one per
+    batch size each step brings, and both default to 1024. torch's entry for a prepacked
+    bfloat16 GEMM keeps buffers that grow with the batch: ~5 MB for a 1,000-row 576 x 3072
+    one, so with the default an executor's heap grew run after run (BENCHMARKS.md, "Memory
+    under load"). Steps whose batch size was evicted build it again, about a millisecond per
+    weight shape."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(capacity))
 
 
 def release_free_memory() -> None:

@@ -96,11 +96,12 @@ def rss_mb(pid: int) -> float:
 
 def test_a_thousand_requests_from_sixteen_clients_leave_no_block_and_no_leak(small_model,
                                                                             monkeypatch):
-    # oneDNN's primitive cache is bounded (64 by default, BENCHMARKS.md "Memory under load"),
-    # but which batch sizes it holds after a run varies with timing, and their sizes differ:
-    # up to 12 MB between runs was seen. Sixteen entries leave nothing to vary, so what
-    # remains is this code's own memory.
+    # oneDNN's primitive cache and torch's cache of oneDNN operations are bounded (64 by
+    # default, BENCHMARKS.md "Memory under load"), but which batch sizes they hold after a
+    # run varies with timing, and their sizes differ: up to 12 MB between runs was seen.
+    # Sixteen entries leave nothing to vary, so what remains is this code's own memory.
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "16")
     # A pool small enough for the first run to cycle through all of it: the KV pages it
     # touches first do not count as growth of the second.
     services = Services(small_model, scheduler_args=["--max-num-seqs", "64"],
