@@ -14,7 +14,7 @@ from importlib.metadata import version
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
 
 from pagedserve.common.auth import PeerKeys
 from pagedserve.common.client import AsyncClient, PagedServeError
@@ -61,6 +61,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                   docs_url=None, redoc_url=None)
     errors.install(app)
     registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(namespace="pagedserve_gateway", registry=registry)  # its CPU, memory
     app.add_middleware(HTTPMetrics, registry=registry)
     app.add_middleware(BodyLimit, limit=int(MAX_MESSAGE_MB * (1 << 20)))
     app.include_router(_v1_router(), dependencies=[Depends(_key_check(settings.api_key))])

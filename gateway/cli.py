@@ -1,6 +1,7 @@
 """``pagedserve gateway``: serve the OpenAI HTTP API in front of a scheduler."""
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import socket
 
@@ -11,8 +12,10 @@ from pagedserve.common import options
 from pagedserve.common.cli import client_keys
 from pagedserve.common.client import DEFAULT_ADDRESS
 from pagedserve.common.config import API_KEY_ENV, HTTP_PORT, LOOPBACK, ServiceConfig
-from pagedserve.common.log import setup_logging
+from pagedserve.common.log import get_logger, setup_logging
 from pagedserve.gateway.app import GatewaySettings, create_app
+
+log = get_logger("gateway")
 
 
 @click.command("gateway")
@@ -41,8 +44,17 @@ def main(host, port, server, api_key, scheduler_metrics, timeout, auth, keys,
     setup_logging(log_format)
     settings = GatewaySettings(server=server, keys=client_keys(auth, keys), api_key=api_key,
                                scheduler_metrics=scheduler_metrics, timeout=timeout)
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=False,
-                log_level="info", timeout_graceful_shutdown=5)
+    loop, http = server_implementations()
+    log.info("gateway serving", host=host, port=port, loop=loop, http=http)
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, loop=loop,
+                http=http, log_level="info", timeout_graceful_shutdown=5)
+
+
+def server_implementations() -> tuple[str, str]:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools where installed (the
+    ``gateway`` extra brings both), else asyncio's loop and the pure-Python h11."""
+    return ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            "httptools" if importlib.util.find_spec("httptools") else "h11")
 
 
 def is_loopback(host: str) -> bool:

@@ -1,8 +1,10 @@
 """``GET /metrics``: the gateway's own HTTP metrics, and the scheduler's after them.
 
 The gateway counts requests by route and status and times them (to the end of a stream)
-in a private registry. The scheduler serves its own metrics (``--metrics-port``); given
-its URL, the gateway appends them, so that one scrape of the HTTP port sees both.
+in a private registry, beside its process' CPU time and memory
+(``pagedserve_gateway_process_*``). The scheduler serves its own metrics
+(``--metrics-port``); given its URL, the gateway appends them, so that one scrape of the
+HTTP port sees both.
 """
 from __future__ import annotations
 

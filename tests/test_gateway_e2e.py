@@ -244,6 +244,9 @@ def test_models_version_and_metrics(served):
     metrics = httpx.get(f"{served.url}/metrics").text
     assert 'pagedserve_gateway_requests_total{method="POST",route="/v1/completions"' in metrics
     assert "vllm:generation_tokens_total" in metrics  # the scheduler's, through the gateway
+    cpu = [line for line in metrics.splitlines()
+           if line.startswith("pagedserve_gateway_process_cpu_seconds_total ")]
+    assert len(cpu) == 1 and float(cpu[0].split()[1]) > 0  # its own CPU time, by its name
 
 
 def test_a_client_gone_mid_stream_frees_its_blocks_at_once(served):

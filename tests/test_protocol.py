@@ -45,6 +45,13 @@ def test_result_round_trips_floats_and_top_logprobs():
     (msgpack.packb({"v": 1, "type": "step", "step": 1, "removed": b"", "seq_ids": b"",
                     "num_tokens": b"", "block_appends": b"", "new_seqs": [{"seq_id": 1}]}),
      "missing field 'token_ids' in 'step.new_seqs[0]'"),
+    (msgpack.packb({"v": 1, "type": "output", "request_id": "r", "finished": False, "outputs": [
+        {"index": 0, "text": "", "token_ids": b"", "cumulative_logprob": 0,
+         "logprobs": [{5: [-0.5, 1, "a"]}, {7: [-0.5, "1", "b"]}]}]}),
+     "'output.outputs[0].logprobs[1][7].rank' must be int, got str '1'"),
+    (msgpack.packb({"v": 1, "type": "output", "request_id": "r", "finished": True, "outputs": [
+        {"index": 0, "text": "", "token_ids": b"", "cumulative_logprob": -1.5,
+         "stop_reason": 2.5}]}), "'output.outputs[0].stop_reason' must be int"),
 ])
 def test_invalid_messages_name_the_bad_field(raw, message):
     with pytest.raises(p.ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
