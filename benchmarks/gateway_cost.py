@@ -11,7 +11,8 @@ are) for ``--output-len`` tokens, greedy, EOS ignored; a round first runs a warm
 request of each kind. Prompts differ between rounds, paths and runs (unless ``--seed``
 repeats one), so the prefix cache never answers. Printed per path: total tokens/s (prompt +
 output over the wall time of the round), median time to first token, and the CPU time of
-this client and of the gateway (its ``/metrics``); the best round of each.
+this client and of the gateway (its ``/metrics``); the best round of each. Then, on the
+idle server, single requests one at a time: the time to first token the gateway adds.
 """
 from __future__ import annotations
 
@@ -77,11 +78,30 @@ async def sse_round(http: httpx.AsyncClient, model: str, batch: list[list[int]],
 
 
 async def gateway_cpu_s(http: httpx.AsyncClient) -> float:
-    """The gateway process' CPU time so far, from its ``/metrics``."""
+    """The gateway process' CPU time so far, from its ``/metrics`` (NaN from a gateway
+    that does not report it)."""
     text = (await http.get("/metrics")).text
-    line = next(line for line in text.splitlines()
-                if line.startswith("pagedserve_gateway_process_cpu_seconds_total "))
-    return float(line.split()[1])
+    prefix = "pagedserve_gateway_process_cpu_seconds_total "
+    return next((float(line[len(prefix):]) for line in text.splitlines()
+                 if line.startswith(prefix)), float("nan"))
+
+
+async def idle_latency(rounds: dict, args, seed: int) -> None:
+    """What the gateway adds to one request's time to first token on an idle server: one
+    stream at a time, the paths alternating, ``--idle-requests`` each, each after a pause
+    (a request sent as the one before ends can wait for a step still running for it)."""
+    firsts: dict[str, list[float]] = {path: [] for path in rounds}
+    for _ in range(args.idle_requests):
+        for path, run in rounds.items():
+            seed += 1
+            await asyncio.sleep(0.1)
+            firsts[path] += await run(prompts(1, args.prompt_len, seed))
+    zeromq = statistics.median(firsts["zeromq"])
+    for path, times in firsts.items():
+        median = statistics.median(times)
+        print(f"idle, one stream at a time: {path:8s} median TTFT {median * 1e3:6.1f} ms "
+              f"(+{(median - zeromq) * 1e3:.1f} ms), "
+              f"p90 {statistics.quantiles(times, n=10)[-1] * 1e3:6.1f} ms", flush=True)
 
 
 async def main_async(args) -> None:
@@ -115,11 +135,13 @@ async def main_async(args) -> None:
                   flush=True)
             best[path] = max(best[path], (rate, ttft))
     zr, zt = best["zeromq"]
-    for path in ("http sdk", "http sse"):
+    for path in ("http sdk", "http sse") if args.rounds else ():
         hr, ht = best[path]
         print(f"best: zeromq {zr:.1f} tok/s, TTFT {zt * 1e3:.1f} ms; {path} {hr:.1f} tok/s, "
               f"TTFT {ht * 1e3:.1f} ms: the gateway costs {100 * (1 - hr / zr):.1f}% of "
               f"tokens/s and {(ht - zt) * 1e3:.1f} ms of median TTFT")
+    if args.idle_requests:
+        await idle_latency(rounds, args, seed)
     await client.close()
     await sdk.close()
     await http.aclose()
@@ -134,6 +156,9 @@ def main() -> None:
     parser.add_argument("--client-port", type=int, default=5555)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--idle-requests", type=int, default=20,
+                        help="Then this many single requests per path, one at a time, for "
+                             "the time to first token the gateway adds (0: none).")
     parser.add_argument("--seed", type=int, default=None,
                         help="The first round's prompt seed (default: a new one per run, so "
                              "that a second run against the same server misses its prefix "
