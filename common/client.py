@@ -301,17 +301,21 @@ class AsyncClient:
         while True:
             payload = await self._sock.recv()
             try:
-                msg = p.decode(payload, (p.RequestOutputMsg, p.ModelInfo, p.ErrorMsg,
-                                         p.Heartbeat))
+                msg = p.decode(payload, (p.RequestOutputMsg, p.OutputBatch, p.ModelInfo,
+                                         p.ErrorMsg, p.Heartbeat))
             except p.ProtocolError as exc:
                 msg = p.ErrorMsg(code="protocol_error", message=f"bad reply from server: {exc}")
-            if isinstance(msg, p.Heartbeat) or (isinstance(msg, p.ErrorMsg)
-                                                and msg.request_id is None):
-                targets = list(self._queues.values())  # belongs to every live request
-            else:
-                targets = [q for q in [self._queues.get(msg.request_id)] if q is not None]
-            for queue in targets:
-                queue.put_nowait(None if isinstance(msg, p.Heartbeat) else msg)
+            for one in msg.outputs if isinstance(msg, p.OutputBatch) else [msg]:
+                self._deliver(one)
+
+    def _deliver(self, msg) -> None:
+        if isinstance(msg, p.Heartbeat) or (isinstance(msg, p.ErrorMsg)
+                                            and msg.request_id is None):
+            targets = list(self._queues.values())  # belongs to every live request
+        else:
+            targets = [q for q in [self._queues.get(msg.request_id)] if q is not None]
+        for queue in targets:
+            queue.put_nowait(None if isinstance(msg, p.Heartbeat) else msg)
 
 
 class Client:

@@ -108,6 +108,15 @@ class RequestOutputMsg:
 
 
 @dataclass
+class OutputBatch:
+    TYPE: ClassVar[str] = "outputs"
+    # Several requests' outputs of one step for one client, in one message: a client
+    # streaming 64 requests reads one message a step instead of 64. Each request's messages
+    # keep their order.
+    outputs: list[RequestOutputMsg]
+
+
+@dataclass
 class ErrorMsg:
     TYPE: ClassVar[str] = "error"
     code: str  # invalid_request | protocol_error | overloaded | request_lost | unavailable
@@ -244,8 +253,8 @@ class StepResult:
 
 
 MESSAGES = {cls.TYPE: cls for cls in (
-    GenerateRequest, AbortRequest, ModelInfoRequest, RequestOutputMsg, ModelInfo, ErrorMsg,
-    Heartbeat, RegisterExecutor, ConfigureExecutor, ExecutorReady, StepPlan, StepResult)}
+    GenerateRequest, AbortRequest, ModelInfoRequest, RequestOutputMsg, OutputBatch, ModelInfo,
+    ErrorMsg, Heartbeat, RegisterExecutor, ConfigureExecutor, ExecutorReady, StepPlan, StepResult)}
 
 
 # ---------------------------------------------------------------- encode / decode

@@ -65,14 +65,18 @@ class ClientLink:
 
     def send_outputs(self, requests: list[Request]) -> None:
         """The new output of requests a step touched: each step's for streaming requests, all
-        at once for the others when they finish."""
+        at once for the others when they finish; one message per client (a batch where it
+        has several)."""
+        by_client: dict[bytes, list[p.RequestOutputMsg]] = {}
         for request in requests:
             if request.is_finished:
                 log.debug("request finished", request_id=request.request_id,
                           finish_reasons=[seq.finish_reason for seq in request.seqs],
                           output_tokens=request.num_generated)
             if request.stream or request.is_finished:
-                self.send_output(request)
+                by_client.setdefault(request.client, []).append(self.frontend.output(request))
+        for client, outputs in by_client.items():
+            self.send(client, outputs[0] if len(outputs) == 1 else p.OutputBatch(outputs))
 
     def fail(self, request: Request, error: p.ErrorMsg) -> None:
         """End the request and tell its client ``error`` instead of an output."""

@@ -148,7 +148,7 @@ def check_reply(peer: Peer, payload: bytes, reply: bytes | None) -> None:
         assert error.code == "protocol_error" and error.message
     elif reply is not None:
         msg = p.decode(reply)
-        assert isinstance(msg, (p.ErrorMsg, p.RequestOutputMsg, p.Heartbeat,
+        assert isinstance(msg, (p.ErrorMsg, p.RequestOutputMsg, p.OutputBatch, p.Heartbeat,
                                 p.ConfigureExecutor))
         if isinstance(msg, p.ErrorMsg):
             assert msg.code in ("protocol_error", "invalid_request", "unavailable",

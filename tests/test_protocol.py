@@ -92,3 +92,39 @@ def test_sampling_params_from_dict_rejects_unknown_fields():
 def test_configs_are_validated_at_construction(make, field):
     with pytest.raises(ValueError, match=field):
         make()
+
+
+def test_a_step_sends_one_message_per_client_with_each_requests_outputs_in_order():
+    from types import SimpleNamespace
+
+    from pagedserve.scheduler_svc.client_link import ClientLink
+
+    class Socket:
+        def __init__(self):
+            self.sent = []
+
+        def send_multipart(self, frames):
+            self.sent.append((frames[0], p.decode(frames[1])))
+
+    class Frontend:
+        def output(self, request):
+            return p.RequestOutputMsg(request_id=request.request_id, finished=request.is_finished,
+                                      outputs=[])
+
+    def request(client, request_id, stream=True, finished=False):
+        return SimpleNamespace(client=client, request_id=request_id, stream=stream,
+                               is_finished=finished, seqs=[], num_generated=1)
+
+    sock = Socket()
+    link = ClientLink(sock, Frontend(), engine=None, config=SchedulerConfig(),
+                      model_info=lambda request_id: None)
+    link.send_outputs([request(b"a", "a1"), request(b"b", "b1"), request(b"a", "a2"),
+                       request(b"a", "a3", stream=False), request(b"b", "b2", finished=True)])
+    (to_a, batch_a), (to_b, batch_b) = sock.sent
+    assert to_a == b"a" and isinstance(batch_a, p.OutputBatch)
+    assert [m.request_id for m in batch_a.outputs] == ["a1", "a2"]  # a3 waits for its end
+    assert isinstance(batch_a.outputs[0], p.RequestOutputMsg)
+    assert to_b == b"b" and [m.request_id for m in batch_b.outputs] == ["b1", "b2"]
+    assert batch_b.outputs[1].finished
+    link.send_outputs([request(b"a", "a4")])
+    assert isinstance(sock.sent[-1][1], p.RequestOutputMsg)  # one output: no batch around it
