@@ -57,7 +57,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await client.close()
 
-    app = FastAPI(title="pagedserve", version=version("pagedserve"), lifespan=lifespan,
+    served_version = version("pagedserve")  # read once: a lookup in the installed metadata
+    app = FastAPI(title="pagedserve", version=served_version, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     errors.install(app)
     registry = CollectorRegistry(auto_describe=True)
@@ -81,7 +82,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/version")
     async def server_version() -> dict:
-        return {"version": version("pagedserve")}
+        return {"version": served_version}
 
     return app
 
