@@ -519,12 +519,11 @@ def _scalar_checker(hint):
     base = typing.get_origin(hint) or hint
 
     def check(value):
-        if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        as_bool = base is int and isinstance(value, bool)  # a bool is an int to Python
+        if isinstance(value, base) and not as_bool:
             return value
-        if base is int and isinstance(value, bool):
-            raise _Invalid(lambda where: f"field {where!r} must be int, got bool")
-        raise _Invalid(lambda where: f"field {where!r} must be {base.__name__}, "
-                                     f"got {_describe(value)}")
+        got = "bool" if as_bool else _describe(value)
+        raise _Invalid(lambda where: f"field {where!r} must be {base.__name__}, got {got}")
     return check
 
 
