@@ -34,7 +34,7 @@ from pagedserve.executor_svc.cpu_features import CpuInfo, cpu_info
 
 log = get_logger("executor")
 OVERRIDE_ENV = "PAGEDSERVE_CPU_OPS"
-TUNED_OPS = ("linear", "add_rms_norm", "silu_mul", "greedy")
+TUNED_OPS = ("linear", "add_rms_norm", "silu_mul", "greedy", "attention")
 WARMUP, ROUNDS = 2, 5
 ROUND_BUDGET_S = 0.15  # fewer rounds (down to MIN_ROUNDS) where one round takes longer
 MIN_ROUNDS = 3

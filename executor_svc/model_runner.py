@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pagedserve.common import protocol as p
 from pagedserve.executor_svc import backends
+from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
@@ -32,16 +33,18 @@ class ExecutorFault(RuntimeError):
 
 class ModelRunner:
     """Runs plans on ``model`` over ``cache`` with the attention backend that serves
-    ``attention_backend`` for them (``backends.attention_backend``), chosen here once."""
+    ``attention_backend`` for them (``backends.attention_backend``; timed by ``tuner``
+    where there is a choice), chosen here once."""
 
     def __init__(self, model: PagedLlamaForCausalLM, cache: CacheEngine, block_size: int,
-                 attention_backend: str = "torch"):
+                 attention_backend: str = "torch", tuner: Tuner | None = None):
         self.model = model
         self.cache = cache
         self.block_size = block_size
         self.device = cache.device
         self.attention = backends.attention_backend(attention_backend, block_size, self.device,
-                                                    model.dtype, cache.dtype, cache.null_block)
+                                                    model.dtype, cache.dtype, cache.null_block,
+                                                    tuner, model.config)
         self.sampler = Sampler(backends.sampler_ops(model))
         self.seqs: dict[int, SeqState] = {}
         self.graphs: DecodeGraphs | None = None

@@ -88,7 +88,7 @@ class Worker:
         self.model_dir = str(config.model_dir())
         model_config = ModelConfig.from_model_dir(self.model_dir)
         # On a CPU each op is the fastest measured here, once per machine (autotune).
-        tuner = Tuner.for_machine() if self.device.type == "cpu" else None
+        self.tuner = tuner = Tuner.for_machine() if self.device.type == "cpu" else None
         start = time.perf_counter()
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, model_config, self.device,
                                                       tuner=tuner)
@@ -132,7 +132,8 @@ class Worker:
             num_device, num_cpu = self.tp.min(num_device), self.tp.min(num_cpu)
         cache = CacheEngine(self.model.config, configure.block_size, num_device, num_cpu,
                             self.kv_dtype, self.device)
-        self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention)
+        self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention,
+                                  self.tuner)
         # Not yet under tensor parallelism: capturing its all-reduces is untested.
         if (self.device.type == "cuda" and self.attention == "triton"
                 and not self.config.enforce_eager and self.tp is None):
@@ -234,7 +235,8 @@ class Worker:
         blocks = -(-tokens // configure.block_size)
         scratch = CacheEngine(self.model.config, configure.block_size, blocks, 0, self.kv_dtype,
                               self.device)
-        runner = ModelRunner(self.model, scratch, configure.block_size, self.attention)
+        runner = ModelRunner(self.model, scratch, configure.block_size, self.attention,
+                             self.tuner)
         plan = p.StepPlan(
             step=0, removed=[], seq_ids=[0], num_tokens=[tokens], block_appends=[],
             new_seqs=[p.NewSeq(seq_id=0, token_ids=[0] * tokens,

@@ -19,6 +19,7 @@ from pagedserve.executor_svc.cpu_features import CpuInfo
 from pagedserve.executor_svc.layer_ops import BucketedLinear, TorchLinear
 from pagedserve.executor_svc.model import load_model
 from pagedserve.executor_svc.model_config import ModelConfig
+from pagedserve.executor_svc.model_runner import ModelRunner
 from pagedserve.executor_svc.worker import resolve_dtype
 from tiny_models import make_tiny_model
 
@@ -155,6 +156,26 @@ def test_forcing_torch_binds_torch_everywhere(model_dir, tmp_path):
     assert set(model.ops.names().values()) == {"torch"}
     kernels = chosen(model, _attention(), sampler_ops(model))
     assert kernels["linear"] == "torch" and kernels["cpu_kernels"] == cpu_kernels.describe()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_the_faster_of_the_kernels_and_torch_and_stays_chosen(model_dir, tmp_path,
+                                                                          monkeypatch, dtype):
+    monkeypatch.setattr(autotune, "ROUNDS", 1)
+    monkeypatch.setattr(autotune, "MIN_ROUNDS", 1)
+    config = ModelConfig.from_model_dir(model_dir)
+    tuner = _tuner(tmp_path)
+    name = tuned_module.choose_attention(tuner, config, 4, dtype, dtype)
+    [(entry, choice)] = tuner.cache.entries.items()
+    assert entry.startswith("attention ") and choice["name"] == name
+    assert set(choice["seconds"]) == ({"cpu", "torch"} if cpu_kernels.serves(dtype, dtype, "cpu")
+                                      else set())
+    assert min(choice["seconds"], key=choice["seconds"].get, default=name) == name
+    cache = CacheEngine(config, 4, 16, 0, dtype, "cpu")
+    runner = ModelRunner(load_model(model_dir, dtype, "cpu"), cache, 4, tuner=tuner)
+    assert runner.attention.name == name  # the cached choice, bound
+    forced = ModelRunner(runner.model, cache, 4, tuner=_tuner(tmp_path / "f", forced="torch"))
+    assert forced.attention.name == "torch"
 
 
 def _attention(null_block: int | None = None):

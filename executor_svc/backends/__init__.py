@@ -3,7 +3,8 @@
 - **Attention** (``attention_backend``, chosen by the model runner): ``triton``, the paged
   Triton kernels (CUDA; CPU tensors under triton's interpreter); ``cpu``, the compiled CPU
   kernels, which is what ``--attention-backend torch`` runs on a CPU for float32 or bfloat16
-  activations over a float32 or bfloat16 cache where the kernels built; else ``torch``, torch
+  activations over a float32 or bfloat16 cache where the kernels built (and, given a
+  ``Tuner``, where they time faster than torch's operators here); else ``torch``, torch
   operators.
 - **Layer ops** (``layer_ops``, bound by ``load_model``, and the sampler's greedy path,
   ``sampler_ops``): ``cpu`` where the compiled kernels serve the activations on a CPU,
@@ -20,20 +21,25 @@ from torch import float32, nn  # (the name torch is this package's torch backend
 
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.attention import AttentionBackend
+from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.backends.cpu import CpuBackend, CpuOps
 from pagedserve.executor_svc.backends.torch import TorchBackend
 from pagedserve.executor_svc.cpu_features import cpu_info
 from pagedserve.executor_svc.layer_ops import (BucketedLinear, ChosenOps, LayerOps,
                                                PackedLinear)
+from pagedserve.executor_svc.model_config import ModelConfig
 
 BACKENDS = ("torch", "triton")  # what an executor is configured with
 
 
 def attention_backend(name: str, block_size: int, device: torch.device | str,
                       dtype: torch.dtype, kv_dtype: torch.dtype,
-                      null_block: int | None = None) -> AttentionBackend:
+                      null_block: int | None = None, tuner: Tuner | None = None,
+                      config: ModelConfig | None = None) -> AttentionBackend:
     """The backend that serves ``name`` for ``dtype`` activations over a ``kv_dtype`` cache of
-    blocks of ``block_size`` on ``device`` (``null_block``: see ``TorchBackend``)."""
+    blocks of ``block_size`` on ``device`` (``null_block``: see ``TorchBackend``). Given a
+    ``tuner`` and the model's ``config``, ``torch`` on a CPU is whichever of the compiled
+    kernels and torch's operators attends faster here (``tuned.choose_attention``)."""
     if name == "triton":
         # Imported only when chosen: on CPU tensors, triton must be told to interpret first.
         from pagedserve.executor_svc.backends.triton import TritonBackend
@@ -41,9 +47,13 @@ def attention_backend(name: str, block_size: int, device: torch.device | str,
     if name != "torch":
         raise ValueError(f"unknown attention backend {name!r}; expected one of "
                          f"{', '.join(BACKENDS)}")
-    if cpu_kernels.serves(dtype, kv_dtype, device):
-        return CpuBackend(block_size)
-    return TorchBackend(block_size, device, null_block)
+    if not cpu_kernels.serves(dtype, kv_dtype, device):
+        return TorchBackend(block_size, device, null_block)
+    if tuner is not None and config is not None:
+        from pagedserve.executor_svc.backends.tuned import choose_attention
+        if choose_attention(tuner, config, block_size, dtype, kv_dtype) == "torch":
+            return TorchBackend(block_size, device, null_block)
+    return CpuBackend(block_size)
 
 
 def layer_ops(dtype: torch.dtype, device: torch.device | str) -> LayerOps:

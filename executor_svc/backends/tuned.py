@@ -214,3 +214,66 @@ class _LayerProxy:
             outs.append(hidden.float())
         outs.append(self.linears["head"](xs[0].to(self.dtype)).float())
         return tuple(outs)
+
+
+# The steps attention is timed on, as (sequences, cached tokens each, new tokens each): a
+# decode step of 32 sequences over 256 tokens of context, and a 512-token prompt.
+ATTENTION_STEPS = ((32, 256, 1), (1, 0, 512))
+
+
+def choose_attention(tuner: Tuner, config: ModelConfig, block_size: int, dtype: torch.dtype,
+                     kv_dtype: torch.dtype) -> str:
+    """``cpu`` (the compiled kernels) or ``torch`` (torch's operators, its fused attention
+    for prompts): whichever attends faster here over ``config``'s heads, one layer of
+    ``ATTENTION_STEPS`` on a cache of ``kv_dtype`` blocks, among those that agree with
+    torch's."""
+    from pagedserve.executor_svc.backends.cpu import CpuBackend
+    from pagedserve.executor_svc.backends.torch import TorchBackend
+
+    layouts, first_free = [], 0
+    for seqs, cached, new in ATTENTION_STEPS:
+        blocks = -(-(cached + new) // block_size)
+        tables = [list(range(first_free + i * blocks, first_free + (i + 1) * blocks))
+                  for i in range(seqs)]
+        first_free += seqs * blocks
+        layouts.append((tables, [cached] * seqs, [new] * seqs))
+    null_block = first_free  # past every table, zeros: the torch backend pads with it
+    backends = {"cpu": CpuBackend(block_size), "torch": TorchBackend(block_size, "cpu",
+                                                                     null_block)}
+    if not cpu_kernels.serves(dtype, kv_dtype, "cpu"):
+        del backends["cpu"]
+    metas = {name: [backend.build(*layout) for layout in layouts]
+             for name, backend in backends.items()}
+    scale = config.head_dim ** -0.5
+
+    def make_inputs() -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+        gen = torch.Generator().manual_seed(0)
+        shape = (null_block + 1, block_size, config.num_kv_heads, config.head_dim)
+        k_cache, v_cache = (torch.randn(shape, generator=gen).to(kv_dtype) for _ in range(2))
+        k_cache[null_block], v_cache[null_block] = 0, 0
+        steps = []
+        for tables, cached, new in layouts:
+            slots = torch.tensor([table[pos // block_size] * block_size + pos % block_size
+                                  for table, c, q in zip(tables, cached, new)
+                                  for pos in range(c, c + q)])
+            query = torch.randn(len(slots), config.num_heads, config.head_dim,
+                                generator=gen).to(dtype)
+            # the new tokens' keys and values, as the cache holds them
+            steps.append((query, k_cache.flatten(0, 1)[slots].to(dtype),
+                          v_cache.flatten(0, 1)[slots].to(dtype)))
+        return k_cache, v_cache, steps
+
+    def call(name: str):
+        def run(k_cache: Tensor, v_cache: Tensor, steps) -> tuple[Tensor, ...]:
+            return tuple(backends[name].attend(query, key, value, k_cache, v_cache, meta,
+                                               scale)
+                         for (query, key, value), meta in zip(steps, metas[name]))
+        return run
+
+    steps = ",".join(f"{s}x({c}+{n})" for s, c, n in ATTENTION_STEPS)
+    key = (f"heads={config.num_heads}/{config.num_kv_heads}x{config.head_dim} "
+           f"block={block_size} steps={steps} {str(dtype).removeprefix('torch.')} "
+           f"kv={str(kv_dtype).removeprefix('torch.')}")
+    choice = tuner.choose("attention", key, {name: call(name) for name in backends},
+                          make_inputs, call("torch"), dtype_tolerance(dtype))
+    return choice.name
