@@ -52,11 +52,11 @@ class Isa:
 
 # Widest first: the first one the CPU runs is chosen. Attention and the layer ops use 8-float
 # vectors in every build (under AVX-512 with its 32 registers), but for a bf16 model's
-# attention under AVX512_BF16 (512-bit bf16 dot products); the GEMM widens to 16.
+# attention and GEMM under AVX512_BF16 (512-bit bf16 dot products); the GEMM widens to 16.
 ISAS = (
     Isa("avx512_bf16", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                         "-mfma"), _AVX512 + ("avx512_bf16",),
-        "AVX-512; bf16 dot products in bf16 attention; GEMM 16-float vectors"),
+        "AVX-512; bf16 dot products in bf16 attention and GEMM; GEMM 16-float vectors"),
     Isa("avx512", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"), _AVX512,
         "AVX-512; GEMM 16-float vectors"),
     Isa("avx2", ("-mavx2", "-mfma"), ("avx2", "fma"), "AVX2 + FMA; 8-float vectors"),

@@ -58,7 +58,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for function in (lib.paged_attention, lib.add_rms_norm, lib.rope_write_kv, lib.silu_mul,
                      lib.greedy, lib.linear):
         function.restype = ctypes.c_int
-    lib.gemm_columns.restype = _I64
+    for function in (lib.gemm_columns, lib.gemm_bf16_pairs, lib.gemm_bf16_products):
+        function.restype = _I64
     lib.attention_bf16_products.restype = _I64
     return lib
 
@@ -237,19 +238,25 @@ def pack_weight(weight: Tensor, allow_bf16: bool = True) -> Tensor:
     panels of ``nr`` output columns (the build's: 16 for 8-float vectors, 32 for 16-float
     ones), ``[panels, in, nr]``, the last one zero-padded. bfloat16 where every weight is a
     bfloat16 value (a bf16 model's, or a bf16 checkpoint served in float32): then the kernel
-    widens them back exactly, and a decode step streams half the bytes. Else float32. A
-    bfloat16 panel's rows hold column i at 2i and column nr / 2 + i at 2i + 1 (gemm.c's
-    load_w)."""
+    widens them back exactly (or multiplies them in pairs, gemm.c's W_DOTS), and a decode
+    step streams half the bytes. Else float32. A bfloat16 panel's rows hold column i at 2i
+    and column nr / 2 + i at 2i + 1 (gemm.c's load_w); in the builds of 16-float vectors
+    (``gemm_bf16_pairs``) they hold k in pairs instead: ``[panels, in / 2, nr, 2]``, ``in``
+    padded to even with zeros."""
     out_features, in_features = weight.shape
-    nr = load().gemm_columns()
+    lib = load()
+    nr = lib.gemm_columns()
     exact = allow_bf16 and (weight.dtype == torch.bfloat16 or torch.equal(
         weight.to(torch.bfloat16).float(), weight))
     panels = -(-out_features // nr)
-    padded = weight.new_zeros(panels * nr, in_features,
-                              dtype=torch.bfloat16 if exact else torch.float32)
-    padded[:out_features] = weight
+    pairs = exact and lib.gemm_bf16_pairs()
+    rows = in_features + in_features % 2 if pairs else in_features
+    padded = weight.new_zeros(panels * nr, rows, dtype=torch.bfloat16 if exact else torch.float32)
+    padded[:out_features, :in_features] = weight
     if not exact:
         return padded.view(panels, nr, in_features).transpose(1, 2).contiguous()
+    if pairs:  # [panel, column, k pair, 2] -> [panel, k pair, column, 2]
+        return padded.view(panels, nr, rows // 2, 2).transpose(1, 2).reshape(panels, rows, nr)
     halves = padded.view(panels, 2, nr // 2, in_features)  # [panel, half, i, k]
     return halves.permute(0, 3, 2, 1).reshape(panels, in_features, nr)
 

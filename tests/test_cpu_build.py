@@ -138,6 +138,15 @@ def test_each_build_s_gemm_matches_float64(build, tokens, in_features, out_featu
     assert cpu_kernels.PackedWeight(weight, None).panels.shape[-1] == build.gemm_columns()
 
 
+def test_a_bf16_model_s_gemm_runs_on_bf16_dot_products_in_the_avx512_bf16_build_only(
+        request, build):
+    name, flags = request.node.callspec.params["build"]
+    # the same compiler condition as attention's dot products (GCC 12 or clang)
+    assert build.gemm_bf16_products() == (name == "avx512_bf16"
+                                          and build.attention_bf16_products())
+    assert build.gemm_bf16_pairs() == (build.gemm_columns() == 32)  # 16-float vectors
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_each_build_s_layer_ops_match_float64(build, dtype):
     residual, x = randn(5, 40, seed=3, dtype=dtype), randn(5, 40, seed=4, dtype=dtype)

@@ -21,7 +21,18 @@
  * The vector width follows the build: 16 floats where AVX-512 is compiled in (32 registers:
  * a 12 x 32 tile, 24 accumulators), else 8 (16 registers: 6 x 16, 12 accumulators).
  * -DGEMM_VW=16 forces the wide tile on any build, so that it is tested on machines without
- * AVX-512 too. */
+ * AVX-512 too.
+ *
+ * Under 16-float vectors a bfloat16 panel holds k in pairs instead (GEMM_PAIRS; k padded to
+ * even with a zero row): row pair kk holds column i's two weights at 2i and 2i + 1, so that
+ * where the build has AVX512_BF16 and x is bfloat16 too (a bf16 model) the tile multiplies
+ * through vdpbf16ps, 32 products per instruction where a float32 FMA makes 16: x's rows are
+ * copied as pairs of bfloat16 (one 32-bit value per row and k pair, broadcast), and each
+ * instruction adds both products of a pair to a float32 sum. The products of two bfloat16
+ * values are exact in float32, so the sums are float32 sums of the same terms, in pairs, as
+ * torch's bf16 GEMM sums them; only denormal terms are flushed to zero. A float32 x (a bf16
+ * checkpoint served in float32) reads the same panels with float32 FMAs: one load per pair of
+ * k, a shift for the even k's weights and a mask for the odd k's. */
 
 #ifndef GEMM_VW
 #ifdef __AVX512F__
@@ -35,6 +46,14 @@
 #define GEMM_KC (384 * 16 / GEMM_NR)
 #define GEMM_MC 72
 
+#define GEMM_PAIRS (GEMM_VW == 16)
+#if GEMM_PAIRS && defined(__AVX512BF16__) && (defined(__clang__) || __GNUC__ >= 12)
+#include <immintrin.h>
+#define GEMM_DOTS 1
+#else
+#define GEMM_DOTS 0
+#endif
+
 typedef float vg __attribute__((vector_size(4 * GEMM_VW)));
 typedef float vgu __attribute__((vector_size(4 * GEMM_VW), aligned(4)));
 typedef int32_t ig __attribute__((vector_size(4 * GEMM_VW)));
@@ -42,8 +61,17 @@ typedef int32_t igu __attribute__((vector_size(4 * GEMM_VW), aligned(2)));
 
 static inline vg gsplat(float x) { return (vg){0} + x; }
 
-/* The output columns of one weight panel: the packing in cpu_gemm.py reads it. */
+/* The output columns of one weight panel, whether a bfloat16 panel holds k in pairs, and
+ * whether a bf16 model's GEMM runs on bf16 dot products: cpu_kernels.pack_weight reads the
+ * first two, the log the third. */
 int64_t gemm_columns(void) { return GEMM_NR; }
+int64_t gemm_bf16_pairs(void) { return GEMM_PAIRS; }
+int64_t gemm_bf16_products(void) { return GEMM_DOTS; }
+
+/* How a call's operands are laid out: a float32 panel, a bfloat16 one of interleaved columns
+ * (8-float builds), a bfloat16 one of k pairs with float32 x rows, or with bfloat16 pairs of
+ * x (vdpbf16ps). */
+enum { W_F32, W_BF16, W_PAIRS, W_DOTS };
 
 /* Row kk of a weight panel: its GEMM_NR columns as two vectors, the first and the second
  * GEMM_VW columns. A bfloat16 panel stores each row interleaved, column i at 2i and column
@@ -61,25 +89,58 @@ static inline __attribute__((always_inline)) void load_w(const void *w, int64_t 
     }
 }
 
+/* acc's rows += x's values at one k (a row of a float32 row panel) times that k's weights. */
+static inline __attribute__((always_inline)) void fma_rows(int rows, vg acc[][2], const float *a,
+                                                           vg w0, vg w1) {
+    for (int r = 0; r < rows; r++) {
+        const vg ar = gsplat(a[r]);
+        acc[r][0] += ar * w0;
+        acc[r][1] += ar * w1;
+    }
+}
+
 /* One tile: `rows` (<= GEMM_MR) rows of x's panel `a` times one weight panel's slice `w`, over
- * kc; the result is stored to (first slice) or added to `out`'s rows x cols. `init` (GEMM_NR
- * floats, or NULL) starts the sums: the bias, on the first slice. */
+ * kc (even for the paired kinds); the result is stored to (first slice) or added to `out`'s
+ * rows x cols. `init` (GEMM_NR floats, or NULL) starts the sums: the bias, on the first
+ * slice. */
 static inline __attribute__((always_inline)) void gemm_tile(
-    int rows, int bf16, const float *a, const void *w, int64_t kc, const float *init,
+    int rows, int kind, const float *a, const void *w, int64_t kc, const float *init,
     float *out, int64_t ldo, int cols, int first) {
     vg acc[GEMM_MR][2];
     for (int r = 0; r < rows; r++) {
         acc[r][0] = init ? *(const vgu *)init : gsplat(0.0f);
         acc[r][1] = init ? *(const vgu *)(init + GEMM_VW) : gsplat(0.0f);
     }
+    const uint16_t *wh = (const uint16_t *)w;
+    if (kind == W_DOTS) {
+#if GEMM_DOTS
+        const uint32_t *pairs = (const uint32_t *)a;
+#pragma GCC unroll 2
+        for (int64_t kk = 0; kk < kc / 2; kk++) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wh + 2 * kk * GEMM_NR);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wh + (2 * kk + 1) * GEMM_NR);
+            for (int r = 0; r < rows; r++) {
+                const __m512bh ar = (__m512bh)_mm512_set1_epi32((int)pairs[kk * GEMM_MR + r]);
+                acc[r][0] = (vg)_mm512_dpbf16_ps((__m512)acc[r][0], ar, w0);
+                acc[r][1] = (vg)_mm512_dpbf16_ps((__m512)acc[r][1], ar, w1);
+            }
+        }
+#endif
+    } else if (kind == W_PAIRS) {
+#pragma GCC unroll 2
+        for (int64_t kk = 0; kk < kc; kk += 2) {
+            const ig p0 = *(const igu *)(wh + kk * GEMM_NR);
+            const ig p1 = *(const igu *)(wh + kk * GEMM_NR + GEMM_NR);
+            fma_rows(rows, acc, a + kk * GEMM_MR, (vg)(p0 << 16), (vg)(p1 << 16));
+            fma_rows(rows, acc, a + (kk + 1) * GEMM_MR, (vg)(p0 & (int32_t)0xffff0000u),
+                     (vg)(p1 & (int32_t)0xffff0000u));
+        }
+    } else {
 #pragma GCC unroll 4
-    for (int64_t kk = 0; kk < kc; kk++) {
-        vg w0, w1;
-        load_w(w, kk, bf16, &w0, &w1);
-        for (int r = 0; r < rows; r++) {
-            const vg ar = gsplat(a[kk * GEMM_MR + r]);
-            acc[r][0] += ar * w0;
-            acc[r][1] += ar * w1;
+        for (int64_t kk = 0; kk < kc; kk++) {
+            vg w0, w1;
+            load_w(w, kk, kind == W_BF16, &w0, &w1);
+            fma_rows(rows, acc, a + kk * GEMM_MR, w0, w1);
         }
     }
     for (int r = 0; r < rows; r++) {
@@ -94,14 +155,18 @@ static inline __attribute__((always_inline)) void gemm_tile(
     }
 }
 
-/* The tile with its row count and weight type as constants, so that its loops unroll and
- * its sums stay in registers. */
-static void gemm_tile_any(int rows, int bf16, const float *a, const void *w, int64_t kc,
+/* The tile with its row count and operands' kind as constants, so that its loops unroll
+ * and its sums stay in registers. */
+static void gemm_tile_any(int rows, int kind, const float *a, const void *w, int64_t kc,
                           const float *init, float *out, int64_t ldo, int cols, int first) {
 #define TILE(R)                                                                            \
     case R:                                                                                \
-        if (bf16) gemm_tile(R, 1, a, w, kc, init, out, ldo, cols, first);                 \
-        else gemm_tile(R, 0, a, w, kc, init, out, ldo, cols, first);                      \
+        switch (kind) {                                                                    \
+        case W_F32: gemm_tile(R, W_F32, a, w, kc, init, out, ldo, cols, first); break;    \
+        case W_BF16: gemm_tile(R, W_BF16, a, w, kc, init, out, ldo, cols, first); break;  \
+        case W_PAIRS: gemm_tile(R, W_PAIRS, a, w, kc, init, out, ldo, cols, first); break; \
+        default: gemm_tile(R, W_DOTS, a, w, kc, init, out, ldo, cols, first);             \
+        }                                                                                  \
         break;
     switch (rows) {
         TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
@@ -113,13 +178,30 @@ static void gemm_tile_any(int rows, int bf16, const float *a, const void *w, int
 }
 
 /* Rows first ... first + rows - 1 of x (k values each; float32 or bfloat16), as float32 into
- * a row panel [k][GEMM_MR], zero past `rows`. */
+ * a row panel [kp][GEMM_MR], zero past `rows` and past k. */
 static inline __attribute__((always_inline)) void pack_rows(const void *x, int64_t first,
-                                                            int64_t rows, int64_t k, float *a,
-                                                            const int bf16) {
-    for (int64_t kk = 0; kk < k; kk++)
+                                                            int64_t rows, int64_t k, int64_t kp,
+                                                            float *a, const int bf16) {
+    for (int64_t kk = 0; kk < kp; kk++)
         for (int64_t r = 0; r < GEMM_MR; r++)
-            a[kk * GEMM_MR + r] = r < rows ? load1(x, (first + r) * k + kk, bf16) : 0.0f;
+            a[kk * GEMM_MR + r] =
+                r < rows && kk < k ? load1(x, (first + r) * k + kk, bf16) : 0.0f;
+}
+
+/* The same rows of a bfloat16 x as pairs of k, [kp / 2][GEMM_MR]: k 2i in the low half of
+ * pair i, 2i + 1 in the high half (zero past k), as the weight panels hold them. */
+static void pack_pairs(const uint16_t *x, int64_t first, int64_t rows, int64_t k, int64_t kp,
+                       uint32_t *a) {
+    const int64_t whole = k / 2; /* pairs of two values of x; one more of k's last if k is odd */
+    for (int64_t r = 0; r < GEMM_MR; r++) {
+        const uint16_t *row = x + (first + r) * k;
+        for (int64_t kk = 0; kk < whole; kk++) {
+            uint32_t pair = 0;
+            if (r < rows) memcpy(&pair, row + 2 * kk, sizeof pair);
+            a[kk * GEMM_MR + r] = pair;
+        }
+        if (whole < kp / 2) a[whole * GEMM_MR + r] = r < rows ? row[k - 1] : 0;
+    }
 }
 
 /* Returns 0, -1 for arguments it does not serve, -2 when the row panels cannot be allocated. */
@@ -134,9 +216,16 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
     const int64_t base = m / row_panels, extra = m % row_panels;
     const int64_t chunk = GEMM_MC / GEMM_MR, chunks = (row_panels + chunk - 1) / chunk;
     const size_t elem = weight_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int kind = !weight_bf16 ? W_F32 : !GEMM_PAIRS ? W_BF16 : GEMM_DOTS && x_bf16 ? W_DOTS
+                                                                                   : W_PAIRS;
+    const int paired = kind == W_PAIRS || kind == W_DOTS;
+    const int64_t kp = paired ? k + k % 2 : k; /* the panels' rows */
     const int64_t kc_limit = GEMM_KC * sizeof(float) / elem;
-    const int64_t slices = (k + kc_limit - 1) / kc_limit, kc_max = (k + slices - 1) / slices;
-    float *a = malloc((size_t)(row_panels * GEMM_MR * k) * sizeof(float));
+    const int64_t slices = (kp + kc_limit - 1) / kc_limit;
+    const int64_t kc_max = ((kp + slices - 1) / slices + paired) & ~(int64_t)paired;
+    /* a row panel is [kp][GEMM_MR] floats, or half of that in pairs of bfloat16 */
+    const int64_t a_rows = kind == W_DOTS ? kp / 2 : kp;
+    float *a = malloc((size_t)(row_panels * GEMM_MR * a_rows) * sizeof(float));
     if (!a) return -2;
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
 #define row_of(p) ((p) * base + ((p) < extra ? (p) : extra)) /* row panel p's first row */
@@ -145,8 +234,10 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < row_panels; p++) {
             const int64_t rows = base + (p < extra);
-            if (x_bf16) pack_rows(x, row_of(p), rows, k, a + p * k * GEMM_MR, 1);
-            else pack_rows(x, row_of(p), rows, k, a + p * k * GEMM_MR, 0);
+            float *panel = a + p * a_rows * GEMM_MR;
+            if (kind == W_DOTS) pack_pairs(x, row_of(p), rows, k, kp, (uint32_t *)panel);
+            else if (x_bf16) pack_rows(x, row_of(p), rows, k, kp, panel, 1);
+            else pack_rows(x, row_of(p), rows, k, kp, panel, 0);
         }
 #pragma omp for collapse(2) schedule(static)
         for (int64_t c = 0; c < chunks; c++)
@@ -158,12 +249,13 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
                 float sums[out_bf16 ? GEMM_MC * GEMM_NR : 1]; /* the chunk's rows x cols */
                 float *o = out_bf16 ? sums : (float *)out + j * GEMM_NR;
                 const int64_t ldo = out_bf16 ? GEMM_NR : n, r0 = out_bf16 ? row_of(c * chunk) : 0;
-                for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
-                    const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
-                    const char *w = (const char *)packed + (j * k + k0) * GEMM_NR * elem;
+                for (int64_t k0 = 0; k0 < kp; k0 += kc_max) {
+                    const int64_t kc = kp - k0 < kc_max ? kp - k0 : kc_max;
+                    const char *w = (const char *)packed + (j * kp + k0) * GEMM_NR * elem;
+                    const int64_t a0 = kind == W_DOTS ? k0 / 2 : k0;
                     for (int64_t p = c * chunk; p < p_end; p++)
-                        gemm_tile_any((int)(base + (p < extra)), (int)weight_bf16,
-                                      a + (p * k + k0) * GEMM_MR, w, kc,
+                        gemm_tile_any((int)(base + (p < extra)), kind,
+                                      a + (p * a_rows + a0) * GEMM_MR, w, kc,
                                       k0 == 0 && bias ? init : NULL,
                                       o + (row_of(p) - r0) * ldo, ldo, cols, k0 == 0);
                 }
