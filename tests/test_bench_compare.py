@@ -39,6 +39,21 @@ def test_table_gives_total_tokens_per_second_and_ratios_against_each_peer():
     assert table.splitlines()[2] == "| a | 1 | 200.0 | 50.0 | 100.0 | 4.00x | 2.00x |"
 
 
+def test_rounds_pool_each_system_s_runs_and_the_table_gives_each_round_s_ratio():
+    sets = {"a": {"requests": [{"prompt": [1] * 100, "output_len": 100}]}}
+
+    def rounds(*seconds):
+        return compare.pool_rounds([{"engine": "x", "results": {"a": {"runs_s": list(runs),
+                                                                      "median_s": runs[0]}}}
+                                    for runs in seconds])
+    ours, peer = rounds([1.0], [2.0], [1.5]), rounds([2.0], [2.2], [3.0])
+    assert ours["results"]["a"] == {"runs_s": [1.0, 2.0, 1.5], "median_s": 1.5,
+                                    "round_medians_s": [1.0, 2.0, 1.5]}
+    # pooled: 200/1.5 against 200/2.2; each round's: 2.00x, 1.10x, 2.00x
+    row = compare.format_table(sets, {"pagedserve": ours, "vllm": peer}).splitlines()[2]
+    assert row == "| a | 1 | 133.3 | 90.9 | 1.47x (1.10–2.00x) |"
+
+
 def test_vllm_without_its_python_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--vllm-python"):
         compare.compare(["vllm"], [], 1, [1], None, "float32", 32, 1, tmp_path)
@@ -70,6 +85,10 @@ def test_a_peer_that_dies_is_reported_and_the_others_results_are_kept(tmp_path):
     assert "SIGILL" in run["failed"]["vllm"] and "instruction" in run["failed"]["vllm"]
     assert json.loads((tmp_path / "compare.json").read_text())["failed"] == run["failed"]
     assert (tmp_path / "vllm.log").exists()
+    again = compare.compare(["vllm"], [], 1, [1], str(peer), "float32", 32, 1, tmp_path / "r",
+                            rounds=2)
+    assert "SIGILL" in again["failed"]["vllm"] and again["results"] == {}
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.log")) == ["vllm-1.log"]  # no more
     cli = CliRunner().invoke(bench, ["compare", "--systems", "vllm", "--workloads", "",
                                      "--sweep", "1", "--vllm-python", str(peer), "--out",
                                      str(tmp_path / "cli")])
