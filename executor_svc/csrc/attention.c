@@ -111,6 +111,43 @@ static inline __attribute__((always_inline)) float softmax_step(float *scores, i
     return correction;
 }
 
+/* The lines of a span's K and V, fetched a few at a time while the span before it is worked
+ * on, into L2 (prefetcht1): fetched all at once, they stalled the core as soon as its miss
+ * buffers were full, so that the work waited for memory instead of going on beside it, and
+ * into L1 they evicted the span being worked on (BENCHMARKS.md, "Decode attention at the
+ * memory's pace"). Each slot's lines of the item's kv heads are `bytes` long from `offset` in
+ * its cache row. */
+typedef struct {
+    const char *k, *v;
+    const int64_t *table;
+    int64_t block_size, len, row_bytes, offset, bytes;
+    int64_t b, end, j, f; /* the next block, the block to stop at, slot and byte in it */
+} Fetch;
+
+static inline __attribute__((always_inline)) void fetch_some(Fetch *p, int64_t lines) {
+    for (; lines > 0 && p->b < p->end; lines--) {
+        const int64_t at = (p->table[p->b] * p->block_size + p->j) * p->row_bytes + p->offset;
+        __builtin_prefetch(p->k + at + p->f, 0, 2);
+        __builtin_prefetch(p->v + at + p->f, 0, 2);
+        if ((p->f += 64) < p->bytes) continue;
+        p->f = 0;
+        if (++p->j < p->block_size && p->b * p->block_size + p->j < p->len) continue;
+        p->j = 0;
+        p->b++;
+    }
+}
+
+/* At the start of the span at block `first`: fetch what is left of it, aim at the next span,
+ * and return how many lines to fetch at each of the span's `chunks` pieces of work. */
+static inline __attribute__((always_inline)) int64_t fetch_next_span(Fetch *p, int64_t first,
+                                                                     int64_t span_blocks,
+                                                                     int64_t chunks) {
+    fetch_some(p, INT64_MAX);
+    const int64_t blocks = (p->len + p->block_size - 1) / p->block_size;
+    p->end = first + 2 * span_blocks < blocks ? first + 2 * span_blocks : blocks;
+    return ((p->end - p->b) * p->block_size * p->bytes / 64 + chunks - 1) / chunks;
+}
+
 static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
                                                          int64_t rows, int64_t g0, int64_t g1,
                                                          const int64_t vecs, const int bf16,
@@ -121,7 +158,6 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
     const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
     const int64_t len = first_pos + rows; /* the last row's context */
     const int64_t row = kvh * hd; /* values between consecutive slots of a block */
-    const int64_t line = bf16 ? 32 : 16; /* values in a 64-byte cache line */
     const char *k_bytes = w->k_cache, *v_bytes = w->v_cache;
     const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
@@ -144,19 +180,16 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
             max[r * heads + h] = -INFINITY;
             sum[r * heads + h] = 0.0f;
         }
+    const int64_t elem = bf16 ? 2 : 4; /* the first span is not fetched ahead */
+    Fetch ahead = {k_bytes, v_bytes, table, bs, len, row * elem, g0 * hd * elem,
+                   (g1 - g0) * hd * elem, span_blocks, span_blocks, 0, 0};
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t span_end = len < span_stop ? len : span_stop;
-        for (int64_t b = first + span_blocks; b < first + 2 * span_blocks && b * bs < len; b++) {
-            const int64_t n = g1 - g0 == kvh ? 1 : len - b * bs < bs ? len - b * bs : bs;
-            const int64_t kv = (table[b] * bs * kvh + g0) * hd;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t f = 0; f < (g1 - g0) * hd; f += line) {
-                    const int64_t at = (kv + j * row + f) * (bf16 ? 2 : 4);
-                    __builtin_prefetch(k_bytes + at);
-                    __builtin_prefetch(v_bytes + at);
-                }
-        }
+        /* the next span, a share at each block of this span that a head scores */
+        const int64_t blocks_here = (span_end - 1) / bs - first + 1;
+        const int64_t share = fetch_next_span(&ahead, first, span_blocks,
+                                              (g1 - g0) * group * rows * blocks_here);
         for (int64_t g = g0; g < g1; g++) {
             if (widen) widen_span(w, table, first, span_end, g, vecs, kw, vw);
             for (int64_t r = 0; r < rows; r++) {
@@ -167,6 +200,7 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
                 for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h++) {
                     const int64_t i = r * heads + h;
                     for (int64_t b = first; b * bs < end; b++) {
+                        fetch_some(&ahead, share);
                         const int64_t k = widen ? (b - first) * bs * hd : kv_at(b, g);
                         const void *kc = widen ? (const void *)kw : w->k_cache;
                         const int64_t n = end - b * bs < bs ? end - b * bs : bs;
@@ -329,20 +363,16 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
             max[r * heads + h] = -INFINITY;
             sum[r * heads + h] = 0.0f;
         }
+    const int64_t blocks = (len + bs - 1) / bs; /* the first span: fetched at once, below */
+    Fetch ahead = {k_bytes, v_bytes, table, bs, len, row * 2, g0 * hd * 2, (g1 - g0) * hd * 2,
+                   0, span_blocks < blocks ? span_blocks : blocks, 0, 0};
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t span_end = len < span_stop ? len : span_stop;
-        /* every line of this span's K/V (on the first) and the next one's, fetched ahead */
-        for (int64_t b = first ? first + span_blocks : 0;
-             b < first + 2 * span_blocks && b * bs < len; b++) {
-            const int64_t n = len - b * bs < bs ? len - b * bs : bs;
-            const int64_t kv = (table[b] * bs * kvh + g0) * hd;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t f = 0; f < (g1 - g0) * hd; f += 32) {
-                    __builtin_prefetch(k_bytes + (kv + j * row + f) * 2);
-                    __builtin_prefetch(v_bytes + (kv + j * row + f) * 2);
-                }
-        }
+        /* the next span, a share at each of this span's chunks of 16 scores */
+        const int64_t chunks_here = (span_end - first * bs + 15) / 16;
+        const int64_t share = fetch_next_span(&ahead, first, span_blocks,
+                                              (g1 - g0) * group * rows * chunks_here);
         for (int64_t t = 0; t < span_end - first * bs; t++)
             slot_at[t] = (table[first + t / bs] * bs + t % bs) * row;
         for (int64_t g = g0; g < g1; g++) {
@@ -354,6 +384,7 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
                 for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h++) {
                     const int64_t i = r * heads + h;
                     for (int64_t c0 = 0; c0 < m; c0 += 16) {
+                        fetch_some(&ahead, share);
                         v16 a[16];
                         for (int t = 0; t < 16; t++) { /* slots past m: slot c0's again */
                             const uint16_t *k = kg + slot_at[c0 + t < m ? c0 + t : c0];
