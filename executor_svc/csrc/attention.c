@@ -137,28 +137,45 @@ static inline __attribute__((always_inline)) void fetch_some(Fetch *p, int64_t l
     }
 }
 
-/* At the start of the span at block `first`: fetch what is left of it, aim at the next span,
- * and return how many lines to fetch at each of the span's `chunks` pieces of work. */
+/* A cursor over the first span (span_blocks blocks) of work item `item` (seq, q0, rows, g0,
+ * g1; NULL: none) in a cache of `elem`-byte values. */
+static inline Fetch item_fetch(const Work *w, const int64_t *item, int64_t span_blocks,
+                               int64_t elem) {
+    if (!item) return (Fetch){0};
+    const int64_t seq = item[0], hd = w->head_dim, bs = w->block_size;
+    const int64_t len = w->seq_lens[seq] - (w->query_start[seq + 1] - w->query_start[seq]) +
+                        item[1] + item[2];
+    const int64_t blocks = (len + bs - 1) / bs;
+    return (Fetch){w->k_cache, w->v_cache, w->block_tables + seq * w->max_blocks, bs, len,
+                   w->num_kv_heads * hd * elem, item[3] * hd * elem,
+                   (item[4] - item[3]) * hd * elem, 0, span_blocks < blocks ? span_blocks : blocks,
+                   0, 0};
+}
+
+/* At the start of the span at block `first`: fetch what is left of it, aim at the next span
+ * (past the item's last, at the first span of `then`, the item this thread likely takes
+ * next), and return how many lines to fetch at each of the span's `chunks` pieces of work. */
 static inline __attribute__((always_inline)) int64_t fetch_next_span(Fetch *p, int64_t first,
                                                                      int64_t span_blocks,
-                                                                     int64_t chunks) {
+                                                                     int64_t chunks,
+                                                                     const Fetch *then) {
     fetch_some(p, INT64_MAX);
     const int64_t blocks = (p->len + p->block_size - 1) / p->block_size;
     p->end = first + 2 * span_blocks < blocks ? first + 2 * span_blocks : blocks;
+    if (p->b >= p->end) *p = *then;
     return ((p->end - p->b) * p->block_size * p->bytes / 64 + chunks - 1) / chunks;
 }
 
 static inline __attribute__((always_inline)) void attend(const Work *w, int64_t seq, int64_t q0,
                                                          int64_t rows, int64_t g0, int64_t g1,
                                                          const int64_t vecs, const int bf16,
-                                                         const int widen) {
+                                                         const int widen, const int64_t *next) {
     const int64_t kvh = w->num_kv_heads, hd = vecs * 8, bs = w->block_size;
     const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
     const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
     const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
     const int64_t len = first_pos + rows; /* the last row's context */
     const int64_t row = kvh * hd; /* values between consecutive slots of a block */
-    const char *k_bytes = w->k_cache, *v_bytes = w->v_cache;
     const int64_t span_blocks = bs >= SPAN ? 1 : SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
     v8 q[rows * heads][vecs], acc[rows * heads][vecs]; /* [row * heads + head] */
@@ -180,16 +197,16 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
             max[r * heads + h] = -INFINITY;
             sum[r * heads + h] = 0.0f;
         }
-    const int64_t elem = bf16 ? 2 : 4; /* the first span is not fetched ahead */
-    Fetch ahead = {k_bytes, v_bytes, table, bs, len, row * elem, g0 * hd * elem,
-                   (g1 - g0) * hd * elem, span_blocks, span_blocks, 0, 0};
+    const int64_t item[5] = {seq, q0, rows, g0, g1};
+    Fetch ahead = item_fetch(w, item, span_blocks, bf16 ? 2 : 4); /* fetched at once, below */
+    const Fetch then = item_fetch(w, next, span_blocks, bf16 ? 2 : 4);
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t span_end = len < span_stop ? len : span_stop;
         /* the next span, a share at each block of this span that a head scores */
         const int64_t blocks_here = (span_end - 1) / bs - first + 1;
         const int64_t share = fetch_next_span(&ahead, first, span_blocks,
-                                              (g1 - g0) * group * rows * blocks_here);
+                                              (g1 - g0) * group * rows * blocks_here, &then);
         for (int64_t g = g0; g < g1; g++) {
             if (widen) widen_span(w, table, first, span_end, g, vecs, kw, vw);
             for (int64_t r = 0; r < rows; r++) {
@@ -337,7 +354,8 @@ static inline __m512bh pair_at(const uint16_t *probs) {
  * head_dim = 32 * zs. */
 static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64_t seq,
                                                             int64_t q0, int64_t rows, int64_t g0,
-                                                            int64_t g1, const int64_t zs) {
+                                                            int64_t g1, const int64_t zs,
+                                                            const int64_t *next) {
     const int64_t kvh = w->num_kv_heads, hd = zs * 32, bs = w->block_size;
     const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
     const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
@@ -345,7 +363,6 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
     const int64_t len = first_pos + rows;
     const int64_t row = kvh * hd;
     const uint16_t *kc = w->k_cache, *vc = w->v_cache;
-    const char *k_bytes = w->k_cache, *v_bytes = w->v_cache;
     const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
     __m512bh q[rows * heads][zs];
@@ -363,16 +380,16 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
             max[r * heads + h] = -INFINITY;
             sum[r * heads + h] = 0.0f;
         }
-    const int64_t blocks = (len + bs - 1) / bs; /* the first span: fetched at once, below */
-    Fetch ahead = {k_bytes, v_bytes, table, bs, len, row * 2, g0 * hd * 2, (g1 - g0) * hd * 2,
-                   0, span_blocks < blocks ? span_blocks : blocks, 0, 0};
+    const int64_t item[5] = {seq, q0, rows, g0, g1};
+    Fetch ahead = item_fetch(w, item, span_blocks, 2); /* fetched at once, below */
+    const Fetch then = item_fetch(w, next, span_blocks, 2);
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t span_end = len < span_stop ? len : span_stop;
         /* the next span, a share at each of this span's chunks of 16 scores */
         const int64_t chunks_here = (span_end - first * bs + 15) / 16;
         const int64_t share = fetch_next_span(&ahead, first, span_blocks,
-                                              (g1 - g0) * group * rows * chunks_here);
+                                              (g1 - g0) * group * rows * chunks_here, &then);
         for (int64_t t = 0; t < span_end - first * bs; t++)
             slot_at[t] = (table[first + t / bs] * bs + t % bs) * row;
         for (int64_t g = g0; g < g1; g++) {
@@ -448,38 +465,40 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
 /* attend with head_dim a constant for the common sizes, and a variable for others. */
 static inline __attribute__((always_inline)) void attend_dims(const Work *w,
                                                               const int64_t item[5],
-                                                              const int bf16, const int widen) {
+                                                              const int bf16, const int widen,
+                                                              const int64_t *next) {
     const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
     switch (w->head_dim) {
-    case 64: attend(w, seq, q0, rows, g0, g1, 8, bf16, widen); break;
-    case 128: attend(w, seq, q0, rows, g0, g1, 16, bf16, widen); break;
-    case 32: attend(w, seq, q0, rows, g0, g1, 4, bf16, widen); break;
-    case 16: attend(w, seq, q0, rows, g0, g1, 2, bf16, widen); break;
-    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8, bf16, widen);
+    case 64: attend(w, seq, q0, rows, g0, g1, 8, bf16, widen, next); break;
+    case 128: attend(w, seq, q0, rows, g0, g1, 16, bf16, widen, next); break;
+    case 32: attend(w, seq, q0, rows, g0, g1, 4, bf16, widen, next); break;
+    case 16: attend(w, seq, q0, rows, g0, g1, 2, bf16, widen, next); break;
+    default: attend(w, seq, q0, rows, g0, g1, w->head_dim / 8, bf16, widen, next);
     }
 }
 
 /* ... and how the cache is read a constant too: float32 in place; bfloat16 widened a span at
  * a time where a span of one kv head fits WIDEN_FLOATS, else in place. */
-static void attend_any(const Work *w, const int64_t item[5]) {
+/* `next`: the item this thread likely takes after this one (NULL: none), fetched ahead. */
+static void attend_any(const Work *w, const int64_t item[5], const int64_t *next) {
     const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
 #ifdef HAVE_ATTEND_DP
     if (w->kv_bf16 && w->act_bf16 && w->head_dim % 32 == 0) {
         const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
         switch (w->head_dim) {
-        case 64: attend_dp(w, seq, q0, rows, g0, g1, 2); return;
-        case 128: attend_dp(w, seq, q0, rows, g0, g1, 4); return;
-        case 32: attend_dp(w, seq, q0, rows, g0, g1, 1); return;
-        default: attend_dp(w, seq, q0, rows, g0, g1, w->head_dim / 32); return;
+        case 64: attend_dp(w, seq, q0, rows, g0, g1, 2, next); return;
+        case 128: attend_dp(w, seq, q0, rows, g0, g1, 4, next); return;
+        case 32: attend_dp(w, seq, q0, rows, g0, g1, 1, next); return;
+        default: attend_dp(w, seq, q0, rows, g0, g1, w->head_dim / 32, next); return;
         }
     }
 #endif
     if (!w->kv_bf16)
-        attend_dims(w, item, 0, 0);
+        attend_dims(w, item, 0, 0, next);
     else if (span_slots * w->head_dim <= WIDEN_FLOATS)
-        attend_dims(w, item, 1, 1);
+        attend_dims(w, item, 1, 1, next);
     else
-        attend_dims(w, item, 1, 0);
+        attend_dims(w, item, 1, 0, next);
 }
 
 /* Rows of one prompt per work item: they share each span's K/V in L1. Fewer where their
@@ -566,7 +585,8 @@ int paged_attention(const void *query, int64_t query_stride, int64_t act_bf16,
                     query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
                     kv_bf16 != 0, act_bf16 != 0, scale};
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-    for (int64_t i = 0; i < count; i++) attend_any(&w, items[i]);
+    for (int64_t i = 0; i < count; i++) /* the threads take items about in turn */
+        attend_any(&w, items[i], i + num_threads < count ? items[i + num_threads] : NULL);
     free(items);
     return 0;
 }
