@@ -94,6 +94,12 @@ class OneDnnLinear(PackedLinear):
         self.bias = None if bias is None else bias.detach().contiguous()
 
     def matmul(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 1:
+            # One row takes another kernel (a GEMV) that sums in another order: a token's
+            # output would depend on whether others shared its step (in bf16, where outputs
+            # are rounded to 8 bits, greedy tokens drifted under preemption). Two rows take
+            # the GEMM every larger batch takes, whose rows do not depend on each other.
+            return self.matmul(x.expand(2, -1).contiguous())[:1]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

@@ -106,6 +106,37 @@ def test_a_linear_layer_dispatches_by_its_rows():
     assert torch.equal(layer(x[:32]), small(x[:32])) and torch.equal(layer(x), big(x))
 
 
+def test_one_implementation_is_the_least_time_per_output_value_over_every_bucket():
+    # 32 rows x 100 columns, then 256 rows x 100: "a" wins the first bucket, "b" the second
+    # and the sum (1/3200 + 8/25600 against 1.1/3200 + 6/25600)
+    timed = [({"a": 1.0, "b": 1.1, "c": 0.5}, 3200), ({"a": 8.0, "b": 6.0}, 25600)]
+    assert tuned_module.one_for_every_bucket(timed) == "b"  # "c" was not timed in both
+    with pytest.raises(ValueError, match="every bucket"):
+        tuned_module.one_for_every_bucket([({"a": 1.0}, 1), ({"b": 1.0}, 1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_low_precision_linear_has_one_implementation_for_every_row_count(tmp_path, dtype):
+    """Where the buckets' fastest differ: bucketed in float32; in bfloat16 one implementation,
+    so that a token's hidden states do not depend on the step that computes it."""
+    names = tuned_module.linear_candidates(dtype)
+    if len(names) < 2:
+        pytest.skip(f"one linear implementation serves {dtype} here")
+    weight = torch.randn(64, 32).to(dtype)
+    tuning = tuned_module.LinearTuning(_tuner(tmp_path), dtype)
+    key = tuning.shape_key(weight, None)
+    first, second = names[:2]  # the first wins the decode bucket, the second the other
+    tuning.tuner.cache.put(f"linear {key} rows<=32", autotune.Choice(
+        first, {first: 1.0, second: 1.2}))
+    tuning.tuner.cache.put(f"linear {key} rows>32", autotune.Choice(
+        second, {first: 12.0, second: 8.0}))
+    layer = tuning.pack(weight, None)
+    if dtype == torch.float32:
+        assert isinstance(layer, BucketedLinear) and layer.name == f"{first}<=32, {second}>32 rows"
+    else:  # per output value: 1.2/2048 + 8/16384 < 1/2048 + 12/16384
+        assert not isinstance(layer, BucketedLinear) and layer.name == second
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model("llama_tied", tmp_path_factory.mktemp("tuned"))

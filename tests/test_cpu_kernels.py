@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pagedserve.executor_svc import cpu_kernels
-from pagedserve.executor_svc.layer_ops import LayerOps
+from pagedserve.executor_svc.layer_ops import LayerOps, OneDnnLinear, can_pack
 from pagedserve.executor_svc.rope import apply_rope
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None,
@@ -195,6 +195,23 @@ def test_linear_is_the_same_on_one_thread_and_on_several():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, several)  # each output is one thread's sum, in one order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("implementation", ["ours", "onednn"])
+def test_a_linear_row_does_not_depend_on_the_rows_beside_it(dtype, implementation):
+    """A token's output is the same alone, first, last or amid others in its step: a step's
+    make-up changes with preemption and other requests, its greedy outputs must not."""
+    if implementation == "onednn" and not can_pack(dtype):
+        pytest.skip(f"oneDNN's packed GEMM does not serve {dtype} here")
+    weight = randn(576, 1536, seed=1, dtype=dtype)  # the down projection's shape
+    layer = (cpu_kernels.PackedWeight(weight, None) if implementation == "ours"
+             else OneDnnLinear(weight, None))
+    x = randn(40, 1536, dtype=dtype)
+    whole = layer(x)
+    for start, rows in [(0, 1), (7, 1), (39, 1), (0, 2), (3, 5), (8, 32), (0, 33)]:
+        assert torch.equal(layer(x[start:start + rows].contiguous()),
+                           whole[start:start + rows]), (start, rows)
 
 
 def test_linear_rejects_an_input_that_does_not_fit_its_weight():

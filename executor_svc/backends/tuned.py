@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pagedserve.common.log import get_logger
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.autotune import Tuner, dtype_tolerance
 from pagedserve.executor_svc.backends.cpu import CpuOps, KernelLinear
@@ -17,6 +18,8 @@ from pagedserve.executor_svc.layer_ops import (OPS, BucketedLinear, ChosenOps, L
                                                OneDnnLinear, PackedLinear, TorchLinear,
                                                can_pack)
 from pagedserve.executor_svc.model_config import ModelConfig
+
+log = get_logger("executor")
 
 
 class Bucket(NamedTuple):
@@ -56,7 +59,17 @@ def op_candidates(dtype: torch.dtype) -> dict[str, LayerOps]:
 class LinearTuning:
     """Packs each linear layer in the implementation chosen, per bucket of rows, for its
     shape: timed on the first weight of each shape (its real values: our GEMM streams
-    bfloat16 where they all are bfloat16 values), then bound for every layer of it."""
+    bfloat16 where they all are bfloat16 values), then bound for every layer of it.
+
+    In bfloat16 (and float16) one implementation serves every bucket: the one with the least
+    time per output value over all of them. Two GEMMs add their float32 sums in different
+    orders, and each layer's output is rounded to 8 bits of mantissa, so a last-bit difference
+    changes the rounding of some values: a token's hidden states would then depend on
+    whether it was computed in a decode step or in a prompt's prefill (a recomputed
+    preemption, a replaced executor, a step with a prompt beside it), and greedy outputs
+    drifted (tests/test_preemption_e2e.py and test_recovery_e2e.py on a Zen 4, where our GEMM
+    won the decode bucket and oneDNN the prefill one). In float32 the outputs are not rounded
+    so: a difference stays in the last bit, and each bucket keeps its fastest."""
 
     def __init__(self, tuner: Tuner, dtype: torch.dtype):
         self.tuner = tuner
@@ -88,7 +101,7 @@ class LinearTuning:
 
     def _tune(self, key: str, weight: Tensor, bias: Tensor | None,
               built: dict[str, PackedLinear]) -> list[tuple[int | None, str]]:
-        plan, total = [], 0.0
+        plan, total, timed = [], 0.0, []
         for bucket in BUCKETS:
             w, b, layers = weight, bias, built
             if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
@@ -103,9 +116,24 @@ class LinearTuning:
                 lambda x=x: (x,), lambda x, w=w, b=b: F.linear(x, w, b),
                 dtype_tolerance(self.dtype))
             plan.append((bucket.max_rows, choice.name))
+            timed.append((choice.seconds, bucket.rows * w.shape[0]))
             total += choice.best_s or 0.0
         self.seconds[key] = total
+        if self.dtype != torch.float32 and len({name for _, name in plan}) > 1:
+            plan = [(None, one_for_every_bucket(timed))]
+            log.info("linear: one implementation for every row count", shape=key,
+                     choice=plan[0][1])
         return plan
+
+
+def one_for_every_bucket(timed: list[tuple[dict[str, float], int]]) -> str:
+    """Of the candidates timed in every bucket (``(seconds by name, output values)`` each),
+    the one with the least time per output value summed over the buckets (a decode row and a
+    prompt's row count alike)."""
+    names = sorted(set.intersection(*(set(seconds) for seconds, _ in timed)))
+    if not names:
+        raise ValueError("no linear implementation was timed in every bucket")
+    return min(names, key=lambda name: sum(seconds[name] / values for seconds, values in timed))
 
 
 def _lazy_matmul(name: str, weight: Tensor, bias: Tensor | None,
