@@ -76,7 +76,6 @@ class LinearTuning:
         self.dtype = dtype
         self.candidates = linear_candidates(dtype)
         self.plans: dict[str, list[tuple[int | None, str]]] = {}
-        self.seconds: dict[str, float] = {}  # per shape: the winners' times, all buckets
 
     def pack(self, weight: Tensor, bias: Tensor | None) -> PackedLinear:
         """``F.linear(x, weight, bias)`` in the implementation chosen for each bucket."""
@@ -101,7 +100,7 @@ class LinearTuning:
 
     def _tune(self, key: str, weight: Tensor, bias: Tensor | None,
               built: dict[str, PackedLinear]) -> list[tuple[int | None, str]]:
-        plan, total, timed = [], 0.0, []
+        plan, timed = [], []
         for bucket in BUCKETS:
             w, b, layers = weight, bias, built
             if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
@@ -117,8 +116,6 @@ class LinearTuning:
                 dtype_tolerance(self.dtype))
             plan.append((bucket.max_rows, choice.name))
             timed.append((choice.seconds, bucket.rows * w.shape[0]))
-            total += choice.best_s or 0.0
-        self.seconds[key] = total
         if self.dtype != torch.float32 and len({name for _, name in plan}) > 1:
             plan = [(None, one_for_every_bucket(timed))]
             log.info("linear: one implementation for every row count", shape=key,

@@ -61,9 +61,9 @@ typedef int32_t igu __attribute__((vector_size(4 * GEMM_VW), aligned(2)));
 
 static inline vg gsplat(float x) { return (vg){0} + x; }
 
-/* The output columns of one weight panel, whether a bfloat16 panel holds k in pairs, and
- * whether a bf16 model's GEMM runs on bf16 dot products: cpu_kernels.pack_weight reads the
- * first two, the log the third. */
+/* The output columns of one weight panel, whether a bfloat16 panel holds k in pairs (both
+ * read by cpu_kernels.pack_weight), and whether a bf16 model's GEMM runs on bf16 dot products
+ * (read by the tests, which check each build's choice). */
 int64_t gemm_columns(void) { return GEMM_NR; }
 int64_t gemm_bf16_pairs(void) { return GEMM_PAIRS; }
 int64_t gemm_bf16_products(void) { return GEMM_DOTS; }
