@@ -86,7 +86,10 @@ def test_two_ranks_give_the_transformers_greedy_tokens(kind, llama, smollm2_dir,
         path = tiny_model(Qwen2Config(**SHAPE), tmp_path_factory.mktemp("tp-qwen2"),
                           smollm2_dir)
         want = transformers_greedy(path, PROMPTS, MAX_TOKENS)
-    svc = Services(path, executor_args=["--tensor-parallel-size", "2", "--kv-cache-gb", "0.01"])
+    # float32, as transformers' tokens are; --dtype auto times both on a bf16 CPU, and on
+    # this tiny model either can win
+    svc = Services(path, executor_args=["--tensor-parallel-size", "2", "--kv-cache-gb", "0.01",
+                                        "--dtype", "float32"])
     try:
         # each rank caches its own 2 KV heads: a block takes half the bytes, twice as many fit
         half = ModelConfig.from_model_dir(path).sharded(2)
@@ -108,7 +111,7 @@ def test_ranks_started_one_by_one_serve_from_the_smallest_pool(llama):
     scheduler = pagedserve("scheduler", "--model", str(path), "--client-port", str(client),
                            "--executor-port", str(executor), "--admin-port", str(admin_port))
     common = ["executor", "--model", str(path), "--tensor-parallel-size", "2",
-              "--tp-master", f"127.0.0.1:{master}"]
+              "--tp-master", f"127.0.0.1:{master}", "--dtype", "float32"]
     env = {"OMP_NUM_THREADS": "1", "PAGEDSERVE_TP_SHARED_MEMORY": "0"}  # a core each
     ranks = []
     try:
@@ -128,7 +131,8 @@ def test_a_killed_rank_is_handled_like_an_executor_crash(llama, tmp_path):
     request completes with the undisturbed tokens."""
     path, want = llama
     long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
-    with services.up(path, tmp_path / "up.log", "--tensor-parallel-size", "2") as running:
+    with services.up(path, tmp_path / "up.log", "--tensor-parallel-size", "2",
+                     "--dtype", "float32") as running:
         want_long = generate(running.client, PROMPTS, long)
         admin(running.admin, "reset_prefix_cache")  # the second run computes everything again
         outputs = {}
