@@ -141,10 +141,11 @@ class Tuner:
 
     def choose(self, op: str, key: str, candidates: dict[str, Callable[..., Any]],
                make_inputs: Callable[[], Sequence], reference: Callable[..., Any],
-               tolerance: float) -> Choice:
+               tolerance: float, before: Callable[[], None] | None = None) -> Choice:
         """The fastest of ``candidates`` (name -> function of ``make_inputs()``) for ``op``
         at ``key`` (its shape and dtype) among those whose result agrees with
-        ``reference``'s within ``tolerance`` (relative to the result's largest value)."""
+        ``reference``'s within ``tolerance`` (relative to the result's largest value);
+        ``before`` (untimed) runs before each timed call."""
         forced = self._forced(op, candidates)
         if forced is not None:
             return Choice(forced, {})
@@ -155,7 +156,7 @@ class Tuner:
         if cached is not None and cached.name in candidates:
             return cached
         correct = self._correct(entry, candidates, make_inputs, reference, tolerance)
-        seconds = time_candidates(correct, make_inputs())
+        seconds = time_candidates(correct, make_inputs(), before)
         choice = Choice(min(seconds, key=seconds.get), seconds)
         log.info("autotuned", op=entry, choice=choice.name,
                  ms={name: round(s * 1e3, 3) for name, s in seconds.items()})
@@ -190,10 +191,11 @@ class Tuner:
         return correct
 
 
-def time_candidates(candidates: dict[str, Callable[..., Any]],
-                    inputs: Sequence) -> dict[str, float]:
+def time_candidates(candidates: dict[str, Callable[..., Any]], inputs: Sequence,
+                    before: Callable[[], None] | None = None) -> dict[str, float]:
     """Each candidate's fastest call on ``inputs``, in seconds: ``WARMUP`` calls each, then
-    rounds of one call of each, ``ROUNDS`` of them or fewer where a round is slow."""
+    rounds of one call of each, ``ROUNDS`` of them or fewer where a round is slow;
+    ``before`` (untimed) runs before each timed call."""
     for run in candidates.values():
         for _ in range(WARMUP):
             run(*inputs)
@@ -201,6 +203,8 @@ def time_candidates(candidates: dict[str, Callable[..., Any]],
     rounds, done = ROUNDS, 0
     while done < rounds:
         for name, run in candidates.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             run(*inputs)
             times[name].append(time.perf_counter() - start)
@@ -209,6 +213,39 @@ def time_candidates(candidates: dict[str, Callable[..., Any]],
             round_s = sum(t[0] for t in times.values())
             rounds = max(MIN_ROUNDS, min(ROUNDS, int(ROUND_BUDGET_S / max(round_s, 1e-9))))
     return {name: min(t) for name, t in times.items()}
+
+
+class ColdCaches:
+    """Called, reads a buffer twice the size of the CPU's largest cache (as sysfs gives it;
+    32 MiB where it does not), so that the next call finds nothing of its own operands
+    cached. A decode step's linear layer reads its weight from memory (a step passes over
+    every layer's weights, far more than the caches hold), while a call repeated for timing
+    finds its weight cached: timed so, a kernel whose software prefetch hides the memory's
+    latency looked no faster than one that waits on it (our GEMM against oneDNN's at 32
+    rows, 0.281 against 0.283 ms hot, 1.28x from memory: BENCHMARKS.md, "Decode GEMM
+    fetches ahead"). The buffer is allocated on the first call and freed with the object."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        if self.buffer is None:
+            size = 2 * largest_cache_bytes() // 4
+            self.buffer = torch.ones(size, dtype=torch.float32)
+        self.buffer.sum()
+
+
+def largest_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of this CPU's largest cache (sysfs: ``index*/size`` under ``caches``, such
+    as "32768K"), or 32 MiB where it says nothing."""
+    sizes = []
+    for entry in caches.glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=32 << 20)
 
 
 def deviation(got: Any, want: Any) -> float:

@@ -97,6 +97,47 @@ def test_forced_choices_override_the_timing(tmp_path):
         parse_forced("gemm=cpu")
 
 
+def test_a_function_run_before_each_timed_call_is_not_timed():
+    """The decode bucket's linear is timed after a pass that evicts the caches: that pass
+    runs before each timed call and its time is no candidate's."""
+    ran = []
+    seconds = autotune.time_candidates(
+        {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, (),
+        before=lambda: (ran.append("before"), time.sleep(0.02)))
+    timed = ran[2 * autotune.WARMUP:]  # the warm-up calls come first, with nothing before
+    assert ran[:2 * autotune.WARMUP].count("before") == 0
+    assert timed == ["before", "a", "before", "b"] * (len(timed) // 4) and timed
+    assert max(seconds.values()) < 0.01
+
+
+def test_the_largest_cache_is_read_from_sysfs(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert autotune.largest_cache_bytes(tmp_path) == 32 << 20
+    assert autotune.largest_cache_bytes(tmp_path / "absent") == 32 << 20
+    (tmp_path / "index4").mkdir()
+    (tmp_path / "index4" / "size").write_text("96M\n")
+    assert autotune.largest_cache_bytes(tmp_path) == 96 << 20
+
+
+def test_the_decode_bucket_is_timed_with_cold_caches(tmp_path, monkeypatch):
+    """Each linear's decode bucket (and only it) is timed with its weight read from memory,
+    as a decode step reads it."""
+    if len(tuned_module.linear_candidates(torch.float32)) < 2:
+        pytest.skip("one linear implementation serves float32 here")
+    befores = []
+    choose = Tuner.choose
+
+    def spy(self, op, key, *args, **kwargs):
+        befores.append((key, kwargs.get("before") or (args[4] if len(args) > 4 else None)))
+        return choose(self, op, key, *args, **kwargs)
+    monkeypatch.setattr(Tuner, "choose", spy)
+    tuned_module.LinearTuning(_tuner(tmp_path), torch.float32).pack(torch.randn(64, 32), None)
+    assert [(key.split()[-1], type(before).__name__) for key, before in befores] == [
+        ("rows<=32", "ColdCaches"), ("rows>32", "NoneType")]
+
+
 def test_a_linear_layer_dispatches_by_its_rows():
     weight = torch.randn(6, 4)
     small, big = TorchLinear(weight, None), TorchLinear(weight * 2, None)

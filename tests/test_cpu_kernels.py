@@ -156,8 +156,9 @@ def test_greedy_matches_argmax_and_log_softmax(vocab, dtype):
     torch.testing.assert_close(logprobs.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-# Row panels of at most 6, rows dealt evenly (13: 5, 4, 4); chunks of 12 panels.
-@pytest.mark.parametrize("tokens", [1, 5, 6, 7, 13, 32, 77])
+# Row panels of at most 6 (8-float builds) or 12 rows, rows dealt evenly (13: 5, 4, 4);
+# chunks of 12 or 6 panels, the last one short (77, 300), shared out by their work.
+@pytest.mark.parametrize("tokens", [1, 5, 6, 7, 13, 32, 77, 300])
 # k slices of at most 384 (float32 panels) or 768 (bfloat16 panels).
 @pytest.mark.parametrize("in_features,out_features", [(1, 1), (5, 17), (64, 16), (385, 49),
                                                       (576, 960), (1537, 33)])

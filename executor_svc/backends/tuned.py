@@ -12,7 +12,7 @@ from torch import Tensor
 
 from pagedserve.common.log import get_logger
 from pagedserve.executor_svc import cpu_kernels
-from pagedserve.executor_svc.autotune import Tuner, dtype_tolerance
+from pagedserve.executor_svc.autotune import ColdCaches, Tuner, dtype_tolerance
 from pagedserve.executor_svc.backends.cpu import CpuOps, KernelLinear
 from pagedserve.executor_svc.layer_ops import (OPS, BucketedLinear, ChosenOps, LayerOps,
                                                OneDnnLinear, PackedLinear, TorchLinear,
@@ -101,6 +101,7 @@ class LinearTuning:
     def _tune(self, key: str, weight: Tensor, bias: Tensor | None,
               built: dict[str, PackedLinear]) -> list[tuple[int | None, str]]:
         plan, timed = [], []
+        cold = ColdCaches()  # for the decode bucket: there each weight comes from memory
         for bucket in BUCKETS:
             w, b, layers = weight, bias, built
             if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
@@ -113,7 +114,7 @@ class LinearTuning:
                 "linear", f"{key} rows{'<=' if bucket.max_rows else '>'}"
                           f"{bucket.max_rows or BUCKETS[0].max_rows}", candidates,
                 lambda x=x: (x,), lambda x, w=w, b=b: F.linear(x, w, b),
-                dtype_tolerance(self.dtype))
+                dtype_tolerance(self.dtype), cold if bucket.max_rows is not None else None)
             plan.append((bucket.max_rows, choice.name))
             timed.append((choice.seconds, bucket.rows * w.shape[0]))
         if self.dtype != torch.float32 and len({name for _, name in plan}) > 1:
