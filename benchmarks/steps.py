@@ -6,6 +6,7 @@ steps.
     python -m pagedserve.benchmarks.steps --workload mixed --profile-from 120
     python -m pagedserve.benchmarks.steps --workload mixed --breakdown
     python -m pagedserve.benchmarks.steps --workload mixed --kv-cache-dtype bfloat16
+    python -m pagedserve.benchmarks.steps --requests 4 --dtype bfloat16   # sweep-4's batch
     python -m pagedserve.benchmarks.steps --device cuda --dtype bfloat16 \
         --attention-backend triton \
         --model CONFIG_DIR --random-weights
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.benchmarks.workload import WORKLOADS, make_requests
+from pagedserve.benchmarks.workload import WORKLOADS, WorkloadSpec, make_requests
 from pagedserve.common import protocol as p
 from pagedserve.common.config import default_model_dir
 from pagedserve.common.sampling import SamplingParams
@@ -126,7 +128,7 @@ class Breakdown:
         return "\n".join(lines)
 
 
-def run(workload: str, profile_from: int | None = None, *, model_dir: Path | None = None,
+def run(workload: str | WorkloadSpec, profile_from: int | None = None, *, model_dir: Path | None = None,
         device: str = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch", eager: bool = False, breakdown: bool = False,
         kv_dtype: torch.dtype | None = None, autotune: bool = True) -> dict:
@@ -187,7 +189,8 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
     wall = time.perf_counter() - start
     if timers:
         timers.uninstall()
-    return {"workload": workload, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    return {"workload": workload if isinstance(workload, str) else
+            f"{workload.num_requests} requests", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
             "attention_backend": attention_backend,
             "kernels": backends.chosen(model, runner.attention, runner.sampler.ops),
@@ -203,6 +206,9 @@ def run(workload: str, profile_from: int | None = None, *, model_dir: Path | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="fixed")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="This many of the workload's requests, as the concurrency "
+                             "sweep of `bench compare` sends fixed's (sweep-4: 4).")
     parser.add_argument("--profile-from", type=int, default=None,
                         help="Profile 10 decode steps from this decode step on.")
     parser.add_argument("--breakdown", action="store_true",
@@ -225,12 +231,14 @@ def main() -> None:
                    attention_backend=args.attention_backend, eager=args.enforce_eager,
                    breakdown=args.breakdown, autotune=not args.no_autotune,
                    kv_dtype=None if args.kv_cache_dtype == "auto" else torch.bfloat16)
+    workload = args.workload if args.requests is None else dataclasses.replace(
+        WORKLOADS[args.workload], num_requests=args.requests)
     if args.random_weights:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = random_checkpoint(args.model or default_model_dir(), Path(tmp))
-            result = run(args.workload, args.profile_from, model_dir=model_dir, **options)
+            result = run(workload, args.profile_from, model_dir=model_dir, **options)
     else:
-        result = run(args.workload, args.profile_from, model_dir=args.model, **options)
+        result = run(workload, args.profile_from, model_dir=args.model, **options)
     for key in ("profile", "breakdown"):
         if result[key]:
             print(result[key])
