@@ -222,7 +222,7 @@ class ColdCaches:
     every layer's weights, far more than the caches hold), while a call repeated for timing
     finds its weight cached: timed so, a kernel whose software prefetch hides the memory's
     latency looked no faster than one that waits on it (our GEMM against oneDNN's at 32
-    rows, 0.281 against 0.283 ms hot, 1.28x from memory: BENCHMARKS.md, "Decode GEMM
+    rows, 0.281 against 0.283 ms hot, 1.34x from memory: BENCHMARKS.md, "Decode GEMM
     fetches ahead"). The buffer is allocated on the first call and freed with the object."""
 
     def __init__(self):
