@@ -2,6 +2,8 @@
 and chunk shapes, logprobs, and the HTTP layer's refusals (bad input, keys, body size)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from pagedserve.gateway.errors import APIError
 from pagedserve.gateway.params import chat_params, completion_params
 from pagedserve.gateway.responses import ChatShaper, CompletionShaper
 from pagedserve.gateway.schema import ChatCompletionRequest, CompletionRequest
+from pagedserve.gateway.streams import EventStreamResponse, merged
 from services import ROOT
 
 USER = [{"role": "user", "content": "Hi"}]
@@ -266,3 +269,88 @@ def test_chat_messages_reach_the_template_with_text_parts_joined_and_names_kept(
          "name": "ana"}, {"role": "assistant", "content": "c"}])
     assert [m.to_dict() for m in request.messages] == [
         {"role": "user", "content": "a\nb", "name": "ana"}, {"role": "assistant", "content": "c"}]
+
+
+# ------------------------------------------------------------------ event streams
+
+def _events_until_closed(log: list[str], fail_at: int | None = None):
+    async def events():
+        try:
+            for i in range(1000):
+                if i == fail_at:
+                    raise RuntimeError("the stream broke")
+                yield f"data: {i}\n\n"
+                await asyncio.sleep(0)
+        finally:
+            log.append("closed")
+    return events()
+
+
+def test_an_event_stream_sends_every_event_and_closes_its_generator():
+    log, sent = [], []
+
+    async def receive():
+        await asyncio.Event().wait()  # the client stays
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        response = EventStreamResponse(_events_until_closed(log))
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    asyncio.run(run())
+    bodies = [m["body"] for m in sent if m["type"] == "http.response.body" and m["body"]]
+    assert len(bodies) == 1000 and log == ["closed"] and sent[0]["status"] == 200
+
+
+def test_a_client_gone_mid_stream_closes_the_generator_before_the_response_returns():
+    log, sent = [], []
+
+    async def run():
+        left = asyncio.Event()
+
+        async def receive():
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if len(sent) == 5:
+                left.set()
+        response = EventStreamResponse(_events_until_closed(log))
+        await response({"type": "http"}, receive, send)
+        assert log == ["closed"]  # closed already: its requests are aborted at once
+    asyncio.run(run())
+    assert 5 <= len(sent) < 1000
+
+
+def test_an_error_in_an_event_stream_is_raised_after_its_generator_closes():
+    log = []
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    async def send(message):
+        pass
+
+    async def run():
+        await EventStreamResponse(_events_until_closed(log, fail_at=3))(
+            {"type": "http"}, receive, send)
+    with pytest.raises(RuntimeError, match="broke"):
+        asyncio.run(run())
+    assert log == ["closed"]
+
+
+def test_one_merged_stream_is_its_items_and_an_early_exit_closes_it():
+    log = []
+
+    async def run():
+        got = []
+        async with contextlib.aclosing(merged([_events_until_closed(log)])) as items:
+            async for index, item in items:
+                got.append((index, item))
+                if len(got) == 3:
+                    break
+        return got
+    assert asyncio.run(run()) == [(0, "data: 0\n\n"), (0, "data: 1\n\n"), (0, "data: 2\n\n")]
+    assert log == ["closed"]
