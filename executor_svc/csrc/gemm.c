@@ -271,16 +271,15 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t from = row_panels * panels * me / team;
         const int64_t to = row_panels * panels * (me + 1) / team;
-        for (int64_t c = 0; c < chunks; c++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t p_end = (c + 1) * chunk < row_panels ? (c + 1) * chunk : row_panels;
+            const int64_t tiles = p_end - c * chunk; /* the chunk's row panels */
             for (int64_t j = 0; j < panels; j++) {
-                const int64_t in_chunk = (c + 1) * chunk < row_panels ? chunk
-                                                                      : row_panels - c * chunk;
-                const int64_t work_before = c * chunk * panels + j * in_chunk;
+                const int64_t work_before = c * chunk * panels + j * tiles;
                 if (work_before < from || work_before >= to) continue;
                 const int cols = n - j * GEMM_NR < GEMM_NR ? (int)(n - j * GEMM_NR) : GEMM_NR;
                 float init[GEMM_NR] = {0};
                 for (int i = 0; bias && i < cols; i++) init[i] = bias[j * GEMM_NR + i];
-                const int64_t p_end = (c + 1) * chunk < row_panels ? (c + 1) * chunk : row_panels;
                 float sums[out_bf16 ? GEMM_MC * GEMM_NR : 1]; /* the chunk's rows x cols */
                 float *o = out_bf16 ? sums : (float *)out + j * GEMM_NR;
                 const int64_t ldo = out_bf16 ? GEMM_NR : n, r0 = out_bf16 ? row_of(c * chunk) : 0;
@@ -296,7 +295,7 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
                     const int64_t next_bytes = next + kc_max * GEMM_NR * elem <= w_end
                                                    ? kc_max * GEMM_NR * (int64_t)elem
                                                    : w_end - next;
-                    const int64_t tiles = p_end - c * chunk, steps = kind == W_DOTS ? kc / 2 : kc;
+                    const int64_t steps = kind == W_DOTS ? kc / 2 : kc;
                     const int64_t share = tiles > 1 ? (next_bytes / 64 + tiles - 1) / tiles : 0;
                     for (int64_t p = c * chunk; p < p_end; p++)
                         gemm_tile_any((int)(base + (p < extra)), kind,
@@ -310,6 +309,7 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
                     for (int i = 0; i < cols; i++)
                         store1(out, r * n + j * GEMM_NR + i, o[(r - r0) * GEMM_NR + i], 1);
             }
+        }
     }
 #undef row_of
     free(a);
