@@ -128,8 +128,8 @@ class Breakdown:
         return "\n".join(lines)
 
 
-def run(workload: str | WorkloadSpec, profile_from: int | None = None, *, model_dir: Path | None = None,
-        device: str = "cpu", dtype: torch.dtype = torch.float32,
+def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
+        model_dir: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch", eager: bool = False, breakdown: bool = False,
         kv_dtype: torch.dtype | None = None, autotune: bool = True) -> dict:
     """Serve ``workload`` as the services would (the executor's defaults on CPU: each op
@@ -189,8 +189,8 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *, model_
     wall = time.perf_counter() - start
     if timers:
         timers.uninstall()
-    return {"workload": workload if isinstance(workload, str) else
-            f"{workload.num_requests} requests", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    name = workload if isinstance(workload, str) else f"{workload.num_requests} requests"
+    return {"workload": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
             "attention_backend": attention_backend,
             "kernels": backends.chosen(model, runner.attention, runner.sampler.ops),

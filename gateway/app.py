@@ -27,7 +27,8 @@ from pagedserve.gateway.metrics import HTTPMetrics, exposition
 from pagedserve.gateway.params import chat_params, completion_params
 from pagedserve.gateway.responses import ChatShaper, CompletionShaper
 from pagedserve.gateway.schema import ChatCompletionRequest, CompletionRequest
-from pagedserve.gateway.streams import DONE, EventStreamResponse, event, merged, started
+from pagedserve.gateway.streams import (DONE, EventStreamResponse, event, merged, started,
+                                        unless_disconnected)
 
 
 @dataclass(frozen=True)
@@ -207,24 +208,11 @@ async def _all(coros: list, param: str) -> list:
 async def _unless_gone(request: Request, answer: Awaitable):
     """``answer``'s result, unless the HTTP client goes away first: then it is cancelled
     (a cancelled request sends its abort, and its blocks are freed at once)."""
-    answering = asyncio.ensure_future(answer)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait([answering, gone], return_when=asyncio.FIRST_COMPLETED)
-        if not answering.done():
-            raise APIError(499, "the client closed the connection before the answer",
-                           code="client_closed")
-        return answering.result()
-    finally:
-        gone.cancel()
-        answering.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the HTTP client has gone. Its body has been read, so the server's next
-    message is the disconnect: waited for, not polled."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    answering = await unless_disconnected(answer, request.receive)
+    if answering.cancelled():
+        raise APIError(499, "the client closed the connection before the answer",
+                       code="client_closed")
+    return answering.result()
 
 
 async def _events(shaper: CompletionShaper | ChatShaper, deltas, include_usage: bool):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -33,21 +33,34 @@ class EventStreamResponse(StreamingResponse):
         so aborts its requests at once), as Starlette's own does, on two asyncio tasks where
         Starlette opens an anyio task group: 0.18 ms of each streamed request's time to first
         token here (BENCHMARKS.md, "What the gateway adds to one request's TTFT")."""
-        streaming = asyncio.ensure_future(self.stream_response(send))
-        gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
-        try:
-            await asyncio.wait([streaming, gone], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (streaming, gone):
-                task.cancel()
-            # a cancelled stream closes its generator (and its requests) before this returns
-            await asyncio.gather(streaming, gone, return_exceptions=True)
+        streaming = await unless_disconnected(self.stream_response(send), receive)
         if not streaming.cancelled() and streaming.exception() is not None:
             raise streaming.exception()
 
     async def stream_response(self, send) -> None:
         async with contextlib.aclosing(self.body_iterator):
             await super().stream_response(send)
+
+
+async def unless_disconnected(work: Awaitable, receive) -> asyncio.Task:
+    """``work``'s task, run until it ends or the HTTP client disconnects first (``receive``
+    gives ``http.disconnect``; the body has been read, so that is its next message): then
+    the task is cancelled, and its clean-up (a stream's close, a request's abort) has run
+    when this returns."""
+    working = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait([working, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, gone):
+            task.cancel()
+        await asyncio.gather(working, gone, return_exceptions=True)
+    return working
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
