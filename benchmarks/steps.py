@@ -7,6 +7,7 @@ steps.
     python -m pagedserve.benchmarks.steps --workload mixed --breakdown
     python -m pagedserve.benchmarks.steps --workload mixed --kv-cache-dtype bfloat16
     python -m pagedserve.benchmarks.steps --requests 4 --dtype bfloat16   # sweep-4's batch
+    python -m pagedserve.benchmarks.steps --requests 4 --dtype bfloat16 --per-op
     python -m pagedserve.benchmarks.steps --device cuda --dtype bfloat16 \
         --attention-backend triton \
         --model CONFIG_DIR --random-weights
@@ -15,7 +16,9 @@ Prints the median prefill-carrying and pure-decode step times, the total, the ge
 per second, and (with ``--profile-from N``) the torch operators of 10 decode steps from step N
 on. Compiled code that torch does not see (the C kernels) shows in the step times, not in
 the operator table; ``--breakdown`` puts timers around each kernel call and each linear layer
-instead (by weight shape), and prints where prefill-carrying and pure-decode steps go.
+instead (by weight shape), and prints where prefill-carrying and pure-decode steps go; it
+runs the decoder stack a call per op (the timers sit between the calls), as ``--per-op``
+does, where the executor runs it in one call of the same kernels (``FusedDecoder``).
 ``--random-weights`` builds a checkpoint of the same shape from the model directory's
 config.json (and its tokenizer): step times do not depend on the weights' values,
 and the workloads ignore EOS, so a machine without the checkpoint measures the same work.
@@ -131,10 +134,12 @@ class Breakdown:
 def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
         model_dir: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch", eager: bool = False, breakdown: bool = False,
-        kv_dtype: torch.dtype | None = None, autotune: bool = True) -> dict:
+        kv_dtype: torch.dtype | None = None, autotune: bool = True,
+        per_op: bool = False) -> dict:
     """Serve ``workload`` as the services would (the executor's defaults on CPU: each op
     timed and chosen at load unless ``autotune`` is False) and time its steps; the KV cache
-    in ``kv_dtype`` (default: ``dtype``)."""
+    in ``kv_dtype`` (default: ``dtype``); the decoder stack a call per op with ``per_op`` (or
+    ``breakdown``)."""
     kv_dtype = kv_dtype or dtype
     if device == "cpu":  # as the executor sets up
         bound_primitive_cache()
@@ -147,6 +152,8 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
     release_free_memory()
     runner = ModelRunner(model, CacheEngine(model.config, BLOCK_SIZE, NUM_BLOCKS, 0, kv_dtype,
                                             device), BLOCK_SIZE, attention_backend)
+    if per_op or breakdown:
+        model.stack = None
     graphs = torch.device(device).type == "cuda" and attention_backend == "triton" and not eager
     if graphs:  # as the executor does by default
         runner.use_decode_graphs(MAX_NUM_SEQS, model.config.max_model_len)
@@ -212,7 +219,10 @@ def main() -> None:
     parser.add_argument("--profile-from", type=int, default=None,
                         help="Profile 10 decode steps from this decode step on.")
     parser.add_argument("--breakdown", action="store_true",
-                        help="Time each CPU kernel call and linear layer (CPU only).")
+                        help="Time each CPU kernel call and linear layer (CPU only; "
+                             "implies --per-op).")
+    parser.add_argument("--per-op", action="store_true",
+                        help="Run the decoder stack a call per op, not in one call (CPU).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"],
@@ -229,7 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     options = dict(device=args.device, dtype=getattr(torch, args.dtype),
                    attention_backend=args.attention_backend, eager=args.enforce_eager,
-                   breakdown=args.breakdown, autotune=not args.no_autotune,
+                   breakdown=args.breakdown, autotune=not args.no_autotune, per_op=args.per_op,
                    kv_dtype=None if args.kv_cache_dtype == "auto" else torch.bfloat16)
     workload = args.workload if args.requests is None else dataclasses.replace(
         WORKLOADS[args.workload], num_requests=args.requests)

@@ -55,8 +55,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [_PTR, _PTR] + [_I64] * 4
     lib.greedy.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64]
     lib.linear.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR] + [_I64] * 5
+    lib.decoder_forward.argtypes = [ctypes.POINTER(_Decoder), ctypes.POINTER(_Step), _PTR, _PTR,
+                                    _I64, ctypes.POINTER(_I64)]
     for function in (lib.paged_attention, lib.add_rms_norm, lib.rope_write_kv, lib.silu_mul,
-                     lib.greedy, lib.linear):
+                     lib.greedy, lib.linear, lib.decoder_forward):
         function.restype = ctypes.c_int
     for function in (lib.gemm_columns, lib.gemm_bf16_pairs, lib.gemm_bf16_products):
         function.restype = _I64
@@ -136,19 +138,24 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Atte
         raise ValueError(f"query starts end at {batch.rows}, not at the {query.shape[0]} "
                          "query rows")
     out = query.new_empty(query.shape)
-    status = load().paged_attention(
+    _attention_status(load().paged_attention(
         query.data_ptr(), query.stride(0), _bf16(query), k_cache.data_ptr(),
         v_cache.data_ptr(), kv_bf16,
         batch.tables.data_ptr(), batch.starts.data_ptr(), batch.lens.data_ptr(),
         out.data_ptr(), batch.lens.shape[0], num_heads, num_kv_heads, head_dim, block_size,
-        batch.tables.shape[1], scale, torch.get_num_threads())
+        batch.tables.shape[1], scale, torch.get_num_threads()), k_cache, num_heads)
+    return out
+
+
+def _attention_status(status: int, k_cache: Tensor, num_heads: int) -> None:
+    """Raises what a nonzero status of ``paged_attention`` means."""
     if status == -2:
         raise MemoryError("paged_attention: no memory for the work list")
     if status:
+        _, block_size, num_kv_heads, _ = k_cache.shape
         raise ValueError(f"the CPU attention kernel does not serve {num_heads} heads over "
                          f"{num_kv_heads} kv heads with blocks of {block_size}, or a query "
                          "longer than its context or table")
-    return out
 
 
 def fuses(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -192,21 +199,25 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
                          f"{head_dim}, contiguous; got {tuple(qkv.shape)}")
     if positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64:
         raise ValueError("positions and slots must be int64")
-    status = load().rope_write_kv(
+    _rope_status(load().rope_write_kv(
         qkv.data_ptr(), qkv.stride(0), _bf16(qkv), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
         positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_bf16,
         slot_mapping.data_ptr(),
         k_cache.shape[0] * k_cache.shape[1], tokens, num_heads, num_kv_heads, head_dim,
-        torch.get_num_threads())
+        torch.get_num_threads()), cos, k_cache)
+    heads = qkv.view(tokens, -1, head_dim)
+    return (heads[:, :num_heads], heads[:, num_heads:num_heads + num_kv_heads],
+            heads[:, num_heads + num_kv_heads:])
+
+
+def _rope_status(status: int, cos: Tensor, k_cache: Tensor) -> None:
+    """Raises what a nonzero status of ``rope_write_kv`` means."""
     if status == 1:
         raise IndexError(f"a position is past the rotary tables' {cos.shape[0]}")
     if status == 2:
         raise IndexError(f"a slot is past the cache's {k_cache.shape[0] * k_cache.shape[1]}")
     if status:
-        raise ValueError(f"rope_write_kv does not serve head_dim {head_dim}")
-    heads = qkv.view(tokens, -1, head_dim)
-    return (heads[:, :num_heads], heads[:, num_heads:num_heads + num_kv_heads],
-            heads[:, num_heads + num_kv_heads:])
+        raise ValueError(f"rope_write_kv does not serve head_dim {k_cache.shape[-1]}")
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
@@ -284,12 +295,132 @@ class PackedWeight:
         out = x.new_empty(tokens, self.out_features, dtype=out_dtype or x.dtype)
         status = load().linear(x.data_ptr(), _bf16(x), *self._weight, out.data_ptr(), _bf16(out),
                                tokens, self.out_features, in_features, torch.get_num_threads())
-        if status == -2:
-            raise MemoryError(f"linear: no memory for a [{tokens}, {in_features}] input's "
-                              "panels")
-        if status:
-            raise ValueError("linear rejected its arguments")
+        _linear_status(status, f"a [{tokens}, {in_features}] input's")
         return out
+
+
+def _linear_status(status: int, inputs: str) -> None:
+    """Raises what a nonzero status of ``linear`` means (``inputs``: whose row panels)."""
+    if status == -2:
+        raise MemoryError(f"linear: no memory for {inputs} row panels")
+    if status:
+        raise ValueError("linear rejected its arguments")
+
+
+class _Linear(ctypes.Structure):  # decoder.c's structures, field for field
+    _fields_ = [("panels", _PTR), ("bf16", _I64), ("bias", _PTR)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _PTR), ("post_norm", _PTR), ("qkv", _Linear), ("o", _Linear),
+                ("gate_up", _Linear), ("down", _Linear), ("k_cache", _PTR), ("v_cache", _PTR)]
+
+
+class _Decoder(ctypes.Structure):
+    _fields_ = ([(name, _I64) for name in (
+        "num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "inter", "act_bf16",
+        "kv_bf16", "block_size", "num_slots", "num_positions")]
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _PTR), ("sin", _PTR),
+           ("final_norm", _PTR), ("layers", ctypes.POINTER(_Layer))])
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [(name, _I64) for name in ("tokens", "num_seqs", "max_blocks")] + [
+        (name, _PTR) for name in ("positions", "slots", "block_tables", "query_start",
+                                  "seq_lens")]
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer as ``DecoderStack`` runs it: its norms' weights (``[hidden]``, in the
+    activations' dtype), its projections packed for ``linear`` (q/k/v and gate/up merged,
+    gate's columns first) and its KV cache."""
+
+    input_norm: Tensor
+    qkv: PackedWeight
+    o: PackedWeight
+    post_norm: Tensor
+    gate_up: PackedWeight
+    down: PackedWeight
+    k_cache: Tensor
+    v_cache: Tensor
+
+
+class DecoderStack:
+    """A Llama-family decoder stack (``layers``, then the RMSNorm of ``final_norm``) run by
+    one kernel call per step (``decoder_forward`` in decoder.c): the kernels of the per-op
+    wrappers above, in the model's order, with no Python between them. RoPE reads ``cos``
+    and ``sin`` (float32 ``[max_positions, head_dim / 2]``); ``scale`` is attention's.
+    Holds the tensors it points at; their storage must not move while it lives."""
+
+    def __init__(self, layers: list[LayerWeights], final_norm: Tensor, cos: Tensor,
+                 sin: Tensor, num_heads: int, eps: float, scale: float):
+        first = layers[0]
+        num_slots, num_kv_heads, head_dim = first.k_cache.flatten(0, 1).shape
+        self.hidden, self.dtype = final_norm.shape[0], final_norm.dtype
+        _check_contiguous(final_norm, cos, sin)
+        if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+            raise ValueError("the rotary tables must be float32")
+        for layer in layers:
+            _bf16(layer.input_norm, layer.post_norm, final_norm)
+            _kv_bf16(layer.k_cache, layer.v_cache)
+            if layer.k_cache.shape != first.k_cache.shape:
+                raise ValueError("every layer's KV cache must have one shape")
+            _check_contiguous(layer.input_norm, layer.post_norm)
+        self._tensors = (layers, final_norm, cos, sin)  # what the structures point at
+        self._layers = (_Layer * len(layers))(*(_Layer(
+            layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
+            *(_Linear(*linear._weight) for linear in (layer.qkv, layer.o, layer.gate_up,
+                                                      layer.down)),
+            layer.k_cache.data_ptr(), layer.v_cache.data_ptr()) for layer in layers))
+        self._decoder = _Decoder(
+            len(layers), self.hidden, num_heads, num_kv_heads, head_dim,
+            first.down.in_features, _bf16(final_norm), _kv_bf16(first.k_cache, first.v_cache),
+            first.k_cache.shape[1], num_slots, cos.shape[0], eps, scale, cos.data_ptr(),
+            sin.data_ptr(), final_norm.data_ptr(), self._layers)
+        self._cos, self._k_cache = cos, first.k_cache  # for the messages of a failure
+
+    def __call__(self, embeddings: Tensor, positions: Tensor, slot_mapping: Tensor,
+                 batch: AttentionBatch) -> Tensor:
+        """The final norm's output ``[T, hidden]`` for the step's ``embeddings`` (``[T,
+        hidden]``, contiguous, summed into in place as the residual stream) at ``positions``,
+        whose keys and values go to cache slots ``slot_mapping`` (int64 ``[T]`` each); its
+        sequences are ``batch``."""
+        tokens = embeddings.shape[0]
+        if embeddings.dtype != self.dtype or embeddings.shape[1:] != (self.hidden,):
+            raise ValueError(f"the stack takes [T, {self.hidden}] {self.dtype} embeddings, "
+                             f"not {tuple(embeddings.shape)} {embeddings.dtype}")
+        if batch.rows != tokens or positions.shape != (tokens,) or \
+                slot_mapping.shape != (tokens,):
+            raise ValueError(f"{tokens} tokens, {positions.shape[0]} positions, "
+                             f"{slot_mapping.shape[0]} slots and {batch.rows} query rows "
+                             "do not describe one step")
+        if positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64:
+            raise ValueError("positions and slots must be int64")
+        _check_contiguous(embeddings, positions, slot_mapping)
+        out = torch.empty_like(embeddings)
+        step = _Step(tokens, batch.lens.shape[0], batch.tables.shape[1], positions.data_ptr(),
+                     slot_mapping.data_ptr(), batch.tables.data_ptr(), batch.starts.data_ptr(),
+                     batch.lens.data_ptr())
+        failed = _I64(0)
+        status = load().decoder_forward(ctypes.byref(self._decoder), ctypes.byref(step),
+                                        embeddings.data_ptr(), out.data_ptr(),
+                                        torch.get_num_threads(), ctypes.byref(failed))
+        if status:
+            self._raise(failed.value, status, tokens)
+        return out
+
+    def _raise(self, failed: int, status: int, tokens: int) -> None:
+        """Raises what kernel ``failed`` (decoder.c's FAILED_*) returning ``status`` means."""
+        if failed == 2:
+            _linear_status(status, f"{tokens} tokens'")
+        elif failed == 3:
+            _rope_status(status, self._cos, self._k_cache)
+        elif failed == 4:
+            _attention_status(status, self._k_cache, self._decoder.num_heads)
+        elif failed == 6:
+            raise MemoryError(f"decoder_forward: no memory for {tokens} tokens' activations")
+        name = {1: "add_rms_norm", 5: "silu_mul"}.get(failed, "decoder_forward")
+        raise ValueError(f"{name} rejected its arguments")
 
 
 def _call(name: str, *args) -> None:

@@ -81,6 +81,10 @@ class PackedLinear(nn.Module):
         """``[T, in]`` -> ``[T, out]``."""
         raise NotImplementedError
 
+    def serving(self, rows: int) -> PackedLinear:
+        """The layer that multiplies inputs of ``rows`` rows: this one."""
+        return self
+
 
 class OneDnnLinear(PackedLinear):
     """oneDNN's packed layout: it ran the decoder's GEMMs of a 32-token decode step at 95
@@ -135,11 +139,13 @@ class BucketedLinear(PackedLinear):
                               for limit, layer in layers) + " rows"
 
     def matmul(self, x: Tensor) -> Tensor:
-        rows = x.shape[0]
+        return self.serving(x.shape[0]).matmul(x)
+
+    def serving(self, rows: int) -> PackedLinear:
         for limit, layer in zip(self.limits, self.layers):
             if rows <= limit:
-                return layer.matmul(x)
-        return self.layers[-1].matmul(x)
+                return layer
+        return self.layers[-1]
 
 
 class ChosenOps(LayerOps):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from pagedserve.executor_svc.attention import AttentionMetadata
 from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.backends import layer_ops
+from pagedserve.executor_svc.backends.cpu import FusedDecoder
 from pagedserve.executor_svc.backends.tuned import tuned_ops
 from pagedserve.executor_svc.layer_ops import LayerOps, PackedLinear, pack_linears
 from pagedserve.executor_svc.model_config import ModelConfig
@@ -143,6 +144,8 @@ class PagedLlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_head: PackedLinear | None = None  # see prepack
+        # The decoder stack in one kernel call, bound to a KV cache by its model runner.
+        self.stack: FusedDecoder | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,7 +166,10 @@ class PagedLlamaForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Hidden states ``[T, hidden]`` of the step's new tokens (all sequences packed in batch
-        order); their K/V are written to ``kv_caches`` (one (K, V) pair per layer) on the way."""
+        order); their K/V are written to ``kv_caches`` (one (K, V) pair per layer) on the way.
+        In one kernel call where ``stack`` serves the step."""
+        if self.stack is not None and self.stack.serves(len(input_ids), meta, kv_caches):
+            return self.stack(input_ids, positions, meta)
         x = self.model.embed_tokens(input_ids)
         rope = StepRope(self.rope, positions, x.dtype)
         residual = None

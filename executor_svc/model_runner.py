@@ -16,6 +16,7 @@ from torch import Tensor
 from pagedserve.common import protocol as p
 from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.autotune import Tuner
+from pagedserve.executor_svc.backends.cpu import FusedDecoder
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
@@ -48,6 +49,7 @@ class ModelRunner:
         self.sampler = Sampler(backends.sampler_ops(model))
         self.seqs: dict[int, SeqState] = {}
         self.graphs: DecodeGraphs | None = None
+        model.stack = FusedDecoder.build(model, self.attention, cache.kv_caches)
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int,
                           capture: bool = True) -> None:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.backends import attention_backend, layer_ops
+from pagedserve.executor_svc.backends.cpu import FusedDecoder
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.mirror import SeqState
 from pagedserve.executor_svc.model import ModelConfig, load_model
@@ -40,14 +41,18 @@ class TinyEngine:
     list (so tables are not contiguous), every running sequence computes its next chunk, and a
     sequence whose prompt is fully computed gets a greedy token."""
 
-    def __init__(self, model, num_blocks: int = 64, kv_dtype: torch.dtype | None = None):
+    def __init__(self, model, num_blocks: int = 64, kv_dtype: torch.dtype | None = None,
+                 one_call: bool = True):
         self.model = model
         dtype = kv_dtype or model.model.embed_tokens.weight.dtype
         cache = CacheEngine(model.config, BLOCK_SIZE, num_blocks, 0, dtype, "cpu")
         self.kv_caches = cache.kv_caches
-        # As the model runner chooses them: the compiled kernels where they serve.
+        # As the model runner chooses them: the compiled kernels where they serve, the
+        # decoder stack in one call of them unless ``one_call`` is False.
         self.attention = attention_backend("torch", BLOCK_SIZE, "cpu", model.dtype, dtype,
                                            cache.null_block)
+        model.stack = FusedDecoder.build(model, self.attention, self.kv_caches) if one_call \
+            else None
         self.sampler = Sampler(layer_ops(torch.float32, "cpu"))
         for k_cache, v_cache in self.kv_caches:  # a read of an unwritten slot shows up as NaN
             k_cache[:num_blocks].fill_(float("nan"))
@@ -79,11 +84,12 @@ class TinyEngine:
 
 
 def serve_greedy(model, prompts: list[list[int]], arrival_steps: list[int],
-                 max_new_tokens: int, kv_dtype: torch.dtype | None = None) -> list[Seq]:
+                 max_new_tokens: int, kv_dtype: torch.dtype | None = None,
+                 one_call: bool = True) -> list[Seq]:
     """Serve the prompts as one continuous batch, prompt i joining at step ``arrival_steps[i]``
     (the KV cache in ``kv_dtype``, if not the model's)."""
     seqs = [Seq(list(prompt), len(prompt), step) for prompt, step in zip(prompts, arrival_steps)]
-    engine, step = TinyEngine(model, kv_dtype=kv_dtype), 0
+    engine, step = TinyEngine(model, kv_dtype=kv_dtype, one_call=one_call), 0
     while unfinished := [s for s in seqs if len(s.tokens) - s.prompt_len < max_new_tokens]:
         step += 1
         engine.step([(s, min(PREFILL_CHUNK, len(s.tokens) - s.num_computed))
@@ -101,14 +107,17 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int, dtype=torch.f
     return outputs, hf
 
 
-@pytest.fixture(scope="module", params=[(kind, fused) for kind in TINY_CONFIGS
-                                        for fused in ("fused", "fused_bf16_values", "unfused")])
+@pytest.fixture(scope="module", params=[
+    (kind, fused) for kind in TINY_CONFIGS
+    for fused in ("fused", "fused_bf16_values", "fused_per_op", "unfused")])
 def generations(request, tmp_path_factory):
     """Three prompts served together (two from step 1, the longest in two chunks; the third joins
     at step 3 while the others decode), against transformers on each prompt alone. ``fused``:
-    through the compiled CPU kernels (the default on CPU); with ``bf16_values``, on weights
-    that are all bfloat16 values (as SmolLM2's), which the GEMM keeps in bfloat16 panels.
-    ``unfused``: through torch operators and oneDNN only, as on machines without a C compiler."""
+    through the compiled CPU kernels (the default on CPU), the decoder stack in one call of
+    them; with ``bf16_values``, on weights that are all bfloat16 values (as SmolLM2's), which
+    the GEMM keeps in bfloat16 panels; ``per_op``, a call per op, as steps the stack does not
+    serve run. ``unfused``: through torch operators and oneDNN only, as on machines without a
+    C compiler."""
     kind, fused = request.param
     if fused.startswith("fused") and cpu_kernels.load() is None:
         pytest.skip("the CPU kernels did not build here (no C compiler?)")
@@ -120,7 +129,7 @@ def generations(request, tmp_path_factory):
         if fused == "unfused":
             patch.setattr(cpu_kernels, "load", lambda: None)
         seqs = serve_greedy(load_model(path, torch.float32, "cpu"), prompts, [1, 1, 3],
-                            MAX_NEW_TOKENS)
+                            MAX_NEW_TOKENS, one_call=fused != "fused_per_op")
     expected, hf = hf_greedy(path, prompts, MAX_NEW_TOKENS)
     with torch.inference_mode():
         expected_logits = [hf(torch.tensor([s.tokens[:-1]])).logits[0] for s in seqs]
@@ -151,7 +160,7 @@ def test_bfloat16_model_on_the_kernels_matches_transformers_bfloat16(kind, tmp_p
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 11, 7)]
     model = load_model(path, torch.bfloat16, "cpu")
     engine = TinyEngine(model)
-    assert (engine.attention.name, model.ops.name) == ("cpu", "cpu")
+    assert (engine.attention.name, model.ops.name) == ("cpu", "cpu") and model.stack
     seqs = serve_greedy(model, prompts, [1, 1, 3], 4)
     expected, hf = hf_greedy(path, prompts, 4, dtype=torch.bfloat16)
     assert [s.tokens for s in seqs] == expected

@@ -73,9 +73,9 @@ def chosen(model: nn.Module, attention: AttentionBackend, sampler_ops: LayerOps,
            dtype: str | None = None) -> dict[str, str]:
     """Which implementation serves each op of ``model`` here (``cpu``: our compiled kernels;
     a linear layer per bucket of rows, ``"cpu<=32, onednn>32 rows"``, and per shape where
-    shapes differ), why its ``dtype`` where given, and on a CPU what it has to offer them:
-    for the log, ``pagedserve health`` and the benchmarks, so that every number names the
-    path that made it."""
+    shapes differ), why its ``dtype`` where given, which steps run its decoder stack in one
+    call (``model.stack``), and on a CPU what it has to offer them: for the log, ``pagedserve
+    health`` and the benchmarks, so that every number names the path that made it."""
     linears = {}
     inner = {id(layer) for module in model.modules() if isinstance(module, BucketedLinear)
              for layer in module.layers}  # reported by their BucketedLinear
@@ -90,6 +90,7 @@ def chosen(model: nn.Module, attention: AttentionBackend, sampler_ops: LayerOps,
     if dtype is not None:
         paths["dtype"] = dtype
     if attention.device.type == "cpu":  # the build serving, or why none does: in health too
+        paths["decoder"] = model.stack.describe() if model.stack else "a call per op"
         paths["cpu_kernels"] = cpu_kernels.describe()
         paths["cpu"] = cpu_info().describe()
     return paths

@@ -26,6 +26,7 @@
  * multiple of 32) takes attend_dp instead: bf16 dot products for both of attention's
  * products.
  */
+#include "kernels.h"
 #include "vec.h"
 
 #define MAX_HEADS 64

@@ -1,3 +1,4 @@
+#include "kernels.h"
 #include "vec.h"
 #include <omp.h>
 

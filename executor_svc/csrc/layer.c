@@ -6,6 +6,7 @@
  * served: 8 values at a time, then one by one. Small batches run on the calling thread. Each
  * kernel is an inline function with the dtype a constant, called once per dtype, so that the
  * float32 code has no test of it in its loops. */
+#include "kernels.h"
 #include "vec.h"
 
 /* residual += x (where x is given), then out = weight * residual / sqrt(mean(residual^2) + eps):
