@@ -12,6 +12,8 @@ loaded with ctypes.
   these are some twenty torch operators per layer, each a pass over memory and a dispatch.
 - **Greedy sampling**: each row's argmax and its log-probability in two passes over the row,
   where ``argmax``, ``log_softmax`` and ``gather`` make three and write the whole softmax.
+- **A decoder stack in one call** (``DecoderStack``): every layer's kernels above and the
+  GEMM, in the model's order, with no Python between them.
 
 Every kernel takes float32 or bfloat16 activations (as a bf16 model has them): it computes in
 float32 and rounds what it writes as torch rounds. Built per instruction set and chosen at

@@ -15,6 +15,9 @@ from pagedserve.executor_svc import cpu_build, cpu_kernels
 from pagedserve.kernels import bf16_attention_tolerance
 from pagedserve.executor_svc.cpu_build import ISAS, choose
 from pagedserve.executor_svc.cpu_features import CpuInfo, cpu_info
+from pagedserve.executor_svc.model import load_model
+from test_decoder_stack import assert_one_call_is_op_by_op
+from tiny_models import make_tiny_model
 
 ZEN3 = CpuInfo("AMD EPYC", ("avx2", "fma"))
 ZEN4 = CpuInfo("AMD EPYC 9R14", ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
@@ -196,3 +199,11 @@ def test_each_build_s_paged_attention_matches_float64(build, dtype):
         torch.testing.assert_close(one[0].double(), values[0], **tolerance(dtype))
     else:
         torch.testing.assert_close(out[0].double(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_build_s_decoder_stack_is_its_ops_one_by_one(build, dtype, tmp_path):
+    """decoder.c in each build: the same hidden states and cache writes as that build's
+    kernels called one at a time, bit for bit."""
+    model = load_model(make_tiny_model("qwen2", tmp_path), dtype, "cpu")
+    assert_one_call_is_op_by_op(model, dtype)

@@ -38,13 +38,9 @@ def _caches(model, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]
     return caches
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "mistral_yarn"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_call_equals_the_model_op_by_op_bit_for_bit(tmp_path_factory, kind, dtype):
-    """The stack's hidden states and every layer's K/V writes are the per-op forward's, on
-    the same kernels, for a step with prompt and decode rows (qwen2: q/k/v biases;
-    mistral_yarn: scaled rotary tables)."""
-    model = _model(tmp_path_factory, kind, dtype)
+def assert_one_call_is_op_by_op(model, dtype: torch.dtype) -> None:
+    """The stack's hidden states and every layer's K/V writes are ``model``'s per-op forward's
+    (``dtype``: its activations and cache), bit for bit, for a step of prompt and decode rows."""
     attention = attention_backend("torch", BLOCK_SIZE, "cpu", dtype, dtype)
     meta = attention.build(*STEP)
     ids = torch.tensor([11, 3, 250, 7, 9, 100, 42])
@@ -58,6 +54,14 @@ def test_one_call_equals_the_model_op_by_op_bit_for_bit(tmp_path_factory, kind, 
     assert got.dtype == dtype and torch.equal(got, want)
     for (k_want, v_want), (k_got, v_got) in zip(per_op_caches, stack_caches):
         assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "mistral_yarn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_call_equals_the_model_op_by_op_bit_for_bit(tmp_path_factory, kind, dtype):
+    """On the build that serves here (qwen2: q/k/v biases; mistral_yarn: scaled rotary
+    tables); every build this CPU runs: test_cpu_build."""
+    assert_one_call_is_op_by_op(_model(tmp_path_factory, kind, dtype), dtype)
 
 
 def test_a_slot_past_the_cache_is_refused_before_any_write(tmp_path_factory):
