@@ -358,16 +358,28 @@ class DecoderStack:
                  sin: Tensor, num_heads: int, eps: float, scale: float):
         first = layers[0]
         num_slots, num_kv_heads, head_dim = first.k_cache.flatten(0, 1).shape
-        self.hidden, self.dtype = final_norm.shape[0], final_norm.dtype
+        hidden = final_norm.shape[0]
+        self.hidden, self.dtype = hidden, final_norm.dtype
         _check_contiguous(final_norm, cos, sin)
         if cos.dtype != torch.float32 or sin.dtype != torch.float32:
             raise ValueError("the rotary tables must be float32")
-        for layer in layers:
+        q_width = num_heads * head_dim
+        inter = first.down.in_features
+        shapes = {"qkv": (q_width + 2 * num_kv_heads * head_dim, hidden), "o": (hidden, q_width),
+                  "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+        for i, layer in enumerate(layers):
             _bf16(layer.input_norm, layer.post_norm, final_norm)
             _kv_bf16(layer.k_cache, layer.v_cache)
-            if layer.k_cache.shape != first.k_cache.shape:
-                raise ValueError("every layer's KV cache must have one shape")
             _check_contiguous(layer.input_norm, layer.post_norm)
+            if layer.k_cache.shape != first.k_cache.shape or \
+                    {layer.input_norm.shape, layer.post_norm.shape} != {(hidden,)}:
+                raise ValueError(f"layer {i}'s KV cache is not the first's shape, or its norms "
+                                 f"not [{hidden}]")
+            for name, shape in shapes.items():
+                weight = getattr(layer, name)
+                if (weight.out_features, weight.in_features) != shape:
+                    raise ValueError(f"layer {i}'s {name} is {weight.out_features}x"
+                                     f"{weight.in_features}, not {shape[0]}x{shape[1]}")
         self._tensors = (layers, final_norm, cos, sin)  # what the structures point at
         self._layers = (_Layer * len(layers))(*(_Layer(
             layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
@@ -375,8 +387,7 @@ class DecoderStack:
                                                       layer.down)),
             layer.k_cache.data_ptr(), layer.v_cache.data_ptr()) for layer in layers))
         self._decoder = _Decoder(
-            len(layers), self.hidden, num_heads, num_kv_heads, head_dim,
-            first.down.in_features, _bf16(final_norm), _kv_bf16(first.k_cache, first.v_cache),
+            len(layers), hidden, num_heads, num_kv_heads, head_dim, inter, _bf16(final_norm), _kv_bf16(first.k_cache, first.v_cache),
             first.k_cache.shape[1], num_slots, cos.shape[0], eps, scale, cos.data_ptr(),
             sin.data_ptr(), final_norm.data_ptr(), self._layers)
         self._cos, self._k_cache = cos, first.k_cache  # for the messages of a failure
@@ -413,16 +424,20 @@ class DecoderStack:
 
     def _raise(self, failed: int, status: int, tokens: int) -> None:
         """Raises what kernel ``failed`` (decoder.c's FAILED_*) returning ``status`` means."""
-        if failed == 2:
+        kernel = _STACK_KERNELS[failed - 1] if 0 < failed <= len(_STACK_KERNELS) else None
+        if kernel == "linear":
             _linear_status(status, f"{tokens} tokens'")
-        elif failed == 3:
+        elif kernel == "rope_write_kv":
             _rope_status(status, self._cos, self._k_cache)
-        elif failed == 4:
+        elif kernel == "paged_attention":
             _attention_status(status, self._k_cache, self._decoder.num_heads)
-        elif failed == 6:
+        elif kernel is None and status == -2:
             raise MemoryError(f"decoder_forward: no memory for {tokens} tokens' activations")
-        name = {1: "add_rms_norm", 5: "silu_mul"}.get(failed, "decoder_forward")
-        raise ValueError(f"{name} rejected its arguments")
+        raise ValueError(f"{kernel or 'decoder_forward'} rejected its arguments")
+
+
+# decoder.c's FAILED_* from 1 (FAILED_MEMORY, next, is its own allocation)
+_STACK_KERNELS = ("add_rms_norm", "linear", "rope_write_kv", "paged_attention", "silu_mul")
 
 
 def _call(name: str, *args) -> None:

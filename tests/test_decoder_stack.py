@@ -90,6 +90,16 @@ def test_inputs_that_do_not_describe_one_step_are_refused(tmp_path_factory):
             stack(embeddings.bfloat16(), meta.positions, meta.slot_mapping, meta.batch)
 
 
+def test_weights_of_other_shapes_are_refused_when_the_stack_is_built(tmp_path_factory):
+    model = _model(tmp_path_factory, "llama_tied", torch.float32)
+    attention = attention_backend("torch", BLOCK_SIZE, "cpu", torch.float32, torch.float32)
+    caches = _caches(model, torch.float32)
+    layer = model.model.layers[1].self_attn
+    layer.o_proj = KernelLinear(torch.randn(64, 32), None)  # takes 32 of the 64 heads' values
+    with pytest.raises(ValueError, match="layer 1's o is 64x32, not 64x64"):
+        FusedDecoder.build(model, attention, caches)
+
+
 def test_only_steps_whose_linear_layers_are_all_ours_run_as_one_call(tmp_path_factory):
     """A bucket of rows where one projection is oneDNN's runs op by op; the others in one
     call; the health report says which."""
