@@ -388,8 +388,9 @@ class DecoderStack:
             layer.k_cache.data_ptr(), layer.v_cache.data_ptr()) for layer in layers))
         self._decoder = _Decoder(
             len(layers), hidden, num_heads, num_kv_heads, head_dim, inter, _bf16(final_norm),
-            _kv_bf16(first.k_cache, first.v_cache), first.k_cache.shape[1], num_slots, cos.shape[0], eps, scale, cos.data_ptr(),
-            sin.data_ptr(), final_norm.data_ptr(), self._layers)
+            _kv_bf16(first.k_cache, first.v_cache), first.k_cache.shape[1], num_slots,
+            cos.shape[0], eps, scale, cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(),
+            self._layers)
         self._cos, self._k_cache = cos, first.k_cache  # for the messages of a failure
 
     def __call__(self, embeddings: Tensor, positions: Tensor, slot_mapping: Tensor,
