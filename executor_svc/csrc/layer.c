@@ -42,12 +42,17 @@ static inline __attribute__((always_inline)) void add_rms_norm_row(
         store1(o, i, load1(weight, i, bf16) * round1(load1(r, i, bf16) * inv, bf16), bf16);
 }
 
+/* Two passes of vector work per row: a team of two pays for itself from a quarter of the
+ * usual size, a 28-row step of 576 values (bfloat16, Zen 4: 32 rows 13.8 -> 9.3 us, 64 rows
+ * 25.7 -> 15.5 us; at 16 rows the same). */
+#define NORM_PARALLEL_MIN_FLOATS (PARALLEL_MIN_FLOATS / 4)
+
 /* residual, x, weight and out all float32, or (act_bf16) all bfloat16. */
 int add_rms_norm(void *residual, const void *x, const void *weight, void *out, int64_t act_bf16,
                  int64_t tokens, int64_t hidden, float eps, int64_t num_threads) {
     if (num_threads < 1) return -1;
     const int64_t elem = act_bf16 ? 2 : 4;
-#pragma omp parallel for num_threads(num_threads) if (tokens * hidden >= PARALLEL_MIN_FLOATS)
+#pragma omp parallel for num_threads(num_threads) if (tokens * hidden >= NORM_PARALLEL_MIN_FLOATS)
     for (int64_t t = 0; t < tokens; t++) {
         char *r = (char *)residual + t * hidden * elem, *o = (char *)out + t * hidden * elem;
         const char *xt = x ? (const char *)x + t * hidden * elem : NULL;
