@@ -146,8 +146,8 @@ class FusedDecoder:
         served = [limit for limit, stack in self._stacks if stack is not None]
         if len(served) == len(self._stacks):
             return "one call per step"
-        bounds = [limit for limit, _ in self._stacks[:-1]]
-        parts = [f"<={limit}" if limit is not None else f">{bounds[-1]}" for limit in served]
+        last_bound = self._stacks[-2][0]  # more than one bucket: not all of them served
+        parts = [f"<={limit}" if limit is not None else f">{last_bound}" for limit in served]
         return f"one call per step of {', '.join(parts)} rows, else a call per op"
 
     def _stack(self, rows: int) -> cpu_kernels.DecoderStack | None:

@@ -3,7 +3,7 @@
  * order the Python model calls them (executor_svc/model.py), on the same buffers' values, so
  * that its outputs are theirs bit for bit. What it saves is the Python between the kernels:
  * nine calls per layer, each a module call, a ctypes conversion of up to eighteen arguments
- * and a new tensor; at one decode row they were a third of the step (BENCHMARKS.md,
+ * and a new tensor; at one decode row they were a quarter of the step (BENCHMARKS.md,
  * "A decoder stack in one call"). Activations are float32 or (act_bf16) bfloat16 throughout. */
 #include <stdlib.h>
 
