@@ -217,8 +217,12 @@ class AsyncClient:
         """Send, or raise ``ServerTimeoutError`` when no connection to the server is up within
         ``timeout`` (a DEALER holds messages until one is: the server is down, or turns this
         client's key away)."""
+        sending = self._sock.send(payload)
+        if sending.done():  # sent at once, as while connected: no timer, no turn of the loop
+            sending.result()
+            return
         try:
-            await asyncio.wait_for(self._sock.send(payload), self.timeout)
+            await asyncio.wait_for(sending, self.timeout)
         except asyncio.TimeoutError:
             raise ServerTimeoutError(
                 f"could not reach {self.address} within {self.timeout:g} s for request "

@@ -147,8 +147,10 @@ class SamplingParams:
                                  f"{getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
-        """The wire form; the fields left unset travel as None (the scheduler fills them)."""
-        return {**asdict(self), **dict.fromkeys(self._unset)}
+        """The wire form; the fields left unset travel as None (the scheduler fills them).
+        Its lists and map are this object's own (encoded at once, never changed)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                **dict.fromkeys(self._unset)}
 
     def sampler_params(self, eos_token_ids: frozenset[int] = frozenset()) -> "SamplerParams":
         """What the executor samples with (stop strings, lengths and counts stay here).

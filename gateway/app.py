@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI's endpoints over one shared ``AsyncClient``.
+"""The Starlette application: OpenAI's endpoints over one shared ``AsyncClient``.
 
 ``/v1/*`` take a bearer key when the gateway has one; ``/health``, ``/metrics`` and
 ``/version`` are open (health checks and scrapers carry no key), as in vLLM's server.
@@ -6,29 +6,36 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from pagedserve.common.auth import PeerKeys
 from pagedserve.common.client import AsyncClient, PagedServeError
 from pagedserve.common.protocol import MAX_MESSAGE_MB
 from pagedserve.gateway import errors
+from pagedserve.gateway.api_key import BearerKey
 from pagedserve.gateway.backend import Backend
 from pagedserve.gateway.body_limit import BodyLimit
 from pagedserve.gateway.errors import APIError, from_client_error
 from pagedserve.gateway.metrics import HTTPMetrics, exposition
 from pagedserve.gateway.params import chat_params, completion_params
 from pagedserve.gateway.responses import ChatShaper, CompletionShaper
-from pagedserve.gateway.schema import ChatCompletionRequest, CompletionRequest
+from pagedserve.gateway.schema import ChatCompletionRequest, CompletionRequest, SamplingFields
 from pagedserve.gateway.streams import (DONE, EventStreamResponse, event, merged, started,
                                         unless_disconnected)
+
+Body = TypeVar("Body", bound=SamplingFields)
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,11 @@ class GatewaySettings:
     timeout: float = 30.0
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings) -> Starlette:
     """The gateway's ASGI application; its ``AsyncClient`` lives as long as the app runs."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: Starlette):
         client = AsyncClient(settings.server, timeout=settings.timeout, keys=settings.keys)
         app.state.backend = Backend(client)
         try:
@@ -59,16 +66,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await client.close()
 
     served_version = version("pagedserve")  # read once: a lookup in the installed metadata
-    app = FastAPI(title="pagedserve", version=served_version, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
-    errors.install(app)
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(namespace="pagedserve_gateway", registry=registry)  # its CPU, memory
-    app.add_middleware(HTTPMetrics, registry=registry)
-    app.add_middleware(BodyLimit, limit=int(MAX_MESSAGE_MB * (1 << 20)))
-    app.include_router(_v1_router(), dependencies=[Depends(_key_check(settings.api_key))])
 
-    @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         """200 while an executor is ready, else 503."""
         info = await _backend(request).info()
@@ -76,85 +76,80 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                              "model": info.model},
                             status_code=200 if info.executor_ready else 503)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(_: Request) -> Response:
         return Response(await exposition(registry, settings.scheduler_metrics),
                         media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/version")
-    async def server_version() -> dict:
-        return {"version": served_version}
+    async def server_version(_: Request) -> JSONResponse:
+        return JSONResponse({"version": served_version})
 
-    return app
+    routes = [Route("/health", health), Route("/metrics", metrics),
+              Route("/version", server_version), Route("/v1/models", models),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+    middleware = [Middleware(BodyLimit, limit=int(MAX_MESSAGE_MB * (1 << 20))),
+                  Middleware(HTTPMetrics, registry=registry)]
+    if settings.api_key is not None:  # inside the metrics, which count its refusals
+        middleware.append(Middleware(BearerKey, key=settings.api_key, prefix="/v1/"))
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                     exception_handlers=errors.HANDLERS)
 
 
-def _v1_router() -> APIRouter:
-    router = APIRouter(prefix="/v1")
+async def models(request: Request) -> JSONResponse:
+    info = await _backend(request).info()
+    return JSONResponse({"object": "list", "data": [{
+        "id": info.model, "object": "model", "created": 0, "owned_by": "pagedserve",
+        "root": info.model, "parent": None, "max_model_len": info.max_model_len}]})
 
-    @router.get("/models")
-    async def models(request: Request) -> dict:
-        info = await _backend(request).info()
-        return {"object": "list", "data": [{
-            "id": info.model, "object": "model", "created": 0, "owned_by": "pagedserve",
-            "root": info.model, "parent": None, "max_model_len": info.max_model_len}]}
 
-    @router.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        backend = _backend(request)
-        info = await backend.ready(body.model)
-        params = completion_params(body)
-        prompts = _prompts(body)
-        shaper = CompletionShaper(info.model, params.n, body.echo, body.logprobs is not None)
-        _check_stream(body, params)
-        if body.stream:
-            deltas = await _started(merged([backend.stream(p, params, shaper.request_id(i))
-                                            for i, p in enumerate(prompts)]), "prompt")
-            return EventStreamResponse(_events(shaper, deltas, _include_usage(body)))
-        outputs = await _unless_gone(request, _all(
-            [backend.generate(p, params, shaper.request_id(i)) for i, p in enumerate(prompts)],
-            "prompt"))
-        return shaper.response(outputs)
+async def completions(request: Request) -> Response:
+    body = await _body(request, CompletionRequest)
+    backend = _backend(request)
+    info = await backend.ready(body.model)
+    params = completion_params(body)
+    prompts = _prompts(body)
+    shaper = CompletionShaper(info.model, params.n, body.echo, body.logprobs is not None)
+    _check_stream(body, params)
+    if body.stream:
+        deltas = await _started(merged([backend.stream(p, params, shaper.request_id(i))
+                                        for i, p in enumerate(prompts)]), "prompt")
+        return EventStreamResponse(_events(shaper, deltas, _include_usage(body)))
+    outputs = await _unless_gone(request, _all(
+        [backend.generate(p, params, shaper.request_id(i)) for i, p in enumerate(prompts)],
+        "prompt"))
+    return JSONResponse(shaper.response(outputs))
 
-    @router.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        backend = _backend(request)
-        info = await backend.ready(body.model)
-        params = chat_params(body, info.max_model_len)
-        messages = [m.to_dict() for m in body.messages]
-        shaper = ChatShaper(info.model, params.n, params.logprobs if body.logprobs else None)
-        request_id = shaper.request_id(0)
-        _check_stream(body, params)
-        if body.stream:
-            deltas = await _started(merged([backend.chat_stream(
-                messages, params, request_id, body.add_generation_prompt)]), "messages")
-            return EventStreamResponse(_events(shaper, deltas, _include_usage(body)))
-        out = await _unless_gone(request, _all(
-            [backend.chat(messages, params, request_id, body.add_generation_prompt)],
-            "messages"))
-        return shaper.response(out[0])
 
-    return router
+async def chat_completions(request: Request) -> Response:
+    body = await _body(request, ChatCompletionRequest)
+    backend = _backend(request)
+    info = await backend.ready(body.model)
+    params = chat_params(body, info.max_model_len)
+    messages = [m.to_dict() for m in body.messages]
+    shaper = ChatShaper(info.model, params.n, params.logprobs if body.logprobs else None)
+    request_id = shaper.request_id(0)
+    _check_stream(body, params)
+    if body.stream:
+        deltas = await _started(merged([backend.chat_stream(
+            messages, params, request_id, body.add_generation_prompt)]), "messages")
+        return EventStreamResponse(_events(shaper, deltas, _include_usage(body)))
+    out = await _unless_gone(request, _all(
+        [backend.chat(messages, params, request_id, body.add_generation_prompt)],
+        "messages"))
+    return JSONResponse(shaper.response(out[0]))
 
 
 def _backend(request: Request) -> Backend:
     return request.app.state.backend
 
 
-def _key_check(api_key: str | None):
-    """A dependency refusing a request without ``Authorization: Bearer <api_key>``; the
-    comparison takes the same time wherever the key differs."""
-
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(),
-                                                                 api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send it as "
-                                "'Authorization: Bearer <key>'", code="invalid_api_key")
-
-    return check
+async def _body(request: Request, schema: type[Body]) -> Body:
+    """The request's JSON body as ``schema``, parsed and checked in one pass of pydantic's
+    core (a 400 naming the field when it is not)."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise errors.validation_error(exc.errors()) from None
 
 
 def _include_usage(body) -> bool:

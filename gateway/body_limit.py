@@ -32,7 +32,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                # an HTTPException: FastAPI passes it on from its body parsing as it is
+                # an HTTPException: the app answers it (errors.HANDLERS)
                 raise HTTPException(413, _too_large(self.limit))
             return message
 

@@ -8,10 +8,9 @@ map onto these in ``from_client_error``.
 """
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from pagedserve.common.client import (InvalidRequestError, OverloadedError, PagedServeError,
                                       ServerTimeoutError)
@@ -49,20 +48,16 @@ def from_client_error(exc: PagedServeError, param: str | None = None) -> APIErro
     return APIError(500, str(exc))
 
 
-def install(app: FastAPI) -> None:
-    """Answer every error of ``app`` in OpenAI's shape, FastAPI's own 422 as a 400."""
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc.errors()).response()
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (404, 405, a body over the cap) in OpenAI's shape."""
+    return APIError(exc.status_code, str(exc.detail)).response()
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response()
+
+HANDLERS = {APIError: _api_error, HTTPException: _http_error}
 
 
 def validation_error(errors) -> APIError:

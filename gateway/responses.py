@@ -129,7 +129,8 @@ class ChatShaper(Shaper):
         """One stream chunk: every choice of ``delta`` (one step)."""
         self.count(delta, first)
         return self.envelope(self.CHUNK_OBJECT, [
-            {"index": self.choice_index(prompt_index, o), "delta": {"content": o.text} if o.text else {},
+            {"index": self.choice_index(prompt_index, o),
+             "delta": {"content": o.text} if o.text else {},
              "logprobs": self._logprobs(o), "finish_reason": o.finish_reason,
              "stop_reason": o.stop_reason} for o in delta.outputs], None)
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 
 from pagedserve.common.client import CompletionOutput, RequestOutput
 from pagedserve.common.protocol import Logprob
