@@ -74,9 +74,11 @@ def decode_case(rounds: int) -> dict[str, float]:
             cpu_kernels.paged_attention(query, k_cache, v_cache, batch, SCALE)
 
     bf16_query = query.bfloat16()
+    # as a bf16 model's executor keeps them (pair layout where the build has bf16 products)
+    model_caches = [CpuBackend(BLOCK).from_rows(k, v, torch.bfloat16) for k, v in half_caches]
 
     def bf16_model():
-        for k_cache, v_cache in half_caches:
+        for k_cache, v_cache in model_caches:
             cpu_kernels.paged_attention(bf16_query, k_cache, v_cache, batch, SCALE)
 
     k_cache, v_cache = caches[0]
@@ -103,7 +105,8 @@ def prompt_case(length: int, rounds: int) -> dict[str, float]:
     def torch_path():
         return prefill(query, keys, values, None, SCALE, HEADS // KV_HEADS)
 
-    half = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+    half = (query.bfloat16(),
+            *CpuBackend(BLOCK).from_rows(k_cache.bfloat16(), v_cache.bfloat16(), torch.bfloat16))
 
     def bf16_model():
         return cpu_kernels.paged_attention(*half, batch, SCALE)

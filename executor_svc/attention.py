@@ -99,6 +99,18 @@ class AttentionBackend(ABC):
         are already in the cache. Query head ``h`` reads kv head ``h // (num_heads //
         num_kv_heads)``."""
 
+    def from_rows(self, k_cache: Tensor, v_cache: Tensor,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Caches in row layout (``[blocks, block_size, kv_heads, head_dim]``, as
+        ``reshape_and_cache_reference`` writes them) as this backend keeps them for a model
+        computing in ``dtype``: the same tensors, unless it keeps another layout."""
+        return k_cache, v_cache
+
+    def to_rows(self, k_cache: Tensor, v_cache: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``from_rows``' inverse: caches this backend wrote, in row layout."""
+        return k_cache, v_cache
+
     def _common(self, layout: StepLayout) -> dict[str, Tensor]:
         """The shared metadata fields of ``layout``, on the device."""
         return {"positions": layout.positions.to(self.device),

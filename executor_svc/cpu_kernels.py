@@ -53,7 +53,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                     + [_I64] * 6 + [ctypes.c_float, _I64])
     lib.add_rms_norm.argtypes = [_PTR] * 4 + [_I64] * 3 + [ctypes.c_float, _I64]
     lib.rope_write_kv.argtypes = ([_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64,
-                                   _PTR] + [_I64] * 6)
+                                   _PTR] + [_I64] * 7)
+    lib.kv_pair_layout.argtypes = [_I64] * 4
     lib.silu_mul.argtypes = [_PTR, _PTR] + [_I64] * 4
     lib.greedy.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64]
     lib.linear.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR] + [_I64] * 5
@@ -64,7 +65,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         function.restype = ctypes.c_int
     for function in (lib.gemm_columns, lib.gemm_bf16_pairs, lib.gemm_bf16_products):
         function.restype = _I64
-    lib.attention_bf16_products.restype = _I64
+    lib.attention_bf16_products.restype = lib.kv_pair_layout.restype = _I64
     return lib
 
 
@@ -75,6 +76,36 @@ def serves(dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device | str
     """Whether the attention kernel serves queries of ``dtype`` over a ``kv_dtype`` cache on
     ``device``: a float32 or bfloat16 cache, and ``fuses(dtype, device)``."""
     return kv_dtype in DTYPES and fuses(dtype, device)
+
+
+def pair_layout(dtype: torch.dtype, k_cache: Tensor) -> bool:
+    """Whether the kernels keep ``k_cache`` (and its V cache: ``[blocks, block_size,
+    kv_heads, head_dim]``) of a model computing in ``dtype`` in pair layout: per block and kv
+    head, K as ``[head_dim / 2, block_size, 2]`` (dimensions 2d and 2d + 1 of a slot
+    together) and V as ``[block_size / 2, head_dim, 2]`` (slots 2j and 2j + 1 of a dimension
+    together), so that bf16 dot products read both without shuffles (``csrc/attention.c``).
+    Elsewhere the cache is in row layout, as its shape reads."""
+    lib = load()
+    return lib is not None and bool(lib.kv_pair_layout(
+        dtype == torch.bfloat16, k_cache.dtype == torch.bfloat16, k_cache.shape[-1],
+        k_cache.shape[1]))
+
+
+def paired(k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-layout caches' values in pair layout (``pair_layout``), in new tensors of the same
+    shape: what ``rope_write_kv`` would have written there."""
+    blocks, block_size, kv_heads, head_dim = k_cache.shape
+    k = k_cache.view(blocks, block_size, kv_heads, head_dim // 2, 2).permute(0, 2, 3, 1, 4)
+    v = v_cache.view(blocks, block_size // 2, 2, kv_heads, head_dim).permute(0, 3, 1, 4, 2)
+    return k.reshape(k_cache.shape), v.reshape(v_cache.shape)
+
+
+def unpaired(k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """Pair-layout caches' values in row layout, in new tensors: ``paired``'s inverse."""
+    blocks, block_size, kv_heads, head_dim = k_cache.shape
+    k = k_cache.view(blocks, kv_heads, head_dim // 2, block_size, 2).permute(0, 3, 1, 2, 4)
+    v = v_cache.view(blocks, kv_heads, block_size // 2, head_dim, 2).permute(0, 2, 4, 1, 3)
+    return k.reshape(k_cache.shape), v.reshape(v_cache.shape)
 
 
 def _bf16(*tensors: Tensor) -> int:
@@ -188,8 +219,9 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
     q/k/v projection's output, float32 or bfloat16: rotated in float32, rounded once) in place
     by their ``positions`` (rotate-half layout; ``cos``, ``sin``: float32
     ``[max_positions, head_dim / 2]``), and write keys and values to their cache slots (-1:
-    not stored; a bfloat16 cache stores them rounded as ``Tensor.bfloat16``).
-    Returns q, k, v as ``[T, heads, head_dim]`` views of ``qkv``."""
+    not stored; a bfloat16 cache stores them rounded as ``Tensor.bfloat16``; in pair layout
+    where ``pair_layout`` says so). Returns q, k, v as ``[T, heads, head_dim]`` views of
+    ``qkv``."""
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     kv_bf16 = _kv_bf16(k_cache, v_cache)
@@ -205,8 +237,8 @@ def rope_write_kv(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
         qkv.data_ptr(), qkv.stride(0), _bf16(qkv), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
         positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_bf16,
         slot_mapping.data_ptr(),
-        k_cache.shape[0] * k_cache.shape[1], tokens, num_heads, num_kv_heads, head_dim,
-        torch.get_num_threads()), cos, k_cache)
+        k_cache.shape[0] * k_cache.shape[1], k_cache.shape[1], tokens, num_heads, num_kv_heads,
+        head_dim, torch.get_num_threads()), cos, k_cache)
     heads = qkv.view(tokens, -1, head_dim)
     return (heads[:, :num_heads], heads[:, num_heads:num_heads + num_kv_heads],
             heads[:, num_heads + num_kv_heads:])

@@ -80,7 +80,9 @@ def run_step(rows, num_heads, num_kv_heads, dtype, block_size=BLOCK_SIZE, seed=0
     width = num_heads + 2 * num_kv_heads if query_in_qkv else num_heads
     query = torch.randn(len(new_k), width, head_dim, generator=g).to(dtype)[:, :num_heads]
     scale = head_dim ** -0.5
+    k_cache, v_cache = attention.from_rows(k_cache, v_cache, dtype)  # the layout it keeps
     out = attention.attend(query, new_k, new_v, k_cache, v_cache, meta, scale)
+    k_cache, v_cache = attention.to_rows(k_cache, v_cache, dtype)
     ref = paged_attention_reference(query, ref_k, ref_v, tables, seq_lens, query_lens, scale)
     weighted_abs = paged_attention_reference(query, ref_k, ref_v.abs(), tables, seq_lens,
                                              query_lens, scale)

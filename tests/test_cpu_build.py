@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pagedserve.executor_svc import cpu_build, cpu_kernels
+from pagedserve.executor_svc.backends.cpu import CpuBackend
 from pagedserve.kernels import bf16_attention_tolerance
 from pagedserve.executor_svc.cpu_build import ISAS, choose
 from pagedserve.executor_svc.cpu_features import CpuInfo, cpu_info
@@ -181,7 +182,10 @@ def test_each_build_s_paged_attention_matches_float64(build, dtype):
     table = torch.tensor([[5, 2, 7]])
     query = randn(1, heads, head_dim, seed=10, dtype=dtype)
     batch = cpu_kernels.attention_batch(table, torch.tensor([0, 1]), torch.tensor([context]))
-    out = cpu_kernels.paged_attention(query, k_cache, v_cache, batch, head_dim ** -0.5)
+    # the same values, as this build keeps them for the model (pair layout with bf16 products)
+    kept = CpuBackend(block_size).from_rows(k_cache, v_cache, dtype)
+    assert (kept[0] is k_cache) != (dtype == torch.bfloat16 and build.attention_bf16_products())
+    out = cpu_kernels.paged_attention(query, *kept, batch, head_dim ** -0.5)
     assert out.dtype == dtype
     keys = k_cache[table[0]].reshape(-1, kv_heads, head_dim)[:context].double()
     values = v_cache[table[0]].reshape(-1, kv_heads, head_dim)[:context].double()
@@ -194,7 +198,7 @@ def test_each_build_s_paged_attention_matches_float64(build, dtype):
         assert ((out[0].double() - expected).abs() <= bound).all()
         # and not merely within it: as close as a float32 attention where the rounding of
         # the probabilities cannot show (a query that sees one token only)
-        one = cpu_kernels.paged_attention(query, k_cache, v_cache, cpu_kernels.attention_batch(
+        one = cpu_kernels.paged_attention(query, *kept, cpu_kernels.attention_batch(
             table, torch.tensor([0, 1]), torch.tensor([1])), head_dim ** -0.5)
         torch.testing.assert_close(one[0].double(), values[0], **tolerance(dtype))
     else:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pagedserve.executor_svc import cpu_kernels
+from pagedserve.executor_svc.backends.cpu import CpuBackend
 from pagedserve.executor_svc.layer_ops import LayerOps, OneDnnLinear, can_pack
 from pagedserve.executor_svc.rope import apply_rope
 
@@ -55,12 +56,16 @@ def test_add_rms_norm(tokens, hidden, with_x, dtype):
     torch.testing.assert_close(out, torch_norm, **tolerance(dtype, roundings=3))
 
 
+@pytest.mark.parametrize("block_size", [2, 16])
 @pytest.mark.parametrize("tokens", [1, 5, 300])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 8), (9, 3, 64), (2, 1, 6)])
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype, dtype):
-    half, num_positions, num_slots = head_dim // 2, 512, 2 * tokens
+def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype, dtype, block_size):
+    """Blocks of 16 slots of a bf16 model's bf16 cache of 64-value heads are written in pair
+    layout where the build has bf16 dot products: read back in row layout here."""
+    half, num_positions = head_dim // 2, 512
+    num_slots = -(-2 * tokens // block_size) * block_size
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
     angles = randn(num_positions, half, seed=1, scale=3.0)
     cos, sin = angles.cos(), angles.sin()
@@ -68,7 +73,8 @@ def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype, dtype):
     positions = torch.randint(0, num_positions, (tokens,), generator=g)
     slots = torch.randperm(num_slots, generator=g)[:tokens]
     slots[0] = -1  # not stored
-    k_cache = torch.full((num_slots // 2, 2, kv_heads, head_dim), float("nan"), dtype=kv_dtype)
+    k_cache = torch.full((num_slots // block_size, block_size, kv_heads, head_dim), float("nan"),
+                         dtype=kv_dtype)
     v_cache = k_cache.clone()
     expected = qkv.double().split([heads * head_dim, kv_heads * head_dim,
                                    kv_heads * head_dim], -1)
@@ -84,7 +90,11 @@ def test_rope_write_kv(tokens, heads, kv_heads, head_dim, kv_dtype, dtype):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **tolerance(dtype))
     stored = slots >= 0
-    flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    paired = cpu_kernels.pair_layout(dtype, k_cache)
+    assert paired == (dtype == kv_dtype == torch.bfloat16 and head_dim == 64 and
+                      block_size == 16 and cpu_kernels.load().attention_bf16_products() == 1)
+    rows = CpuBackend(block_size).to_rows(k_cache, v_cache, dtype)
+    flat_k, flat_v = rows[0].flatten(0, 1), rows[1].flatten(0, 1)
     # the cache holds the rotated rows, rounded exactly as torch rounds to a bfloat16 cache
     torch.testing.assert_close(flat_k[slots[stored]], k[stored].to(kv_dtype), rtol=0, atol=0)
     torch.testing.assert_close(flat_v[slots[stored]], v[stored].to(kv_dtype), rtol=0, atol=0)

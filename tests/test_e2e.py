@@ -338,13 +338,18 @@ def test_beyond_max_waiting_new_requests_get_overloaded_and_the_rest_complete(sm
     try:
         with Client(f"tcp://127.0.0.1:{client_port}", timeout=30.0) as client:
             queued = [client.stream(PROMPTS[0], GREEDY, request_id=f"q{i}") for i in range(3)]
-            for stream in queued:  # the first output (or heartbeat) proves it is queued
-                threading.Thread(target=list, args=(stream,), daemon=True).start()
+            readers = [threading.Thread(target=list, args=(stream,), daemon=True)
+                       for stream in queued]
+            for reader in readers:  # the first output (or heartbeat) proves it is queued
+                reader.start()
             wait_for(lambda: admin(f"tcp://127.0.0.1:{admin_port}", "pool")["waiting"] == 3)
             with pytest.raises(OverloadedError, match="max_waiting 3"):
                 client.generate(PROMPTS[1], GREEDY)
             for i in range(3):
                 client.abort(f"q{i}")
+            for reader in readers:  # each aborted stream ends, before the client closes
+                reader.join(timeout=30)
+                assert not reader.is_alive()
     finally:
         scheduler.terminate()
         scheduler.wait(timeout=15)

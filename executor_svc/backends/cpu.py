@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from pagedserve.executor_svc import cpu_kernels
@@ -50,6 +51,19 @@ class CpuBackend(AttentionBackend):
     def attend(self, query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor,
                v_cache: Tensor, meta: CpuMetadata, scale: float) -> Tensor:
         return cpu_kernels.paged_attention(query, k_cache, v_cache, meta.batch, scale)
+
+    def from_rows(self, k_cache: Tensor, v_cache: Tensor,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """In pair layout where the kernels keep one (``cpu_kernels.pair_layout``)."""
+        if cpu_kernels.pair_layout(dtype, k_cache):
+            return cpu_kernels.paired(k_cache, v_cache)
+        return k_cache, v_cache
+
+    def to_rows(self, k_cache: Tensor, v_cache: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if cpu_kernels.pair_layout(dtype, k_cache):
+            return cpu_kernels.unpaired(k_cache, v_cache)
+        return k_cache, v_cache
 
 
 class CpuOps(LayerOps):

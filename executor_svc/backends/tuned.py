@@ -272,7 +272,8 @@ def choose_attention(tuner: Tuner, config: ModelConfig, block_size: int, dtype: 
              for name, backend in backends.items()}
     scale = config.head_dim ** -0.5
 
-    def make_inputs() -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    def make_inputs() -> tuple[dict[str, tuple[Tensor, Tensor]],
+                               list[tuple[Tensor, Tensor, Tensor]]]:
         gen = torch.Generator().manual_seed(0)
         shape = (null_block + 1, block_size, config.num_kv_heads, config.head_dim)
         k_cache, v_cache = (torch.randn(shape, generator=gen).to(kv_dtype) for _ in range(2))
@@ -287,10 +288,14 @@ def choose_attention(tuner: Tuner, config: ModelConfig, block_size: int, dtype: 
             # the new tokens' keys and values, as the cache holds them
             steps.append((query, k_cache.flatten(0, 1)[slots].to(dtype),
                           v_cache.flatten(0, 1)[slots].to(dtype)))
-        return k_cache, v_cache, steps
+        # each backend's cache holds the same values, in the layout it keeps
+        caches = {name: backend.from_rows(k_cache, v_cache, dtype)
+                  for name, backend in backends.items()}
+        return caches, steps
 
     def call(name: str):
-        def run(k_cache: Tensor, v_cache: Tensor, steps) -> tuple[Tensor, ...]:
+        def run(caches: dict[str, tuple[Tensor, Tensor]], steps) -> tuple[Tensor, ...]:
+            k_cache, v_cache = caches[name]
             return tuple(backends[name].attend(query, key, value, k_cache, v_cache, meta,
                                                scale)
                          for (query, key, value), meta in zip(steps, metas[name]))

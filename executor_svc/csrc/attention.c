@@ -8,8 +8,10 @@
  *                     q/k/v projection's output is read in place); float32 or (act_bf16)
  *                     bfloat16: read and written once per head and work item, so their dtype
  *                     is tested there, not made a constant
- *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim], float32 or bfloat16
- *                     (kv_bf16: half the bytes to read; attention still computes in float32)
+ *   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim] (row layout), float32
+ *                     or bfloat16 (kv_bf16: half the bytes to read; attention still computes
+ *                     in float32); a bf16 model's bf16 cache in pair layout where
+ *                     kv_pair_layout says so (same bytes per block, see attend_dp)
  *   block_tables      [num_seqs, max_blocks] int64
  *   query_start       [num_seqs + 1] int64 (where each sequence's tokens start in query)
  *   seq_lens          [num_seqs] int64 (context length, this step's tokens included)
@@ -153,6 +155,20 @@ static inline Fetch item_fetch(const Work *w, const int64_t *item, int64_t span_
                    0, 0};
 }
 
+/* The Fetch of item `item` over a pair-layout cache: each block's tiles of the item's kv heads
+ * are one run (kv heads g0 ... g1 - 1 of a block lie together), taken as one slot per block. */
+static inline Fetch item_fetch_tiles(const Work *w, const int64_t *item, int64_t span_blocks) {
+    if (!item) return (Fetch){0};
+    const int64_t seq = item[0], tile_bytes = w->block_size * w->head_dim * 2;
+    const int64_t len = w->seq_lens[seq] - (w->query_start[seq + 1] - w->query_start[seq]) +
+                        item[1] + item[2];
+    const int64_t blocks = (len + w->block_size - 1) / w->block_size;
+    return (Fetch){w->k_cache, w->v_cache, w->block_tables + seq * w->max_blocks, 1, blocks,
+                   w->num_kv_heads * tile_bytes, item[3] * tile_bytes,
+                   (item[4] - item[3]) * tile_bytes, 0, span_blocks < blocks ? span_blocks : blocks,
+                   0, 0};
+}
+
 /* At the start of the span at block `first`: fetch what is left of it, aim at the next span
  * (past the item's last, at the first span of `then`, the item this thread likely takes
  * next), and return how many lines to fetch at each of the span's `chunks` pieces of work. */
@@ -272,60 +288,26 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
 }
 
 #if defined(__AVX512BF16__) && (defined(__clang__) || __GNUC__ >= 12)
-/* A bf16 model over a bf16 cache, where the CPU has AVX512_BF16: both products through
- * vdpbf16ps, which multiplies pairs of bf16 values and adds both products to a float32 lane
- * (32 multiplies per instruction, twice the float32 FMA's), reading the cache in place.
- *   Scores: a token's K row against a query head, 32 dimensions per instruction into 16
- *   lanes of partial sums; 16 tokens' partial sums are then summed lane-wise into one vector
- *   of 16 scores (hsum16). The products of two bf16 values are exact in float32, so the
- *   scores are as exact as the float32 path's.
- *   Values: two tokens at a time, their V rows interleaved (unpacklo/hi) so that each 32-bit
- *   lane holds one dimension of both, against the pair of their probabilities rounded to bf16
- *   (as torch's bf16 flash attention rounds them for its second product). The unpacks work
- *   within 128-bit lanes, so the sums' lanes hold the dimensions in a fixed shuffled order,
- *   put back when the output is written.
- * Softmax and sums stay float32. */
+/* A bf16 model over a bf16 cache in pair layout (kv_pair_layout), where the CPU has
+ * AVX512_BF16: both products through vdpbf16ps, which multiplies pairs of bf16 values and adds
+ * both products to a float32 lane (32 multiplies per instruction, twice the float32 FMA's),
+ * reading the cache in place. In pair layout each block holds, per kv head, a tile of K as
+ * [head_dim / 2][block_size][2] (dimensions 2d and 2d + 1 of each slot together) and one of
+ * V as [block_size / 2][head_dim][2] (slots 2j and 2j + 1 of each dimension together):
+ *   Scores: one load holds a dimension pair of 16 slots, against that pair of the query
+ *   broadcast: 16 scores accumulate in 16 lanes, with no horizontal sums (in the row layout
+ *   they cost as much as the products: BENCHMARKS.md, "Attention in pair layout"). The
+ *   products of two bf16 values are exact in float32, so the scores are as exact as the
+ *   float32 path's.
+ *   Values: one load holds 16 dimensions of a pair of slots, against the pair of their
+ *   probabilities rounded to bf16 (as torch's bf16 flash attention rounds them for its
+ *   second product); the lanes hold the dimensions in order.
+ * Each load of K and V serves up to DP_HEADS query heads of its kv head at once. Softmax and
+ * sums stay float32. */
 #include <immintrin.h>
 #define HAVE_ATTEND_DP 1
 
 typedef float v16 __attribute__((vector_size(64)));
-
-/* pair_sums of vec.h on 16 lanes: round r leaves blocks of 2^r lanes from x and y alternating,
- * each the sum of two of its vector's blocks. */
-static inline v16 pair_sums16(v16 x, v16 y, int round) {
-    switch (round) {
-    case 0:
-        return __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28,
-                                       14, 30) +
-               __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29,
-                                       15, 31);
-    case 1:
-        return __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13,
-                                       28, 29) +
-               __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15,
-                                       30, 31);
-    case 2:
-        return __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
-                                       26, 27) +
-               __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29,
-                                       30, 31);
-    default:
-        return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
-                                       23) +
-               __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                       30, 31);
-    }
-}
-
-/* Lane t: the sum of a[t]'s lanes. */
-static inline v16 hsum16(const v16 a[16]) {
-    v16 s[8], t[4];
-    for (int i = 0; i < 8; i++) s[i] = pair_sums16(a[2 * i], a[2 * i + 1], 0);
-    for (int i = 0; i < 4; i++) t[i] = pair_sums16(s[2 * i], s[2 * i + 1], 1);
-    return pair_sums16(pair_sums16(t[0], t[1], 2), pair_sums16(t[2], t[3], 2), 3);
-}
-
-static inline __m512bh bf16_at(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 /* Slots per span here: four times SPAN, since what a span costs beside its products (the
  * softmax's max, rescaling and bookkeeping per query head) is a large share of a decode row's
@@ -334,16 +316,9 @@ static inline __m512bh bf16_at(const uint16_t *p) { return (__m512bh)_mm512_load
 #define DP_SPAN 128
 #define DP_SLOTS (MAX_BLOCK > DP_SPAN ? MAX_BLOCK : DP_SPAN)
 
-/* o (2 x zs sums) += p's pair of probabilities times the V rows va and vb, interleaved. */
-static inline __attribute__((always_inline)) void add_pair(__m512 *o, __m512bh p,
-                                                           const uint16_t *va,
-                                                           const uint16_t *vb, const int64_t zs) {
-    for (int64_t z = 0; z < zs; z++) {
-        const __m512i x = _mm512_loadu_si512(va + 32 * z), y = _mm512_loadu_si512(vb + 32 * z);
-        o[2 * z] = _mm512_dpbf16_ps(o[2 * z], (__m512bh)_mm512_unpacklo_epi16(x, y), p);
-        o[2 * z + 1] = _mm512_dpbf16_ps(o[2 * z + 1], (__m512bh)_mm512_unpackhi_epi16(x, y), p);
-    }
-}
+/* Query heads scored and summed together against each load of a kv head's K and V: at most
+ * this many (4 x head_dim / 16 sums in registers for head_dim 64). */
+#define DP_HEADS 4
 
 static inline __m512bh pair_at(const uint16_t *probs) {
     uint32_t pair;
@@ -351,91 +326,143 @@ static inline __m512bh pair_at(const uint16_t *probs) {
     return (__m512bh)_mm512_set1_epi32((int)pair);
 }
 
-/* attend for a bf16 model over a bf16 cache: the same items, spans and online softmax, with
- * head_dim = 32 * zs. */
+/* scores[x][0 ... m) (rounded up to 16) = scale x the dot products of query heads x < nh
+ * (their dimension pairs q[x]) with the span's K slots, kv head tiles ks[b] per block. */
+static inline __attribute__((always_inline)) void dp_scores(
+    const int nh, const int64_t pairs, const uint32_t *const q[], const uint16_t *const ks[],
+    int64_t bs, int64_t m, float scale, float (*scores)[DP_SLOTS + 16], Fetch *ahead,
+    int64_t share) {
+    const v16 by = (v16)_mm512_set1_ps(scale);
+    for (int64_t c0 = 0, b = 0; c0 < m; b++)
+        for (int64_t t0 = 0; t0 < bs && c0 < m; t0 += 16, c0 += 16) {
+            fetch_some(ahead, share);
+            const uint16_t *k = ks[b] + t0 * 2;
+            __m512 s[DP_HEADS][2];
+            for (int x = 0; x < nh; x++) s[x][0] = s[x][1] = _mm512_setzero_ps();
+            for (int64_t p = 0; p < pairs; p += 2) {
+                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k + p * bs * 2);
+                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k + (p + 1) * bs * 2);
+                for (int x = 0; x < nh; x++) {
+                    const __m512bh q0 = (__m512bh)_mm512_set1_epi32((int)q[x][p]);
+                    const __m512bh q1 = (__m512bh)_mm512_set1_epi32((int)q[x][p + 1]);
+                    s[x][0] = _mm512_dpbf16_ps(s[x][0], q0, k0); /* two chains per head */
+                    s[x][1] = _mm512_dpbf16_ps(s[x][1], q1, k1);
+                }
+            }
+            for (int x = 0; x < nh; x++)
+                *(v16 *)(scores[x] + c0) = ((v16)s[x][0] + (v16)s[x][1]) * by;
+        }
+}
+
+/* acc[x] (head_dim / 16 sums each, dimensions in order) += the probabilities probs[x] of the
+ * span's m slots times their V rows, V tiles vs[b] per block: a pair of slots per load. */
+static inline __attribute__((always_inline)) void dp_values(
+    const int nh, const int64_t zs, const uint16_t *const vs[], int64_t bs, int64_t m,
+    uint16_t (*probs)[DP_SLOTS + 16], __m512 *const acc[]) {
+    __m512 o[DP_HEADS][2 * zs];
+    for (int x = 0; x < nh; x++)
+        for (int64_t z = 0; z < 2 * zs; z++) o[x][z] = acc[x][z];
+    for (int64_t j = 0, b = 0; j < m; b++)
+        for (int64_t t = 0; t < bs && j < m; t += 2, j += 2) {
+            const uint16_t *v = vs[b] + t * 32 * zs;
+            const __mmask32 both = j + 1 < m ? 0xffffffffu : 0x55555555u;
+            __m512bh p[DP_HEADS];
+            for (int x = 0; x < nh; x++) p[x] = pair_at(probs[x] + j);
+            for (int64_t z = 0; z < 2 * zs; z++) {
+                const __m512bh vv =
+                    (__m512bh)_mm512_maskz_mov_epi16(both, _mm512_loadu_si512(v + 32 * z));
+                for (int x = 0; x < nh; x++) o[x][z] = _mm512_dpbf16_ps(o[x][z], vv, p[x]);
+            }
+        }
+    for (int x = 0; x < nh; x++)
+        for (int64_t z = 0; z < 2 * zs; z++) acc[x][z] = o[x][z];
+}
+
+/* attend for a bf16 model over a bf16 cache in pair layout (kv_pair_layout), with head_dim =
+ * 32 * zs: the same items, spans and online softmax; the query heads of a kv head in bundles
+ * of up to DP_HEADS. */
 static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64_t seq,
                                                             int64_t q0, int64_t rows, int64_t g0,
                                                             int64_t g1, const int64_t zs,
                                                             const int64_t *next) {
-    const int64_t kvh = w->num_kv_heads, hd = zs * 32, bs = w->block_size;
+    const int64_t kvh = w->num_kv_heads, hd = zs * 32, bs = w->block_size, pairs = hd / 2;
     const int64_t group = w->num_heads / kvh, heads = (g1 - g0) * group, h0 = g0 * group;
     const int64_t seq_len = w->seq_lens[seq], first_token = w->query_start[seq] + q0;
     const int64_t first_pos = seq_len - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
     const int64_t len = first_pos + rows;
-    const int64_t row = kvh * hd;
+    const int64_t tile = bs * hd; /* one kv head's K (or V) in one block */
     const uint16_t *kc = w->k_cache, *vc = w->v_cache;
     const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
     const int64_t *table = w->block_tables + seq * w->max_blocks;
-    __m512bh q[rows * heads][zs];
-    __m512 acc[rows * heads][2 * zs]; /* dimensions in unpack order */
+    uint32_t q[rows * heads][pairs];
+    __m512 acc[rows * heads][2 * zs];
     float max[rows * heads], sum[rows * heads];
-    float scores[DP_SLOTS + 16] __attribute__((aligned(64)));
-    uint16_t probs[DP_SLOTS + 16] __attribute__((aligned(64)));
-    int64_t slot_at[DP_SLOTS]; /* where each slot of the span starts, kv head 0 */
+    float scores[DP_HEADS][DP_SLOTS + 16] __attribute__((aligned(64)));
+    uint16_t probs[DP_HEADS][DP_SLOTS + 16] __attribute__((aligned(64)));
     for (int64_t r = 0; r < rows; r++)
         for (int64_t h = 0; h < heads; h++) {
-            const uint16_t *qs = (const uint16_t *)w->query +
-                                 (first_token + r) * w->query_stride + (h0 + h) * hd;
-            for (int64_t z = 0; z < zs; z++) q[r * heads + h][z] = bf16_at(qs + 32 * z);
+            memcpy(q[r * heads + h], (const uint16_t *)w->query +
+                   (first_token + r) * w->query_stride + (h0 + h) * hd, hd * 2);
             for (int64_t z = 0; z < 2 * zs; z++) acc[r * heads + h][z] = _mm512_setzero_ps();
             max[r * heads + h] = -INFINITY;
             sum[r * heads + h] = 0.0f;
         }
     const int64_t item[5] = {seq, q0, rows, g0, g1};
-    Fetch ahead = item_fetch(w, item, span_blocks, 2); /* fetched at once, below */
-    const Fetch then = item_fetch(w, next, span_blocks, 2);
+    Fetch ahead = item_fetch_tiles(w, item, span_blocks); /* fetched at once, below */
+    const Fetch then = item_fetch_tiles(w, next, span_blocks);
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t span_end = len < span_stop ? len : span_stop;
-        /* the next span, a share at each of this span's chunks of 16 scores */
         const int64_t chunks_here = (span_end - first * bs + 15) / 16;
         const int64_t share = fetch_next_span(&ahead, first, span_blocks,
-                                              (g1 - g0) * group * rows * chunks_here, &then);
-        for (int64_t t = 0; t < span_end - first * bs; t++)
-            slot_at[t] = (table[first + t / bs] * bs + t % bs) * row;
+                                              (g1 - g0) * rows * chunks_here, &then);
         for (int64_t g = g0; g < g1; g++) {
-            const uint16_t *kg = kc + g * hd, *vg = vc + g * hd;
+            const uint16_t *ks[DP_SLOTS / 16], *vs[DP_SLOTS / 16];
+            for (int64_t b = 0; b < span_blocks && (first + b) * bs < span_end; b++) {
+                ks[b] = kc + (table[first + b] * kvh + g) * tile;
+                vs[b] = vc + (table[first + b] * kvh + g) * tile;
+            }
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
                 if (end <= first * bs) continue;
                 const int64_t m = end - first * bs, padded = (m + 15) & ~15;
-                for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h++) {
-                    const int64_t i = r * heads + h;
-                    for (int64_t c0 = 0; c0 < m; c0 += 16) {
-                        fetch_some(&ahead, share);
-                        v16 a[16];
-                        for (int t = 0; t < 16; t++) { /* slots past m: slot c0's again */
-                            const uint16_t *k = kg + slot_at[c0 + t < m ? c0 + t : c0];
-                            __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[i][0], bf16_at(k));
-                            for (int64_t z = 1; z < zs; z++)
-                                s = _mm512_dpbf16_ps(s, q[i][z], bf16_at(k + 32 * z));
-                            a[t] = (v16)s;
-                        }
-                        *(v16 *)(scores + c0) = hsum16(a) * (v16)_mm512_set1_ps(w->scale);
+                for (int64_t hs = (g - g0) * group; hs < (g - g0 + 1) * group; hs += DP_HEADS) {
+                    const int64_t he = hs + DP_HEADS < (g - g0 + 1) * group ? hs + DP_HEADS
+                                                                         : (g - g0 + 1) * group;
+                    const int64_t i0 = r * heads + hs, nh = he - hs;
+                    const uint32_t *qs[DP_HEADS];
+                    __m512 *accs[DP_HEADS];
+                    for (int x = 0; x < nh; x++) qs[x] = q[i0 + x], accs[x] = acc[i0 + x];
+                    /* the count of heads a constant, so that their sums stay in registers */
+#define SCORES(n) dp_scores(n, pairs, qs, ks, bs, m, w->scale, scores, &ahead, share)
+                    switch (nh) {
+                    case 1: SCORES(1); break;
+                    case 2: SCORES(2); break;
+                    case 3: SCORES(3); break;
+                    default: SCORES(4);
                     }
-                    const float correction = softmax_step(scores, m, padded, &max[i], &sum[i]);
-                    for (int64_t j = m; j < padded; j++) scores[j] = 0.0f; /* an odd m's pair */
-                    for (int64_t j = 0; j < padded; j += 16)
-                        _mm256_store_si256((__m256i *)(probs + j),
-                                           (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores + j)));
-                    /* two sets of sums, alternate pairs: twice the chains of dot products
-                     * that can be in flight at once */
-                    __m512 o[2 * zs], o2[2 * zs];
-                    const __m512 scale_by = _mm512_set1_ps(correction);
-                    for (int64_t z = 0; z < 2 * zs; z++) {
-                        o[z] = _mm512_mul_ps(acc[i][z], scale_by);
-                        o2[z] = _mm512_setzero_ps();
+#undef SCORES
+                    for (int x = 0; x < nh; x++) {
+                        const int64_t i = i0 + x;
+                        const float correction =
+                            softmax_step(scores[x], m, padded, &max[i], &sum[i]);
+                        for (int64_t j = m; j < padded; j++) scores[x][j] = 0.0f;
+                        for (int64_t j = 0; j < padded; j += 16)
+                            _mm256_store_si256(
+                                (__m256i *)(probs[x] + j),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[x] + j)));
+                        const __m512 by = _mm512_set1_ps(correction);
+                        for (int64_t z = 0; z < 2 * zs; z++)
+                            acc[i][z] = _mm512_mul_ps(acc[i][z], by);
                     }
-                    int64_t j = 0;
-                    for (; j + 4 <= m; j += 4) {
-                        add_pair(o, pair_at(probs + j), vg + slot_at[j], vg + slot_at[j + 1], zs);
-                        add_pair(o2, pair_at(probs + j + 2), vg + slot_at[j + 2],
-                                 vg + slot_at[j + 3], zs);
+#define VALUES(n) dp_values(n, zs, vs, bs, m, probs, accs)
+                    switch (nh) {
+                    case 1: VALUES(1); break;
+                    case 2: VALUES(2); break;
+                    case 3: VALUES(3); break;
+                    default: VALUES(4);
                     }
-                    for (; j < m; j += 2)
-                        add_pair(o, pair_at(probs + j), vg + slot_at[j],
-                                 vg + slot_at[j + 1 < m ? j + 1 : j], zs);
-                    for (int64_t z = 0; z < 2 * zs; z++) acc[i][z] = _mm512_add_ps(o[z], o2[z]);
+#undef VALUES
                 }
             }
         }
@@ -444,20 +471,12 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
         for (int64_t h = 0; h < heads; h++) {
             const int64_t i = r * heads + h, out = ((first_token + r) * w->num_heads + h0 + h) * hd;
             const v16 inv = (v16)_mm512_set1_ps(1.0f / sum[i]);
-            for (int64_t z = 0; z < zs; z++) {
-                /* unpacklo's lane 4L + k holds dimension 8L + k, unpackhi's 8L + 4 + k */
-                const v16 lo = (v16)acc[i][2 * z], hi = (v16)acc[i][2 * z + 1];
-                const v16 d0 = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5,
-                                                       6, 7, 20, 21, 22, 23) * inv;
-                const v16 d1 = __builtin_shufflevector(lo, hi, 8, 9, 10, 11, 24, 25, 26, 27, 12,
-                                                       13, 14, 15, 28, 29, 30, 31) * inv;
-                store8(w->out, out + 32 * z, __builtin_shufflevector(d0, d0, 0, 1, 2, 3, 4, 5, 6, 7), 1);
-                store8(w->out, out + 32 * z + 8,
-                       __builtin_shufflevector(d0, d0, 8, 9, 10, 11, 12, 13, 14, 15), 1);
-                store8(w->out, out + 32 * z + 16,
-                       __builtin_shufflevector(d1, d1, 0, 1, 2, 3, 4, 5, 6, 7), 1);
-                store8(w->out, out + 32 * z + 24,
-                       __builtin_shufflevector(d1, d1, 8, 9, 10, 11, 12, 13, 14, 15), 1);
+            for (int64_t z = 0; z < 2 * zs; z++) {
+                const v16 d = (v16)acc[i][z] * inv;
+                store8(w->out, out + 16 * z, __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7),
+                       1);
+                store8(w->out, out + 16 * z + 8,
+                       __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15), 1);
             }
         }
 }
@@ -484,7 +503,7 @@ static inline __attribute__((always_inline)) void attend_dims(const Work *w,
 static void attend_any(const Work *w, const int64_t item[5], const int64_t *next) {
     const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
 #ifdef HAVE_ATTEND_DP
-    if (w->kv_bf16 && w->act_bf16 && w->head_dim % 32 == 0) {
+    if (kv_pair_layout(w->act_bf16, w->kv_bf16, w->head_dim, w->block_size)) {
         const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
         switch (w->head_dim) {
         case 64: attend_dp(w, seq, q0, rows, g0, g1, 2, next); return;
@@ -544,6 +563,19 @@ static int64_t work_items(const int64_t *query_start, int64_t num_seqs, int64_t 
             put_item(items, count++, s, 0, 1, g, g + 1);
     }
     return count;
+}
+
+/* 1 where the cache of a model computing in bf16 (act_bf16) or float32 is kept in pair layout
+ * (see attend_dp), which rope_write_kv writes and paged_attention reads: a bf16 cache of a bf16
+ * model, head_dim a multiple of 32 and blocks a multiple of 16 slots, in a build with
+ * AVX512_BF16. Elsewhere it is in row layout: [block][slot][kv head][head_dim]. */
+int64_t kv_pair_layout(int64_t act_bf16, int64_t kv_bf16, int64_t head_dim, int64_t block_size) {
+#ifdef HAVE_ATTEND_DP
+    return act_bf16 && kv_bf16 && head_dim % 32 == 0 && block_size % 16 == 0;
+#else
+    (void)act_bf16, (void)kv_bf16, (void)head_dim, (void)block_size;
+    return 0;
+#endif
 }
 
 /* 1 where a bf16 model's attention over a bf16 cache takes attend_dp (its probabilities

@@ -75,7 +75,7 @@ int decoder_forward(const Decoder *d, const Step *s, void *residual, void *out,
                                   bf16, t, qkv_width, hidden, num_threads));
         RUN(FAILED_ROPE, rope_write_kv(qkv, qkv_width, bf16, d->cos, d->sin, d->num_positions,
                                        s->positions, l->k_cache, l->v_cache, d->kv_bf16,
-                                       s->slots, d->num_slots, t, d->num_heads,
+                                       s->slots, d->num_slots, d->block_size, t, d->num_heads,
                                        d->num_kv_heads, d->head_dim, num_threads));
         RUN(FAILED_ATTENTION,
             paged_attention(qkv, qkv_width, bf16, l->k_cache, l->v_cache, d->kv_bf16,

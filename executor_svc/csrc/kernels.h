@@ -10,8 +10,8 @@ int add_rms_norm(void *residual, const void *x, const void *weight, void *out, i
 int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *cos,
                   const float *sin, int64_t num_positions, const int64_t *positions,
                   void *k_cache, void *v_cache, int64_t kv_bf16, const int64_t *slots,
-                  int64_t num_slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
-                  int64_t head_dim, int64_t num_threads);
+                  int64_t num_slots, int64_t block_size, int64_t tokens, int64_t num_heads,
+                  int64_t num_kv_heads, int64_t head_dim, int64_t num_threads);
 int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, int64_t inter,
              int64_t num_threads);
 int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
@@ -23,5 +23,6 @@ int paged_attention(const void *query, int64_t query_stride, int64_t act_bf16,
                     const int64_t *seq_lens, void *out, int64_t num_seqs, int64_t num_heads,
                     int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                     int64_t max_blocks, float scale, int64_t num_threads);
+int64_t kv_pair_layout(int64_t act_bf16, int64_t kv_bf16, int64_t head_dim, int64_t block_size);
 
 #endif

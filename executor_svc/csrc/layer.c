@@ -67,8 +67,9 @@ int add_rms_norm(void *residual, const void *x, const void *weight, void *out, i
  * head_dim values each; rows row_stride values apart; float32, or bfloat16 with act_bf16,
  * rotated in float32 and rounded once), rotate-half layout: cos and sin are float32
  * [num_positions, head_dim / 2]. Then each token's keys and values are copied to its cache
- * slot (caches [num_slots, num_kv_heads, head_dim], float32 or, with kv_bf16, bfloat16 rounded
- * as torch rounds); slot -1 stores nothing. Returns 0, -1 for arguments it does not serve, 1
+ * slot (caches [num_slots, num_kv_heads, head_dim] in row layout, float32 or, with kv_bf16,
+ * bfloat16 rounded as torch rounds; in pair layout where kv_pair_layout says so, blocks of
+ * block_size slots); slot -1 stores nothing. Returns 0, -1 for arguments it does not serve, 1
  * for a position past the tables, 2 for a slot past the caches (nothing is written then). */
 static inline __attribute__((always_inline)) void rope_row(void *row, const float *c,
                                                            const float *s, int64_t heads,
@@ -90,16 +91,37 @@ static inline __attribute__((always_inline)) void rope_row(void *row, const floa
     }
 }
 
+/* A token's bf16 keys and values (num_kv_heads x head_dim each) into slot `slot` of caches in
+ * pair layout (attention.c, attend_dp): per kv head, K's dimensions 2d and 2d + 1 together in
+ * the tile's row d / 2 ... of block_size pairs, V's values beside those of the slot's pair
+ * partner (slots 2j and 2j + 1). */
+static void write_pairs(const char *keys, const char *values, void *k_cache, void *v_cache,
+                        int64_t slot, int64_t block_size, int64_t num_kv_heads,
+                        int64_t head_dim) {
+    const int64_t block = slot / block_size, j = slot % block_size, tile = block_size * head_dim;
+    for (int64_t g = 0; g < num_kv_heads; g++) {
+        const int64_t at = (block * num_kv_heads + g) * tile;
+        const char *key = keys + g * head_dim * 2;
+        const uint16_t *value = (const uint16_t *)values + g * head_dim;
+        uint16_t *k = (uint16_t *)k_cache + at + 2 * j;
+        uint16_t *v = (uint16_t *)v_cache + at + (j / 2) * 2 * head_dim + j % 2;
+        for (int64_t d = 0; d < head_dim / 2; d++) memcpy(k + 2 * d * block_size, key + 4 * d, 4);
+        for (int64_t d = 0; d < head_dim; d++) v[2 * d] = value[d];
+    }
+}
+
 int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *cos,
                   const float *sin, int64_t num_positions, const int64_t *positions,
                   void *k_cache, void *v_cache, int64_t kv_bf16, const int64_t *slots,
-                  int64_t num_slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
-                  int64_t head_dim, int64_t num_threads) {
+                  int64_t num_slots, int64_t block_size, int64_t tokens, int64_t num_heads,
+                  int64_t num_kv_heads, int64_t head_dim, int64_t num_threads) {
     const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
     const int64_t rotated = num_heads + num_kv_heads;
     const int64_t elem = act_bf16 ? 2 : 4, kv_elem = kv_bf16 ? 2 : 4;
-    if (head_dim % 2 || num_threads < 1 || row_stride < (rotated + num_kv_heads) * head_dim)
+    if (head_dim % 2 || num_threads < 1 || row_stride < (rotated + num_kv_heads) * head_dim ||
+        block_size < 1 || num_slots % block_size)
         return -1;
+    const int pairs = (int)kv_pair_layout(act_bf16, kv_bf16, head_dim, block_size);
     for (int64_t t = 0; t < tokens; t++) {
         if (positions[t] < 0 || positions[t] >= num_positions) return 1;
         if (slots[t] < -1 || slots[t] >= num_slots) return 2;
@@ -114,6 +136,11 @@ int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *
         if (slots[t] < 0) continue;
         const char *keys = row + num_heads * head_dim * elem;
         const char *values = row + rotated * head_dim * elem;
+        if (pairs) {
+            write_pairs(keys, values, k_cache, v_cache, slots[t], block_size, num_kv_heads,
+                        head_dim);
+            continue;
+        }
         char *k = (char *)k_cache + slots[t] * kv_width * kv_elem;
         char *v = (char *)v_cache + slots[t] * kv_width * kv_elem;
         if (act_bf16 == kv_bf16) {
