@@ -85,3 +85,13 @@ def test_no_import_circle_among_our_modules():
     for name in graph:
         visit(name, [], done)
     assert not circles, circles
+
+
+def test_the_executor_imports_from_a_checkout_root():
+    """Run from a checkout's root (``python -m``, as the tests and the services they start
+    are), the top-level ``kernels/`` folder is importable as ``kernels``: a dependency that
+    imports a package of that name (transformers 5.25 imports Hugging Face's ``kernels``)
+    would get ours and fail. The executor, transformers with it, must import there."""
+    code = ("import pagedserve.executor_svc.model, pagedserve.executor_svc.rope\n"
+            "import transformers.models.llama.modeling_llama")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
