@@ -140,14 +140,19 @@ static inline __attribute__((always_inline)) void fetch_some(Fetch *p, int64_t l
     }
 }
 
-/* A cursor over the first span (span_blocks blocks) of work item `item` (seq, q0, rows, g0,
- * g1; NULL: none) in a cache of `elem`-byte values. */
+/* The context work item `item` (seq, q0, rows, g0, g1) reads: up to its last row's position. */
+static inline int64_t item_len(const Work *w, const int64_t *item) {
+    const int64_t seq = item[0];
+    return w->seq_lens[seq] - (w->query_start[seq + 1] - w->query_start[seq]) + item[1] +
+           item[2];
+}
+
+/* A cursor over the first span (span_blocks blocks) of work item `item` (NULL: none) in a
+ * cache of `elem`-byte values. */
 static inline Fetch item_fetch(const Work *w, const int64_t *item, int64_t span_blocks,
                                int64_t elem) {
     if (!item) return (Fetch){0};
-    const int64_t seq = item[0], hd = w->head_dim, bs = w->block_size;
-    const int64_t len = w->seq_lens[seq] - (w->query_start[seq + 1] - w->query_start[seq]) +
-                        item[1] + item[2];
+    const int64_t seq = item[0], hd = w->head_dim, bs = w->block_size, len = item_len(w, item);
     const int64_t blocks = (len + bs - 1) / bs;
     return (Fetch){w->k_cache, w->v_cache, w->block_tables + seq * w->max_blocks, bs, len,
                    w->num_kv_heads * hd * elem, item[3] * hd * elem,
@@ -160,9 +165,7 @@ static inline Fetch item_fetch(const Work *w, const int64_t *item, int64_t span_
 static inline Fetch item_fetch_tiles(const Work *w, const int64_t *item, int64_t span_blocks) {
     if (!item) return (Fetch){0};
     const int64_t seq = item[0], tile_bytes = w->block_size * w->head_dim * 2;
-    const int64_t len = w->seq_lens[seq] - (w->query_start[seq + 1] - w->query_start[seq]) +
-                        item[1] + item[2];
-    const int64_t blocks = (len + w->block_size - 1) / w->block_size;
+    const int64_t blocks = (item_len(w, item) + w->block_size - 1) / w->block_size;
     return (Fetch){w->k_cache, w->v_cache, w->block_tables + seq * w->max_blocks, 1, blocks,
                    w->num_kv_heads * tile_bytes, item[3] * tile_bytes,
                    (item[4] - item[3]) * tile_bytes, 0, span_blocks < blocks ? span_blocks : blocks,
@@ -378,6 +381,27 @@ static inline __attribute__((always_inline)) void dp_values(
         for (int64_t z = 0; z < 2 * zs; z++) acc[x][z] = o[x][z];
 }
 
+/* One span of one query row for nh query heads of a kv head (q, acc, max and sum from the
+ * first): their scores, an online-softmax step each, their values. */
+static inline __attribute__((always_inline)) void dp_heads(
+    const int nh, const int64_t zs, const uint32_t *const q[], __m512 *const acc[], float *max,
+    float *sum, const uint16_t *const ks[], const uint16_t *const vs[], int64_t bs, int64_t m,
+    float scale, float (*scores)[DP_SLOTS + 16], uint16_t (*probs)[DP_SLOTS + 16],
+    Fetch *ahead, int64_t share) {
+    const int64_t padded = (m + 15) & ~15;
+    dp_scores(nh, 16 * zs, q, ks, bs, m, scale, scores, ahead, share);
+    for (int x = 0; x < nh; x++) {
+        const float correction = softmax_step(scores[x], m, padded, &max[x], &sum[x]);
+        for (int64_t j = m; j < padded; j++) scores[x][j] = 0.0f; /* an odd m's pair */
+        for (int64_t j = 0; j < padded; j += 16)
+            _mm256_store_si256((__m256i *)(probs[x] + j),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[x] + j)));
+        const __m512 by = _mm512_set1_ps(correction);
+        for (int64_t z = 0; z < 2 * zs; z++) acc[x][z] = _mm512_mul_ps(acc[x][z], by);
+    }
+    dp_values(nh, zs, vs, bs, m, probs, acc);
+}
+
 /* attend for a bf16 model over a bf16 cache in pair layout (kv_pair_layout), with head_dim =
  * 32 * zs: the same items, spans and online softmax; the query heads of a kv head in bundles
  * of up to DP_HEADS. */
@@ -425,7 +449,7 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t end = span_end < first_pos + r + 1 ? span_end : first_pos + r + 1;
                 if (end <= first * bs) continue;
-                const int64_t m = end - first * bs, padded = (m + 15) & ~15;
+                const int64_t m = end - first * bs;
                 for (int64_t hs = (g - g0) * group; hs < (g - g0 + 1) * group; hs += DP_HEADS) {
                     const int64_t he = hs + DP_HEADS < (g - g0 + 1) * group ? hs + DP_HEADS
                                                                          : (g - g0 + 1) * group;
@@ -434,35 +458,15 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
                     __m512 *accs[DP_HEADS];
                     for (int x = 0; x < nh; x++) qs[x] = q[i0 + x], accs[x] = acc[i0 + x];
                     /* the count of heads a constant, so that their sums stay in registers */
-#define SCORES(n) dp_scores(n, pairs, qs, ks, bs, m, w->scale, scores, &ahead, share)
+#define HEADS(n) dp_heads(n, zs, qs, accs, max + i0, sum + i0, ks, vs, bs, m, w->scale, \
+                          scores, probs, &ahead, share)
                     switch (nh) {
-                    case 1: SCORES(1); break;
-                    case 2: SCORES(2); break;
-                    case 3: SCORES(3); break;
-                    default: SCORES(4);
+                    case 1: HEADS(1); break;
+                    case 2: HEADS(2); break;
+                    case 3: HEADS(3); break;
+                    default: HEADS(4);
                     }
-#undef SCORES
-                    for (int x = 0; x < nh; x++) {
-                        const int64_t i = i0 + x;
-                        const float correction =
-                            softmax_step(scores[x], m, padded, &max[i], &sum[i]);
-                        for (int64_t j = m; j < padded; j++) scores[x][j] = 0.0f;
-                        for (int64_t j = 0; j < padded; j += 16)
-                            _mm256_store_si256(
-                                (__m256i *)(probs[x] + j),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[x] + j)));
-                        const __m512 by = _mm512_set1_ps(correction);
-                        for (int64_t z = 0; z < 2 * zs; z++)
-                            acc[i][z] = _mm512_mul_ps(acc[i][z], by);
-                    }
-#define VALUES(n) dp_values(n, zs, vs, bs, m, probs, accs)
-                    switch (nh) {
-                    case 1: VALUES(1); break;
-                    case 2: VALUES(2); break;
-                    case 3: VALUES(3); break;
-                    default: VALUES(4);
-                    }
-#undef VALUES
+#undef HEADS
                 }
             }
         }
