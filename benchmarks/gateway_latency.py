@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import zmq
@@ -37,6 +36,7 @@ import zmq
 from pagedserve.common import protocol as p
 from pagedserve.common.client import AsyncClient
 from pagedserve.common.sampling import SamplingParams
+from pagedserve.common.up import http_ready, stop_processes, wait_until
 
 MODEL = "stand-in"
 
@@ -99,18 +99,6 @@ async def zeromq_ttft(client: AsyncClient, params: SamplingParams) -> float:
     return elapsed
 
 
-def wait_ready(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"the gateway on port {port} did not become ready")
-
-
 async def alternate(args, address: str) -> dict[str, list[float]]:
     """Each path's times to first token, the paths taking turns."""
     body = json.dumps({"prompt": [1, 2], "max_tokens": 2, "stream": True}).encode()
@@ -148,11 +136,11 @@ def main() -> None:
         env={k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(args.http_port)
+        health = f"http://127.0.0.1:{args.http_port}/health"
+        wait_until(lambda: http_ready(health), [gateway], "the gateway", 30.0)
         times = asyncio.run(alternate(args, address))
     finally:
-        gateway.terminate()
-        gateway.wait(10)
+        stop_processes([gateway])
         scheduler.terminate()
     medians = {path: statistics.median(ts) for path, ts in times.items()}
     for path, ts in times.items():

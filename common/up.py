@@ -69,10 +69,10 @@ def main(ready_timeout: float, http_port: int, no_http: bool, api_key: str | Non
     try:
         admin = AdminEndpoint(tcp_endpoint(kwargs["admin_port"], connect_host),
                               client_keys(kwargs["auth"], kwargs["keys"]))
-        _wait_until(lambda: _executor_ready(admin), services, "the executor", ready_timeout)
+        wait_until(lambda: _executor_ready(admin), services, "the executor", ready_timeout)
         if not no_http:
             health = f"http://{connect_host}:{http_port}/health"
-            _wait_until(lambda: _http_ready(health), services, health, ready_timeout)
+            wait_until(lambda: http_ready(health), services, health, ready_timeout)
         click.echo(f"pagedserve ready\n"
                    + (f"  http      http://{host}:{http_port}/v1\n" if not no_http else "")
                    + f"  client    {tcp_endpoint(kwargs['client_port'], host)}\n"
@@ -180,7 +180,7 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_until(ready: Callable[[], bool], services: list[subprocess.Popen], what: str,
+def wait_until(ready: Callable[[], bool], services: list[subprocess.Popen], what: str,
                 timeout_s: float) -> None:
     """Poll ``ready`` until it holds; a service exiting first is a failed start."""
     deadline = time.monotonic() + timeout_s
@@ -200,7 +200,8 @@ def _executor_ready(admin: AdminEndpoint) -> bool:
         return False
 
 
-def _http_ready(url: str) -> bool:
+def http_ready(url: str) -> bool:
+    """Whether ``url`` answers with a success status now."""
     try:
         with urllib.request.urlopen(url, timeout=1.0):
             return True
