@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pagedserve.common.import_path import drop_checkout_from_path
+
+# `python -m pytest` from the checkout's root puts the root on sys.path; test modules import
+# transformers, which imports Hugging Face's `kernels` (5.25 on) and must not get ours.
+drop_checkout_from_path()
+
 # Without a GPU the Triton kernels run in triton's interpreter on CPU tensors. The variable
 # must be set before any kernel is defined, that is before ``kernels`` is first imported.
 if not torch.cuda.is_available():

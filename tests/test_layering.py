@@ -1,8 +1,10 @@
 """The folders are the architecture: the scheduler, the gateway and the shared base never
 import torch, and no module imports one that imports it back."""
 import ast
+import importlib.util
 import subprocess
 import sys
+import textwrap
 
 from services import ROOT
 
@@ -95,3 +97,35 @@ def test_the_executor_imports_from_a_checkout_root():
     code = ("import pagedserve.executor_svc.model, pagedserve.executor_svc.rope\n"
             "import transformers.models.llama.modeling_llama")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+OUR_BARE_NAMES = ("kernels", "common", "executor_svc")
+
+
+def _ours(name: str) -> bool:
+    """Whether the bare module name resolves to the checkout's own folder."""
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin == str(ROOT / name / "__init__.py")
+
+
+def test_importing_the_executor_takes_the_checkout_root_off_sys_path():
+    """Whichever transformers is installed: once the executor package is imported, no bare
+    name of ours resolves to the checkout, though the checkout was first on sys.path."""
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        from pathlib import Path
+        def ours(name):
+            spec = importlib.util.find_spec(name)
+            return spec is not None and spec.origin == str(Path({str(ROOT)!r}, name,
+                                                                "__init__.py"))
+        assert all(ours(name) for name in {OUR_BARE_NAMES!r}), "on sys.path at first"
+        import pagedserve.executor_svc
+        assert not any(ours(name) for name in {OUR_BARE_NAMES!r}), sys.path
+        """)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_test_process_has_the_checkout_root_off_sys_path():
+    """`python -m pytest` from the root put it on sys.path; conftest takes it off before any
+    test module imports transformers."""
+    assert not any(_ours(name) for name in OUR_BARE_NAMES), sys.path

@@ -143,7 +143,7 @@ def test_detokenizer_decodes_a_small_window_per_token(tokenizer, smollm2_dir):
 
 def test_importing_the_tokenizer_loads_neither_torch_nor_transformers():
     code = (
-        "import sys, scheduler_svc.tokenizer; "
+        "import sys, pagedserve.scheduler_svc.tokenizer; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run(
