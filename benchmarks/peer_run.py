@@ -21,7 +21,13 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
+
+# Run as a script, this folder is first on sys.path, and it holds kernels.py: transformers 5.25
+# and later import Hugging Face's `kernels`, which must not find that file instead.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.realpath(entry or ".") != _HERE]
 
 
 def run_transformers(job: dict) -> dict:

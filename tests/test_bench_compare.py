@@ -4,6 +4,9 @@ through ``peer_run.py``)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +15,8 @@ from pagedserve.benchmarks import compare
 from pagedserve.benchmarks.cli import bench
 from pagedserve.benchmarks.workload import fingerprint, make_requests
 from pagedserve.executor_svc.cpu_features import CpuInfo
+
+BENCH_KERNELS = compare.PEER_RUN.with_name("kernels.py")
 
 
 def test_request_sets_are_the_shared_workloads_and_the_sweep():
@@ -73,6 +78,22 @@ def test_pagedserve_and_transformers_side_by_side_on_one_request(smollm2_dir, tm
     assert saved["cpu"] == run["cpu"] and saved["peer_dtype"] == "float32"
     assert saved["sets"]["sweep-1"] == {"requests": 1, "tokens": 256}
     assert "| sweep-1 | 1 |" in compare.format_table(run["sets"], run["results"])
+
+
+def test_the_peer_runner_takes_its_own_folder_off_sys_path(tmp_path):
+    """Run as a script, peer_run.py has benchmarks/ first on sys.path, and benchmarks/kernels.py
+    would answer transformers' import of Hugging Face's `kernels` (5.25 on): it drops it."""
+    runner = str(compare.PEER_RUN)
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path.insert(0, {str(compare.PEER_RUN.parent)!r})  # as `python peer_run.py` does
+        assert importlib.util.find_spec("kernels").origin == {str(BENCH_KERNELS)!r}
+        exec(compile(open({runner!r}).read(), {runner!r}, "exec"),
+             {{"__file__": {runner!r}, "__name__": "peer_run"}})
+        spec = importlib.util.find_spec("kernels")
+        assert spec is None or spec.origin != {str(BENCH_KERNELS)!r}, sys.path
+        """)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
 
 
 def test_a_peer_that_dies_is_reported_and_the_others_results_are_kept(tmp_path):
