@@ -9,7 +9,8 @@ neighbour's load only ever adds time (a median taken on a busy machine keeps its
 The choices are kept in a JSON file
 in pagedserve's cache, one per machine key (the processor and its extensions, torch's
 version, the compiled kernels' source, the thread count) and within it one entry per op,
-shape and dtype: the next start on the same machine times nothing.
+shape and dtype: the next start on the same machine times nothing. A timing taken while other
+work held the cores this process needs (``CoreWatch``) serves its own start and is not kept.
 
 ``PAGEDSERVE_CPU_OPS`` forces choices instead: ``torch`` (or ``cpu``: every op that has one),
 or per op, ``linear=onednn,greedy=torch``.
@@ -38,6 +39,12 @@ TUNED_OPS = ("linear", "add_rms_norm", "silu_mul", "greedy", "attention")
 WARMUP, ROUNDS = 2, 5
 ROUND_BUDGET_S = 0.15  # fewer rounds (down to MIN_ROUNDS) where one round takes longer
 MIN_ROUNDS = 3
+# A timing is kept only if other work held at most this share of the core time this process's
+# threads needed (a 2-thread neighbour on 2 cores holds about half).
+MAX_STARVED = 0.25
+# Part of the machine key: raised when earlier timings can no longer be trusted (2: timings
+# taken under load were kept before CoreWatch; one such start timed our GEMM at 7x its usual).
+TIMING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ def machine_key(cpu: CpuInfo | None = None, threads: int | None = None) -> dict[
         source.update(b"\0" + file.name.encode() + b"\0" + file.read_bytes())
     return {"cpu": (cpu or cpu_info()).describe(), "torch": torch.__version__,
             "kernels": source.hexdigest()[:16],
-            "threads": threads or torch.get_num_threads()}
+            "threads": threads or torch.get_num_threads(), "timing": TIMING_VERSION}
 
 
 def parse_forced(text: str) -> tuple[str | None, dict[str, str]]:
@@ -126,9 +133,11 @@ class Tuner:
     choice in ``cache``; ``forced`` (``parse_forced``'s pair) overrides the timing."""
 
     def __init__(self, cache: ChoiceCache | None,
-                 forced: tuple[str | None, dict[str, str]] = (None, {})):
+                 forced: tuple[str | None, dict[str, str]] = (None, {}),
+                 watch: Callable[[], CoreWatch] | None = None):
         self.cache = cache
         self.every, self.per_op = forced
+        self.watch = watch or (lambda: CoreWatch(torch.get_num_threads()))
 
     @classmethod
     def for_machine(cls, cpu: CpuInfo | None = None) -> Tuner:
@@ -156,11 +165,17 @@ class Tuner:
         if cached is not None and cached.name in candidates:
             return cached
         correct = self._correct(entry, candidates, make_inputs, reference, tolerance)
-        seconds = time_candidates(correct, make_inputs(), before)
+        with self.watch() as watch:
+            seconds = time_candidates(correct, make_inputs(), before)
         choice = Choice(min(seconds, key=seconds.get), seconds)
+        quiet = watch.starved is None or watch.starved <= MAX_STARVED
         log.info("autotuned", op=entry, choice=choice.name,
-                 ms={name: round(s * 1e3, 3) for name, s in seconds.items()})
-        if self.cache:
+                 ms={name: round(s * 1e3, 3) for name, s in seconds.items()},
+                 starved=None if watch.starved is None else round(watch.starved, 2))
+        if not quiet:
+            log.warning("autotune timed under load: this start uses the choice, the next "
+                        "times it again", op=entry, starved=round(watch.starved, 2))
+        elif self.cache:
             self.cache.put(entry, choice)
         return choice
 
@@ -213,6 +228,48 @@ def time_candidates(candidates: dict[str, Callable[..., Any]], inputs: Sequence,
             round_s = sum(t[0] for t in times.values())
             rounds = max(MIN_ROUNDS, min(ROUNDS, int(ROUND_BUDGET_S / max(round_s, 1e-9))))
     return {name: min(t) for name, t in times.items()}
+
+
+class CoreWatch:
+    """Over a ``with`` block, the share of the core time this process's ``threads`` needed
+    that other work held (``starved``): other processes' time on this process's CPUs, the
+    hypervisor's (steal) among it, from ``/proc/stat``'s per-CPU counters less this process's
+    own CPU time, beyond what the CPUs our threads leave spare can absorb. None where the
+    counters cannot be read (not Linux)."""
+
+    def __init__(self, threads: int, cpus: Sequence[int] | None = None,
+                 stat: Path = Path("/proc/stat")):
+        self.cpus = set(cpus if cpus is not None else os.sched_getaffinity(0))
+        self.threads = max(1, min(threads, len(self.cpus)))
+        self.stat = stat
+        self.starved: float | None = None
+
+    def __enter__(self) -> CoreWatch:
+        self._start = (self._busy_s(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = self._busy_s(), time.process_time(), time.perf_counter()
+        busy0, own0, wall0 = self._start
+        if busy is None or busy0 is None or wall <= wall0:
+            return
+        others = max(0.0, (busy - busy0) - (own - own0)) / (wall - wall0)  # in cores
+        spare = len(self.cpus) - self.threads
+        self.starved = min(1.0, max(0.0, others - spare) / self.threads)
+
+    def _busy_s(self) -> float | None:
+        """Seconds our CPUs have spent on anything but idling since boot."""
+        try:
+            lines = self.stat.read_text().splitlines()
+        except OSError:
+            return None
+        ticks = 0
+        for line in lines:  # "cpuN user nice system idle iowait irq softirq steal ..."
+            name, *fields = line.split() or [""]
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+                ticks += user + nice + system + irq + softirq + steal
+        return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ColdCaches:

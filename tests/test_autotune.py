@@ -3,7 +3,11 @@ per machine key, and forced by PAGEDSERVE_CPU_OPS; --dtype auto follows the CPU.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,8 +42,22 @@ def _choose(tuner, candidates, op="linear", key="4x4 float32"):
     return tuner.choose(op, key, candidates, lambda: (X.clone(),), lambda x: x * 2, 1e-4)
 
 
-def _tuner(tmp_path, machine=MACHINE, forced=""):
-    return Tuner(ChoiceCache(tmp_path / "choices.json", machine), parse_forced(forced))
+class _Watch:
+    """A CoreWatch stand-in that reports a fixed load: the real one reads this machine's."""
+
+    def __init__(self, starved: float | None = 0.0):
+        self.starved = starved
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _tuner(tmp_path, machine=MACHINE, forced="", starved=0.0):
+    return Tuner(ChoiceCache(tmp_path / "choices.json", machine), parse_forced(forced),
+                 watch=lambda: _Watch(starved))
 
 
 def test_the_fastest_correct_candidate_wins(tmp_path):
@@ -76,6 +94,70 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path):
     (tmp_path / "choices.json").write_text("{not json")
     assert _choose(_tuner(tmp_path), {"a": _sleepy(0.003), "b": _sleepy(0)}).name == "b"
     assert json.loads((tmp_path / "choices.json").read_text())["choices"]
+
+
+def test_a_timing_under_load_serves_its_start_and_is_not_kept(tmp_path):
+    loaded = _choose(_tuner(tmp_path, starved=0.6), {"a": _sleepy(0.003), "b": _sleepy(0)})
+    assert loaded.name == "b" and loaded.seconds
+    assert not (tmp_path / "choices.json").exists()
+    ran = []
+    quiet = _choose(_tuner(tmp_path), {"a": lambda x: ran.append("a") or x * 2,
+                                       "b": lambda x: ran.append("b") or x * 2})
+    assert ran and quiet.seconds  # timed again, and kept this time
+    assert json.loads((tmp_path / "choices.json").read_text())["choices"]
+    # where the counters cannot be read, a timing is kept as before
+    _choose(_tuner(tmp_path / "unread", starved=None), {"a": _sleepy(0), "b": _sleepy(0)})
+    assert (tmp_path / "unread" / "choices.json").exists()
+
+
+def _spinners(cpus: list[int]) -> list[subprocess.Popen]:
+    """One busy process pinned to each of ``cpus``, until killed."""
+    code = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+    return [subprocess.Popen([sys.executable, "-c", code, str(cpu)]) for cpu in cpus]
+
+
+def _watch_while(watch: autotune.CoreWatch, spinners: list[int]) -> float | None:
+    procs = _spinners(spinners)
+    try:
+        time.sleep(0.3)  # the spinners start
+        with watch:
+            time.sleep(0.5)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return watch.starved
+
+
+def test_the_core_watch_sees_other_processes_on_the_cores_our_threads_need():
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    assert _watch_while(autotune.CoreWatch(threads=len(cpus), cpus=cpus), cpus) > 0.75
+
+
+def _stat(path: Path, busy_ticks: dict[int, int]) -> None:
+    """A /proc/stat whose CPUs have spent ``busy_ticks`` in user time (the rest idle)."""
+    rows = [f"cpu{n} {ticks} 0 0 100000 0 0 0 0 0 0" for n, ticks in busy_ticks.items()]
+    path.write_text("cpu  0 0 0 0 0 0 0 0 0 0\n" + "\n".join(rows) + "\nintr 1 2\n")
+
+
+@pytest.mark.parametrize("threads, starved", [(2, 0.5), (1, 0.0)])
+def test_the_core_watch_counts_only_what_the_spare_cpus_cannot_absorb(tmp_path, threads,
+                                                                      starved):
+    """Other work held one of two CPUs for the whole block: half of what two threads need,
+    nothing of what one thread needs."""
+    stat, hz = tmp_path / "stat", os.sysconf("SC_CLK_TCK")
+    _stat(stat, {0: 1000, 1: 1000})
+    with autotune.CoreWatch(threads=threads, cpus=[0, 1], stat=stat) as watch:
+        start = time.perf_counter()
+        time.sleep(0.3)
+        _stat(stat, {0: 1000, 1: 1000 + round((time.perf_counter() - start) * hz)})
+    assert watch.starved == pytest.approx(starved, abs=0.1)
+
+
+def test_the_core_watch_reports_nothing_where_the_counters_cannot_be_read(tmp_path):
+    with autotune.CoreWatch(threads=1, stat=tmp_path / "absent") as watch:
+        pass
+    assert watch.starved is None
 
 
 def test_the_cache_file_is_keyed_by_the_machine():
