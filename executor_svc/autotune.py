@@ -10,7 +10,7 @@ The choices are kept in a JSON file
 in pagedserve's cache, one per machine key (the processor and its extensions, torch's
 version, the compiled kernels' source, the thread count) and within it one entry per op,
 shape and dtype: the next start on the same machine times nothing. A timing taken while other
-work held the cores this process needs (``CoreWatch``) serves its own start and is not kept.
+work held the cores this process needs (``CoreLoad``) serves its own start and is not kept.
 
 ``PAGEDSERVE_CPU_OPS`` forces choices instead: ``torch`` (or ``cpu``: every op that has one),
 or per op, ``linear=onednn,greedy=torch``.
@@ -43,7 +43,7 @@ MIN_ROUNDS = 3
 # threads needed (a 2-thread neighbour on 2 cores holds about half).
 MAX_STARVED = 0.25
 # Part of the machine key: raised when earlier timings can no longer be trusted (2: timings
-# taken under load were kept before CoreWatch; one such start timed our GEMM at 7x its usual).
+# taken under load were kept before CoreLoad; one such start timed our GEMM at 7x its usual).
 TIMING_VERSION = 2
 
 
@@ -134,10 +134,10 @@ class Tuner:
 
     def __init__(self, cache: ChoiceCache | None,
                  forced: tuple[str | None, dict[str, str]] = (None, {}),
-                 watch: Callable[[], CoreWatch] | None = None):
+                 load: CoreLoad | None = None):
         self.cache = cache
         self.every, self.per_op = forced
-        self.watch = watch or (lambda: CoreWatch(torch.get_num_threads()))
+        self.load = load or CoreLoad(torch.get_num_threads())
 
     @classmethod
     def for_machine(cls, cpu: CpuInfo | None = None) -> Tuner:
@@ -165,16 +165,16 @@ class Tuner:
         if cached is not None and cached.name in candidates:
             return cached
         correct = self._correct(entry, candidates, make_inputs, reference, tolerance)
-        with self.watch() as watch:
-            seconds = time_candidates(correct, make_inputs(), before)
+        self.load.sample()
+        seconds = time_candidates(correct, make_inputs(), before)
+        starved = self.load.starved()
         choice = Choice(min(seconds, key=seconds.get), seconds)
-        quiet = watch.starved is None or watch.starved <= MAX_STARVED
         log.info("autotuned", op=entry, choice=choice.name,
                  ms={name: round(s * 1e3, 3) for name, s in seconds.items()},
-                 starved=None if watch.starved is None else round(watch.starved, 2))
-        if not quiet:
+                 starved=None if starved is None else round(starved, 2))
+        if starved is not None and starved > MAX_STARVED:
             log.warning("autotune timed under load: this start uses the choice, the next "
-                        "times it again", op=entry, starved=round(watch.starved, 2))
+                        "times it again", op=entry, starved=round(starved, 2))
         elif self.cache:
             self.cache.put(entry, choice)
         return choice
@@ -230,32 +230,44 @@ def time_candidates(candidates: dict[str, Callable[..., Any]], inputs: Sequence,
     return {name: min(t) for name, t in times.items()}
 
 
-class CoreWatch:
-    """Over a ``with`` block, the share of the core time this process's ``threads`` needed
-    that other work held (``starved``): other processes' time on this process's CPUs, the
-    hypervisor's (steal) among it, from ``/proc/stat``'s per-CPU counters less this process's
-    own CPU time, beyond what the CPUs our threads leave spare can absorb. None where the
-    counters cannot be read (not Linux)."""
+class CoreLoad:
+    """The share of the core time this process's ``threads`` needed that other work held
+    (``starved``): other processes' time on this process's CPUs, the hypervisor's (steal)
+    among it, from ``/proc/stat``'s per-CPU counters less this process's own CPU time, beyond
+    what the CPUs our threads leave spare can absorb. Read over at least ``window_s`` up to
+    now, from the newest ``sample`` that old: the counters tick every 10 ms, too coarse for
+    one op's timing of a millisecond, so a short timing is judged by the load around it."""
 
     def __init__(self, threads: int, cpus: Sequence[int] | None = None,
-                 stat: Path = Path("/proc/stat")):
+                 stat: Path = Path("/proc/stat"), window_s: float = 0.25):
         self.cpus = set(cpus if cpus is not None else os.sched_getaffinity(0))
         self.threads = max(1, min(threads, len(self.cpus)))
         self.stat = stat
-        self.starved: float | None = None
+        self.window_s = window_s
+        self.samples: list[tuple[float, float, float]] = []  # (wall, busy, own) seconds
+        self.sample()
 
-    def __enter__(self) -> CoreWatch:
-        self._start = (self._busy_s(), time.process_time(), time.perf_counter())
-        return self
+    def sample(self) -> None:
+        """Remember the counters now (the tuner does before each timing)."""
+        busy = self._busy_s()
+        if busy is not None:
+            self.samples = [*self.samples[-31:], (time.perf_counter(), busy,
+                                                  time.process_time())]
 
-    def __exit__(self, *exc) -> None:
-        busy, own, wall = self._busy_s(), time.process_time(), time.perf_counter()
-        busy0, own0, wall0 = self._start
-        if busy is None or busy0 is None or wall <= wall0:
-            return
+    def starved(self) -> float | None:
+        """Since the newest sample at least ``window_s`` old (waiting for the oldest to be
+        that old where none is); None where the counters cannot be read (not Linux)."""
+        if not self.samples:
+            return None
+        now = time.perf_counter()
+        old = [s for s in self.samples if now - s[0] >= self.window_s]
+        start = old[-1] if old else self.samples[0]
+        time.sleep(max(0.0, self.window_s - (now - start[0])))
+        self.sample()
+        (wall0, busy0, own0), (wall, busy, own) = start, self.samples[-1]
         others = max(0.0, (busy - busy0) - (own - own0)) / (wall - wall0)  # in cores
         spare = len(self.cpus) - self.threads
-        self.starved = min(1.0, max(0.0, others - spare) / self.threads)
+        return min(1.0, max(0.0, others - spare) / self.threads)
 
     def _busy_s(self) -> float | None:
         """Seconds our CPUs have spent on anything but idling since boot."""

@@ -42,22 +42,22 @@ def _choose(tuner, candidates, op="linear", key="4x4 float32"):
     return tuner.choose(op, key, candidates, lambda: (X.clone(),), lambda x: x * 2, 1e-4)
 
 
-class _Watch:
-    """A CoreWatch stand-in that reports a fixed load: the real one reads this machine's."""
+class _Load:
+    """A CoreLoad stand-in that reports a fixed load: the real one reads this machine's."""
 
     def __init__(self, starved: float | None = 0.0):
-        self.starved = starved
+        self.value = starved
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def sample(self):
         pass
+
+    def starved(self):
+        return self.value
 
 
 def _tuner(tmp_path, machine=MACHINE, forced="", starved=0.0):
     return Tuner(ChoiceCache(tmp_path / "choices.json", machine), parse_forced(forced),
-                 watch=lambda: _Watch(starved))
+                 load=_Load(starved))
 
 
 def test_the_fastest_correct_candidate_wins(tmp_path):
@@ -116,22 +116,18 @@ def _spinners(cpus: list[int]) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", code, str(cpu)]) for cpu in cpus]
 
 
-def _watch_while(watch: autotune.CoreWatch, spinners: list[int]) -> float | None:
-    procs = _spinners(spinners)
+def test_the_core_load_sees_other_processes_on_the_cores_our_threads_need():
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    procs = _spinners(cpus)
     try:
         time.sleep(0.3)  # the spinners start
-        with watch:
-            time.sleep(0.5)
+        load = autotune.CoreLoad(threads=len(cpus), cpus=cpus)
+        time.sleep(0.5)
+        assert load.starved() > 0.75
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
-    return watch.starved
-
-
-def test_the_core_watch_sees_other_processes_on_the_cores_our_threads_need():
-    cpus = sorted(os.sched_getaffinity(0))[:2]
-    assert _watch_while(autotune.CoreWatch(threads=len(cpus), cpus=cpus), cpus) > 0.75
 
 
 def _stat(path: Path, busy_ticks: dict[int, int]) -> None:
@@ -141,23 +137,38 @@ def _stat(path: Path, busy_ticks: dict[int, int]) -> None:
 
 
 @pytest.mark.parametrize("threads, starved", [(2, 0.5), (1, 0.0)])
-def test_the_core_watch_counts_only_what_the_spare_cpus_cannot_absorb(tmp_path, threads,
-                                                                      starved):
-    """Other work held one of two CPUs for the whole block: half of what two threads need,
-    nothing of what one thread needs."""
+def test_the_core_load_counts_only_what_the_spare_cpus_cannot_absorb(tmp_path, threads,
+                                                                     starved):
+    """Other work held one of two CPUs all along: half of what two threads need, nothing of
+    what one thread needs."""
     stat, hz = tmp_path / "stat", os.sysconf("SC_CLK_TCK")
     _stat(stat, {0: 1000, 1: 1000})
-    with autotune.CoreWatch(threads=threads, cpus=[0, 1], stat=stat) as watch:
-        start = time.perf_counter()
-        time.sleep(0.3)
-        _stat(stat, {0: 1000, 1: 1000 + round((time.perf_counter() - start) * hz)})
-    assert watch.starved == pytest.approx(starved, abs=0.1)
+    load = autotune.CoreLoad(threads=threads, cpus=[0, 1], stat=stat, window_s=0.3)
+    start = time.perf_counter()
+    time.sleep(0.3)
+    _stat(stat, {0: 1000, 1: 1000 + round((time.perf_counter() - start) * hz)})
+    assert load.starved() == pytest.approx(starved, abs=0.1)
 
 
-def test_the_core_watch_reports_nothing_where_the_counters_cannot_be_read(tmp_path):
-    with autotune.CoreWatch(threads=1, stat=tmp_path / "absent") as watch:
-        pass
-    assert watch.starved is None
+def test_a_short_timing_is_judged_over_the_window_before_it(tmp_path):
+    """The counters tick every 10 ms: a timing of a millisecond is judged from the newest
+    sample at least a window old, or after waiting out the window where none is."""
+    stat, hz = tmp_path / "stat", os.sysconf("SC_CLK_TCK")
+    _stat(stat, {0: 0})
+    load = autotune.CoreLoad(threads=1, cpus=[0], stat=stat, window_s=0.2)
+    start = time.perf_counter()
+    assert load.starved() == pytest.approx(0.0, abs=0.05)  # nothing old enough: it waited
+    assert time.perf_counter() - start >= 0.2
+    _stat(stat, {0: round(0.2 * hz)})  # a neighbour held the CPU for 0.2 s ...
+    time.sleep(0.2)
+    load.sample()  # ... and then a timing starts: short, its own span holds no tick
+    assert load.starved() > 0.75
+
+
+def test_the_core_load_reports_nothing_where_the_counters_cannot_be_read(tmp_path):
+    load = autotune.CoreLoad(threads=1, stat=tmp_path / "absent")
+    load.sample()
+    assert load.starved() is None
 
 
 def test_the_cache_file_is_keyed_by_the_machine():
