@@ -1,32 +1,34 @@
-"""A source checkout's root kept off ``sys.path``.
+"""pagedserve source trees kept off ``sys.path``.
 
 ``python -m`` and ``python -c`` put the working directory first on ``sys.path`` (unless ``-P``).
 Run from a checkout's root, as the tests and the services they and ``pagedserve up`` start are,
 that makes our top-level folders importable under their bare names, and two of those are other
 distributions' names on the package index: ``kernels`` (Hugging Face's hub-kernel loader, which
 transformers 5.25 and later import) and ``common``. Importing transformers there would get our
-``kernels/`` and fail. pagedserve imports itself only as ``pagedserve.*`` and never imports a
-user's module by name, so the root has no business on ``sys.path``.
+``kernels/`` and fail. pagedserve imports itself only as ``pagedserve.*`` (an editable install
+or a wheel, wherever the tree lies) and never imports a user's module by name, so no source
+tree of ours has any business on ``sys.path``.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-# The folder holding common/, kernels/ and the services: a checkout's root, or in an installed
-# wheel pagedserve's own folder (on no sys.path, so dropping it changes nothing there).
-CHECKOUT = Path(__file__).resolve().parents[1]
+# The top-level packages that make a folder a pagedserve source tree (a checkout's root).
+TOP_LEVEL = ("common", "kernels", "executor_svc", "scheduler_svc")
 
 
 def drop_checkout_from_path() -> None:
-    """Remove every ``sys.path`` entry naming the checkout's root (``''`` among them when the
-    working directory is that root). Call it before importing a library that imports a bare
-    name of ours; a module already imported under such a name stays as it is."""
-    sys.path[:] = [entry for entry in sys.path if not _names_checkout(entry)]
+    """Remove every ``sys.path`` entry that is a pagedserve source tree (``''`` among them
+    when the working directory is one). Call it before importing a library that imports a
+    bare name of ours; a module already imported under such a name stays as it is."""
+    sys.path[:] = [entry for entry in sys.path if not is_source_tree(entry)]
 
 
-def _names_checkout(entry: str) -> bool:
+def is_source_tree(entry: str) -> bool:
+    """Whether the ``sys.path`` entry is a folder holding our top-level packages."""
+    folder = Path(entry or ".")
     try:
-        return Path(entry or ".").resolve() == CHECKOUT
-    except (OSError, RuntimeError):  # an unreadable or looping path names nothing of ours
+        return all((folder / name / "__init__.py").is_file() for name in TOP_LEVEL)
+    except OSError:  # an unreadable path holds nothing of ours
         return False

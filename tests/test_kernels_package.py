@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -94,6 +95,28 @@ def test_outside_the_source_tree_no_top_level_name_of_ours_is_importable(tmp_pat
     found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True,
                            capture_output=True, text=True)
     assert Path(found.stdout.strip()) == REPO / "kernels" / "__init__.py"
+
+
+def test_an_installed_executor_takes_a_checkout_root_off_sys_path(wheel, tmp_path):
+    """pagedserve installed from a wheel, run from a checkout's root (an image's WORKDIR holds
+    the tree it installed from): importing the executor drops that root from sys.path all the
+    same, so a bare `kernels` is never our folder."""
+    target = tmp_path / "site"
+    ours = _pip("install", "--no-deps", "--target", str(target), str(wheel), cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    our_kernels = str(REPO / "kernels" / "__init__.py")
+    code = textwrap.dedent(f"""
+        import importlib.util
+        def bare_kernels():
+            spec = importlib.util.find_spec("kernels")
+            return spec and spec.origin
+        assert bare_kernels() == {our_kernels!r}, "the checkout is first on sys.path"
+        import pagedserve.executor_svc
+        assert pagedserve.executor_svc.__file__.startswith({str(target)!r})
+        assert bare_kernels() != {our_kernels!r}
+        """)
+    subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, check=True,
+                   env={"PYTHONPATH": str(target)})
 
 
 def test_transformers_does_not_take_our_kernels_for_the_hub_package():
