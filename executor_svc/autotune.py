@@ -264,6 +264,8 @@ class CoreLoad:
         start = old[-1] if old else self.samples[0]
         time.sleep(max(0.0, self.window_s - (now - start[0])))
         self.sample()
+        if self.samples[-1] is start:  # the counters could not be read this time
+            return None
         (wall0, busy0, own0), (wall, busy, own) = start, self.samples[-1]
         others = max(0.0, (busy - busy0) - (own - own0)) / (wall - wall0)  # in cores
         spare = len(self.cpus) - self.threads

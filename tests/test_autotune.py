@@ -162,7 +162,7 @@ def test_a_short_timing_is_judged_over_the_window_before_it(tmp_path):
     _stat(stat, {0: round(0.2 * hz)})  # a neighbour held the CPU for 0.2 s ...
     time.sleep(0.2)
     load.sample()  # ... and then a timing starts: short, its own span holds no tick
-    assert load.starved() > 0.75
+    assert load.starved() > 0.5  # about 1, less what the sleep overran
 
 
 def test_the_core_load_reports_nothing_where_the_counters_cannot_be_read(tmp_path):
