@@ -52,8 +52,12 @@ class Isa:
 
 # Widest first: the first one the CPU runs is chosen. Attention and the layer ops use 8-float
 # vectors in every build (under AVX-512 with its 32 registers), but for a bf16 model's
-# attention and GEMM under AVX512_BF16 (512-bit bf16 dot products); the GEMM widens to 16.
+# attention and GEMM under AVX512_BF16 (512-bit bf16 dot products); the GEMM widens to 16,
+# and runs a bf16 model's projections on AMX tiles where the CPU has them (csrc/gemm_amx.c).
 ISAS = (
+    Isa("amx", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+                "-mamx-tile", "-mamx-bf16"), _AVX512 + ("avx512_bf16", "amx_tile", "amx_bf16"),
+        "AVX-512 and AVX512_BF16 as avx512_bf16; a bf16 model's GEMM on AMX tiles"),
     Isa("avx512_bf16", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                         "-mfma"), _AVX512 + ("avx512_bf16",),
         "AVX-512; bf16 dot products in bf16 attention and GEMM; GEMM 16-float vectors"),

@@ -63,7 +63,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for function in (lib.paged_attention, lib.add_rms_norm, lib.rope_write_kv, lib.silu_mul,
                      lib.greedy, lib.linear, lib.decoder_forward):
         function.restype = ctypes.c_int
-    for function in (lib.gemm_columns, lib.gemm_bf16_pairs, lib.gemm_bf16_products):
+    for function in (lib.gemm_columns, lib.gemm_bf16_pairs, lib.gemm_bf16_products,
+                     lib.gemm_amx):
         function.restype = _I64
     lib.attention_bf16_products.restype = lib.kv_pair_layout.restype = _I64
     return lib

@@ -271,6 +271,43 @@ def test_a_low_precision_linear_has_one_implementation_for_every_row_count(tmp_p
         assert not isinstance(layer, BucketedLinear) and layer.name == second
 
 
+class _RowsAlone(TorchLinear):
+    """Each row's sums in float64, rounded: the same whatever rows share the call."""
+
+    name = "torch"
+
+    def matmul(self, x):
+        return (x.double() @ self.weight.double().T).to(x.dtype)
+
+
+class _RowsDependOnTheBatch(_RowsAlone):
+    """The same, with a last-bit change that depends on how many rows share the call."""
+
+    name = "onednn"
+
+    def matmul(self, x):
+        return super().matmul(x) * (1 + 2 ** -7 * (x.shape[0] % 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_low_precision_linear_whose_rows_depend_on_the_batch_is_left_out(tmp_path, dtype,
+                                                                         monkeypatch):
+    """However fast: in bf16 a token's output must not depend on the rows beside it (the
+    preemption e2e tests' greedy outputs drifted so). In float32 it stays a candidate."""
+    monkeypatch.setattr(tuned_module, "LINEARS", tuned_module.LINEARS | {
+        "onednn": _RowsDependOnTheBatch, "torch": _RowsAlone})
+    monkeypatch.setattr(tuned_module, "linear_candidates", lambda dtype: ["torch", "onednn"])
+    tuning = tuned_module.LinearTuning(_tuner(tmp_path), dtype)
+    weight = torch.randn(64, 32).to(dtype)
+    key = tuning.shape_key(weight, None)
+    for bucket in ("rows<=32", "rows>32"):  # as if timed: the batch-dependent one is faster
+        tuning.tuner.cache.put(f"linear {key} {bucket}", autotune.Choice(
+            "onednn", {"torch": 2.0, "onednn": 1.0}))
+    assert tuning.pack(weight, None).name == ("onednn" if dtype == torch.float32 else "torch")
+    assert not tuned_module.batch_invariant(_RowsDependOnTheBatch(weight, None).matmul, 32, dtype)
+    assert tuned_module.batch_invariant(_RowsAlone(weight, None).matmul, 32, dtype)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model("llama_tied", tmp_path_factory.mktemp("tuned"))

@@ -23,6 +23,7 @@ from tiny_models import make_tiny_model
 ZEN3 = CpuInfo("AMD EPYC", ("avx2", "fma"))
 ZEN4 = CpuInfo("AMD EPYC 9R14", ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
                                  "avx512_vnni", "avx512_bf16"))
+SAPPHIRE_RAPIDS = CpuInfo("Intel Xeon", ZEN4.extensions + ("amx_tile", "amx_bf16", "amx_int8"))
 SKYLAKE = CpuInfo("Intel Xeon", ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"))
 OLD = CpuInfo("Old", ())
 BUILDS = {isa.name: isa for isa in ISAS}
@@ -30,7 +31,7 @@ compiler = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
                               reason="no C compiler here")
 
 
-@pytest.mark.parametrize("cpu,widest", [(ZEN4, "avx512_bf16"), (SKYLAKE, "avx512"),
+@pytest.mark.parametrize("cpu,widest", [(SAPPHIRE_RAPIDS, "amx"), (ZEN4, "avx512_bf16"), (SKYLAKE, "avx512"),
                                         (ZEN3, "avx2"), (OLD, "generic")])
 def test_the_widest_build_the_cpu_runs_is_tried_first_then_the_narrower(cpu, widest):
     order = [isa.name for isa in choose(cpu)]
@@ -42,7 +43,7 @@ def test_a_forced_build_runs_alone_and_one_the_cpu_lacks_is_refused_by_name():
     assert [isa.name for isa in choose(ZEN4, "avx2")] == ["avx2"]
     with pytest.raises(ValueError, match="cannot run it; it runs avx2, generic"):
         choose(ZEN3, "avx512")
-    with pytest.raises(ValueError, match="expected one of avx512_bf16, avx512, avx2, generic"):
+    with pytest.raises(ValueError, match="expected one of amx, avx512_bf16, avx512, avx2, generic"):
         choose(ZEN3, "sse9")
 
 
@@ -124,7 +125,7 @@ def tolerance(dtype: torch.dtype, roundings: int = 1) -> dict[str, float]:
     return dict(rtol=rtol, atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 13, 32])
+@pytest.mark.parametrize("tokens", [1, 7, 13, 32, 33, 150])
 @pytest.mark.parametrize("in_features,out_features", [(5, 17), (385, 49), (576, 192)])
 @pytest.mark.parametrize("model", ["float32", "float32 bf16 values", "bfloat16"])
 def test_each_build_s_gemm_matches_float64(build, tokens, in_features, out_features, model):
@@ -140,15 +141,20 @@ def test_each_build_s_gemm_matches_float64(build, tokens, in_features, out_featu
     torch.testing.assert_close(out.double(), expected, **tolerance(torch.float32))
     assert torch.equal(linear(x), out.to(dtype))  # bfloat16 out: those sums, rounded
     assert cpu_kernels.PackedWeight(weight, None).panels.shape[-1] == build.gemm_columns()
+    # a row's sums do not depend on the rows beside it (in bf16 a token's hidden state must
+    # not depend on the step that computed it): the last row alone, bit for bit
+    assert torch.equal(linear(x[-1:].contiguous(), torch.float32)[0], out[-1])
 
 
-def test_a_bf16_model_s_gemm_runs_on_bf16_dot_products_in_the_avx512_bf16_build_only(
+def test_a_bf16_model_s_gemm_runs_on_bf16_dot_products_in_the_bf16_builds_only(
         request, build):
     name, flags = request.node.callspec.params["build"]
     # the same compiler condition as attention's dot products (GCC 12 or clang)
-    assert build.gemm_bf16_products() == (name == "avx512_bf16"
+    assert build.gemm_bf16_products() == (name in ("amx", "avx512_bf16")
                                           and build.attention_bf16_products())
     assert build.gemm_bf16_pairs() == (build.gemm_columns() == 32)  # 16-float vectors
+    # on AMX tiles in the amx build, which this CPU runs only where the OS lends them
+    assert build.gemm_amx() == (name == "amx")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -203,6 +209,28 @@ def test_each_build_s_paged_attention_matches_float64(build, dtype):
         torch.testing.assert_close(one[0].double(), values[0], **tolerance(dtype))
     else:
         torch.testing.assert_close(out[0].double(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (20, 1)])
+def test_each_build_s_attention_gives_a_token_the_same_output_in_a_prompt_as_in_a_decode_step(
+        build, dtype, heads, kv_heads):
+    """A recomputed sequence (preemption, a replaced executor) must get back the hidden
+    states it had: a token's attention in a prompt's chunk and as a decode row, bit for bit.
+    20 query heads of one kv head: more than a tile's 16 vectors (AMX)."""
+    block_size, head_dim, context, chunk = 16, 64, 83, 45
+    k_cache = randn(8, block_size, kv_heads, head_dim, seed=11, dtype=dtype)
+    v_cache = randn(8, block_size, kv_heads, head_dim, seed=12, dtype=dtype)
+    kept = CpuBackend(block_size).from_rows(k_cache, v_cache, dtype)
+    table = torch.tensor([[3, 0, 6, 1, 7, 2]])
+    query = randn(chunk, heads, head_dim, seed=13, dtype=dtype)
+    prompt = cpu_kernels.paged_attention(query, *kept, cpu_kernels.attention_batch(
+        table, torch.tensor([0, chunk]), torch.tensor([context])), head_dim ** -0.5)
+    for row in (0, 1, 15, 16, 17, 31, chunk - 1):  # about the tiles' and spans' edges
+        one = cpu_kernels.paged_attention(query[row:row + 1], *kept, cpu_kernels.attention_batch(
+            table, torch.tensor([0, 1]), torch.tensor([context - chunk + row + 1])),
+            head_dim ** -0.5)
+        assert torch.equal(one[0], prompt[row]), row
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,6 +10,7 @@ import torch
 
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.backends.cpu import CpuBackend
+from pagedserve.executor_svc.backends.tuned import batch_invariant
 from pagedserve.executor_svc.layer_ops import LayerOps, OneDnnLinear, can_pack
 from pagedserve.executor_svc.rope import apply_rope
 
@@ -220,9 +221,12 @@ def test_a_linear_row_does_not_depend_on_the_rows_beside_it(dtype, implementatio
              else OneDnnLinear(weight, None))
     x = randn(40, 1536, dtype=dtype)
     whole = layer(x)
-    for start, rows in [(0, 1), (7, 1), (39, 1), (0, 2), (3, 5), (8, 32), (0, 33)]:
-        assert torch.equal(layer(x[start:start + rows].contiguous()),
-                           whole[start:start + rows]), (start, rows)
+    same = [torch.equal(layer(x[start:start + rows].contiguous()), whole[start:start + rows])
+            for start, rows in [(0, 1), (7, 1), (39, 1), (0, 2), (3, 5), (8, 32), (0, 33)]]
+    if implementation == "ours" or dtype == torch.float32:
+        assert all(same)
+    elif not all(same):  # oneDNN's bf16 GEMM on AMX: the start-up timing's probe sees it too
+        assert not batch_invariant(layer, 1536, dtype)
 
 
 def test_linear_rejects_an_input_that_does_not_fit_its_weight():

@@ -35,6 +35,12 @@ BUCKETS = (Bucket(32, 32), Bucket(None, 256))
 # LM head) is timed on this many of its output columns, at the same speed per column.
 PREFILL_COLUMNS = 2048
 LINEARS = {"cpu": KernelLinear, "onednn": OneDnnLinear, "torch": TorchLinear}
+# Parts (first row, rows) of a probe batch that a low-precision linear must compute as it
+# computes them within the whole batch: one row, a few, about a decode bucket's bounds, a
+# prefill's. oneDNN's bf16 GEMM on AMX failed some of these for four of SmolLM2's five shapes
+# (BENCHMARKS.md, "Issue 22 on AMX").
+PROBE_ROWS = 300
+PROBE_PARTS = ((0, 1), (PROBE_ROWS - 1, 1), (3, 5), (0, 16), (8, 32), (0, 33), (40, 256))
 
 
 def linear_candidates(dtype: torch.dtype) -> list[str]:
@@ -101,13 +107,16 @@ class LinearTuning:
     def _tune(self, key: str, weight: Tensor, bias: Tensor | None,
               built: dict[str, PackedLinear]) -> list[tuple[int | None, str]]:
         plan, timed = [], []
+        names = self.candidates
+        if self.dtype != torch.float32:
+            names = self._batch_invariant(key, weight, bias, built)
         cold = ColdCaches()  # for the decode bucket: there each weight comes from memory
         for bucket in BUCKETS:
             w, b, layers = weight, bias, built
             if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
                 w, b, layers = weight[:PREFILL_COLUMNS], None if bias is None else \
                     bias[:PREFILL_COLUMNS], {}
-            candidates = {name: _lazy_matmul(name, w, b, layers) for name in self.candidates}
+            candidates = {name: _lazy_matmul(name, w, b, layers) for name in names}
             x = torch.randn(bucket.rows, weight.shape[1],
                             generator=torch.Generator().manual_seed(0)).to(self.dtype)
             choice = self.tuner.choose(
@@ -122,6 +131,31 @@ class LinearTuning:
             log.info("linear: one implementation for every row count", shape=key,
                      choice=plan[0][1])
         return plan
+
+
+    def _batch_invariant(self, key: str, weight: Tensor, bias: Tensor | None,
+                         built: dict[str, PackedLinear]) -> list[str]:
+        """The candidates that give each row the same output whatever rows share its call
+        (``batch_invariant``), or all of them where none does. In a low-precision model a
+        last-bit difference changes a rounding, and a token's hidden states would depend on
+        the step that computed it; greedy outputs drift under preemption."""
+        kept = [name for name in self.candidates
+                if batch_invariant(_lazy_matmul(name, weight, bias, built), weight.shape[1],
+                                   self.dtype)]
+        for name in set(self.candidates) - set(kept):
+            log.info("linear: rows depend on the batch; left out", shape=key, implementation=name)
+        if not kept:
+            log.warning("linear: every implementation's rows depend on the batch", shape=key)
+        return kept or self.candidates
+
+
+def batch_invariant(matmul, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether ``matmul`` computes each part of a probe batch (``PROBE_PARTS``) bit for bit
+    as it computes those rows within the whole."""
+    x = torch.randn(PROBE_ROWS, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+    whole = matmul(x)
+    return all(torch.equal(matmul(x[first:first + rows].contiguous()), whole[first:first + rows])
+               for first, rows in PROBE_PARTS)
 
 
 def one_for_every_bucket(timed: list[tuple[dict[str, float], int]]) -> str:

@@ -43,6 +43,7 @@ typedef struct {
     int64_t query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks, kv_bf16;
     int64_t act_bf16; /* query and out bfloat16 */
     float scale;
+    int amx; /* attend_amx serves (a bf16 model over a pair-layout cache, AMX lent) */
 } Work;
 
 /* Query rows q0 ... q0 + rows - 1 of sequence `seq` (of its query_len new tokens), their
@@ -486,6 +487,162 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
 }
 #endif
 
+#if KERNELS_AMX && defined(HAVE_ATTEND_DP)
+/* A bf16 model over a bf16 cache in pair layout where the CPU has AMX tiles (and the OS lends
+ * them: gemm_amx): both of attention's products on tiles, for prompts and decode rows alike.
+ * The pair layout's tiles are AMX's second operand as they lie: a block's K tile of a kv head
+ * ([head_dim / 2][block_size][2]) read 16 dimension pairs by 16 slots at a time, its V tile
+ * ([block_size / 2][head_dim][2]) 8 slot pairs by 16 dimensions. The first operand is up to
+ * 16 query vectors at a constant stride: one head's rows of a prompt's tile, or a decode
+ * row's query heads of one kv head. Per span (DP_SPAN slots, as attend_dp's): their scores
+ * (a tile of 16 slots per TDPBF16PS over 32 dimensions), the same online-softmax step as
+ * attend_dp on each vector's scores in float32, the probabilities rounded to bf16, and the
+ * sums (float32, in memory between spans, rescaled there) loaded into a tile that adds the
+ * probabilities times V, 16 slots and 16 dimensions per product. A tile product's rows are
+ * each computed alone and a vector's spans are the same whatever its tile holds beside it,
+ * so a token's output is the same in a prompt as in a decode step (a recomputed sequence's
+ * hidden states are those it had). Tiles: 0 scores, 1 sums, 2 queries, 3 K, 4 probabilities,
+ * 5 V. */
+#include "amx.h"
+#define AMX_VECTORS 16
+
+static void amx_configure(int vectors, int *configured) {
+    if (*configured == vectors) return;
+    TileConfig config = {.palette = 1};
+    tile_shape(&config, 0, vectors, 64);
+    tile_shape(&config, 1, vectors, 64);
+    tile_shape(&config, 2, vectors, 64);
+    tile_shape(&config, 3, 16, 64);
+    tile_shape(&config, 4, vectors, 32);
+    tile_shape(&config, 5, 8, 64);
+    _tile_loadconfig(&config);
+    *configured = vectors;
+}
+
+/* V of the 16 slots from `slot` of a span whose context ends n slots in (a partial last
+ * chunk): its pair rows with the slots past the context zeroed, into `zeroed` ([8][head_dim]
+ * [2]), so that a stale value there (0 x NaN) cannot reach the sums. */
+static const uint16_t *amx_tail_values(const uint16_t *v, int64_t slot, int64_t n, int64_t hd,
+                                       uint16_t *zeroed) {
+    for (int64_t j = 0; j < 16; j++) /* slot j of the chunk: row j / 2, element j % 2 */
+        for (int64_t d = 0; d < hd; d++)
+            zeroed[(j / 2 * hd + d) * 2 + j % 2] = slot + j < n ? v[(j / 2 * hd + d) * 2 + j % 2]
+                                                                : 0;
+    return zeroed;
+}
+
+/* `vectors` (1-16) query vectors of kv head g of a sequence (block table `table`): vector i at
+ * q + i * q_stride, seeing the context's first limit[i] slots; its output to out + i *
+ * o_stride. */
+static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vectors,
+                        const uint16_t *q, int64_t q_stride, const int64_t *limit,
+                        uint16_t *out, int64_t o_stride, int *configured) {
+    const int64_t hd = w->head_dim, bs = w->block_size, tile = bs * hd;
+    const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
+    const uint16_t *kc = w->k_cache, *vc = w->v_cache;
+    float sums[AMX_VECTORS * MAX_VECS * 8] __attribute__((aligned(64)));
+    float scores[AMX_VECTORS][DP_SLOTS] __attribute__((aligned(64)));
+    uint16_t probs[AMX_VECTORS][DP_SLOTS] __attribute__((aligned(64)));
+    uint16_t zeroed[16 * MAX_VECS * 8];
+    float max[AMX_VECTORS], sum[AMX_VECTORS];
+    int64_t len = 0;
+    for (int i = 0; i < vectors; i++) {
+        len = limit[i] > len ? limit[i] : len;
+        max[i] = -INFINITY, sum[i] = 0.0f;
+        memset(sums + i * hd, 0, hd * sizeof(float));
+    }
+    amx_configure(vectors, configured);
+    const v8 scale = splat(w->scale);
+    for (int64_t first = 0; first * bs < len; first += span_blocks) {
+        const int64_t span_stop = (first + span_blocks) * bs;
+        const int64_t n = (len < span_stop ? len : span_stop) - first * bs; /* the span's */
+        const int64_t padded = (n + 15) & ~15;
+        for (int64_t slot = 0; slot < padded; slot += 16) {
+            const int64_t b = first + slot / bs;
+            const uint16_t *k = kc + (table[b] * w->num_kv_heads + g) * tile + slot % bs * 2;
+            _tile_zero(0);
+            for (int64_t d = 0; d < hd; d += 32) {
+                _tile_loadd(2, q + d, q_stride * 2);
+                _tile_loadd(3, k + d / 2 * bs * 2, bs * 4);
+                _tile_dpbf16ps(0, 2, 3);
+            }
+            _tile_stored(0, scores[0] + slot, DP_SLOTS * 4);
+        }
+        for (int i = 0; i < vectors; i++) {
+            const int64_t seen = limit[i] - first * bs < n ? limit[i] - first * bs : n;
+            if (seen <= 0) { /* a prompt's earlier row: this span is past it */
+                memset(probs[i], 0, padded * sizeof(uint16_t));
+                continue;
+            }
+            for (int64_t j = 0; j < padded; j += 8) *(v8 *)(scores[i] + j) *= scale;
+            const float correction = softmax_step(scores[i], seen, padded, &max[i], &sum[i]);
+            for (int64_t j = 0; j < padded; j += 16)
+                _mm256_store_si256((__m256i *)(probs[i] + j),
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[i] + j)));
+            for (int64_t d = 0; d < hd; d += 8)
+                *(v8 *)(sums + i * hd + d) *= splat(correction);
+        }
+        const uint16_t *tail = NULL; /* the last chunk's V, where the context ends inside it */
+        if (n < padded) {
+            const int64_t slot = padded - 16, b = first + slot / bs;
+            tail = amx_tail_values(vc + (table[b] * w->num_kv_heads + g) * tile +
+                                   slot % bs / 2 * hd * 2, slot, n, hd, zeroed);
+        }
+        for (int64_t d = 0; d < hd; d += 16) {
+            _tile_loadd(1, sums + d, hd * 4);
+            for (int64_t slot = 0; slot < padded; slot += 16) {
+                const int64_t b = first + slot / bs;
+                const uint16_t *v = tail && slot == padded - 16 ? tail
+                    : vc + (table[b] * w->num_kv_heads + g) * tile + slot % bs / 2 * hd * 2;
+                _tile_loadd(4, probs[0] + slot, DP_SLOTS * 2);
+                _tile_loadd(5, v + d * 2, hd * 4);
+                _tile_dpbf16ps(1, 4, 5);
+            }
+            _tile_stored(1, sums + d, hd * 4);
+        }
+    }
+    for (int i = 0; i < vectors; i++) {
+        const v8 inv = splat(1.0f / sum[i]);
+        for (int64_t d = 0; d < hd; d += 8)
+            store8(out + i * o_stride, d, *(const v8 *)(sums + i * hd + d) * inv, 1);
+    }
+}
+
+/* Work item `item` on tiles: a prompt's rows head by head, a decode row its query heads of
+ * each kv head together. */
+static void attend_amx(const Work *w, const int64_t item[5], int *configured) {
+    const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
+    const int64_t hd = w->head_dim, group = w->num_heads / w->num_kv_heads;
+    const int64_t first_token = w->query_start[seq] + q0;
+    const int64_t first_pos =
+        w->seq_lens[seq] - (w->query_start[seq + 1] - w->query_start[seq]) + q0;
+    const int64_t *table = w->block_tables + seq * w->max_blocks;
+    const uint16_t *query = (const uint16_t *)w->query + first_token * w->query_stride;
+    uint16_t *out = (uint16_t *)w->out + first_token * w->num_heads * hd;
+    int64_t limit[AMX_VECTORS];
+    for (int64_t g = g0; g < g1; g++) {
+        if (rows == 1) {
+            for (int i = 0; i < AMX_VECTORS; i++) limit[i] = first_pos + 1;
+            for (int64_t h = g * group; h < (g + 1) * group; h += AMX_VECTORS) {
+                const int64_t vectors = (g + 1) * group - h < AMX_VECTORS ? (g + 1) * group - h
+                                                                          : AMX_VECTORS;
+                amx_vectors(w, table, g, (int)vectors, query + h * hd, hd, limit, out + h * hd,
+                            hd, configured);
+            }
+            continue;
+        }
+        for (int64_t h = g * group; h < (g + 1) * group; h++)
+            for (int64_t r = 0; r < rows; r += AMX_VECTORS) {
+                const int64_t vectors = rows - r < AMX_VECTORS ? rows - r : AMX_VECTORS;
+                for (int64_t i = 0; i < vectors; i++) limit[i] = first_pos + r + i + 1;
+                amx_vectors(w, table, g, (int)vectors, query + r * w->query_stride + h * hd,
+                            w->query_stride, limit, out + r * w->num_heads * hd + h * hd,
+                            w->num_heads * hd, configured);
+            }
+    }
+}
+#endif
+
 /* attend with head_dim a constant for the common sizes, and a variable for others. */
 static inline __attribute__((always_inline)) void attend_dims(const Work *w,
                                                               const int64_t item[5],
@@ -504,8 +661,17 @@ static inline __attribute__((always_inline)) void attend_dims(const Work *w,
 /* ... and how the cache is read a constant too: float32 in place; bfloat16 widened a span at
  * a time where a span of one kv head fits WIDEN_FLOATS, else in place. */
 /* `next`: the item this thread likely takes after this one (NULL: none), fetched ahead. */
-static void attend_any(const Work *w, const int64_t item[5], const int64_t *next) {
+static void attend_any(const Work *w, const int64_t item[5], const int64_t *next,
+                       int *configured) {
     const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
+#if KERNELS_AMX && defined(HAVE_ATTEND_DP)
+    if (w->amx) {
+        attend_amx(w, item, configured);
+        return;
+    }
+#else
+    (void)configured;
+#endif
 #ifdef HAVE_ATTEND_DP
     if (kv_pair_layout(w->act_bf16, w->kv_bf16, w->head_dim, w->block_size)) {
         const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
@@ -620,10 +786,20 @@ int paged_attention(const void *query, int64_t query_stride, int64_t act_bf16,
     work_items(query_start, num_seqs, num_kv_heads, group_floats, num_threads, items);
     const Work w = {query, k_cache, v_cache, block_tables, query_start, seq_lens, out,
                     query_stride, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
-                    kv_bf16 != 0, act_bf16 != 0, scale};
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
-    for (int64_t i = 0; i < count; i++) /* the threads take items about in turn */
-        attend_any(&w, items[i], i + num_threads < count ? items[i + num_threads] : NULL);
+                    kv_bf16 != 0, act_bf16 != 0, scale,
+                    KERNELS_AMX && kv_pair_layout(act_bf16, kv_bf16, head_dim, block_size) &&
+                        gemm_amx()};
+#pragma omp parallel num_threads(num_threads)
+    {
+        int configured = 0; /* the tiles' shape this thread loaded (AMX), 0: none */
+#pragma omp for schedule(dynamic)
+        for (int64_t i = 0; i < count; i++) /* the threads take items about in turn */
+            attend_any(&w, items[i], i + num_threads < count ? items[i + num_threads] : NULL,
+                       &configured);
+#if KERNELS_AMX
+        if (configured) _tile_release();
+#endif
+    }
     free(items);
     return 0;
 }

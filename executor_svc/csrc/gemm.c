@@ -243,6 +243,10 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
     const size_t elem = weight_bf16 ? sizeof(uint16_t) : sizeof(float);
     const int kind = !weight_bf16 ? W_F32 : !GEMM_PAIRS ? W_BF16 : GEMM_DOTS && x_bf16 ? W_DOTS
                                                                                    : W_PAIRS;
+#if KERNELS_AMX
+    if (kind == W_DOTS && k % 32 == 0 && gemm_amx())
+        return linear_amx(x, packed, bias, out, out_bf16, m, n, k, num_threads);
+#endif
     const int paired = kind == W_PAIRS || kind == W_DOTS;
     const int64_t kp = paired ? k + k % 2 : k; /* the panels' rows */
     const int64_t kc_limit = GEMM_KC * sizeof(float) / elem;

@@ -5,6 +5,13 @@
 #define PAGEDSERVE_KERNELS_H
 #include <stdint.h>
 
+/* Whether this build has AMX-BF16 tiles (gemm_amx.c): the amx build's flags. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define KERNELS_AMX 1
+#else
+#define KERNELS_AMX 0
+#endif
+
 int add_rms_norm(void *residual, const void *x, const void *weight, void *out, int64_t act_bf16,
                  int64_t tokens, int64_t hidden, float eps, int64_t num_threads);
 int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *cos,
@@ -17,6 +24,12 @@ int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, i
 int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
            const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
            int64_t num_threads);
+/* 1 where this build runs a bf16 model's GEMM on AMX tiles and the OS lends them (asked
+ * once); then linear_amx serves linear's bf16 x over bf16 weights where k is a multiple of
+ * 32 (-1 for arguments it does not serve). */
+int64_t gemm_amx(void);
+int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, void *out,
+               int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t num_threads);
 int paged_attention(const void *query, int64_t query_stride, int64_t act_bf16,
                     const void *k_cache, const void *v_cache, int64_t kv_bf16,
                     const int64_t *block_tables, const int64_t *query_start,

@@ -1,0 +1,153 @@
+/* A bf16 model's linear layers on AMX tiles (Intel's Advanced Matrix Extensions, AMX-BF16):
+ * out[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]), x bfloat16, float32 sums, out float32 or
+ * bfloat16 (rounded once, as torch rounds), for gemm.c's linear where the build has AMX.
+ *
+ * The weights are gemm.c's bf16 panels of k pairs as they are (cpu_kernels.pack_weight: per
+ * panel of 32 output columns, [k / 2][32][2]), which is AMX's layout for a tile's second
+ * operand: 16 rows of k pairs by 16 columns' pairs is one tile read with a stride of a
+ * panel's row (128 bytes), the panel's other 16 columns the next 64 bytes. x's rows are the
+ * first operand as they lie, 32 k values of up to 16 rows per tile, so x is not copied.
+ * One block is up to 32 rows by one panel: four float32 accumulator tiles (two rows of tiles,
+ * two of columns), two x tiles and two weight tiles, the eight the unit has. Per 32 k:
+ * two or four tile products (TDPBF16PS, 16 x 16 x 32 products each), which sum each pair of
+ * k in float32 as vdpbf16ps does; every row's sums are the same for any count of rows (a
+ * token's output does not depend on the step that computed it).
+ *
+ * Work is dealt like gemm.c's: chunks of AMX_MC rows by panels, each thread an even run of
+ * (chunk, panel) pairs, so that a panel stays in cache while its chunk's blocks pass over it.
+ * The k dimension must be a multiple of 32 (a whole tile; every projection of the Llama-family
+ * models served here); gemm.c's bf16 dot products serve the others.
+ *
+ * Linux lends the tiles' 8 KiB of state to a process that asks (arch_prctl): gemm_amx asks
+ * once, and where it is refused (an old kernel, a hypervisor that hides AMX) the build's
+ * other paths serve. */
+#include "kernels.h"
+#include "vec.h"
+
+#if KERNELS_AMX
+#include "amx.h"
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_MC 128 /* rows of a chunk: 128 x k bf16 of x stay in L2 while its panels pass */
+
+int64_t gemm_amx(void) {
+    static int state; /* 0: not asked yet; 1: granted; -1: refused */
+    if (!__atomic_load_n(&state, __ATOMIC_ACQUIRE)) { /* a race asks twice: harmless */
+        const long refused = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+        __atomic_store_n(&state, refused ? -1 : 1, __ATOMIC_RELEASE);
+    }
+    return state == 1;
+}
+
+/* Tiles 0-3: sums (rows 0-15 x columns 0-15, x 16-31; rows 16-31 x the same); 4, 5: x's
+ * rows 0-15 and 16-31; 6, 7: the panel's columns 0-15 and 16-31. `rows` (1-32) is the
+ * block's. */
+static void configure(int rows, int *configured) {
+    if (*configured == rows) return;
+    const int top = rows < 16 ? rows : 16, bottom = rows - top;
+    TileConfig cfg = {.palette = 1};
+    tile_shape(&cfg, 0, top, 64);
+    tile_shape(&cfg, 1, top, 64);
+    tile_shape(&cfg, 2, bottom, 64);
+    tile_shape(&cfg, 3, bottom, 64);
+    tile_shape(&cfg, 4, top, 64);
+    tile_shape(&cfg, 5, bottom, 64);
+    tile_shape(&cfg, 6, 16, 64);
+    tile_shape(&cfg, 7, 16, 64);
+    _tile_loadconfig(&cfg);
+    *configured = rows;
+}
+
+/* One block: `rows` (1-32) rows of x from `x` (row stride k) times panel `w` over all of k,
+ * the float32 sums to `sums` ([32][32]). */
+static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w,
+                         float *sums) {
+    const int64_t stride = k * (int64_t)sizeof(uint16_t);
+    _tile_zero(0);
+    _tile_zero(1);
+    if (rows > 16) {
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k0 = 0; k0 < k; k0 += 32) {
+            _tile_loadd(6, w + k0 * 32, 128);
+            _tile_loadd(7, w + k0 * 32 + 32, 128);
+            _tile_loadd(4, x + k0, stride);
+            _tile_loadd(5, x + 16 * k + k0, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(2, sums + 16 * 32, 128);
+        _tile_stored(3, sums + 16 * 32 + 16, 128);
+    } else {
+        for (int64_t k0 = 0; k0 < k; k0 += 32) {
+            _tile_loadd(6, w + k0 * 32, 128);
+            _tile_loadd(7, w + k0 * 32 + 32, 128);
+            _tile_loadd(4, x + k0, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    }
+    _tile_stored(0, sums, 128);
+    _tile_stored(1, sums + 16, 128);
+}
+
+/* A block's sums (+ bias) to out's rows x cols at `out` (row stride n). */
+static inline void store_block(const float *sums, const float *bias, void *out, int64_t n,
+                               int rows, int cols, const int out_bf16) {
+    float init[32] = {0};
+    for (int c = 0; bias && c < cols; c++) init[c] = bias[c];
+    for (int r = 0; r < rows; r++) {
+        const float *s = sums + r * 32;
+        int c = 0;
+        for (; c + 8 <= cols; c += 8)
+            store8(out, r * n + c, *(const v8u *)(s + c) + *(const v8u *)(init + c), out_bf16);
+        for (; c < cols; c++) store1(out, r * n + c, s[c] + init[c], out_bf16);
+    }
+}
+
+int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, void *out,
+               int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t num_threads) {
+    if (m < 0 || n < 1 || k < 32 || k % 32 || num_threads < 1 || !gemm_amx()) return -1;
+    if (m == 0) return 0;
+    const int64_t panels = (n + 31) / 32, chunks = (m + AMX_MC - 1) / AMX_MC;
+    const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+        float sums[32 * 32] __attribute__((aligned(64)));
+        int configured = 0;
+        /* Chunks by panels in order, each thread an even share of the blocks: a last chunk
+         * of fewer rows counts for less. */
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t blocks = (m + 31) / 32;
+        const int64_t from = blocks * panels * me / team, to = blocks * panels * (me + 1) / team;
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t r0 = c * AMX_MC, r1 = r0 + AMX_MC < m ? r0 + AMX_MC : m;
+            const int64_t chunk_blocks = (r1 - r0 + 31) / 32;
+            for (int64_t j = 0; j < panels; j++) {
+                const int64_t before = r0 / 32 * panels + j * chunk_blocks;
+                if (before < from || before >= to) continue;
+                const int cols = n - j * 32 < 32 ? (int)(n - j * 32) : 32;
+                const uint16_t *w = packed + j * k * 32;
+                for (int64_t r = r0; r < r1; r += 32) {
+                    const int rows = r1 - r < 32 ? (int)(r1 - r) : 32;
+                    configure(rows, &configured);
+                    block(x + r * k, k, rows, w, sums);
+                    store_block(sums, bias ? bias + j * 32 : NULL,
+                                (char *)out + (r * n + j * 32) * (out_bf16 ? 2 : 4), n, rows,
+                                cols, (int)out_bf16);
+                }
+            }
+        }
+        if (configured) _tile_release();
+    }
+    return 0;
+}
+#else
+int64_t gemm_amx(void) { return 0; }
+#endif
