@@ -501,20 +501,19 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
  * probabilities times V, 16 slots and 16 dimensions per product. A tile product's rows are
  * each computed alone and a vector's spans are the same whatever its tile holds beside it,
  * so a token's output is the same in a prompt as in a decode step (a recomputed sequence's
- * hidden states are those it had). Tiles: 0 scores, 1 sums, 2 queries, 3 K, 4 probabilities,
- * 5 V. */
+ * hidden states are those it had). Tiles: 0-1 two chunks' scores, 2 queries, 4-5 their K;
+ * then 0-3 the sums of 64 dimensions, 6 probabilities, 7 V. */
 #include "amx.h"
 #define AMX_VECTORS 16
 
 static void amx_configure(int vectors, int *configured) {
     if (*configured == vectors) return;
     TileConfig config = {.palette = 1};
-    tile_shape(&config, 0, vectors, 64);
-    tile_shape(&config, 1, vectors, 64);
-    tile_shape(&config, 2, vectors, 64);
-    tile_shape(&config, 3, 16, 64);
-    tile_shape(&config, 4, vectors, 32);
-    tile_shape(&config, 5, 8, 64);
+    for (int t = 0; t < 4; t++) tile_shape(&config, t, vectors, 64);
+    tile_shape(&config, 4, 16, 64);
+    tile_shape(&config, 5, 16, 64);
+    tile_shape(&config, 6, vectors, 32);
+    tile_shape(&config, 7, 8, 64);
     _tile_loadconfig(&config);
     *configured = vectors;
 }
@@ -531,13 +530,27 @@ static const uint16_t *amx_tail_values(const uint16_t *v, int64_t slot, int64_t 
     return zeroed;
 }
 
+/* The K and V tiles of kv head g in blocks from ... to - 1 of `table`, fetched into L2: a
+ * span's blocks lie apart, where the hardware's prefetcher does not follow. */
+static void amx_fetch(const Work *w, const int64_t *table, int64_t g, int64_t from, int64_t to) {
+    const int64_t bytes = w->block_size * w->head_dim * 2;
+    for (int64_t b = from; b < to; b++) {
+        const char *k = (const char *)w->k_cache + (table[b] * w->num_kv_heads + g) * bytes;
+        const char *v = (const char *)w->v_cache + (table[b] * w->num_kv_heads + g) * bytes;
+        for (int64_t at = 0; at < bytes; at += 64) {
+            __builtin_prefetch(k + at, 0, 2);
+            __builtin_prefetch(v + at, 0, 2);
+        }
+    }
+}
+
 /* `vectors` (1-16) query vectors of kv head g of a sequence (block table `table`): vector i at
  * q + i * q_stride, seeing the context's first limit[i] slots; its output to out + i *
  * o_stride. */
 static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vectors,
                         const uint16_t *q, int64_t q_stride, const int64_t *limit,
                         uint16_t *out, int64_t o_stride, int *configured) {
-    const int64_t hd = w->head_dim, bs = w->block_size, tile = bs * hd;
+    const int64_t hd = w->head_dim, bs = w->block_size, tile = bs * hd, kvh = w->num_kv_heads;
     const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
     const uint16_t *kc = w->k_cache, *vc = w->v_cache;
     float sums[AMX_VECTORS * MAX_VECS * 8] __attribute__((aligned(64)));
@@ -553,20 +566,33 @@ static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vect
     }
     amx_configure(vectors, configured);
     const v8 scale = splat(w->scale);
+    const int64_t blocks = (len + bs - 1) / bs;
+    amx_fetch(w, table, g, 0, span_blocks < blocks ? span_blocks : blocks);
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
+        const int64_t ahead = first + 2 * span_blocks < blocks ? first + 2 * span_blocks : blocks;
+        amx_fetch(w, table, g, first + span_blocks, ahead); /* the next span's, meanwhile */
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t n = (len < span_stop ? len : span_stop) - first * bs; /* the span's */
         const int64_t padded = (n + 15) & ~15;
-        for (int64_t slot = 0; slot < padded; slot += 16) {
-            const int64_t b = first + slot / bs;
-            const uint16_t *k = kc + (table[b] * w->num_kv_heads + g) * tile + slot % bs * 2;
+        for (int64_t slot = 0; slot < padded; slot += 32) { /* two chunks, two sums' tiles */
+            const int two = slot + 16 < padded;
+            const uint16_t *k0 = kc + (table[first + slot / bs] * kvh + g) * tile + slot % bs * 2;
+            const uint16_t *k1 = two ? kc + (table[first + (slot + 16) / bs] * kvh + g) * tile +
+                                           (slot + 16) % bs * 2
+                                     : k0;
             _tile_zero(0);
+            _tile_zero(1);
             for (int64_t d = 0; d < hd; d += 32) {
                 _tile_loadd(2, q + d, q_stride * 2);
-                _tile_loadd(3, k + d / 2 * bs * 2, bs * 4);
-                _tile_dpbf16ps(0, 2, 3);
+                _tile_loadd(4, k0 + d / 2 * bs * 2, bs * 4);
+                _tile_dpbf16ps(0, 2, 4);
+                if (two) {
+                    _tile_loadd(5, k1 + d / 2 * bs * 2, bs * 4);
+                    _tile_dpbf16ps(1, 2, 5);
+                }
             }
             _tile_stored(0, scores[0] + slot, DP_SLOTS * 4);
+            if (two) _tile_stored(1, scores[0] + slot + 16, DP_SLOTS * 4);
         }
         for (int i = 0; i < vectors; i++) {
             const int64_t seen = limit[i] - first * bs < n ? limit[i] - first * bs : n;
@@ -585,20 +611,39 @@ static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vect
         const uint16_t *tail = NULL; /* the last chunk's V, where the context ends inside it */
         if (n < padded) {
             const int64_t slot = padded - 16, b = first + slot / bs;
-            tail = amx_tail_values(vc + (table[b] * w->num_kv_heads + g) * tile +
+            tail = amx_tail_values(vc + (table[b] * kvh + g) * tile +
                                    slot % bs / 2 * hd * 2, slot, n, hd, zeroed);
         }
-        for (int64_t d = 0; d < hd; d += 16) {
-            _tile_loadd(1, sums + d, hd * 4);
+        for (int64_t d = 0; d < hd; d += 64) { /* up to 4 x 16 dimensions' sums at once */
+            const int64_t parts = (hd - d) / 16 < 4 ? (hd - d) / 16 : 4;
+            _tile_loadd(0, sums + d, hd * 4);
+            if (parts > 1) _tile_loadd(1, sums + d + 16, hd * 4);
+            if (parts > 2) _tile_loadd(2, sums + d + 32, hd * 4);
+            if (parts > 3) _tile_loadd(3, sums + d + 48, hd * 4);
             for (int64_t slot = 0; slot < padded; slot += 16) {
                 const int64_t b = first + slot / bs;
-                const uint16_t *v = tail && slot == padded - 16 ? tail
-                    : vc + (table[b] * w->num_kv_heads + g) * tile + slot % bs / 2 * hd * 2;
-                _tile_loadd(4, probs[0] + slot, DP_SLOTS * 2);
-                _tile_loadd(5, v + d * 2, hd * 4);
-                _tile_dpbf16ps(1, 4, 5);
+                const uint16_t *v = (tail && slot == padded - 16 ? tail
+                    : vc + (table[b] * kvh + g) * tile + slot % bs / 2 * hd * 2) + d * 2;
+                _tile_loadd(6, probs[0] + slot, DP_SLOTS * 2);
+                _tile_loadd(7, v, hd * 4);
+                _tile_dpbf16ps(0, 6, 7);
+                if (parts > 1) {
+                    _tile_loadd(7, v + 32, hd * 4);
+                    _tile_dpbf16ps(1, 6, 7);
+                }
+                if (parts > 2) {
+                    _tile_loadd(7, v + 64, hd * 4);
+                    _tile_dpbf16ps(2, 6, 7);
+                }
+                if (parts > 3) {
+                    _tile_loadd(7, v + 96, hd * 4);
+                    _tile_dpbf16ps(3, 6, 7);
+                }
             }
-            _tile_stored(1, sums + d, hd * 4);
+            _tile_stored(0, sums + d, hd * 4);
+            if (parts > 1) _tile_stored(1, sums + d + 16, hd * 4);
+            if (parts > 2) _tile_stored(2, sums + d + 32, hd * 4);
+            if (parts > 3) _tile_stored(3, sums + d + 48, hd * 4);
         }
     }
     for (int i = 0; i < vectors; i++) {
