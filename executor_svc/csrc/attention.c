@@ -530,26 +530,44 @@ static const uint16_t *amx_tail_values(const uint16_t *v, int64_t slot, int64_t 
     return zeroed;
 }
 
-/* The K and V tiles of kv head g in blocks from ... to - 1 of `table`, fetched into L2: a
- * span's blocks lie apart, where the hardware's prefetcher does not follow. */
-static void amx_fetch(const Work *w, const int64_t *table, int64_t g, int64_t from, int64_t to) {
+/* A cursor over the K and V tiles of one kv head g in blocks b ... end - 1 of a block table,
+ * fetched into L2 a few lines at a time while other work runs: a span's blocks lie apart,
+ * where the hardware's prefetcher does not follow, and fetched all at once they would stall
+ * the core once its miss buffers are full (as in attend_dp's Fetch). */
+typedef struct {
+    const int64_t *table;
+    int64_t g, b, end, line;
+} TileAhead;
+
+static inline TileAhead amx_ahead(const Work *w, int64_t seq, int64_t g, int64_t from, int64_t len) {
+    const int64_t blocks = (len + w->block_size - 1) / w->block_size;
+    const int64_t span_blocks = w->block_size >= DP_SPAN ? 1 : DP_SPAN / w->block_size;
+    return (TileAhead){w->block_tables + seq * w->max_blocks, g, from,
+                   from + span_blocks < blocks ? from + span_blocks : blocks, 0};
+}
+
+static inline void amx_fetch(const Work *w, TileAhead *a, int64_t lines) {
     const int64_t bytes = w->block_size * w->head_dim * 2;
-    for (int64_t b = from; b < to; b++) {
-        const char *k = (const char *)w->k_cache + (table[b] * w->num_kv_heads + g) * bytes;
-        const char *v = (const char *)w->v_cache + (table[b] * w->num_kv_heads + g) * bytes;
-        for (int64_t at = 0; at < bytes; at += 64) {
-            __builtin_prefetch(k + at, 0, 2);
-            __builtin_prefetch(v + at, 0, 2);
-        }
+    for (; lines > 0 && a->b < a->end; lines--) {
+        const int64_t at = (a->table[a->b] * w->num_kv_heads + a->g) * bytes + a->line * 64;
+        __builtin_prefetch((const char *)w->k_cache + at, 0, 2);
+        __builtin_prefetch((const char *)w->v_cache + at, 0, 2);
+        if (++a->line * 64 == bytes) a->line = 0, a->b++;
     }
 }
 
-/* `vectors` (1-16) query vectors of kv head g of a sequence (block table `table`): vector i at
- * q + i * q_stride, seeing the context's first limit[i] slots; its output to out + i *
- * o_stride. */
-static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vectors,
-                        const uint16_t *q, int64_t q_stride, const int64_t *limit,
-                        uint16_t *out, int64_t o_stride, int *configured) {
+/* The lines of a cursor's blocks: its K's (the V's are as many). */
+static inline int64_t amx_lines(const Work *w, const TileAhead *a) {
+    return (a->end - a->b) * (w->block_size * w->head_dim * 2 / 64) - a->line;
+}
+
+/* `vectors` (1-16) query vectors of kv head g of sequence seq (block table `table`): vector
+ * i at q + i * q_stride, seeing the context's first limit[i] slots; its output to out + i *
+ * o_stride. While a span runs, the next one's K and V are fetched, and while the last runs,
+ * `then`'s (the next call's first span). */
+static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_t g,
+                        int vectors, const uint16_t *q, int64_t q_stride, const int64_t *limit,
+                        uint16_t *out, int64_t o_stride, TileAhead then, int *configured) {
     const int64_t hd = w->head_dim, bs = w->block_size, tile = bs * hd, kvh = w->num_kv_heads;
     const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
     const uint16_t *kc = w->k_cache, *vc = w->v_cache;
@@ -566,14 +584,15 @@ static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vect
     }
     amx_configure(vectors, configured);
     const v8 scale = splat(w->scale);
-    const int64_t blocks = (len + bs - 1) / bs;
-    amx_fetch(w, table, g, 0, span_blocks < blocks ? span_blocks : blocks);
+    TileAhead ahead = amx_ahead(w, seq, g, 0, len); /* fetched already, or now, at once */
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
-        const int64_t ahead = first + 2 * span_blocks < blocks ? first + 2 * span_blocks : blocks;
-        amx_fetch(w, table, g, first + span_blocks, ahead); /* the next span's, meanwhile */
+        amx_fetch(w, &ahead, INT64_MAX); /* what is left of this span's */
+        ahead = amx_ahead(w, seq, g, first + span_blocks, len);
+        if (ahead.b >= ahead.end) ahead = then;
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t n = (len < span_stop ? len : span_stop) - first * bs; /* the span's */
         const int64_t padded = (n + 15) & ~15;
+        const int64_t share = (amx_lines(w, &ahead) + padded / 16 - 1) / (padded / 16);
         for (int64_t slot = 0; slot < padded; slot += 32) { /* two chunks, two sums' tiles */
             const int two = slot + 16 < padded;
             const uint16_t *k0 = kc + (table[first + slot / bs] * kvh + g) * tile + slot % bs * 2;
@@ -624,6 +643,7 @@ static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vect
                 const int64_t b = first + slot / bs;
                 const uint16_t *v = (tail && slot == padded - 16 ? tail
                     : vc + (table[b] * kvh + g) * tile + slot % bs / 2 * hd * 2) + d * 2;
+                if (d == 0) amx_fetch(w, &ahead, share);
                 _tile_loadd(6, probs[0] + slot, DP_SLOTS * 2);
                 _tile_loadd(7, v, hd * 4);
                 _tile_dpbf16ps(0, 6, 7);
@@ -654,8 +674,10 @@ static void amx_vectors(const Work *w, const int64_t *table, int64_t g, int vect
 }
 
 /* Work item `item` on tiles: a prompt's rows head by head, a decode row its query heads of
- * each kv head together. */
-static void attend_amx(const Work *w, const int64_t item[5], int *configured) {
+ * each kv head together; each call fetches the next one's first span, the last one that of
+ * `next` (the item this thread likely takes next; NULL: none). */
+static void attend_amx(const Work *w, const int64_t item[5], const int64_t *next,
+                       int *configured) {
     const int64_t seq = item[0], q0 = item[1], rows = item[2], g0 = item[3], g1 = item[4];
     const int64_t hd = w->head_dim, group = w->num_heads / w->num_kv_heads;
     const int64_t first_token = w->query_start[seq] + q0;
@@ -664,15 +686,17 @@ static void attend_amx(const Work *w, const int64_t item[5], int *configured) {
     const int64_t *table = w->block_tables + seq * w->max_blocks;
     const uint16_t *query = (const uint16_t *)w->query + first_token * w->query_stride;
     uint16_t *out = (uint16_t *)w->out + first_token * w->num_heads * hd;
+    const TileAhead after = next ? amx_ahead(w, next[0], next[3], 0, item_len(w, next)) : (TileAhead){0};
     int64_t limit[AMX_VECTORS];
     for (int64_t g = g0; g < g1; g++) {
+        const TileAhead then = g + 1 < g1 ? amx_ahead(w, seq, g + 1, 0, first_pos + rows) : after;
         if (rows == 1) {
             for (int i = 0; i < AMX_VECTORS; i++) limit[i] = first_pos + 1;
             for (int64_t h = g * group; h < (g + 1) * group; h += AMX_VECTORS) {
                 const int64_t vectors = (g + 1) * group - h < AMX_VECTORS ? (g + 1) * group - h
                                                                           : AMX_VECTORS;
-                amx_vectors(w, table, g, (int)vectors, query + h * hd, hd, limit, out + h * hd,
-                            hd, configured);
+                amx_vectors(w, seq, table, g, (int)vectors, query + h * hd, hd, limit,
+                            out + h * hd, hd, then, configured);
             }
             continue;
         }
@@ -680,9 +704,9 @@ static void attend_amx(const Work *w, const int64_t item[5], int *configured) {
             for (int64_t r = 0; r < rows; r += AMX_VECTORS) {
                 const int64_t vectors = rows - r < AMX_VECTORS ? rows - r : AMX_VECTORS;
                 for (int64_t i = 0; i < vectors; i++) limit[i] = first_pos + r + i + 1;
-                amx_vectors(w, table, g, (int)vectors, query + r * w->query_stride + h * hd,
+                amx_vectors(w, seq, table, g, (int)vectors, query + r * w->query_stride + h * hd,
                             w->query_stride, limit, out + r * w->num_heads * hd + h * hd,
-                            w->num_heads * hd, configured);
+                            w->num_heads * hd, then, configured);
             }
     }
 }
@@ -711,7 +735,7 @@ static void attend_any(const Work *w, const int64_t item[5], const int64_t *next
     const int64_t span_slots = w->block_size >= SPAN ? w->block_size : SPAN;
 #if KERNELS_AMX && defined(HAVE_ATTEND_DP)
     if (w->amx) {
-        attend_amx(w, item, configured);
+        attend_amx(w, item, next, configured);
         return;
     }
 #else

@@ -62,10 +62,18 @@ static void configure(int rows, int *configured) {
     *configured = rows;
 }
 
+static inline __attribute__((always_inline)) void fetch_next(const char *next, int64_t k0) {
+    if (!next) return;
+    for (int line = 0; line < 32; line++) /* 32 k of a panel: 32 x 32 bf16, 2 KiB */
+        __builtin_prefetch(next + k0 * 64 + line * 64, 0, 2);
+}
+
 /* One block: `rows` (1-32) rows of x from `x` (row stride k) times panel `w` over all of k,
- * the float32 sums to `sums` ([32][32]). */
+ * the float32 sums to `sums` ([32][32]). `next` (or NULL) is the panel the thread takes next:
+ * as each 32 k of this one are multiplied, the same 2 KiB of it are fetched into L2, so that
+ * a decode step's weights stream from memory without a wait at each panel's start. */
 static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w,
-                         float *sums) {
+                         const char *next, float *sums) {
     const int64_t stride = k * (int64_t)sizeof(uint16_t);
     _tile_zero(0);
     _tile_zero(1);
@@ -73,6 +81,7 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t k0 = 0; k0 < k; k0 += 32) {
+            fetch_next(next, k0);
             _tile_loadd(6, w + k0 * 32, 128);
             _tile_loadd(7, w + k0 * 32 + 32, 128);
             _tile_loadd(4, x + k0, stride);
@@ -86,6 +95,7 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
         _tile_stored(3, sums + 16 * 32 + 16, 128);
     } else {
         for (int64_t k0 = 0; k0 < k; k0 += 32) {
+            fetch_next(next, k0);
             _tile_loadd(6, w + k0 * 32, 128);
             _tile_loadd(7, w + k0 * 32 + 32, 128);
             _tile_loadd(4, x + k0, stride);
@@ -134,10 +144,11 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
                 if (before < from || before >= to) continue;
                 const int cols = n - j * 32 < 32 ? (int)(n - j * 32) : 32;
                 const uint16_t *w = packed + j * k * 32;
+                const char *next = j + 1 < panels ? (const char *)(w + k * 32) : NULL;
                 for (int64_t r = r0; r < r1; r += 32) {
                     const int rows = r1 - r < 32 ? (int)(r1 - r) : 32;
                     configure(rows, &configured);
-                    block(x + r * k, k, rows, w, sums);
+                    block(x + r * k, k, rows, w, r == r0 ? next : NULL, sums);
                     store_block(sums, bias ? bias + j * 32 : NULL,
                                 (char *)out + (r * n + j * 32) * (out_bf16 ? 2 : 4), n, rows,
                                 cols, (int)out_bf16);
