@@ -107,17 +107,22 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
     _tile_stored(1, sums + 16, 128);
 }
 
-/* A block's sums (+ bias) to out's rows x cols at `out` (row stride n). */
+/* A block's sums (+ bias) to out's rows x cols at `out` (row stride n), 16 columns at a
+ * time (a bfloat16 out rounded by vcvtneps2bf16, as torch rounds). */
 static inline void store_block(const float *sums, const float *bias, void *out, int64_t n,
                                int rows, int cols, const int out_bf16) {
-    float init[32] = {0};
-    for (int c = 0; bias && c < cols; c++) init[c] = bias[c];
-    for (int r = 0; r < rows; r++) {
-        const float *s = sums + r * 32;
-        int c = 0;
-        for (; c + 8 <= cols; c += 8)
-            store8(out, r * n + c, *(const v8u *)(s + c) + *(const v8u *)(init + c), out_bf16);
-        for (; c < cols; c++) store1(out, r * n + c, s[c] + init[c], out_bf16);
+    for (int half = 0; half < 2 && half * 16 < cols; half++) {
+        const int c = half * 16, width = cols - c < 16 ? cols - c : 16;
+        const __mmask16 mask = (__mmask16)((1u << width) - 1);
+        const __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + c) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + r * 32 + c), add);
+            if (out_bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)out + r * n + c, mask,
+                                         (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_mask_storeu_ps((float *)out + r * n + c, mask, v);
+        }
     }
 }
 
