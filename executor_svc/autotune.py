@@ -43,8 +43,10 @@ MIN_ROUNDS = 3
 # threads needed (a 2-thread neighbour on 2 cores holds about half).
 MAX_STARVED = 0.25
 # Part of the machine key: raised when earlier timings can no longer be trusted (2: timings
-# taken under load were kept before CoreLoad; one such start timed our GEMM at 7x its usual).
-TIMING_VERSION = 2
+# taken under load were kept before CoreLoad; one such start timed our GEMM at 7x its usual;
+# 3: attention was timed with its cache hot, and bf16 linears whose rows depend on the batch
+# were candidates).
+TIMING_VERSION = 3
 
 
 @dataclass(frozen=True)

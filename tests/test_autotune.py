@@ -360,6 +360,17 @@ def test_forcing_torch_binds_torch_everywhere(model_dir, tmp_path):
     assert kernels["linear"] == "torch" and kernels["cpu_kernels"] == cpu_kernels.describe()
 
 
+def test_attention_is_timed_with_cold_caches(model_dir, tmp_path, monkeypatch):
+    """A decode step reads every layer's context from memory; timed hot, torch's gathered
+    decode tied ours on an AMX Xeon and was bound, ten times slower in real steps."""
+    befores = []
+    monkeypatch.setattr(Tuner, "choose", lambda self, op, key, *args: befores.append(
+        type(args[-1]).__name__) or autotune.Choice("torch", {}))
+    tuned_module.choose_attention(_tuner(tmp_path), ModelConfig.from_model_dir(model_dir), 4,
+                                  torch.float32, torch.float32)
+    assert befores == ["ColdCaches"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_is_the_faster_of_the_kernels_and_torch_and_stays_chosen(model_dir, tmp_path,
                                                                           monkeypatch, dtype):

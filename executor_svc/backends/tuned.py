@@ -339,6 +339,10 @@ def choose_attention(tuner: Tuner, config: ModelConfig, block_size: int, dtype: 
     key = (f"heads={config.num_heads}/{config.num_kv_heads}x{config.head_dim} "
            f"block={block_size} steps={steps} {str(dtype).removeprefix('torch.')} "
            f"kv={str(kv_dtype).removeprefix('torch.')}")
+    # A decode step reads each layer's context from memory (every layer's cache together far
+    # outgrows the CPU's caches): timed hot, torch's gathered decode tied ours on an AMX Xeon
+    # and was bound, and in real steps it took ten times as long (BENCHMARKS.md, "Issue 22
+    # on AMX").
     choice = tuner.choose("attention", key, {name: call(name) for name in backends},
-                          make_inputs, call("torch"), dtype_tolerance(dtype))
+                          make_inputs, call("torch"), dtype_tolerance(dtype), ColdCaches())
     return choice.name
