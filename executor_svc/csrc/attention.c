@@ -506,6 +506,55 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
 #include "amx.h"
 #define AMX_VECTORS 16
 
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+/* vec.h's exp8 on 16 lanes (the same reduction and polynomial), for x <= 0. */
+static inline v16 exp16(v16 x) {
+    const v16 lo = (v16)_mm512_set1_ps(-87.0f);
+    x = (v16)_mm512_max_ps((__m512)x, (__m512)lo);
+    const v16 magic = (v16)_mm512_set1_ps(12582912.0f);
+    const v16 n = (x * 1.44269504088896341f + magic) - magic;
+    v16 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+    return p * (v16)bits;
+}
+
+/* softmax_step on 16 lanes, the scores scaled by `scale` first: of a span's m scores (masked
+ * up to padded, a multiple of 16) their exps against the new running max (0 past m), *max
+ * and *sum updated; returns the factor that rescales the sums of earlier spans. */
+static inline float softmax_step16(float *scores, int64_t m, int64_t padded, float scale,
+                                   float *max, float *sum) {
+#define SEEN(j) (j >= m ? 0 : m - j >= 16 ? 0xffff : (__mmask16)((1u << (m - j)) - 1))
+    v16 top = (v16)_mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 16) {
+        const v16 sj = (v16)_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), SEEN(j),
+                                               _mm512_load_ps(scores + j)) * scale;
+        *(v16 *)(scores + j) = sj;
+        top = (v16)_mm512_max_ps((__m512)top, (__m512)sj);
+    }
+    const float span_max = _mm512_reduce_max_ps((__m512)top);
+    const float new_max = span_max > *max ? span_max : *max;
+    const float correction = expf(*max - new_max);
+    v16 sums = (v16)_mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) { /* masked: 0 exactly (exp16 gives ~1e-38) */
+        const v16 p = (v16)_mm512_maskz_mov_ps(SEEN(j), (__m512)exp16(*(v16 *)(scores + j) -
+                                                                      new_max));
+        sums += p;
+        *(v16 *)(scores + j) = p;
+    }
+#undef SEEN
+    *sum = *sum * correction + _mm512_reduce_add_ps((__m512)sums);
+    *max = new_max;
+    return correction;
+}
+
 static void amx_configure(int vectors, int *configured) {
     if (*configured == vectors) return;
     TileConfig config = {.palette = 1};
@@ -583,7 +632,6 @@ static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_
         memset(sums + i * hd, 0, hd * sizeof(float));
     }
     amx_configure(vectors, configured);
-    const v8 scale = splat(w->scale);
     TileAhead ahead = amx_ahead(w, seq, g, 0, len); /* fetched already, or now, at once */
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
         amx_fetch(w, &ahead, INT64_MAX); /* what is left of this span's */
@@ -619,13 +667,13 @@ static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_
                 memset(probs[i], 0, padded * sizeof(uint16_t));
                 continue;
             }
-            for (int64_t j = 0; j < padded; j += 8) *(v8 *)(scores[i] + j) *= scale;
-            const float correction = softmax_step(scores[i], seen, padded, &max[i], &sum[i]);
+            const float correction =
+                softmax_step16(scores[i], seen, padded, w->scale, &max[i], &sum[i]);
             for (int64_t j = 0; j < padded; j += 16)
                 _mm256_store_si256((__m256i *)(probs[i] + j),
                                    (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[i] + j)));
-            for (int64_t d = 0; d < hd; d += 8)
-                *(v8 *)(sums + i * hd + d) *= splat(correction);
+            for (int64_t d = 0; d < hd; d += 16)
+                *(v16 *)(sums + i * hd + d) *= correction;
         }
         const uint16_t *tail = NULL; /* the last chunk's V, where the context ends inside it */
         if (n < padded) {
