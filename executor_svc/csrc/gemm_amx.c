@@ -82,12 +82,14 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
         _tile_zero(3);
         for (int64_t k0 = 0; k0 < k; k0 += 32) {
             fetch_next(next, k0);
-            _tile_loadd(6, w + k0 * 32, 128);
-            _tile_loadd(7, w + k0 * 32 + 32, 128);
+            /* each load just before the first product that needs it, so that the loads
+             * overlap the products before them */
             _tile_loadd(4, x + k0, stride);
-            _tile_loadd(5, x + 16 * k + k0, stride);
+            _tile_loadd(6, w + k0 * 32, 128);
             _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, w + k0 * 32 + 32, 128);
             _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, x + 16 * k + k0, stride);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
@@ -96,10 +98,10 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
     } else {
         for (int64_t k0 = 0; k0 < k; k0 += 32) {
             fetch_next(next, k0);
-            _tile_loadd(6, w + k0 * 32, 128);
-            _tile_loadd(7, w + k0 * 32 + 32, 128);
             _tile_loadd(4, x + k0, stride);
+            _tile_loadd(6, w + k0 * 32, 128);
             _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, w + k0 * 32 + 32, 128);
             _tile_dpbf16ps(1, 4, 7);
         }
     }
