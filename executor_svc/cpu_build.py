@@ -57,7 +57,8 @@ class Isa:
 ISAS = (
     Isa("amx", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
                 "-mamx-tile", "-mamx-bf16"), _AVX512 + ("avx512_bf16", "amx_tile", "amx_bf16"),
-        "AVX-512 and AVX512_BF16 as avx512_bf16; a bf16 model's GEMM on AMX tiles"),
+        "AVX-512 and AVX512_BF16 as avx512_bf16; a bf16 model's GEMM and attention on "
+        "AMX tiles"),
     Isa("avx512_bf16", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                         "-mfma"), _AVX512 + ("avx512_bf16",),
         "AVX-512; bf16 dot products in bf16 attention and GEMM; GEMM 16-float vectors"),

@@ -132,7 +132,6 @@ class LinearTuning:
                      choice=plan[0][1])
         return plan
 
-
     def _batch_invariant(self, key: str, weight: Tensor, bias: Tensor | None,
                          built: dict[str, PackedLinear]) -> list[str]:
         """The candidates that give each row the same output whatever rows share its call
