@@ -161,16 +161,22 @@ static inline Fetch item_fetch(const Work *w, const int64_t *item, int64_t span_
                    0, 0};
 }
 
-/* The Fetch of item `item` over a pair-layout cache: each block's tiles of the item's kv heads
- * are one run (kv heads g0 ... g1 - 1 of a block lie together), taken as one slot per block. */
+/* The Fetch of kv heads g0 ... g1 - 1 of sequence seq's first len slots over a pair-layout
+ * cache: each block's tiles of those kv heads are one run (kv heads g0 ... g1 - 1 of a block
+ * lie together), taken as one slot per block. */
+static inline Fetch tiles_fetch(const Work *w, int64_t seq, int64_t g0, int64_t g1, int64_t len,
+                                int64_t span_blocks) {
+    const int64_t tile_bytes = w->block_size * w->head_dim * 2;
+    const int64_t blocks = (len + w->block_size - 1) / w->block_size;
+    return (Fetch){w->k_cache, w->v_cache, w->block_tables + seq * w->max_blocks, 1, blocks,
+                   w->num_kv_heads * tile_bytes, g0 * tile_bytes, (g1 - g0) * tile_bytes, 0,
+                   span_blocks < blocks ? span_blocks : blocks, 0, 0};
+}
+
+/* The Fetch of work item `item` (NULL: none) over a pair-layout cache. */
 static inline Fetch item_fetch_tiles(const Work *w, const int64_t *item, int64_t span_blocks) {
     if (!item) return (Fetch){0};
-    const int64_t seq = item[0], tile_bytes = w->block_size * w->head_dim * 2;
-    const int64_t blocks = (item_len(w, item) + w->block_size - 1) / w->block_size;
-    return (Fetch){w->k_cache, w->v_cache, w->block_tables + seq * w->max_blocks, 1, blocks,
-                   w->num_kv_heads * tile_bytes, item[3] * tile_bytes,
-                   (item[4] - item[3]) * tile_bytes, 0, span_blocks < blocks ? span_blocks : blocks,
-                   0, 0};
+    return tiles_fetch(w, item[0], item[3], item[4], item_len(w, item), span_blocks);
 }
 
 /* At the start of the span at block `first`: fetch what is left of it, aim at the next span
@@ -579,44 +585,13 @@ static const uint16_t *amx_tail_values(const uint16_t *v, int64_t slot, int64_t 
     return zeroed;
 }
 
-/* A cursor over the K and V tiles of one kv head g in blocks b ... end - 1 of a block table,
- * fetched into L2 a few lines at a time while other work runs: a span's blocks lie apart,
- * where the hardware's prefetcher does not follow, and fetched all at once they would stall
- * the core once its miss buffers are full (as in attend_dp's Fetch). */
-typedef struct {
-    const int64_t *table;
-    int64_t g, b, end, line;
-} TileAhead;
-
-static inline TileAhead amx_ahead(const Work *w, int64_t seq, int64_t g, int64_t from, int64_t len) {
-    const int64_t blocks = (len + w->block_size - 1) / w->block_size;
-    const int64_t span_blocks = w->block_size >= DP_SPAN ? 1 : DP_SPAN / w->block_size;
-    return (TileAhead){w->block_tables + seq * w->max_blocks, g, from,
-                   from + span_blocks < blocks ? from + span_blocks : blocks, 0};
-}
-
-static inline void amx_fetch(const Work *w, TileAhead *a, int64_t lines) {
-    const int64_t bytes = w->block_size * w->head_dim * 2;
-    for (; lines > 0 && a->b < a->end; lines--) {
-        const int64_t at = (a->table[a->b] * w->num_kv_heads + a->g) * bytes + a->line * 64;
-        __builtin_prefetch((const char *)w->k_cache + at, 0, 2);
-        __builtin_prefetch((const char *)w->v_cache + at, 0, 2);
-        if (++a->line * 64 == bytes) a->line = 0, a->b++;
-    }
-}
-
-/* The lines of a cursor's blocks: its K's (the V's are as many). */
-static inline int64_t amx_lines(const Work *w, const TileAhead *a) {
-    return (a->end - a->b) * (w->block_size * w->head_dim * 2 / 64) - a->line;
-}
-
 /* `vectors` (1-16) query vectors of kv head g of sequence seq (block table `table`): vector
  * i at q + i * q_stride, seeing the context's first limit[i] slots; its output to out + i *
  * o_stride. While a span runs, the next one's K and V are fetched, and while the last runs,
  * `then`'s (the next call's first span). */
 static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_t g,
                         int vectors, const uint16_t *q, int64_t q_stride, const int64_t *limit,
-                        uint16_t *out, int64_t o_stride, TileAhead then, int *configured) {
+                        uint16_t *out, int64_t o_stride, Fetch then, int *configured) {
     const int64_t hd = w->head_dim, bs = w->block_size, tile = bs * hd, kvh = w->num_kv_heads;
     const int64_t span_blocks = bs >= DP_SPAN ? 1 : DP_SPAN / bs;
     const uint16_t *kc = w->k_cache, *vc = w->v_cache;
@@ -632,15 +607,13 @@ static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_
         memset(sums + i * hd, 0, hd * sizeof(float));
     }
     amx_configure(vectors, configured);
-    TileAhead ahead = amx_ahead(w, seq, g, 0, len); /* fetched already, or now, at once */
+    /* the first span: fetched already (the call before's `then`), or now, at once */
+    Fetch ahead = tiles_fetch(w, seq, g, g + 1, len, span_blocks);
     for (int64_t first = 0; first * bs < len; first += span_blocks) {
-        amx_fetch(w, &ahead, INT64_MAX); /* what is left of this span's */
-        ahead = amx_ahead(w, seq, g, first + span_blocks, len);
-        if (ahead.b >= ahead.end) ahead = then;
         const int64_t span_stop = (first + span_blocks) * bs;
         const int64_t n = (len < span_stop ? len : span_stop) - first * bs; /* the span's */
         const int64_t padded = (n + 15) & ~15;
-        const int64_t share = (amx_lines(w, &ahead) + padded / 16 - 1) / (padded / 16);
+        const int64_t share = fetch_next_span(&ahead, first, span_blocks, padded / 16, &then);
         for (int64_t slot = 0; slot < padded; slot += 32) { /* two chunks, two sums' tiles */
             const int two = slot + 16 < padded;
             const uint16_t *k0 = kc + (table[first + slot / bs] * kvh + g) * tile + slot % bs * 2;
@@ -691,7 +664,7 @@ static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_
                 const int64_t b = first + slot / bs;
                 const uint16_t *v = (tail && slot == padded - 16 ? tail
                     : vc + (table[b] * kvh + g) * tile + slot % bs / 2 * hd * 2) + d * 2;
-                if (d == 0) amx_fetch(w, &ahead, share);
+                if (d == 0) fetch_some(&ahead, share);
                 _tile_loadd(6, probs[0] + slot, DP_SLOTS * 2);
                 _tile_loadd(7, v, hd * 4);
                 _tile_dpbf16ps(0, 6, 7);
@@ -734,10 +707,16 @@ static void attend_amx(const Work *w, const int64_t item[5], const int64_t *next
     const int64_t *table = w->block_tables + seq * w->max_blocks;
     const uint16_t *query = (const uint16_t *)w->query + first_token * w->query_stride;
     uint16_t *out = (uint16_t *)w->out + first_token * w->num_heads * hd;
-    const TileAhead after = next ? amx_ahead(w, next[0], next[3], 0, item_len(w, next)) : (TileAhead){0};
+    const int64_t span_blocks = w->block_size >= DP_SPAN ? 1 : DP_SPAN / w->block_size;
+    const Fetch after = next ? tiles_fetch(w, next[0], next[3], next[3] + 1, item_len(w, next),
+                                           span_blocks)
+                             : (Fetch){0};
+
     int64_t limit[AMX_VECTORS];
     for (int64_t g = g0; g < g1; g++) {
-        const TileAhead then = g + 1 < g1 ? amx_ahead(w, seq, g + 1, 0, first_pos + rows) : after;
+        const Fetch then = g + 1 < g1 ? tiles_fetch(w, seq, g + 1, g + 2, first_pos + rows,
+                                                    span_blocks)
+                                      : after;
         if (rows == 1) {
             for (int i = 0; i < AMX_VECTORS; i++) limit[i] = first_pos + 1;
             for (int64_t h = g * group; h < (g + 1) * group; h += AMX_VECTORS) {

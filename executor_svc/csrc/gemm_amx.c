@@ -75,35 +75,31 @@ static inline __attribute__((always_inline)) void fetch_next(const char *next, i
 static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w,
                          const char *next, float *sums) {
     const int64_t stride = k * (int64_t)sizeof(uint16_t);
+    const int two = rows > 16; /* a second row of tiles: rows 16-31 */
     _tile_zero(0);
     _tile_zero(1);
-    if (rows > 16) {
+    if (two) {
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t k0 = 0; k0 < k; k0 += 32) {
-            fetch_next(next, k0);
-            /* each load just before the first product that needs it, so that the loads
-             * overlap the products before them */
-            _tile_loadd(4, x + k0, stride);
-            _tile_loadd(6, w + k0 * 32, 128);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(7, w + k0 * 32 + 32, 128);
-            _tile_dpbf16ps(1, 4, 7);
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += 32) {
+        fetch_next(next, k0);
+        /* each load just before the first product that needs it, so that the loads overlap
+         * the products before them */
+        _tile_loadd(4, x + k0, stride);
+        _tile_loadd(6, w + k0 * 32, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, w + k0 * 32 + 32, 128);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
             _tile_loadd(5, x + 16 * k + k0, stride);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
+    }
+    if (two) {
         _tile_stored(2, sums + 16 * 32, 128);
         _tile_stored(3, sums + 16 * 32 + 16, 128);
-    } else {
-        for (int64_t k0 = 0; k0 < k; k0 += 32) {
-            fetch_next(next, k0);
-            _tile_loadd(4, x + k0, stride);
-            _tile_loadd(6, w + k0 * 32, 128);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(7, w + k0 * 32 + 32, 128);
-            _tile_dpbf16ps(1, 4, 7);
-        }
     }
     _tile_stored(0, sums, 128);
     _tile_stored(1, sums + 16, 128);
