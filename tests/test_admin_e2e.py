@@ -170,9 +170,10 @@ def test_samples_share_their_prompt_block_while_they_run(run):
         by_request.setdefault(seq["request_id"], []).append(seq)
     (pair,) = [group for group in by_request.values() if len(group) == 2]
     assert pair[-1] == seqs[-1]  # the seq view below is of one of B's samples
-    for seq in seqs:  # blocks per sequence: one per 16 tokens (the newest may await its slot)
-        assert seq["num_blocks"] in (-(-seq["num_tokens"] // BLOCK),
-                                     -(-(seq["num_tokens"] - 1) // BLOCK))
+    # Blocks per sequence: one per 16 tokens. The newest token may await its slot, and a
+    # step planned ahead (async scheduling) holds the slot of a token not yet sampled.
+    for seq in seqs:
+        assert seq["num_blocks"] in {-(-(seq["num_tokens"] + d) // BLOCK) for d in (-1, 0, 1)}
     # B's first block is held by both samples; everything else by one sequence.
     assert pool["device"]["shared"] == 1 and pool["device"]["refcounts"]["2"] == 1
     distinct = sum(s["num_blocks"] for s in seqs) - 1
