@@ -152,11 +152,14 @@ class Tuner:
 
     def choose(self, op: str, key: str, candidates: dict[str, Callable[..., Any]],
                make_inputs: Callable[[], Sequence], reference: Callable[..., Any],
-               tolerance: float, before: Callable[[], None] | None = None) -> Choice:
+               tolerance: float, before: Callable[[], None] | None = None,
+               admit: Callable[[tuple[str, ...]], list[str]] | None = None) -> Choice:
         """The fastest of ``candidates`` (name -> function of ``make_inputs()``) for ``op``
         at ``key`` (its shape and dtype) among those whose result agrees with
-        ``reference``'s within ``tolerance`` (relative to the result's largest value);
-        ``before`` (untimed) runs before each timed call."""
+        ``reference``'s within ``tolerance`` (relative to the result's largest value) and,
+        where ``admit`` is given, that it keeps of those names (a check that only a timing
+        needs: a cached choice passed it); ``before`` (untimed) runs before each timed
+        call."""
         forced = self._forced(op, candidates)
         if forced is not None:
             return Choice(forced, {})
@@ -167,6 +170,9 @@ class Tuner:
         if cached is not None and cached.name in candidates:
             return cached
         correct = self._correct(entry, candidates, make_inputs, reference, tolerance)
+        if admit is not None:
+            kept = admit(tuple(correct))
+            correct = {name: run for name, run in correct.items() if name in kept}
         self.load.sample()
         seconds = time_candidates(correct, make_inputs(), before)
         starved = self.load.starved()

@@ -297,15 +297,29 @@ def test_a_low_precision_linear_whose_rows_depend_on_the_batch_is_left_out(tmp_p
     monkeypatch.setattr(tuned_module, "LINEARS", tuned_module.LINEARS | {
         "onednn": _RowsDependOnTheBatch, "torch": _RowsAlone})
     monkeypatch.setattr(tuned_module, "linear_candidates", lambda dtype: ["torch", "onednn"])
+    monkeypatch.setattr(autotune, "time_candidates", lambda candidates, *_: {
+        name: {"torch": 2.0, "onednn": 1.0}[name] for name in candidates})  # onednn faster
     tuning = tuned_module.LinearTuning(_tuner(tmp_path), dtype)
     weight = torch.randn(64, 32).to(dtype)
-    key = tuning.shape_key(weight, None)
-    for bucket in ("rows<=32", "rows>32"):  # as if timed: the batch-dependent one is faster
-        tuning.tuner.cache.put(f"linear {key} {bucket}", autotune.Choice(
-            "onednn", {"torch": 2.0, "onednn": 1.0}))
     assert tuning.pack(weight, None).name == ("onednn" if dtype == torch.float32 else "torch")
     assert not tuned_module.batch_invariant(_RowsDependOnTheBatch(weight, None).matmul, 32, dtype)
     assert tuned_module.batch_invariant(_RowsAlone(weight, None).matmul, 32, dtype)
+
+
+def test_the_batch_probe_runs_only_where_a_linear_is_timed(tmp_path, monkeypatch):
+    """A cached choice passed the probe when it was timed: a start that reads it probes
+    nothing (the probe packs every candidate and multiplies hundreds of rows per shape)."""
+    probed = []
+    monkeypatch.setattr(tuned_module, "batch_invariant",
+                        lambda matmul, *_: probed.append(matmul) or True)
+    monkeypatch.setattr(tuned_module, "LINEARS", tuned_module.LINEARS | {
+        "onednn": _RowsAlone, "torch": _RowsAlone})
+    monkeypatch.setattr(tuned_module, "linear_candidates", lambda dtype: ["torch", "onednn"])
+    weight = torch.randn(64, 32).to(torch.bfloat16)
+    tuned_module.LinearTuning(_tuner(tmp_path), torch.bfloat16).pack(weight, None)
+    assert len(probed) == 2  # once per candidate for the shape, though two buckets were timed
+    tuned_module.LinearTuning(_tuner(tmp_path), torch.bfloat16).pack(weight, None)
+    assert len(probed) == 2
 
 
 @pytest.fixture(scope="module")

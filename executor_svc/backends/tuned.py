@@ -4,6 +4,7 @@ choices: our compiled kernels (``backends.cpu``) against torch's operators and o
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -107,23 +108,25 @@ class LinearTuning:
     def _tune(self, key: str, weight: Tensor, bias: Tensor | None,
               built: dict[str, PackedLinear]) -> list[tuple[int | None, str]]:
         plan, timed = [], []
-        names = self.candidates
+        admit = None  # probed once per shape, and only where a bucket is timed
         if self.dtype != torch.float32:
-            names = self._batch_invariant(key, weight, bias, built)
+            admit = functools.cache(functools.partial(self._batch_invariant, key, weight,
+                                                      bias, built))
         cold = ColdCaches()  # for the decode bucket: there each weight comes from memory
         for bucket in BUCKETS:
             w, b, layers = weight, bias, built
             if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
                 w, b, layers = weight[:PREFILL_COLUMNS], None if bias is None else \
                     bias[:PREFILL_COLUMNS], {}
-            candidates = {name: _lazy_matmul(name, w, b, layers) for name in names}
+            candidates = {name: _lazy_matmul(name, w, b, layers) for name in self.candidates}
             x = torch.randn(bucket.rows, weight.shape[1],
                             generator=torch.Generator().manual_seed(0)).to(self.dtype)
             choice = self.tuner.choose(
                 "linear", f"{key} rows{'<=' if bucket.max_rows else '>'}"
                           f"{bucket.max_rows or BUCKETS[0].max_rows}", candidates,
                 lambda x=x: (x,), lambda x, w=w, b=b: F.linear(x, w, b),
-                dtype_tolerance(self.dtype), cold if bucket.max_rows is not None else None)
+                dtype_tolerance(self.dtype), cold if bucket.max_rows is not None else None,
+                admit)
             plan.append((bucket.max_rows, choice.name))
             timed.append((choice.seconds, bucket.rows * w.shape[0]))
         if self.dtype != torch.float32 and len({name for _, name in plan}) > 1:
@@ -133,19 +136,19 @@ class LinearTuning:
         return plan
 
     def _batch_invariant(self, key: str, weight: Tensor, bias: Tensor | None,
-                         built: dict[str, PackedLinear]) -> list[str]:
-        """The candidates that give each row the same output whatever rows share its call
+                         built: dict[str, PackedLinear], names: tuple[str, ...]) -> list[str]:
+        """Those of ``names`` that give each row the same output whatever rows share its call
         (``batch_invariant``), or all of them where none does. In a low-precision model a
         last-bit difference changes a rounding, and a token's hidden states would depend on
         the step that computed it; greedy outputs drift under preemption."""
-        kept = [name for name in self.candidates
+        kept = [name for name in names
                 if batch_invariant(_lazy_matmul(name, weight, bias, built), weight.shape[1],
                                    self.dtype)]
-        for name in set(self.candidates) - set(kept):
+        for name in set(names) - set(kept):
             log.info("linear: rows depend on the batch; left out", shape=key, implementation=name)
         if not kept:
             log.warning("linear: every implementation's rows depend on the batch", shape=key)
-        return kept or self.candidates
+        return kept or list(names)
 
 
 def batch_invariant(matmul, in_features: int, dtype: torch.dtype) -> bool:
