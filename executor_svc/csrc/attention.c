@@ -514,23 +514,7 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
 
 typedef int32_t i16v __attribute__((vector_size(64)));
 
-/* vec.h's exp8 on 16 lanes (the same reduction and polynomial), for x <= 0. */
-static inline v16 exp16(v16 x) {
-    const v16 lo = (v16)_mm512_set1_ps(-87.0f);
-    x = (v16)_mm512_max_ps((__m512)x, (__m512)lo);
-    const v16 magic = (v16)_mm512_set1_ps(12582912.0f);
-    const v16 n = (x * 1.44269504088896341f + magic) - magic;
-    v16 r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-    return p * (v16)bits;
-}
+static inline v16 exp16(v16 x) { return EXP_NONPOSITIVE(v16, i16v, x); }
 
 /* softmax_step on 16 lanes, the scores scaled by `scale` first: of a span's m scores (masked
  * up to padded, a multiple of 16) their exps against the new running max (0 past m), *max

@@ -123,25 +123,27 @@ static inline v8 hsum8(const v8 a[8]) {
 
 /* exp for x <= 0 (scores minus their running max): Cody-Waite reduction to r in
  * [-ln2/2, ln2/2], a degree-6 polynomial, then 2^n through the exponent bits. Below -87 it
- * returns about 1e-38 instead of 0, far under float32 resolution of a sum that holds 1. */
-static inline v8 exp8(v8 x) {
-    const v8 lo = splat(-87.0f);
-    const i8 below = x < lo; /* all ones where true */
-    x = (v8)(((i8)lo & below) | ((i8)x & ~below));
-    const v8 magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
-    v8 r = x - n * splat(0.693359375f);
-    r = r - n * splat(-2.12194440e-4f);
-    v8 p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-    return p * (v8)bits;
-}
+ * returns about 1e-38 instead of 0, far under float32 resolution of a sum that holds 1.
+ * The one body serves every width: V a vector of floats, I of int32s with as many lanes
+ * (exp8 here; attention.c's AMX path takes 16 lanes). */
+#define EXP_NONPOSITIVE(V, I, x_in) ({                                                    \
+    const V lo_ = (V){} - 87.0f;                                                          \
+    const I below_ = (x_in) < lo_; /* all ones where true */                              \
+    const V x_ = (V)(((I)lo_ & below_) | ((I)(x_in) & ~below_));                          \
+    const V magic_ = (V){} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */ \
+    const V n_ = (x_ * 1.44269504088896341f + magic_) - magic_;                           \
+    V r_ = x_ - n_ * 0.693359375f;                                                        \
+    r_ = r_ - n_ * -2.12194440e-4f;                                                       \
+    V p_ = r_ * 1.9875691500e-4f + 1.3981999507e-3f;                                      \
+    p_ = p_ * r_ + 8.3334519073e-3f;                                                      \
+    p_ = p_ * r_ + 4.1665795894e-2f;                                                      \
+    p_ = p_ * r_ + 1.6666665459e-1f;                                                      \
+    p_ = p_ * r_ + 5.0000001201e-1f;                                                      \
+    p_ = p_ * r_ * r_ + r_ + 1.0f;                                                        \
+    p_ * (V)((__builtin_convertvector(n_, I) + 127) << 23);                               \
+})
+
+static inline v8 exp8(v8 x) { return EXP_NONPOSITIVE(v8, i8, x); }
 
 /* Work below this many floats runs on the calling thread: forking the team would cost more
  * than the work. */
