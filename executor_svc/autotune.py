@@ -17,6 +17,7 @@ or per op, ``linear=onednn,greedy=torch``.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -252,15 +253,15 @@ class CoreLoad:
         self.threads = max(1, min(threads, len(self.cpus)))
         self.stat = stat
         self.window_s = window_s
-        self.samples: list[tuple[float, float, float]] = []  # (wall, busy, own) seconds
+        self.samples: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=32)  # (wall, busy, own) seconds
         self.sample()
 
     def sample(self) -> None:
         """Remember the counters now (the tuner does before each timing)."""
         busy = self._busy_s()
         if busy is not None:
-            self.samples = [*self.samples[-31:], (time.perf_counter(), busy,
-                                                  time.process_time())]
+            self.samples.append((time.perf_counter(), busy, time.process_time()))
 
     def starved(self) -> float | None:
         """Since the newest sample at least ``window_s`` old (waiting for the oldest to be
