@@ -68,12 +68,49 @@ static inline __attribute__((always_inline)) void fetch_next(const char *next, i
         __builtin_prefetch(next + k0 * 64 + line * 64, 0, 2);
 }
 
+/* A block's sums waiting to be stored (+ bias) to out's rows x cols at `out` (row stride n),
+ * `done` rows of them stored so far. The next block stores them a few rows at each of its 32
+ * k: stored after the block, they ran alone while the tile unit idled (a 2048-row gate/up
+ * projection 10%, a 32-row one 18% slower). */
+typedef struct {
+    const float *sums, *bias;
+    void *out;
+    int64_t n;
+    int rows, cols, out_bf16, done;
+} Pending;
+
+/* Stores the pending rows up to `upto`, 16 columns at a time (a bfloat16 out rounded by
+ * vcvtneps2bf16, as torch rounds). */
+static inline void store_rows(Pending *p, int upto) {
+    if (upto > p->rows) upto = p->rows;
+    const float *sums = p->sums, *bias = p->bias;
+    void *out = p->out;
+    const int64_t n = p->n;
+    const int cols = p->cols, out_bf16 = p->out_bf16;
+    for (int half = 0; half < 2 && half * 16 < cols; half++) {
+        const int c = half * 16, width = cols - c < 16 ? cols - c : 16;
+        const __mmask16 mask = (__mmask16)((1u << width) - 1);
+        const __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + c) : _mm512_setzero_ps();
+        for (int r = p->done; r < upto; r++) {
+            const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + r * 32 + c), add);
+            if (out_bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)out + r * n + c, mask,
+                                         (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_mask_storeu_ps((float *)out + r * n + c, mask, v);
+        }
+    }
+    p->done = upto;
+}
+
 /* One block: `rows` (1-32) rows of x from `x` (row stride k) times panel `w` over all of k,
- * the float32 sums to `sums` ([32][32]). `next` (or NULL) is the panel the thread takes next:
- * as each 32 k of this one are multiplied, the same 2 KiB of it are fetched into L2, so that
- * a decode step's weights stream from memory without a wait at each panel's start. */
+ * the float32 sums to `sums` ([32][32]), while the block before's (`pending`) are stored.
+ * `next` (or NULL) is the panel the thread takes next: as each 32 k of this one are
+ * multiplied, the same 2 KiB of it are fetched into L2, so that a decode step's weights
+ * stream from memory without a wait at each panel's start. */
 static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w,
-                         const char *next, float *sums) {
+                         const char *next, float *sums, Pending *pending) {
+    const int per_step = (pending->rows * 32 + k - 1) / k; /* rows stored per 32 k */
     const int64_t stride = k * (int64_t)sizeof(uint16_t);
     const int two = rows > 16; /* a second row of tiles: rows 16-31 */
     _tile_zero(0);
@@ -96,32 +133,15 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
+        if (pending->done < pending->rows) store_rows(pending, pending->done + per_step);
     }
+    store_rows(pending, pending->rows);
     if (two) {
         _tile_stored(2, sums + 16 * 32, 128);
         _tile_stored(3, sums + 16 * 32 + 16, 128);
     }
     _tile_stored(0, sums, 128);
     _tile_stored(1, sums + 16, 128);
-}
-
-/* A block's sums (+ bias) to out's rows x cols at `out` (row stride n), 16 columns at a
- * time (a bfloat16 out rounded by vcvtneps2bf16, as torch rounds). */
-static inline void store_block(const float *sums, const float *bias, void *out, int64_t n,
-                               int rows, int cols, const int out_bf16) {
-    for (int half = 0; half < 2 && half * 16 < cols; half++) {
-        const int c = half * 16, width = cols - c < 16 ? cols - c : 16;
-        const __mmask16 mask = (__mmask16)((1u << width) - 1);
-        const __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + c) : _mm512_setzero_ps();
-        for (int r = 0; r < rows; r++) {
-            const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + r * 32 + c), add);
-            if (out_bf16)
-                _mm256_mask_storeu_epi16((uint16_t *)out + r * n + c, mask,
-                                         (__m256i)_mm512_cvtneps_pbh(v));
-            else
-                _mm512_mask_storeu_ps((float *)out + r * n + c, mask, v);
-        }
-    }
 }
 
 int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, void *out,
@@ -132,8 +152,9 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
-        float sums[32 * 32] __attribute__((aligned(64)));
-        int configured = 0;
+        float sums[2][32 * 32] __attribute__((aligned(64))); /* a block's, the one before's */
+        Pending pending = {0};
+        int configured = 0, which = 0;
         /* Chunks by panels in order, each thread an even share of the blocks: a last chunk
          * of fewer rows counts for less. */
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
@@ -151,13 +172,15 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
                 for (int64_t r = r0; r < r1; r += 32) {
                     const int rows = r1 - r < 32 ? (int)(r1 - r) : 32;
                     configure(rows, &configured);
-                    block(x + r * k, k, rows, w, r == r0 ? next : NULL, sums);
-                    store_block(sums, bias ? bias + j * 32 : NULL,
-                                (char *)out + (r * n + j * 32) * (out_bf16 ? 2 : 4), n, rows,
-                                cols, (int)out_bf16);
+                    block(x + r * k, k, rows, w, r == r0 ? next : NULL, sums[which], &pending);
+                    pending = (Pending){sums[which], bias ? bias + j * 32 : NULL,
+                                       (char *)out + (r * n + j * 32) * (out_bf16 ? 2 : 4), n,
+                                       rows, cols, (int)out_bf16, 0};
+                    which ^= 1;
                 }
             }
         }
+        store_rows(&pending, pending.rows);
         if (configured) _tile_release();
     }
     return 0;
