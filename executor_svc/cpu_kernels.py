@@ -58,10 +58,11 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [_PTR, _PTR] + [_I64] * 4
     lib.greedy.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64]
     lib.linear.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR] + [_I64] * 5
+    lib.linear_silu_mul.argtypes = [_PTR, _PTR, _I64] + [_PTR] * 3 + [_I64] * 5
     lib.decoder_forward.argtypes = [ctypes.POINTER(_Decoder), ctypes.POINTER(_Step), _PTR, _PTR,
                                     _I64, ctypes.POINTER(_I64)]
     for function in (lib.paged_attention, lib.add_rms_norm, lib.rope_write_kv, lib.silu_mul,
-                     lib.greedy, lib.linear, lib.decoder_forward):
+                     lib.greedy, lib.linear, lib.linear_silu_mul, lib.decoder_forward):
         function.restype = ctypes.c_int
     for function in (lib.gemm_columns, lib.gemm_bf16_pairs, lib.gemm_bf16_products,
                      lib.gemm_amx):
@@ -321,17 +322,36 @@ class PackedWeight:
                         None if self.bias is None else self.bias.data_ptr())
 
     def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        tokens, in_features = self._fits(x)
+        out = x.new_empty(tokens, self.out_features, dtype=out_dtype or x.dtype)
+        status = load().linear(x.data_ptr(), _bf16(x), *self._weight, out.data_ptr(), _bf16(out),
+                               tokens, self.out_features, in_features, torch.get_num_threads())
+        _linear_status(status, f"a [{tokens}, {in_features}] input's")
+        return out
+
+    def silu_mul(self, x: Tensor) -> Tensor:
+        """``silu(gate) * up`` of this gate/up projection's output for ``x`` (gate's
+        ``out / 2`` columns first), ``[T, out / 2]`` in x's dtype: ``silu_mul(self(x))`` bit
+        for bit, in one pass where the build has AMX (as the decoder stack's MLP runs)."""
+        tokens, in_features = self._fits(x)
+        inter = self.out_features // 2
+        if self.out_features % 2:
+            raise ValueError(f"{self.out_features} outputs are not a gate's and an up's")
+        gate_up, out = x.new_empty(tokens, 2 * inter), x.new_empty(tokens, inter)
+        status = load().linear_silu_mul(x.data_ptr(), *self._weight, gate_up.data_ptr(),
+                                        out.data_ptr(), _bf16(x), tokens, inter, in_features,
+                                        torch.get_num_threads())
+        _linear_status(status, f"a [{tokens}, {in_features}] input's")
+        return out
+
+    def _fits(self, x: Tensor) -> tuple[int, int]:
         tokens, in_features = x.shape
         if in_features != self.in_features:
             raise ValueError(f"a [{tokens}, {in_features}] input does not fit weight panels "
                              f"{tuple(self.panels.shape)} of {self.out_features} outputs")
         if not x.is_contiguous():
             raise ValueError("the CPU kernels take contiguous tensors")
-        out = x.new_empty(tokens, self.out_features, dtype=out_dtype or x.dtype)
-        status = load().linear(x.data_ptr(), _bf16(x), *self._weight, out.data_ptr(), _bf16(out),
-                               tokens, self.out_features, in_features, torch.get_num_threads())
-        _linear_status(status, f"a [{tokens}, {in_features}] input's")
-        return out
+        return tokens, in_features
 
 
 def _linear_status(status: int, inputs: str) -> None:
@@ -471,7 +491,7 @@ class DecoderStack:
 
 
 # decoder.c's FAILED_* from 1 (FAILED_MEMORY, next, is its own allocation)
-_STACK_KERNELS = ("add_rms_norm", "linear", "rope_write_kv", "paged_attention", "silu_mul")
+_STACK_KERNELS = ("add_rms_norm", "linear", "rope_write_kv", "paged_attention")
 
 
 def _call(name: str, *args) -> None:

@@ -196,6 +196,20 @@ def test_linear(tokens, in_features, out_features, model, with_bias):
     assert torch.equal(linear(x), got.to(dtype))
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 33, 150, 300])
+@pytest.mark.parametrize("inter", [96, 48])  # AMX fuses whole panels of gate and up; not 48
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_gate_up_projection_and_silu_mul_in_one_call_are_the_two_bit_for_bit(
+        tokens, inter, dtype, with_bias):
+    x = randn(tokens, 128, dtype=dtype)
+    weight = randn(2 * inter, 128, seed=1, dtype=dtype)
+    bias = randn(2 * inter, seed=2, dtype=dtype) if with_bias else None
+    layer = cpu_kernels.PackedWeight(weight, bias)
+    got = layer.silu_mul(x)
+    assert got.dtype == dtype and torch.equal(got, cpu_kernels.silu_mul(layer(x)))
+
+
 def test_linear_is_the_same_on_one_thread_and_on_several():
     x, weight = randn(150, 576), randn(3072, 576, seed=1)
     linear = cpu_kernels.PackedWeight(weight, None)

@@ -37,7 +37,7 @@ typedef struct { /* a step: its tokens, and its sequences as paged_attention rea
 } Step;
 
 /* Which kernel failed, for the caller's message. */
-enum { FAILED_NORM = 1, FAILED_LINEAR, FAILED_ROPE, FAILED_ATTENTION, FAILED_SILU, FAILED_MEMORY };
+enum { FAILED_NORM = 1, FAILED_LINEAR, FAILED_ROPE, FAILED_ATTENTION, FAILED_MEMORY };
 
 /* The stack's output for a step: residual holds the embeddings of the step's tokens ([tokens,
  * hidden]) and is summed into in place, as the Python model sums into its residual stream;
@@ -86,10 +86,9 @@ int decoder_forward(const Decoder *d, const Step *s, void *residual, void *out,
                                   t, hidden, q_width, num_threads));
         RUN(FAILED_NORM, add_rms_norm(residual, delta, l->post_norm, normed, bf16, t, hidden,
                                       d->eps, num_threads));
-        RUN(FAILED_LINEAR, linear(normed, bf16, l->gate_up.panels, l->gate_up.bf16,
-                                  l->gate_up.bias, gate_up, bf16, t, 2 * d->inter, hidden,
-                                  num_threads));
-        RUN(FAILED_SILU, silu_mul(gate_up, act, bf16, t, d->inter, num_threads));
+        RUN(FAILED_LINEAR, linear_silu_mul(normed, l->gate_up.panels, l->gate_up.bf16,
+                                           l->gate_up.bias, gate_up, act, bf16, t, d->inter,
+                                           hidden, num_threads));
         RUN(FAILED_LINEAR, linear(act, bf16, l->down.panels, l->down.bf16, l->down.bias, delta,
                                   bf16, t, hidden, d->inter, num_threads));
     }

@@ -245,7 +245,7 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
                                                                                    : W_PAIRS;
 #if KERNELS_AMX
     if (kind == W_DOTS && k % 32 == 0 && gemm_amx())
-        return linear_amx(x, packed, bias, out, out_bf16, m, n, k, num_threads);
+        return linear_amx(x, packed, bias, out, out_bf16, m, n, k, 0, num_threads);
 #endif
     const int paired = kind == W_PAIRS || kind == W_DOTS;
     const int64_t kp = paired ? k + k % 2 : k; /* the panels' rows */
@@ -319,4 +319,16 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
 #undef row_of
     free(a);
     return 0;
+}
+
+int linear_silu_mul(const void *x, const void *packed, int64_t weight_bf16, const float *bias,
+                    void *gate_up, void *out, int64_t act_bf16, int64_t m, int64_t inter,
+                    int64_t k, int64_t num_threads) {
+#if KERNELS_AMX
+    if (act_bf16 && weight_bf16 && k % 32 == 0 && inter % 32 == 0 && gemm_amx())
+        return linear_amx(x, packed, bias, out, 1, m, 2 * inter, k, 1, num_threads);
+#endif
+    const int status = linear(x, act_bf16, packed, weight_bf16, bias, gate_up, act_bf16, m,
+                              2 * inter, k, num_threads);
+    return status ? status : silu_mul(gate_up, out, act_bf16, m, inter, num_threads);
 }

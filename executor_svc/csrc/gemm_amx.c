@@ -15,6 +15,13 @@
  *
  * Work is dealt like gemm.c's: chunks of AMX_MC rows by panels, each thread an even run of
  * (chunk, panel) pairs, so that a panel stays in cache while its chunk's blocks pass over it.
+ *
+ * A gate/up projection (silu: gate's n / 2 columns first, then up's) can end in SiLU-mul
+ * instead: a block's two columns of tiles are then 16 of gate's columns and the same 16 of
+ * up's (half a panel each, as they lie), and its store writes silu(gate) * up of them, each
+ * rounded as the separate kernels round (the projection's output to bf16, then silu_mul's), so
+ * the output is theirs bit for bit. The projection's output (twice the MLP's width) is never
+ * written and read back.
  * The k dimension must be a multiple of 32 (a whole tile; every projection of the Llama-family
  * models served here); gemm.c's bf16 dot products serve the others.
  *
@@ -69,15 +76,29 @@ static inline __attribute__((always_inline)) void fetch_next(const char *next, i
 }
 
 /* A block's sums waiting to be stored (+ bias) to out's rows x cols at `out` (row stride n),
- * `done` rows of them stored so far. The next block stores them a few rows at each of its 32
- * k: stored after the block, they ran alone while the tile unit idled (a 2048-row gate/up
- * projection 10%, a 32-row one 18% slower). */
+ * `done` rows of them stored so far; where up_bias is set (silu), 16 columns of
+ * silu(gate + bias) * (up + up_bias) instead. The next block stores them a few rows at each of
+ * its 32 k: stored after the block, they ran alone while the tile unit idled (a 2048-row
+ * gate/up projection 10%, a 32-row one 18% slower). */
 typedef struct {
-    const float *sums, *bias;
+    const float *sums, *bias, *up_bias;
     void *out;
     int64_t n;
-    int rows, cols, out_bf16, done;
+    int rows, cols, out_bf16, silu, done;
 } Pending;
+
+/* Row r of a pending gate/up block: silu(gate) * up of its 16 columns, in bfloat16. */
+static inline void store_silu_row(const Pending *p, int r) {
+    for (int c = 0; c < 16; c += 8) {
+        v8 gate = *(const v8 *)(p->sums + r * 32 + c);
+        v8 up = *(const v8 *)(p->sums + r * 32 + 16 + c);
+        if (p->bias) {
+            gate += *(const v8u *)(p->bias + c);
+            up += *(const v8u *)(p->up_bias + c);
+        }
+        store8((uint16_t *)p->out + r * p->n, c, silu_mul8(round8(gate, 1), round8(up, 1)), 1);
+    }
+}
 
 /* Stores the pending rows up to `upto`, 16 columns at a time (a bfloat16 out rounded by
  * vcvtneps2bf16, as torch rounds). */
@@ -87,6 +108,11 @@ static inline void store_rows(Pending *p, int upto) {
     void *out = p->out;
     const int64_t n = p->n;
     const int cols = p->cols, out_bf16 = p->out_bf16;
+    if (p->silu) {
+        for (int r = p->done; r < upto; r++) store_silu_row(p, r);
+        p->done = upto;
+        return;
+    }
     for (int half = 0; half < 2 && half * 16 < cols; half++) {
         const int c = half * 16, width = cols - c < 16 ? cols - c : 16;
         const __mmask16 mask = (__mmask16)((1u << width) - 1);
@@ -103,13 +129,15 @@ static inline void store_rows(Pending *p, int upto) {
     p->done = upto;
 }
 
-/* One block: `rows` (1-32) rows of x from `x` (row stride k) times panel `w` over all of k,
- * the float32 sums to `sums` ([32][32]), while the block before's (`pending`) are stored.
+/* One block: `rows` (1-32) rows of x from `x` (row stride k) times two columns of weight tiles
+ * over all of k, w0's and w1's (each 16 columns of a panel: a panel's two halves, or a half
+ * of gate's and of up's), the float32 sums to `sums` ([32][w0's 16 | w1's 16]), while the
+ * block before's (`pending`) are stored.
  * `next` (or NULL) is the panel the thread takes next: as each 32 k of this one are
  * multiplied, the same 2 KiB of it are fetched into L2, so that a decode step's weights
  * stream from memory without a wait at each panel's start. */
-static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w,
-                         const char *next, float *sums, Pending *pending) {
+static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w0,
+                         const uint16_t *w1, const char *next, float *sums, Pending *pending) {
     const int per_step = (pending->rows * 32 + k - 1) / k; /* rows stored per 32 k */
     const int64_t stride = k * (int64_t)sizeof(uint16_t);
     const int two = rows > 16; /* a second row of tiles: rows 16-31 */
@@ -124,9 +152,9 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
         /* each load just before the first product that needs it, so that the loads overlap
          * the products before them */
         _tile_loadd(4, x + k0, stride);
-        _tile_loadd(6, w + k0 * 32, 128);
+        _tile_loadd(6, w0 + k0 * 32, 128);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, w + k0 * 32 + 32, 128);
+        _tile_loadd(7, w1 + k0 * 32, 128);
         _tile_dpbf16ps(1, 4, 7);
         if (two) {
             _tile_loadd(5, x + 16 * k + k0, stride);
@@ -145,10 +173,15 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
 }
 
 int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, void *out,
-               int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t num_threads) {
+               int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t silu,
+               int64_t num_threads) {
     if (m < 0 || n < 1 || k < 32 || k % 32 || num_threads < 1 || !gemm_amx()) return -1;
+    if (silu && (n % 64 || !out_bf16)) return -1; /* gate's and up's panels: whole ones */
     if (m == 0) return 0;
-    const int64_t panels = (n + 31) / 32, chunks = (m + AMX_MC - 1) / AMX_MC;
+    /* Unit j, the columns of a block: panel j (its 32 outputs), or (silu) a half of gate's
+     * panel j / 2 and the same half of up's (16 outputs): as many units as panels. */
+    const int64_t panels = (n + 31) / 32, up = panels / 2, chunks = (m + AMX_MC - 1) / AMX_MC;
+    const int64_t out_n = silu ? n / 2 : n, width = silu ? 16 : 32, elem = out_bf16 ? 2 : 4;
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
@@ -166,16 +199,24 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
             for (int64_t j = 0; j < panels; j++) {
                 const int64_t before = r0 / 32 * panels + j * chunk_blocks;
                 if (before < from || before >= to) continue;
-                const int cols = n - j * 32 < 32 ? (int)(n - j * 32) : 32;
-                const uint16_t *w = packed + j * k * 32;
-                const char *next = j + 1 < panels ? (const char *)(w + k * 32) : NULL;
+                const int64_t panel = silu ? j / 2 : j, half = silu ? j % 2 : 0;
+                const uint16_t *w0 = packed + panel * k * 32 + half * 32;
+                const uint16_t *w1 = silu ? packed + (up + panel) * k * 32 + half * 32 : w0 + 32;
+                /* the panel the next unit reads first: gate's next, then (silu) up's next */
+                const int64_t ahead = silu ? (half ? up : 0) + panel + 1 : j + 1;
+                const char *next = panel + 1 < (silu ? up : panels)
+                                       ? (const char *)(packed + ahead * k * 32) : NULL;
+                const int cols = out_n - j * width < width ? (int)(out_n - j * width) : width;
+                const float *unit_bias = bias ? bias + j * width : NULL;
                 for (int64_t r = r0; r < r1; r += 32) {
                     const int rows = r1 - r < 32 ? (int)(r1 - r) : 32;
                     configure(rows, &configured);
-                    block(x + r * k, k, rows, w, r == r0 ? next : NULL, sums[which], &pending);
-                    pending = (Pending){sums[which], bias ? bias + j * 32 : NULL,
-                                       (char *)out + (r * n + j * 32) * (out_bf16 ? 2 : 4), n,
-                                       rows, cols, (int)out_bf16, 0};
+                    block(x + r * k, k, rows, w0, w1, r == r0 ? next : NULL, sums[which],
+                          &pending);
+                    pending = (Pending){sums[which], unit_bias,
+                                        silu && bias ? unit_bias + out_n : NULL,
+                                        (char *)out + (r * out_n + j * width) * elem, out_n,
+                                        rows, cols, (int)out_bf16, (int)silu, 0};
                     which ^= 1;
                 }
             }

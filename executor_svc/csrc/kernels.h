@@ -24,12 +24,20 @@ int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, i
 int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
            const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
            int64_t num_threads);
+/* A gate/up projection (gate's inter columns first) and SiLU-mul: out ([m, inter]) =
+ * silu(gate) * up of x @ w^T (+ bias), as linear into gate_up ([m, 2 inter], scratch) and
+ * silu_mul from it compute it, bit for bit; in one pass where the build has AMX (gate_up is
+ * then not written). */
+int linear_silu_mul(const void *x, const void *packed, int64_t weight_bf16, const float *bias,
+                    void *gate_up, void *out, int64_t act_bf16, int64_t m, int64_t inter,
+                    int64_t k, int64_t num_threads);
 /* 1 where this build runs a bf16 model's GEMM on AMX tiles and the OS lends them (asked
  * once); then linear_amx serves linear's bf16 x over bf16 weights where k is a multiple of
- * 32 (-1 for arguments it does not serve). */
+ * 32, and (silu) linear_silu_mul's where inter is too (-1 for arguments it does not serve). */
 int64_t gemm_amx(void);
 int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, void *out,
-               int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t num_threads);
+               int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t silu,
+               int64_t num_threads);
 int paged_attention(const void *query, int64_t query_stride, int64_t act_bf16,
                     const void *k_cache, const void *v_cache, int64_t kv_bf16,
                     const int64_t *block_tables, const int64_t *query_start,

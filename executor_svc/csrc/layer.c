@@ -156,20 +156,14 @@ int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *
     return 0;
 }
 
-/* out = silu(gate) * up, where each row of gate_up is [gate | up], inter values each; out is
- * [tokens, inter]. sigmoid(g) is taken through e = exp(-|g|) (1 / (1 + e) for g >= 0, else
- * e / (1 + e)), so exp8 only ever sees x <= 0. */
+/* out = silu(gate) * up (vec.h's silu_mul8), where each row of gate_up is [gate | up], inter
+ * values each; out is [tokens, inter]. */
 static inline __attribute__((always_inline)) void silu_mul_row(const void *gate, const void *up,
                                                                void *o, int64_t inter,
                                                                const int bf16) {
     const int64_t body = inter & ~(int64_t)7;
-    for (int64_t i = 0; i < body; i += 8) {
-        const v8 g = load8(gate, i, bf16);
-        const i8 negative = g < splat(0.0f);
-        const v8 e = exp8((v8)((i8)g | (i8)splat(-0.0f))); /* exp(-|g|) */
-        const v8 numerator = (v8)(((i8)e & negative) | ((i8)splat(1.0f) & ~negative));
-        store8(o, i, g * (numerator / (splat(1.0f) + e)) * load8(up, i, bf16), bf16);
-    }
+    for (int64_t i = 0; i < body; i += 8)
+        store8(o, i, silu_mul8(load8(gate, i, bf16), load8(up, i, bf16)), bf16);
     for (int64_t i = body; i < inter; i++) {
         const float g = load1(gate, i, bf16);
         store1(o, i, g / (1.0f + expf(-g)) * load1(up, i, bf16), bf16);

@@ -145,6 +145,16 @@ static inline v8 hsum8(const v8 a[8]) {
 
 static inline v8 exp8(v8 x) { return EXP_NONPOSITIVE(v8, i8, x); }
 
+/* silu(g) * u, as silu_mul computes it wherever it runs (layer.c's rows, or gemm_amx.c's
+ * store of a gate/up projection): sigmoid(g) through e = exp(-|g|), 1 / (1 + e) for g >= 0,
+ * else e / (1 + e), so exp8 only ever sees x <= 0. */
+static inline __attribute__((always_inline)) v8 silu_mul8(v8 g, v8 u) {
+    const i8 negative = g < splat(0.0f);
+    const v8 e = exp8((v8)((i8)g | (i8)splat(-0.0f))); /* exp(-|g|) */
+    const v8 numerator = (v8)(((i8)e & negative) | ((i8)splat(1.0f) & ~negative));
+    return g * (numerator / (splat(1.0f) + e)) * u;
+}
+
 /* Work below this many floats runs on the calling thread: forking the team would cost more
  * than the work. */
 #define PARALLEL_MIN_FLOATS 65536
