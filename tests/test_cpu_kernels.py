@@ -170,9 +170,10 @@ def test_greedy_matches_argmax_and_log_softmax(vocab, dtype):
 # Row panels of at most 6 (8-float builds) or 12 rows, rows dealt evenly (13: 5, 4, 4);
 # chunks of 12 or 6 panels, the last one short (77, 300), shared out by their work.
 @pytest.mark.parametrize("tokens", [1, 5, 6, 7, 13, 32, 77, 300])
-# k slices of at most 384 (float32 panels) or 768 (bfloat16 panels).
+# k slices of at most 384 (float32 panels) or 768 (bfloat16 panels); on AMX, chunks of as many
+# rows as 768 KiB of x holds: 4096 in-features make 300 tokens chunks of 96, 96, 96 and 12.
 @pytest.mark.parametrize("in_features,out_features", [(1, 1), (5, 17), (64, 16), (385, 49),
-                                                      (576, 960), (1537, 33)])
+                                                      (576, 960), (1537, 33), (4096, 40)])
 # float32: weights that are not bfloat16 values, and (a bf16 checkpoint served in float32)
 # weights that are, packed as bfloat16 losslessly; bfloat16: a bf16 model's weights and inputs.
 @pytest.mark.parametrize("model", ["float32", "float32 bf16 values", "bfloat16"])

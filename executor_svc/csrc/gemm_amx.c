@@ -13,8 +13,11 @@
  * k in float32 as vdpbf16ps does; every row's sums are the same for any count of rows (a
  * token's output does not depend on the step that computed it).
  *
- * Work is dealt like gemm.c's: chunks of AMX_MC rows by panels, each thread an even run of
- * (chunk, panel) pairs, so that a panel stays in cache while its chunk's blocks pass over it.
+ * Work is dealt like gemm.c's: chunks of rows by panels, each thread an even run of (chunk,
+ * panel) pairs, so that a panel stays in L1 while its chunk's blocks pass over it, and the
+ * chunk's x in L2 while its panels pass. A chunk holds as many rows as fill AMX_X_BYTES with
+ * x (the chunks of a call evened out, in whole blocks): every chunk reads the panels it
+ * crosses from L3 or memory again, so the fewer the better while x stays in L2.
  *
  * A gate/up projection (silu: gate's n / 2 columns first, then up's) can end in SiLU-mul
  * instead: a block's two columns of tiles are then 16 of gate's columns and the same 16 of
@@ -39,7 +42,7 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define AMX_MC 128 /* rows of a chunk: 128 x k bf16 of x stay in L2 while its panels pass */
+#define AMX_X_BYTES (768 * 1024) /* of the 2 MiB of L2 that every AMX core has */
 
 int64_t gemm_amx(void) {
     static int state; /* 0: not asked yet; 1: granted; -1: refused */
@@ -180,7 +183,10 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
     if (m == 0) return 0;
     /* Unit j, the columns of a block: panel j (its 32 outputs), or (silu) a half of gate's
      * panel j / 2 and the same half of up's (16 outputs): as many units as panels. */
-    const int64_t panels = (n + 31) / 32, up = panels / 2, chunks = (m + AMX_MC - 1) / AMX_MC;
+    const int64_t most = AMX_X_BYTES / (k * (int64_t)sizeof(uint16_t)) / 32 * 32;
+    const int64_t chunks = most ? (m + most - 1) / most : (m + 31) / 32;
+    const int64_t mc = ((m + chunks - 1) / chunks + 31) / 32 * 32; /* a chunk's rows */
+    const int64_t panels = (n + 31) / 32, up = panels / 2;
     const int64_t out_n = silu ? n / 2 : n, width = silu ? 16 : 32, elem = out_bf16 ? 2 : 4;
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
 #pragma omp parallel num_threads(num_threads) if (parallel)
@@ -194,7 +200,7 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
         const int64_t blocks = (m + 31) / 32;
         const int64_t from = blocks * panels * me / team, to = blocks * panels * (me + 1) / team;
         for (int64_t c = 0; c < chunks; c++) {
-            const int64_t r0 = c * AMX_MC, r1 = r0 + AMX_MC < m ? r0 + AMX_MC : m;
+            const int64_t r0 = c * mc, r1 = r0 + mc < m ? r0 + mc : m;
             const int64_t chunk_blocks = (r1 - r0 + 31) / 32;
             for (int64_t j = 0; j < panels; j++) {
                 const int64_t before = r0 / 32 * panels + j * chunk_blocks;
