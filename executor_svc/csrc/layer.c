@@ -91,22 +91,45 @@ static inline __attribute__((always_inline)) void rope_row(void *row, const floa
     }
 }
 
+/* Where slot `slot`'s keys (*k) and values (*v) of kv head g lie in caches in pair layout
+ * (attention.c, attend_dp): per kv head, K's dimensions 2d and 2d + 1 together in the tile's
+ * row d / 2 ... of block_size pairs, V's values beside those of the slot's pair partner (slots
+ * 2j and 2j + 1): the key's pair d at k[2 * d * block_size], the value's d at v[2 * d]. */
+static inline void pair_slot(void *k_cache, void *v_cache, int64_t slot, int64_t g,
+                             int64_t block_size, int64_t num_kv_heads, int64_t head_dim,
+                             uint16_t **k, uint16_t **v) {
+    const int64_t block = slot / block_size, j = slot % block_size;
+    const int64_t at = (block * num_kv_heads + g) * block_size * head_dim;
+    *k = (uint16_t *)k_cache + at + 2 * j;
+    *v = (uint16_t *)v_cache + at + (j / 2) * 2 * head_dim + j % 2;
+}
+
 /* A token's bf16 keys and values (num_kv_heads x head_dim each) into slot `slot` of caches in
- * pair layout (attention.c, attend_dp): per kv head, K's dimensions 2d and 2d + 1 together in
- * the tile's row d / 2 ... of block_size pairs, V's values beside those of the slot's pair
- * partner (slots 2j and 2j + 1). */
+ * pair layout. */
 static void write_pairs(const char *keys, const char *values, void *k_cache, void *v_cache,
                         int64_t slot, int64_t block_size, int64_t num_kv_heads,
                         int64_t head_dim) {
-    const int64_t block = slot / block_size, j = slot % block_size, tile = block_size * head_dim;
     for (int64_t g = 0; g < num_kv_heads; g++) {
-        const int64_t at = (block * num_kv_heads + g) * tile;
+        uint16_t *k, *v;
+        pair_slot(k_cache, v_cache, slot, g, block_size, num_kv_heads, head_dim, &k, &v);
         const char *key = keys + g * head_dim * 2;
         const uint16_t *value = (const uint16_t *)values + g * head_dim;
-        uint16_t *k = (uint16_t *)k_cache + at + 2 * j;
-        uint16_t *v = (uint16_t *)v_cache + at + (j / 2) * 2 * head_dim + j % 2;
         for (int64_t d = 0; d < head_dim / 2; d++) memcpy(k + 2 * d * block_size, key + 4 * d, 4);
         for (int64_t d = 0; d < head_dim; d++) v[2 * d] = value[d];
+    }
+}
+
+/* Fetches for writing the cache lines write_pairs will write for slot `slot`: a key's 4 bytes
+ * per dimension pair are each on a line of their own (SmolLM2: 32 lines a kv head, where the
+ * values take 4), and in a decode step each token's lines are in another block, cold: written
+ * one token after another, every store waited for its line. */
+static void fetch_pairs(void *k_cache, void *v_cache, int64_t slot, int64_t block_size,
+                        int64_t num_kv_heads, int64_t head_dim) {
+    for (int64_t g = 0; g < num_kv_heads; g++) {
+        uint16_t *k, *v;
+        pair_slot(k_cache, v_cache, slot, g, block_size, num_kv_heads, head_dim, &k, &v);
+        for (int64_t d = 0; d < head_dim / 2; d++) __builtin_prefetch(k + 2 * d * block_size, 1);
+        for (int64_t d = 0; d < 2 * head_dim; d += 32) __builtin_prefetch(v + d, 1);
     }
 }
 
@@ -126,9 +149,16 @@ int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *
         if (positions[t] < 0 || positions[t] >= num_positions) return 1;
         if (slots[t] < -1 || slots[t] >= num_slots) return 2;
     }
+    /* Threads from 8 tokens, however little rotating they do: a decode step's writes each
+     * wait on a cold line (fetch_pairs), and two threads wait on twice as many at once. The
+     * next token's lines are fetched where it writes to another block than this one (a
+     * prompt's tokens share their block's lines). */
 #pragma omp parallel for num_threads(num_threads) \
-    if (tokens * rotated * head_dim >= PARALLEL_MIN_FLOATS)
+    if (tokens * rotated * head_dim >= PARALLEL_MIN_FLOATS || tokens >= 8)
     for (int64_t t = 0; t < tokens; t++) {
+        if (pairs && t + 1 < tokens && slots[t + 1] >= 0 &&
+            slots[t + 1] / block_size != slots[t] / block_size)
+            fetch_pairs(k_cache, v_cache, slots[t + 1], block_size, num_kv_heads, head_dim);
         char *row = (char *)qkv + t * row_stride * elem;
         const float *c = cos + positions[t] * half, *s = sin + positions[t] * half;
         if (act_bf16) rope_row(row, c, s, rotated, head_dim, 1);
