@@ -72,9 +72,10 @@ static void configure(int rows, int *configured) {
     *configured = rows;
 }
 
-static inline __attribute__((always_inline)) void fetch_next(const char *next, int64_t k0) {
-    if (!next) return;
-    for (int line = 0; line < 32; line++) /* 32 k of a panel: 32 x 32 bf16, 2 KiB */
+/* Lines from ... to - 1 of the 32 (2 KiB) that hold k0 ... k0 + 31 of panel `next`. */
+static inline __attribute__((always_inline)) void fetch_next(const char *next, int64_t k0,
+                                                          int from, int to) {
+    for (int line = from; line < to; line++)
         __builtin_prefetch(next + k0 * 64 + line * 64, 0, 2);
 }
 
@@ -137,10 +138,12 @@ static inline void store_rows(Pending *p, int upto) {
  * of gate's and of up's), the float32 sums to `sums` ([32][w0's 16 | w1's 16]), while the
  * block before's (`pending`) are stored.
  * `next` (or NULL) is the panel the thread takes next: as each 32 k of this one are
- * multiplied, the same 2 KiB of it are fetched into L2, so that a decode step's weights
- * stream from memory without a wait at each panel's start. */
+ * multiplied, lines from ... to - 1 of the same 2 KiB of it are fetched into L2 (the chunk's
+ * blocks each a share), so that a decode step's weights stream from memory without a wait
+ * at each panel's start. */
 static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w0,
-                         const uint16_t *w1, const char *next, float *sums, Pending *pending) {
+                         const uint16_t *w1, const char *next, int from, int to, float *sums,
+                         Pending *pending) {
     const int per_step = (pending->rows * 32 + k - 1) / k; /* rows stored per 32 k */
     const int64_t stride = k * (int64_t)sizeof(uint16_t);
     const int two = rows > 16; /* a second row of tiles: rows 16-31 */
@@ -151,7 +154,7 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
         _tile_zero(3);
     }
     for (int64_t k0 = 0; k0 < k; k0 += 32) {
-        fetch_next(next, k0);
+        if (next) fetch_next(next, k0, from, to);
         /* each load just before the first product that needs it, so that the loads overlap
          * the products before them */
         _tile_loadd(4, x + k0, stride);
@@ -217,8 +220,11 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
                 for (int64_t r = r0; r < r1; r += 32) {
                     const int rows = r1 - r < 32 ? (int)(r1 - r) : 32;
                     configure(rows, &configured);
-                    block(x + r * k, k, rows, w0, w1, r == r0 ? next : NULL, sums[which],
-                          &pending);
+                    /* the chunk's blocks share the fetching of the next panel (fetched by
+                     * the first block alone, it left memory idle while the others ran) */
+                    const int part = (int)((r - r0) / 32), parts = (int)chunk_blocks;
+                    block(x + r * k, k, rows, w0, w1, next, part * 32 / parts,
+                          (part + 1) * 32 / parts, sums[which], &pending);
                     pending = (Pending){sums[which], unit_bias,
                                         silu && bias ? unit_bias + out_n : NULL,
                                         (char *)out + (r * out_n + j * width) * elem, out_n,
