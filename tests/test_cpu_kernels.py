@@ -58,7 +58,7 @@ def test_add_rms_norm(tokens, hidden, with_x, dtype):
 
 
 @pytest.mark.parametrize("block_size", [2, 16])
-@pytest.mark.parametrize("tokens", [1, 5, 12, 300])  # 12: few to rotate, on threads all the same
+@pytest.mark.parametrize("tokens", [1, 5, 12, 300])  # 12: on threads for the cache writes alone
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 8), (9, 3, 64), (2, 1, 6)])
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
