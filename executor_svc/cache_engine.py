@@ -81,6 +81,8 @@ class CacheEngine:
         pairs = torch.as_tensor(pairs, dtype=torch.int64).cpu()
         if pairs.dim() != 2 or pairs.shape[1] != 2:
             raise ValueError(f"{op}: pairs must have shape [N, 2], got {list(pairs.shape)}")
+        if not len(pairs):  # most steps: nothing to check (the checks' tensor ops cost 20 us)
+            return pairs
         for ids, pool in zip(pairs.T, _POOLS[op]):
             size = self.num_device_blocks if pool == "device" else self.num_cpu_blocks
             bad = ids[(ids < 0) | (ids >= size)]
