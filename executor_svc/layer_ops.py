@@ -50,7 +50,8 @@ class LayerOps:
 
     def greedy(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Each row's argmax (``[S]`` int64, the first on ties) and its log-probability under
-        the row's softmax (``[S]`` float32) of float32 ``logits``."""
+        the row's softmax (``[S]`` float32) of ``logits`` (any float dtype, widened)."""
+        logits = logits.float()
         token_ids = logits.argmax(-1)
         logprobs = torch.log_softmax(logits, -1).gather(-1, token_ids[:, None]).squeeze(1)
         return token_ids, logprobs

@@ -178,12 +178,15 @@ class PagedLlamaForCausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """Float32 logits ``[N, vocab]`` of the given hidden states."""
+        """Logits ``[N, vocab]`` of the given hidden states, in the model's dtype (a bf16
+        model's head rounds them to bf16 either way): the greedy kernel reads them as they
+        are, and whatever computes on them in float32 widens them (``.float()``), so that a
+        greedy step does not write and read a float32 copy of them all."""
         if self.packed_head is not None:
-            return self.packed_head(hidden).float()
+            return self.packed_head(hidden)
         if not self.config.tie_word_embeddings:
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.model.embed_tokens.weight).float()
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,

@@ -44,11 +44,11 @@ class Sampler:
                  generators: list[torch.Generator | None]) -> SamplerOutput:
         params = [seq.params for seq in seqs]
         if all(_plain_greedy(seq) for seq in seqs):
-            token_ids, sampled_logprobs = self.greedy(logits)
-            none = logits.new_empty(len(params), 0)
+            token_ids, sampled_logprobs = self.greedy(logits)  # in the logits' own dtype
+            none = sampled_logprobs.new_empty(len(params), 0)
             return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
                                  top_token_ids=none.long(), top_logprobs=none)
-        raw = logits
+        raw = logits = logits.float()
         if any(logits_processors.adjusts(seq) for seq in seqs):
             logits = logits_processors.process(logits, seqs)
         argmax = [_is_argmax(p) for p in params]
@@ -81,7 +81,7 @@ def score(logits: Tensor, token_ids: Tensor,
           num_top: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Under each row's raw distribution: the logprob and rank of the row's token in
     ``token_ids``, and the row's ``num_top`` most likely tokens and their logprobs."""
-    logprobs = torch.log_softmax(logits, -1)
+    logprobs = torch.log_softmax(logits.float(), -1)
     chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(1)
     top_logprobs, top_token_ids = logprobs.topk(num_top, -1)
     return chosen, _ranks(logprobs, chosen), top_token_ids, top_logprobs

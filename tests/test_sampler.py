@@ -1,6 +1,7 @@
 """The sampler: greedy, temperature, top-k, top-p, seeds and logprobs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pagedserve.common.sampling import SamplingParams
@@ -127,3 +128,24 @@ def test_all_greedy_batch_is_the_same_through_the_cpu_kernel_and_torch(monkeypat
     assert fast.top_token_ids.shape == slow.top_token_ids.shape == (5, 0)
     assert fast.top_logprobs.shape == slow.top_logprobs.shape == (5, 0)
     assert fast.top_token_ids.dtype == slow.top_token_ids.dtype
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("params", [
+    [SamplingParams(temperature=0)] * 4,  # the greedy kernel, on bf16 as they are
+    [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=1.5, seed=7)] * 2])
+def test_a_bf16_models_logits_sample_as_their_float32_widening(monkeypatch, kernels, params):
+    """A bf16 model's head gives bf16 logits (``compute_logits``); every path reads them as
+    the float32 numbers they are."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    logits = random_logits(4, seed=5).bfloat16()
+    generators = [[seeded(p.seed) if p.seed is not None else None for p in params]
+                  for _ in range(2)]
+    half = sample(logits, params, generators[0])
+    wide = sample(logits.float(), params, generators[1])
+    assert torch.equal(half.token_ids, wide.token_ids)
+    assert half.logprobs.dtype == torch.float32
+    torch.testing.assert_close(half.logprobs, wide.logprobs, rtol=0, atol=0)
+    assert torch.equal(half.top_token_ids, wide.top_token_ids)
+    torch.testing.assert_close(half.top_logprobs, wide.top_logprobs, rtol=0, atol=0)
