@@ -223,11 +223,79 @@ int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, i
  * largest logit (the first one on ties, and the first NaN where there is one, as torch.argmax)
  * and that token's log-probability, -log(sum(exp(logits - max))). One pass finds the maximum
  * and where it first is (per lane, then across lanes); a second sums, while the row is still
- * in cache. */
-static inline __attribute__((always_inline)) void greedy_row(const void *x, int64_t vocab,
-                                                             int64_t *token_id, float *logprob,
-                                                             const int bf16) {
-    const int64_t body = vocab & ~(int64_t)7;
+ * in cache. Both passes take GREEDY_LANES values at a time: 16 where the build has AVX-512
+ * (two chains of 16 in the first pass, so that a compare does not wait for the last one's
+ * blend), else 8; past the last whole vector, one at a time. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define GREEDY_LANES 16
+
+typedef float v16g __attribute__((vector_size(64)));
+typedef int32_t i16g __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) __m512 load16(const void *p, int64_t i,
+                                                           const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* One vector of 16 values from index i into a chain's running maxima and their indices. */
+static inline __attribute__((always_inline)) void top_step(__m512 xi, int64_t i, __m512i lanes,
+                                                           __m512 *best, __m512i *where,
+                                                           __mmask16 *nan) {
+    const __mmask16 above = _mm512_cmp_ps_mask(xi, *best, _CMP_GT_OQ);
+    *nan |= _mm512_cmp_ps_mask(xi, xi, _CMP_UNORD_Q);
+    *best = _mm512_mask_mov_ps(*best, above, xi);
+    *where = _mm512_mask_mov_epi32(*where, above,
+                                   _mm512_add_epi32(lanes, _mm512_set1_epi32((int)i)));
+}
+
+/* The largest of x's first `body` values (a multiple of 32 or not: a last vector of 16 runs
+ * alone), where it first is, and whether any is NaN. */
+static inline __attribute__((always_inline)) void greedy_top(const void *x, int64_t body,
+                                                             float *max, int64_t *token,
+                                                             int *any_nan, const int bf16) {
+    __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i where[2] = {lanes, _mm512_add_epi32(lanes, _mm512_set1_epi32(16))};
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 32 <= body; i += 32) {
+        top_step(load16(x, i, bf16), i, lanes, &best[0], &where[0], &nan);
+        top_step(load16(x, i + 16, bf16), i + 16, lanes, &best[1], &where[1], &nan);
+    }
+    if (i < body) top_step(load16(x, i, bf16), i, lanes, &best[0], &where[0], &nan);
+    float top = -INFINITY;
+    int64_t at = 0;
+    for (int c = 0; c < 2; c++) {
+        float b[16];
+        int32_t w[16];
+        _mm512_storeu_ps(b, best[c]);
+        _mm512_storeu_si512(w, where[c]);
+        for (int l = 0; l < 16; l++)
+            if (w[l] < body && (b[l] > top || (b[l] == top && w[l] < at))) top = b[l], at = w[l];
+    }
+    *max = top, *token = at, *any_nan = nan != 0;
+}
+
+static inline __attribute__((always_inline)) float greedy_sum(const void *x, int64_t body,
+                                                              float max, const int bf16) {
+    v16g even = {0}, odd = {0};
+    int64_t i = 0;
+    for (; i + 32 <= body; i += 32) {
+        even += EXP_NONPOSITIVE(v16g, i16g, (v16g)load16(x, i, bf16) - max);
+        odd += EXP_NONPOSITIVE(v16g, i16g, (v16g)load16(x, i + 16, bf16) - max);
+    }
+    if (i < body) even += EXP_NONPOSITIVE(v16g, i16g, (v16g)load16(x, i, bf16) - max);
+    return _mm512_reduce_add_ps((__m512)(even + odd));
+}
+#else
+#define GREEDY_LANES 8
+
+static inline __attribute__((always_inline)) void greedy_top(const void *x, int64_t body,
+                                                             float *max, int64_t *token,
+                                                             int *any_nan, const int bf16) {
     v8 best = splat(-INFINITY);
     i8 where = {0, 1, 2, 3, 4, 5, 6, 7}, lanes = where, nan = {0};
     for (int64_t i = 0; i < body; i += 8) {
@@ -237,14 +305,33 @@ static inline __attribute__((always_inline)) void greedy_row(const void *x, int6
         best = (v8)(((i8)xi & above) | ((i8)best & ~above));
         where = ((lanes + (int32_t)i) & above) | (where & ~above);
     }
-    float max = body ? best[0] : load1(x, 0, bf16);
-    int64_t token = body ? where[0] : 0;
-    for (int i = 1; i < 8 && body; i++)
-        if (best[i] > max || (best[i] == max && where[i] < token)) max = best[i], token = where[i];
+    float top = best[0];
+    int64_t at = where[0];
+    for (int i = 1; i < 8; i++)
+        if (best[i] > top || (best[i] == top && where[i] < at)) top = best[i], at = where[i];
+    int seen_nan = 0;
+    for (int i = 0; i < 8; i++) seen_nan |= nan[i];
+    *max = top, *token = at, *any_nan = seen_nan;
+}
+
+static inline __attribute__((always_inline)) float greedy_sum(const void *x, int64_t body,
+                                                              float max, const int bf16) {
+    v8 sums = splat(0.0f);
+    for (int64_t i = 0; i < body; i += 8) sums += exp8(load8(x, i, bf16) - splat(max));
+    return hsum(sums);
+}
+#endif
+
+static inline __attribute__((always_inline)) void greedy_row(const void *x, int64_t vocab,
+                                                             int64_t *token_id, float *logprob,
+                                                             const int bf16) {
+    const int64_t body = vocab & ~(int64_t)(GREEDY_LANES - 1);
+    float max = load1(x, 0, bf16);
+    int64_t token = 0;
+    int any_nan = 0;
+    if (body) greedy_top(x, body, &max, &token, &any_nan, bf16);
     for (int64_t i = body; i < vocab; i++)
         if (load1(x, i, bf16) > max) max = load1(x, i, bf16), token = i;
-    int any_nan = 0;
-    for (int i = 0; i < 8; i++) any_nan |= nan[i];
     for (int64_t i = body; i < vocab; i++) any_nan |= isnan(load1(x, i, bf16));
     if (any_nan || max == INFINITY) { /* torch's log_softmax gives NaN for these rows */
         for (int64_t i = 0; i < vocab && any_nan; i++)
@@ -253,9 +340,7 @@ static inline __attribute__((always_inline)) void greedy_row(const void *x, int6
         *logprob = NAN;
         return;
     }
-    v8 sums = splat(0.0f);
-    for (int64_t i = 0; i < body; i += 8) sums += exp8(load8(x, i, bf16) - splat(max));
-    float sum = hsum(sums);
+    float sum = body ? greedy_sum(x, body, max, bf16) : 0.0f;
     for (int64_t i = body; i < vocab; i++) sum += expf(load1(x, i, bf16) - max);
     *token_id = token;
     *logprob = -logf(sum);
