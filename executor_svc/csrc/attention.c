@@ -181,12 +181,15 @@ static inline Fetch item_fetch_tiles(const Work *w, const int64_t *item, int64_t
 
 /* At the start of the span at block `first`: fetch what is left of it, aim at the next span
  * (past the item's last, at the first span of `then`, the item this thread likely takes
- * next), and return how many lines to fetch at each of the span's `chunks` pieces of work. */
+ * next), and return how many lines to fetch at each of the span's `chunks` pieces of work.
+ * An empty cursor ((Fetch){0}: no item next, taken over from `then` at an earlier span) has
+ * nothing to fetch. */
 static inline __attribute__((always_inline)) int64_t fetch_next_span(Fetch *p, int64_t first,
                                                                      int64_t span_blocks,
                                                                      int64_t chunks,
                                                                      const Fetch *then) {
     fetch_some(p, INT64_MAX);
+    if (!p->block_size) return 0;
     const int64_t blocks = (p->len + p->block_size - 1) / p->block_size;
     p->end = first + 2 * span_blocks < blocks ? first + 2 * span_blocks : blocks;
     if (p->b >= p->end) *p = *then;
