@@ -6,13 +6,13 @@ numbers that the loop replaces whole and the Prometheus HTTP thread only reads.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
-from weakref import WeakKeyDictionary
 
 from pagedserve.scheduler_svc.prometheus import PrometheusMetrics
 from pagedserve.scheduler_svc.scheduler import Scheduler
-from pagedserve.scheduler_svc.sequence import Request, Sequence
+from pagedserve.scheduler_svc.sequence import Request
 
 WINDOW = 10_000     # latest latencies kept for percentiles
 HISTORY_S = 60.0    # token totals kept this long, for throughput over a recent window
@@ -48,9 +48,6 @@ class Metrics:
         self.e2e: deque[float] = deque(maxlen=WINDOW)
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        # Per sequence: its output tokens and the time of the last one, when last observed.
-        # Weak keys: an aborted sequence is never observed again, and must not stay here.
-        self._last_token: WeakKeyDictionary[Sequence, tuple[int, float]] = WeakKeyDictionary()
         self.num_finished = 0
         self.start_time = time.monotonic()
         # (time, prompt_tokens, generation_tokens) after each observed step, oldest first.
@@ -82,16 +79,25 @@ class Metrics:
 
     def observe(self, requests: list[Request], now: float) -> None:
         """Record the output the last step gave ``requests``."""
+        prompt_tokens, generation_tokens = self.prompt_tokens, self.generation_tokens
+        gaps: dict[float, int] = {}  # this step's inter-token gaps, equal ones counted together
         for request in requests:
-            self._observe_tokens(request, now)
+            self._observe_tokens(request, now, gaps)
             if request.is_finished:
                 self.num_finished += 1
                 self._record(self.e2e, self.prometheus.e2e, now - request.arrival_time)
+        for gap, count in gaps.items():
+            self.itl.extend(itertools.repeat(gap, count))
+            self.prometheus.itl.observe(gap, count)
+        if self.prompt_tokens > prompt_tokens:
+            self.prometheus.prompt_tokens.inc(self.prompt_tokens - prompt_tokens)
+        if self.generation_tokens > generation_tokens:
+            self.prometheus.generation_tokens.inc(self.generation_tokens - generation_tokens)
         self._history.append((now, self.prompt_tokens, self.generation_tokens))
         while self._history and self._history[0][0] < now - HISTORY_S:
             self._history.popleft()
 
-    def _observe_tokens(self, request: Request, now: float) -> None:
+    def _observe_tokens(self, request: Request, now: float, gaps: dict[float, int]) -> None:
         generated = sum(seq.num_output_tokens for seq in request.seqs)
         new = generated - request.num_generated
         if new <= 0:
@@ -100,23 +106,22 @@ class Metrics:
             request.first_token_time = now
             self._record(self.ttft, self.prometheus.ttft, now - request.arrival_time)
             self.prompt_tokens += len(request.prompt_token_ids)
-            self.prometheus.prompt_tokens.inc(len(request.prompt_token_ids))
-        self._observe_gaps(request, now)
+        self._observe_gaps(request, now, gaps)
         request.num_generated = generated
         self.generation_tokens += new
-        self.prometheus.generation_tokens.inc(new)
 
-    def _observe_gaps(self, request: Request, now: float) -> None:
+    @staticmethod
+    def _observe_gaps(request: Request, now: float, gaps: dict[float, int]) -> None:
         """Inter-token latency: for each sequence with a new token, the time since its own
         previous one. A sequence's first token ends no gap: the wait for a forked sample's
         first token (n > 1) is not inter-token time. (A beam forked from another starts
         here afresh too; the beam it was forked from goes on, and records the step.)"""
         for seq in request.seqs:
-            count, last = self._last_token.get(seq, (0, None))
-            if seq.num_output_tokens > count:
-                if last is not None:
-                    self._record(self.itl, self.prometheus.itl, now - last)
-                self._last_token[seq] = (seq.num_output_tokens, now)
+            if seq.num_output_tokens > seq.num_observed_tokens:
+                if seq.last_token_time is not None:
+                    gap = now - seq.last_token_time
+                    gaps[gap] = gaps.get(gap, 0) + 1
+                seq.num_observed_tokens, seq.last_token_time = seq.num_output_tokens, now
 
     @staticmethod
     def _record(window: deque, histogram, seconds: float) -> None:

@@ -160,7 +160,7 @@ class DeltaTracker:
         visible = len(seq.output_text) if seq.is_finished else max(
             self.sent_text[index], len(seq.output_text) - self.holdback)
         text = seq.output_text[self.sent_text[index]:visible]
-        tokens = seq.output_token_ids[self.sent_tokens[index]:]
+        tokens = seq.token_ids[seq.num_prompt_tokens + self.sent_tokens[index]:]  # no copy of all
         logprobs = self._logprobs(seq.logprobs[self.sent_tokens[index]:])
         self.sent_text[index] = visible
         self.sent_tokens[index] += len(tokens)

@@ -7,10 +7,15 @@ thread only reads.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
+import threading
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
 
 # vLLM's bucket boundaries, in seconds.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -22,6 +27,34 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 LABELS = ["model_name"]
 
 
+class Histogram:
+    """A latency histogram that takes equal observations together (``observe(value,
+    count)``): the sequences of a step mostly share one inter-token gap, and a step of 256
+    sequences observed one by one through prometheus_client's histogram cost about 0.4 ms.
+    The step loop observes, the HTTP thread reads (``family``), under a lock."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.bounds = name, doc, buckets
+        self._counts = [0] * (len(buckets) + 1)  # per bucket, the last one past every bound
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, count: int = 1) -> None:
+        at = bisect.bisect_left(self.bounds, value)  # the first bound >= value: "le"
+        with self._lock:
+            self._counts[at] += count
+            self._sum += value * count
+
+    def family(self, labels: list[str]) -> HistogramMetricFamily:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative = list(itertools.accumulate(counts))
+        names = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        family = HistogramMetricFamily(self.name, self.doc, labels=LABELS)
+        family.add_metric(labels, list(zip(names, cumulative)), total)
+        return family
+
+
 class PrometheusMetrics:
     """The registry; ``snapshot()`` returns the loop's latest snapshot dict."""
 
@@ -30,27 +63,26 @@ class PrometheusMetrics:
         self.model_name = model_name
         self.snapshot = snapshot
 
-        def histogram(name, doc, buckets):
-            return Histogram(name, doc, LABELS, buckets=buckets,
-                             registry=self.registry).labels(model_name)
-
         def counter(name, doc):
             return Counter(name, doc, LABELS, registry=self.registry).labels(model_name)
 
-        self.ttft = histogram("vllm:time_to_first_token_seconds",
+        self.ttft = Histogram("vllm:time_to_first_token_seconds",
                               "Time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = histogram("vllm:inter_token_latency_seconds",
+        self.itl = Histogram("vllm:inter_token_latency_seconds",
                              "Time between a request's successive output steps in seconds.",
                              ITL_BUCKETS)
-        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds",
                              "End to end latency of finished requests in seconds.", E2E_BUCKETS)
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
         self.registry.register(self)
 
     def collect(self):
-        """Gauges and counters read from the snapshot (the registry calls this at scrape)."""
+        """The latency histograms, and gauges and counters read from the snapshot (the registry
+        calls this at scrape)."""
         snap, labels = self.snapshot(), [self.model_name]
+        for histogram in (self.ttft, self.itl, self.e2e):
+            yield histogram.family(labels)
         for name, key, doc in (
                 ("vllm:num_requests_running", "running", "Requests on the device."),
                 ("vllm:num_requests_waiting", "waiting", "Requests waiting to be admitted."),

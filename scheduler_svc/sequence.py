@@ -48,6 +48,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.detokenizer = None   # set by the frontend
+        # For the metrics: the output tokens they counted, and when the last of them came.
+        self.num_observed_tokens = 0
+        self.last_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +83,7 @@ class Sequence:
         child.seq_id = seq_id
         child.sample_index = self.sample_index if sample_index is None else sample_index
         child.token_ids, child.logprobs = list(self.token_ids), list(self.logprobs)
+        child.num_observed_tokens, child.last_token_time = 0, None  # its tokens start anew
         if self.detokenizer is not None:
             child.detokenizer = self.detokenizer.fork()
         return child
@@ -147,4 +151,7 @@ class Request:
     def is_finished(self) -> bool:
         if self.beam is not None:
             return self.beam.done
-        return all(seq.is_finished for seq in self.seqs)
+        for seq in self.seqs:  # a loop, not all(...): called a few times per token
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True

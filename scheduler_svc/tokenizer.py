@@ -29,6 +29,9 @@ class Tokenizer:
         self.eos_token_ids = eos_token_ids
         added = tokenizer.get_added_tokens_decoder().items()
         self.all_special_ids = sorted(id_ for id_, token in added if token.special)
+        # (token id, skip_special_tokens) -> that one token's text: streaming decodes each
+        # new token alone once it is out (IncrementalDetokenizer._emit). At most 2 x vocab.
+        self._one_token: dict[tuple[int, bool], str] = {}
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> Tokenizer:
@@ -63,6 +66,13 @@ class Tokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``; bytes of an incomplete character come out as U+FFFD."""
+        if len(token_ids) == 1:
+            key = (token_ids[0], skip_special_tokens)
+            text = self._one_token.get(key)
+            if text is None:
+                text = self._one_token[key] = self._tokenizer.decode(
+                    [token_ids[0]], skip_special_tokens=skip_special_tokens)
+            return text
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.scheduler_svc.metrics import Metrics
+from pagedserve.scheduler_svc.prometheus import PrometheusMetrics
 from pagedserve.scheduler_svc.sequence import Request, Sequence
 
 
@@ -46,3 +49,30 @@ def test_a_step_without_new_tokens_records_nothing():
     _step(metrics, request, 1.0, 0, 1)
     _step(metrics, request, 2.0)
     assert (list(metrics.ttft), list(metrics.itl), metrics.generation_tokens) == ([1.0], [], 2)
+
+
+def test_a_beam_forked_mid_output_records_no_gap_at_its_first_token():
+    metrics, request = Metrics("m"), _request(n=1)
+    _step(metrics, request, 1.0, 0)
+    _step(metrics, request, 2.0, 0)
+    request.seqs.append(request.seqs[0].fork(1))  # copies the output so far, not its timing
+    _step(metrics, request, 4.0, 1)
+    assert list(metrics.itl) == pytest.approx([1.0])
+    _step(metrics, request, 4.5, 0, 1)
+    assert list(metrics.itl) == pytest.approx([1.0, 2.5, 0.5])
+
+
+def test_histograms_count_equal_observations_together_in_le_buckets():
+    prometheus = PrometheusMetrics("m", dict)
+    prometheus.itl.observe(0.02, 3)
+    prometheus.itl.observe(0.3)  # on a bound: counted in its bucket ("le")
+    prometheus.itl.observe(100.0)  # past every bound
+    text = generate_latest(prometheus.registry).decode()
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "vllm:inter_token_latency_seconds")
+    samples = {(s.name.rsplit("_", 1)[-1], s.labels.get("le")): s.value for s in family.samples}
+    assert samples["bucket", "0.01"] == 0 and samples["bucket", "0.025"] == 3
+    assert samples["bucket", "0.2"] == 3 and samples["bucket", "0.3"] == 4
+    assert samples["bucket", "80.0"] == 4 and samples["bucket", "+Inf"] == 5
+    assert samples["count", None] == 5
+    assert samples["sum", None] == pytest.approx(0.06 + 0.3 + 100.0)
