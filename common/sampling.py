@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 # The fields a model's generation_config.json may give a default for (vLLM's default
 # ``--generation-config auto``), with vLLM's own defaults. A request that leaves one unset
 # (None) gets the model's default on the scheduler, else this one.
+# A temperature below this samples greedily, as vLLM's: logits divided by less overflow
+# float32 (5e-324 is 0 there), and their softmax would be NaN.
+GREEDY_BELOW = 1e-5
 MODEL_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
                   "repetition_penalty": 1.0, "max_tokens": 16}
 
@@ -21,7 +24,8 @@ class SamplingParams:
     """How to sample the completions of one request.
 
     n: completions to return. best_of: completions to generate, the best ``n`` returned.
-    temperature: 0 means greedy. top_p: nucleus mass in (0, 1]. top_k: 0 (or -1) disables.
+    temperature: 0 (below ``GREEDY_BELOW``) means greedy. top_p: nucleus mass in (0, 1].
+    top_k: 0 (or -1) disables.
     min_p: drop the tokens less likely than ``min_p`` times the most likely one, in [0, 1].
     seed: per-request seed; a seeded request samples the same tokens whatever else is batched.
     max_tokens: new tokens at most. min_tokens: new tokens before EOS, ``stop_token_ids`` or a
@@ -85,7 +89,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def _validate(self) -> None:
         _check_int("n", self.n, low=1)
@@ -201,7 +205,7 @@ class SamplerParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalised(self) -> bool:

@@ -68,7 +68,9 @@ def penalise(logits: Tensor, seqs: list[SeqState]) -> Tensor:
         torch.tensor([getattr(seq.params, name) for seq in seqs], dtype=logits.dtype,
                      device=logits.device)[:, None]
         for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
-    penalty = torch.where(in_prompt | in_output, repetition, 1.0)
+    # Within [1e-30, 1e30]: a penalty that float32 rounds to 0 or inf would make a logit
+    # inf (x / 0) or NaN (0 x inf); at either bound the outcome is already certain.
+    penalty = torch.where(in_prompt | in_output, repetition.clamp(1e-30, 1e30), 1.0)
     logits = torch.where(logits > 0, logits / penalty, logits * penalty)
     return logits - frequency * output_counts - presence * in_output
 

@@ -113,7 +113,8 @@ def _num_top(params: SamplerParams) -> int:
 def _sample(logits: Tensor, params: list[SamplerParams],
             generators: list[torch.Generator | None]) -> Tensor:
     # Greedy rows get temperature 1 here; their draw is discarded.
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params],
+                               device=logits.device)
     logits = logits / temperature[:, None]
     if any(p.min_p for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=logits.device)
@@ -128,7 +129,8 @@ def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     whose probability reaches top-p. top_k 0 and top_p 1 disable."""
     vocab = logits.shape[-1]
     k = torch.tensor([k or vocab for k in top_k], device=logits.device)
-    p = torch.tensor(top_p, device=logits.device)
+    # Never 0: a top_p that float32 rounds to 0 (1e-300) would mask the top token too.
+    p = torch.tensor(top_p, device=logits.device).clamp_min(torch.finfo(torch.float32).tiny)
     sorted_logits, order = logits.sort(-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
     sorted_logits.masked_fill_(rank >= k[:, None], float("-inf"))
@@ -155,5 +157,9 @@ def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
     cdf = probs.double().cumsum_(-1)
     total = cdf[:, -1:]
     # below the total, so that the first sum above the target is a token with probability > 0
-    target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    target = torch.minimum(uniform[:, None] * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
+    # A row of NaN probabilities (NaN logits: the model's; the params cannot make them) would
+    # give the vocabulary's size, an index past it: it takes the last token (its logprob says
+    # NaN), and the step goes on for every other row. No check that would wait for a GPU.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

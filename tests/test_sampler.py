@@ -149,3 +149,40 @@ def test_a_bf16_models_logits_sample_as_their_float32_widening(monkeypatch, kern
     torch.testing.assert_close(half.logprobs, wide.logprobs, rtol=0, atol=0)
     assert torch.equal(half.top_token_ids, wide.top_token_ids)
     torch.testing.assert_close(half.top_logprobs, wide.top_logprobs, rtol=0, atol=0)
+
+
+# Params that validation lets through but float32 cannot carry: 5e-324 and 1e-39 are 0 there,
+# so dividing by them gave inf logits and NaN probabilities, and the draw an index past the
+# vocabulary, which failed the whole step for every sequence in it.
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-39),
+    SamplingParams(temperature=9e-6, seed=3),
+    SamplingParams(repetition_penalty=1e-300), SamplingParams(repetition_penalty=1e-40),
+    SamplingParams(repetition_penalty=1e300), SamplingParams(top_p=1e-300),
+    SamplingParams(top_p=1e-300, temperature=1e-300)])
+def test_extreme_params_sample_tokens_of_the_vocabulary_beside_other_rows(params):
+    logits = random_logits(4, seed=5)
+    logits[1, 1] = 0.0  # a logit of 0 on a penalised token: 0 x inf would be NaN
+    ordinary = SamplingParams(temperature=0.8, seed=11)
+    histories = [[0, 1, 3]] * 4
+    out = sample(logits.clone(), [params, params, ordinary, params], [None, None, seeded(1), None],
+                 histories)
+    alone = sample(logits[2:3].clone(), [ordinary], [seeded(1)], histories[:1])
+    assert ((out.token_ids >= 0) & (out.token_ids < VOCAB)).all()
+    assert out.token_ids[2] == alone.token_ids[0]  # the ordinary row is untouched
+    if params.greedy:  # below GREEDY_BELOW: the argmax, as vLLM
+        assert out.token_ids.tolist()[:2] == logits[:2].argmax(-1).tolist()
+    if params.top_p < 1e-10:  # the nucleus is the top token alone
+        assert out.token_ids[0] == logits[0].argmax()
+
+
+def test_a_row_of_nan_logits_takes_a_token_of_the_vocabulary_and_spares_the_others():
+    logits = random_logits(3, seed=6)
+    logits[1] = float("nan")
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+    out = sample(logits.clone(), params, [seeded(s) for s in (1, 2, 3)])
+    assert ((out.token_ids >= 0) & (out.token_ids < VOCAB)).all()
+    assert torch.isnan(out.logprobs[1]) and torch.isfinite(out.logprobs[[0, 2]]).all()
+    for row in (0, 2):
+        alone = sample(logits[row:row + 1].clone(), [params[row]], [seeded(row + 1)])
+        assert out.token_ids[row] == alone.token_ids[0]
