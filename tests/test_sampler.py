@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc import cpu_kernels
@@ -186,3 +188,17 @@ def test_a_row_of_nan_logits_takes_a_token_of_the_vocabulary_and_spares_the_othe
     for row in (0, 2):
         alone = sample(logits[row:row + 1].clone(), [params[row]], [seeded(row + 1)])
         assert out.token_ids[row] == alone.token_ids[0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(temperature=st.one_of(st.floats(0.0, 3.0), st.sampled_from([5e-324, 1e-39, 1e-5])),
+       top_p=st.floats(0.0, 1.0, exclude_min=True), top_k=st.integers(0, VOCAB + 5),
+       min_p=st.floats(0.0, 1.0),
+       repetition_penalty=st.floats(0.0, 1e308, exclude_min=True),
+       frequency_penalty=st.floats(-2.0, 2.0), presence_penalty=st.floats(-2.0, 2.0))
+def test_any_valid_params_sample_a_token_of_the_vocabulary_with_a_finite_logprob(**fields):
+    params = SamplingParams(**fields)
+    out = sample(random_logits(2, seed=8), [params, params], histories=[[0, 1, 5, 5]] * 2,
+                 num_prompt_tokens=2)
+    assert ((out.token_ids >= 0) & (out.token_ids < VOCAB)).all()
+    assert torch.isfinite(out.logprobs).all()
