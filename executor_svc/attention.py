@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pagedserve.executor_svc.rope import StepRope, apply_rope
@@ -35,20 +35,24 @@ class StepLayout(NamedTuple):
               query_lens: list[int], block_size: int) -> StepLayout:
         """The layout of a step in which sequence ``i`` has ``num_computed_tokens[i]`` tokens
         cached and computes ``query_lens[i]`` new ones; its block table must cover all of
-        them (a ``ValueError`` says which does not)."""
+        them (a ``ValueError`` says which does not). Built in numpy: a dozen torch operators
+        on tensors this small cost their dispatch, 113 against 34 us at 32 sequences."""
         _check_step(block_tables, num_computed_tokens, query_lens, block_size)
         width = max((len(t) for t in block_tables), default=0)
-        tables = torch.tensor([table + [0] * (width - len(table)) for table in block_tables],
-                              dtype=torch.int64).view(-1, width)
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        seq_lens = torch.tensor(num_computed_tokens, dtype=torch.int64) + q_lens
-        query_start_loc = F.pad(q_lens.cumsum(0), (1, 0))
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        offsets = torch.arange(len(seq_of_token)) - query_start_loc[seq_of_token]
-        positions = (seq_lens - q_lens)[seq_of_token] + offsets
+        tables = np.zeros((len(block_tables), width), np.int64)
+        for row, table in zip(tables, block_tables):
+            row[:len(table)] = table
+        q_lens = np.array(query_lens, np.int64)
+        computed = np.array(num_computed_tokens, np.int64)
+        query_start_loc = np.zeros(len(q_lens) + 1, np.int64)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+        positions = computed[seq_of_token] + np.arange(len(seq_of_token)) - query_start_loc[
+            seq_of_token]
         slots = (tables[seq_of_token, positions // block_size] * block_size
                  + positions % block_size)
-        return cls(tables, seq_lens, query_start_loc, positions, slots)
+        return cls(*(torch.from_numpy(a) for a in (tables, computed + q_lens, query_start_loc,
+                                                    positions, slots)))
 
 
 @dataclass
