@@ -320,7 +320,6 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
 #include <immintrin.h>
 #define HAVE_ATTEND_DP 1
 
-typedef float v16 __attribute__((vector_size(64)));
 
 /* Slots per span here: four times SPAN, since what a span costs beside its products (the
  * softmax's max, rescaling and bookkeeping per query head) is a large share of a decode row's
@@ -515,9 +514,6 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
 #include "amx.h"
 #define AMX_VECTORS 16
 
-typedef int32_t i16v __attribute__((vector_size(64)));
-
-static inline v16 exp16(v16 x) { return EXP_NONPOSITIVE(v16, i16v, x); }
 
 /* softmax_step on 16 lanes, the scores scaled by `scale` first: of a span's m scores (masked
  * up to padded, a multiple of 16) their exps against the new running max (0 past m), *max

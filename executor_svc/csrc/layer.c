@@ -227,23 +227,13 @@ int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, i
  * (two chains of 16 in the first pass, so that a compare does not wait for the last one's
  * blend), else 8; past the last whole vector, one at a time. */
 #ifdef __AVX512F__
-#include <immintrin.h>
 #define GREEDY_LANES 16
 
-typedef float v16g __attribute__((vector_size(64)));
-typedef int32_t i16g __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) __m512 load16(const void *p, int64_t i,
-                                                           const int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* One vector of 16 values from index i into a chain's running maxima and their indices. */
-static inline __attribute__((always_inline)) void top_step(__m512 xi, int64_t i, __m512i lanes,
+static inline __attribute__((always_inline)) void top_step(v16 x, int64_t i, __m512i lanes,
                                                            __m512 *best, __m512i *where,
                                                            __mmask16 *nan) {
+    const __m512 xi = (__m512)x;
     const __mmask16 above = _mm512_cmp_ps_mask(xi, *best, _CMP_GT_OQ);
     *nan |= _mm512_cmp_ps_mask(xi, xi, _CMP_UNORD_Q);
     *best = _mm512_mask_mov_ps(*best, above, xi);
@@ -281,13 +271,13 @@ static inline __attribute__((always_inline)) void greedy_top(const void *x, int6
 
 static inline __attribute__((always_inline)) float greedy_sum(const void *x, int64_t body,
                                                               float max, const int bf16) {
-    v16g even = {0}, odd = {0};
+    v16 even = {0}, odd = {0};
     int64_t i = 0;
     for (; i + 32 <= body; i += 32) {
-        even += EXP_NONPOSITIVE(v16g, i16g, (v16g)load16(x, i, bf16) - max);
-        odd += EXP_NONPOSITIVE(v16g, i16g, (v16g)load16(x, i + 16, bf16) - max);
+        even += exp16(load16(x, i, bf16) - max);
+        odd += exp16(load16(x, i + 16, bf16) - max);
     }
-    if (i < body) even += EXP_NONPOSITIVE(v16g, i16g, (v16g)load16(x, i, bf16) - max);
+    if (i < body) even += exp16(load16(x, i, bf16) - max);
     return _mm512_reduce_add_ps((__m512)(even + odd));
 }
 #else

@@ -145,6 +145,23 @@ static inline v8 hsum8(const v8 a[8]) {
 
 static inline v8 exp8(v8 x) { return EXP_NONPOSITIVE(v8, i8, x); }
 
+#ifdef __AVX512F__
+/* Vectors of 16 floats (one AVX-512 register), for the kernels that take 16 lanes where the
+ * build has them (greedy sampling, the AMX attention's softmax). */
+#include <immintrin.h>
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+static inline v16 exp16(v16 x) { return EXP_NONPOSITIVE(v16, i16v, x); }
+
+/* Sixteen values from element i of float32 or (bf16) bfloat16 values, as float32 (load8's). */
+static inline __attribute__((always_inline)) v16 load16(const void *p, int64_t i, const int bf16) {
+    if (!bf16) return (v16)_mm512_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+#endif
+
 /* silu(g) * u, as silu_mul computes it wherever it runs (layer.c's rows, or gemm_amx.c's
  * store of a gate/up projection): sigmoid(g) through e = exp(-|g|), 1 / (1 + e) for g >= 0,
  * else e / (1 + e), so exp8 only ever sees x <= 0. */
