@@ -41,11 +41,18 @@ from pagedserve.scheduler_svc.tokenizer import Tokenizer
 PROMPT_LEN = 100
 
 
-def run(num_seqs: int, num_steps: int, block_size: int = 16) -> dict:
-    blocks_per_seq = -(-(PROMPT_LEN + num_steps + 1) // block_size)
+def _scheduler(num_seqs: int, tokens_per_seq: int, block_size: int) -> Scheduler:
+    """A scheduler over a ready executor's pool with room for ``num_seqs`` sequences of
+    ``tokens_per_seq`` tokens each."""
+    blocks_per_seq = -(-tokens_per_seq // block_size)
     bm = BlockManager(block_size, num_seqs * blocks_per_seq + 64, 0)
     scheduler = Scheduler(num_seqs, max(num_seqs, PROMPT_LEN) * num_seqs)
     scheduler.attach(ExecutorSession(bm, ContextLimit(bm.max_seq_len, "the pool holds no more")))
+    return scheduler
+
+
+def run(num_seqs: int, num_steps: int, block_size: int = 16) -> dict:
+    scheduler = _scheduler(num_seqs, PROMPT_LEN + num_steps + 1, block_size)
     for i in range(num_seqs):
         prompt = list(range(1000 + i, 1000 + i + PROMPT_LEN))  # no two share a prefix
         scheduler.add(Request(str(i), b"bench", SamplingParams(max_tokens=10**6), prompt,
@@ -77,12 +84,10 @@ def run_results(num_seqs: int, num_steps: int, max_tokens: int = 128, stream: bo
     text = tokenizer.encode("The capital of France is Paris. It is known for the Eiffel "
                             "Tower, its museums and its café culture; naïve visitors "
                             "queue for hours.", add_special_tokens=False)
-    blocks_per_seq = -(-(PROMPT_LEN + max_tokens + 1) // block_size)
-    bm = BlockManager(block_size, num_seqs * blocks_per_seq + 64, 0)
-    scheduler = Scheduler(num_seqs, max(num_seqs, PROMPT_LEN) * num_seqs)
-    scheduler.attach(ExecutorSession(bm, ContextLimit(bm.max_seq_len, "the pool holds no more")))
-    engine = Engine(scheduler, OutputProcessor(tokenizer, lambda: bm.max_seq_len))
-    frontend = Frontend(tokenizer, tokenizer.vocab_size, lambda: bm.max_seq_len, num_seqs)
+    scheduler = _scheduler(num_seqs, PROMPT_LEN + max_tokens + 1, block_size)
+    max_model_len = scheduler.session.block_manager.max_seq_len
+    engine = Engine(scheduler, OutputProcessor(tokenizer, lambda: max_model_len))
+    frontend = Frontend(tokenizer, tokenizer.vocab_size, lambda: max_model_len, num_seqs)
     metrics = Metrics(model_dir.name)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True).to_dict()
     admitted = 0
