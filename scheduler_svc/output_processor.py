@@ -48,10 +48,13 @@ class OutputProcessor:
         may_stop = seq.num_output_tokens > params.min_tokens
         reason = self._stop_token(params, token_id) if may_stop else None
         if reason is None or params.include_stop_str_in_output:
-            delta = seq.detokenizer.step([token_id])
-            seq.output_text += delta
-            if reason is None and may_stop and params.stop:
-                reason = self._find_stop_string(seq, params, len(delta))
+            if params.stop or seq.request.stream:  # the text is read as it grows
+                delta = seq.detokenizer.step([token_id])
+                seq.output_text += delta
+                if reason is None and may_stop and params.stop:
+                    reason = self._find_stop_string(seq, params, len(delta))
+            else:  # read once the output ends: decoded then, all at once
+                seq.detokenizer.defer([token_id])
         if reason is None and self.at_length(seq):
             reason = "length", None
         if reason is not None and not isinstance(reason[1], str):
@@ -157,6 +160,8 @@ class DeltaTracker:
         return [None, *self._with_texts(self.request.prompt_logprobs)]
 
     def _delta(self, index: int, seq: Sequence) -> CompletionDelta:
+        if seq.detokenizer is not None:  # ended before OutputProcessor flushed it (an abort)
+            seq.output_text += seq.detokenizer.catch_up()
         visible = len(seq.output_text) if seq.is_finished else max(
             self.sent_text[index], len(seq.output_text) - self.holdback)
         text = seq.output_text[self.sent_text[index]:visible]

@@ -145,3 +145,25 @@ def test_a_hypothesis_ending_on_a_stop_token_leaves_it_out_of_the_text(tokenizer
     request.beam.done = True
     delta = DeltaTracker(request, tokenizer).deltas()[0]
     assert (delta.text, delta.stop_reason, delta.token_ids) == (text, 198, [7042, 198])
+
+
+@pytest.mark.parametrize("params, cut", [
+    ({"max_tokens": 3}, 8), ({"max_tokens": 4}, 8), ({"stop_token_ids": [198]}, 8),
+    ({"stop_token_ids": [198], "include_stop_str_in_output": True}, 8),
+    ({"skip_special_tokens": False}, 8), ({}, 3), ({}, 2), ({}, 5)])
+def test_an_output_read_only_at_its_end_has_the_streamed_text(tokenizer, params, cut):
+    """A request that neither streams nor stops on strings defers its text to the end; it
+    comes out as a streamed one's, whether it ends (length, stop token) or is aborted after
+    ``cut`` tokens, inside the emoji's three tokens too."""
+    text_ids = tokenizer.encode(" Paris 🎉<|im_start|> done\n more")  # 8 tokens
+    outputs = []
+    for stream in (True, False):
+        processor, seq = started(tokenizer, stream=stream, **params)
+        tracker, reason = DeltaTracker(seq.request, tokenizer), None
+        for token in text_ids[:cut]:
+            reason = processor.append(seq, token, -0.5, None)
+            if reason:
+                break
+        seq.finish(*(reason or ("abort",)))
+        outputs.append((reason, tracker.deltas()[0].text, seq.output_text))
+    assert outputs[0] == outputs[1]

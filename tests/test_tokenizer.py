@@ -116,6 +116,48 @@ def test_detokenizer_deltas_add_up_to_the_full_decode(tokenizer, partial_char_id
     assert streamed == detokenizer.text == tokenizer.decode(output, skip)
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_deferred_ids_come_out_as_stepped_ones(tokenizer, partial_char_ids, data):
+    """Ids deferred and caught up at any point give the text id-by-id steps give (an output
+    ending inside a character included), and the same whole text once flushed."""
+    output = data.draw(st.lists(st.one_of(st.integers(0, tokenizer.vocab_size - 1),
+                                          st.sampled_from(partial_char_ids)), max_size=12))
+    prompt = tokenizer.encode(data.draw(st.text(max_size=12)))
+    skip = data.draw(st.booleans())
+    stepped = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    deferred = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    for token_id in output:
+        stepped.step([token_id])
+        deferred.defer([token_id])
+        if data.draw(st.booleans()):
+            deferred.catch_up()
+            assert deferred.text == stepped.text
+    deferred.catch_up()
+    assert deferred.text == stepped.text
+    assert deferred.flush() == stepped.flush()
+    assert deferred.text == tokenizer.decode(output, skip)
+
+
+def test_a_deferred_output_is_decoded_once_at_its_end(tokenizer, smollm2_dir):
+    decoded_lengths = []
+
+    class CountingTokenizer(Tokenizer):
+        def decode(self, token_ids, skip_special_tokens=True):
+            decoded_lengths.append(len(token_ids))
+            return super().decode(token_ids, skip_special_tokens)
+
+    detokenizer = IncrementalDetokenizer(CountingTokenizer.from_model_dir(smollm2_dir),
+                                         tokenizer.encode("The capital of France is"))
+    output = tokenizer.encode(" Paris. And a long output" * 20)
+    decoded_lengths.clear()
+    for token_id in output:
+        detokenizer.defer([token_id])
+    assert decoded_lengths == []
+    detokenizer.flush()
+    assert len(decoded_lengths) == 2 and detokenizer.text == tokenizer.decode(output)
+
+
 def test_forked_detokenizers_continue_independently(tokenizer):
     parent = IncrementalDetokenizer(tokenizer, tokenizer.encode("The capital of France is"))
     parent.step([7042])  # " Paris"
@@ -123,6 +165,10 @@ def test_forked_detokenizers_continue_independently(tokenizer):
     parent.step(tokenizer.encode("."))
     child.step(tokenizer.encode("!"))
     assert (parent.text, child.text) == (" Paris.", " Paris!")
+    parent.defer(tokenizer.encode(" It"))
+    child = parent.fork()
+    child.defer(tokenizer.encode(" is"))
+    assert (parent.flush(), child.flush()) == (" It", " It is")
 
 
 def test_detokenizer_decodes_a_small_window_per_token(tokenizer, smollm2_dir):
