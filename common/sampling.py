@@ -6,6 +6,8 @@ receives only ``SamplerParams``, what it samples with, already validated.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -212,6 +214,14 @@ class SamplerParams:
         """Whether a repetition, frequency or presence penalty applies."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
+
+    @functools.cached_property
+    def argmax_only(self) -> bool:
+        """Greedy, and nothing on top of the argmax: no beams, logprobs, logit bias or
+        penalties (``min_tokens`` aside, which masks only the first tokens). Asked of every
+        row at every step: computed once."""
+        return (self.greedy and self.beam_width == 1 and self.logprobs is None
+                and not self.logit_bias and not self.penalised)
 
     def to_dict(self) -> dict:
         return asdict(self)

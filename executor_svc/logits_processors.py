@@ -20,7 +20,7 @@ from pagedserve.executor_svc.mirror import SeqState
 def adjusts(seq: SeqState) -> bool:
     """Whether a processor of ``process`` changes the row's logits at this step."""
     params = seq.params
-    return bool(params.logit_bias) or _below_min_tokens(seq) or params.penalised
+    return bool(params.logit_bias) or below_min_tokens(seq) or params.penalised
 
 
 def process(logits: Tensor, seqs: list[SeqState]) -> Tensor:
@@ -30,7 +30,7 @@ def process(logits: Tensor, seqs: list[SeqState]) -> Tensor:
     biased = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
     if biased:
         add_logit_bias(logits, biased, [seqs[i].params.logit_bias for i in biased])
-    short = [i for i, seq in enumerate(seqs) if _below_min_tokens(seq)]
+    short = [i for i, seq in enumerate(seqs) if below_min_tokens(seq)]
     if short:
         mask_tokens(logits, short, [seqs[i].params.stop_token_ids for i in short])
     penalised = [i for i, seq in enumerate(seqs) if seq.params.penalised]
@@ -83,8 +83,9 @@ def mask_below_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _below_min_tokens(seq: SeqState) -> bool:
-    # stop_token_ids is empty without min_tokens
+def below_min_tokens(seq: SeqState) -> bool:
+    """Whether the row's stop tokens are masked at this step (its output is shorter than
+    ``min_tokens``; stop_token_ids is empty without min_tokens)."""
     return bool(seq.params.stop_token_ids) and seq.num_output_tokens < seq.params.min_tokens
 
 

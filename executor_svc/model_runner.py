@@ -66,22 +66,22 @@ class ModelRunner:
         # Build the updated sequence states aside and check the whole plan before any
         # state or KV changes, so a rejected plan leaves the executor as it was.
         seqs = TableUpdate(self.seqs, self.cache.num_device_blocks).apply(plan)
-        self._check_batch(plan, seqs)
-        self._check_block_ops(plan)
+        seq_ids, batch = self._batch(plan, seqs)
+        block_ops = self._block_ops(plan)
         try:
-            return self._apply_and_run(plan, seqs, start)
+            return self._apply_and_run(plan, seqs, seq_ids, batch, block_ops, start)
         except Exception as exc:  # whatever failed, the plan was applied: the state is unknown
             raise ExecutorFault(f"step {plan.step} failed after its plan was applied: "
                                 f"{type(exc).__name__}: {exc}") from exc
 
-    def _apply_and_run(self, plan: p.StepPlan, seqs: dict[int, SeqState],
+    def _apply_and_run(self, plan: p.StepPlan, seqs: dict[int, SeqState], seq_ids: list[int],
+                       batch: list[tuple[SeqState, int]], block_ops: list[np.ndarray] | None,
                        start: float) -> p.StepResult:
         ops_start = time.perf_counter()
-        self._apply_block_ops(plan)
+        if block_ops is not None:
+            self._apply_block_ops(*block_ops)
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
         self.seqs = seqs
-        seq_ids = plan.seq_ids.tolist()
-        batch = [(seqs[sid], n) for sid, n in zip(seq_ids, plan.num_tokens.tolist())]
         forward_start = time.perf_counter()
         result = self._run(seq_ids, batch)
         end = time.perf_counter()
@@ -90,14 +90,17 @@ class ModelRunner:
         result.execute_ms = (end - start) * 1e3
         return result
 
-    def _check_batch(self, plan: p.StepPlan, seqs: dict[int, SeqState]) -> None:
-        """Every scheduled sequence is known, once, and its tokens have slots in its table."""
-        seq_ids = plan.seq_ids.tolist()
-        if len(seq_ids) != len(plan.num_tokens):
-            raise PlanError(f"{len(seq_ids)} seq_ids but {len(plan.num_tokens)} num_tokens")
-        if len(set(seq_ids)) != len(seq_ids) or (plan.num_tokens < 1).any():
+    def _batch(self, plan: p.StepPlan,
+               seqs: dict[int, SeqState]) -> tuple[list[int], list[tuple[SeqState, int]]]:
+        """The step's sequence ids, and each one's state with its number of new tokens.
+        Every scheduled sequence is known, once, and its tokens have slots in its table."""
+        seq_ids, num_tokens = plan.seq_ids.tolist(), plan.num_tokens.tolist()
+        if len(seq_ids) != len(num_tokens):
+            raise PlanError(f"{len(seq_ids)} seq_ids but {len(num_tokens)} num_tokens")
+        if len(set(seq_ids)) != len(seq_ids) or (num_tokens and min(num_tokens) < 1):
             raise PlanError("each scheduled seq appears once with num_tokens >= 1")
-        for seq_id, n in zip(seq_ids, plan.num_tokens.tolist()):
+        batch = []
+        for seq_id, n in zip(seq_ids, num_tokens):
             seq = seqs.get(seq_id)
             if seq is None:
                 raise PlanError(f"unknown seq id {seq_id}")
@@ -106,18 +109,27 @@ class ModelRunner:
                 raise PlanError(f"seq {seq_id}: {n} tokens from {seq.num_computed_tokens} "
                                 f"exceed its {len(seq.token_ids)} tokens or "
                                 f"{len(seq.block_table)} blocks")
+            batch.append((seq, n))
+        return seq_ids, batch
 
-    def _check_block_ops(self, plan: p.StepPlan) -> None:
+    def _block_ops(self, plan: p.StepPlan) -> list[np.ndarray] | None:
+        """The plan's checked block operations as pairs, in ``_BLOCK_OPS`` order; None when
+        it has none (most steps)."""
+        if not any(len(getattr(plan, name)) for name in _BLOCK_OPS):
+            return None
+        pairs = [plan_pairs(plan, name) for name in _BLOCK_OPS]
         try:
-            self.cache.check(*(plan_pairs(plan, name) for name in _BLOCK_OPS))
+            self.cache.check(*pairs)
         except ValueError as exc:
             raise PlanError(str(exc)) from None
+        return pairs
 
-    def _apply_block_ops(self, plan: p.StepPlan) -> None:
+    def _apply_block_ops(self, swap_out: np.ndarray, swap_in: np.ndarray,
+                         copies: np.ndarray) -> None:
         # Swap out first: a block swapped out here may be swapped or copied into in this plan.
-        self.cache.swap_out(plan_pairs(plan, "swap_out"))
-        self.cache.swap_in(plan_pairs(plan, "swap_in"))
-        self.cache.copy_blocks(plan_pairs(plan, "copies"))
+        self.cache.swap_out(swap_out)
+        self.cache.swap_in(swap_in)
+        self.cache.copy_blocks(copies)
 
     @torch.inference_mode()
     def _run(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]) -> p.StepResult:
@@ -129,11 +141,11 @@ class ModelRunner:
         tp = self.model.tp
         if tp is None or tp.is_driver:
             result.prompt_logprobs = self._prompt_logprobs(hidden, seq_ids, batch)
-        for seq, n in batch:
+        rows = []  # a sequence samples once all its known tokens are in the cache
+        for i, (seq, n) in enumerate(batch):
             seq.num_computed_tokens += n
-        # A sequence samples once all its known tokens are in the cache.
-        rows = [i for i, (seq, _) in enumerate(batch)
-                if seq.num_computed_tokens == len(seq.token_ids)]
+            if seq.num_computed_tokens == len(seq.token_ids):
+                rows.append(i)
         if not rows:
             return result
         if tp is not None and not tp.is_driver:
@@ -141,7 +153,9 @@ class ModelRunner:
             for seq_id, token in zip(*(t.tolist() for t in tp.share_tokens())):
                 self.seqs[seq_id].token_ids.append(token)
             return result
-        logits = self.model.compute_logits(hidden[last_token_indices[rows]])
+        # Every sequence computing one token and sampling it (a decode step): all of hidden.
+        last = hidden if len(rows) == len(hidden) else hidden[last_token_indices[rows]]
+        logits = self.model.compute_logits(last)
         seqs = [batch[i][0] for i in rows]
         out = self.sampler(logits, seqs, [self._generator(seq) for seq in seqs])
         sampled, beams = [], []
@@ -205,13 +219,16 @@ class ModelRunner:
     @staticmethod
     def _sampled(result: p.StepResult, out, sampled: list) -> None:
         """Append each sampled token to its sequence and put it in the result."""
-        rows = [j for j, _, _ in sampled]
-        tokens = out.token_ids[rows].tolist()
+        token_ids, logprobs = out.token_ids, out.logprobs
+        if len(sampled) != len(token_ids):  # beams among the rows: theirs stay out
+            rows = [j for j, _, _ in sampled]
+            token_ids, logprobs = token_ids[rows], logprobs[rows]
+        tokens = token_ids.tolist()
         for (_, _, seq), token in zip(sampled, tokens):
             seq.token_ids.append(token)
         result.seq_ids = np.array([sid for _, sid, _ in sampled], dtype=np.int32)
         result.token_ids = np.array(tokens, dtype=np.int32)
-        result.logprobs = out.logprobs[rows].float().cpu().numpy()
+        result.logprobs = logprobs.float().cpu().numpy()
         ranks = out.ranks.tolist() if out.ranks is not None else []
         result.top_logprobs = [_top(out, j, sid, seq.params.logprobs, ranks[j])
                                for j, sid, seq in sampled if seq.params.logprobs is not None]

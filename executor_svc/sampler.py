@@ -94,9 +94,7 @@ def _ranks(logprobs: Tensor, chosen: Tensor) -> Tensor:
 
 def _plain_greedy(seq: SeqState) -> bool:
     """A greedy row that wants the argmax of its raw logits and its logprob, nothing more."""
-    params = seq.params
-    return (params.greedy and params.beam_width == 1 and params.logprobs is None
-            and not logits_processors.adjusts(seq))
+    return seq.params.argmax_only and not logits_processors.below_min_tokens(seq)
 
 
 def _is_argmax(params: SamplerParams) -> bool:

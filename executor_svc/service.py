@@ -22,6 +22,7 @@ import time
 
 from pagedserve.common import protocol as p
 from pagedserve.common.config import ExecutorConfig
+from pagedserve.common.heap import freeze_startup_heap
 from pagedserve.common.log import get_logger
 from pagedserve.executor_svc.model_runner import ExecutorFault
 from pagedserve.executor_svc.scheduler_link import SchedulerLink
@@ -65,6 +66,7 @@ class ExecutorService:
     def _serve(self, configure: p.ConfigureExecutor) -> None:
         """One registration: set up, answer plans until it ends, drop everything."""
         self.link.send(self.worker.start(configure))
+        freeze_startup_heap()  # the model and its KV cache
         try:
             with self.link.registered():
                 self._answer_plans()

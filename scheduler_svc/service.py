@@ -16,6 +16,7 @@ import zmq
 
 from pagedserve.common import protocol as p
 from pagedserve.common.config import SchedulerConfig
+from pagedserve.common.heap import freeze_startup_heap
 from pagedserve.common.log import get_logger
 from pagedserve.scheduler_svc.admin import AdminHandler, Health
 from pagedserve.scheduler_svc.client_link import ClientLink
@@ -114,6 +115,7 @@ class SchedulerService:
         poller = zmq.Poller()
         for sock in (sockets.clients, sockets.executor, sockets.admin):
             poller.register(sock, zmq.POLLIN)
+        freeze_startup_heap()
         try:
             while not self._stopped:
                 events = dict(poller.poll(0 if self.steps.can_step() else IDLE_POLL_MS))
