@@ -36,6 +36,8 @@ from pagedserve.scheduler_svc.tokenizer import Tokenizer
 
 log = get_logger("scheduler")
 IDLE_POLL_MS = 100
+# Client heartbeats (every CLIENT_HEARTBEAT_S) and timeouts need no finer clock than this.
+HOUSEKEEPING_S = 0.05
 # A request held at this many executor losses fails instead of being recomputed once more: it
 # may be what brings the executor down (a fault on its tokens, every time), and recomputing it
 # forever would stop everyone else from being served. Below the executor's own limit of faults
@@ -87,6 +89,7 @@ class SchedulerService:
         self.admin = AdminHandler(self.scheduler, self.metrics, self.health, config.block_size)
         self._next_status = time.monotonic() + config.log_stats_interval
         self._busy_since_status = False
+        self._next_housekeeping = 0.0
         self._stopped = False
 
     def max_model_len(self) -> int:
@@ -126,16 +129,27 @@ class SchedulerService:
                 if sockets.executor in events:
                     drain(sockets.executor, self.executor.on_message)
                 if sockets.admin in events:
+                    self.metrics.refresh(self.scheduler)  # the views read the queues as they are
                     sockets.admin.send(self.admin.handle(sockets.admin.recv()))
-                self.clients.keep_alive()
                 self.executor.check()
                 if self.steps.can_step():
                     self.steps.step()
-                self.metrics.refresh(self.scheduler)
+                self._housekeeping()
                 self._log_status()
         finally:
             sockets.close()
             log.info("scheduler stopped")
+
+    def _housekeeping(self) -> None:
+        """Client heartbeats and timeouts, and the metrics' snapshot (Prometheus reads it):
+        each walks every request or queue, and the loop turns more than once a step, so at
+        most every ``HOUSEKEEPING_S``."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + HOUSEKEEPING_S
+        self.clients.keep_alive()
+        self.metrics.refresh(self.scheduler)
 
     def _log_status(self) -> None:
         """Every ``log_stats_interval`` seconds while there is or was work, one status line."""
