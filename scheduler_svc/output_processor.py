@@ -160,7 +160,7 @@ class DeltaTracker:
         return [None, *self._with_texts(self.request.prompt_logprobs)]
 
     def _delta(self, index: int, seq: Sequence) -> CompletionDelta:
-        if seq.detokenizer is not None:  # ended before OutputProcessor flushed it (an abort)
+        if seq.is_finished and seq.detokenizer is not None:  # ended unflushed (an abort)
             seq.output_text += seq.detokenizer.catch_up()
         visible = len(seq.output_text) if seq.is_finished else max(
             self.sent_text[index], len(seq.output_text) - self.holdback)

@@ -130,9 +130,11 @@ class IncrementalDetokenizer:
     def catch_up(self) -> str:
         """The text the deferred ids complete, the same as ``step`` would have emitted id by
         id: one decode, unless the text ends inside a character (then id by id)."""
+        if not self._deferred:
+            return ""
         deferred, self._deferred = self._deferred, []
-        delta = self.step(deferred) if deferred else ""
-        if delta or len(deferred) <= 1:
+        delta = self.step(deferred)
+        if delta or len(deferred) == 1:
             return delta
         # Held back as a whole (or only skipped special tokens): step took the ids and
         # changed nothing else; id by id, the text before a cut character comes out.
