@@ -141,14 +141,20 @@ class AttentionBatch(NamedTuple):
     rows: int  # query rows the batch describes
 
 
+def _int64(tensor: Tensor) -> Tensor:
+    """``tensor`` as contiguous int64, itself where it is already (a step's layout is: no
+    operator calls then, each a few µs of dispatch, more on the cold caches between steps)."""
+    if tensor.dtype == torch.int64 and tensor.is_contiguous():
+        return tensor
+    return tensor.to(torch.int64).contiguous()
+
+
 def attention_batch(block_tables: Tensor, query_start_loc: Tensor,
                     seq_lens: Tensor) -> AttentionBatch:
     """The batch of ``paged_attention``: sequence ``s``'s query rows start at
     ``query_start_loc[s]`` and end at ``query_start_loc[s + 1]``; it attends over the first
     ``seq_lens[s]`` tokens that ``block_tables[s]`` names."""
-    tables = block_tables.to(torch.int64).contiguous()
-    starts = query_start_loc.to(torch.int64).contiguous()
-    lens = seq_lens.to(torch.int64).contiguous()
+    tables, starts, lens = (_int64(t) for t in (block_tables, query_start_loc, seq_lens))
     if starts.shape[0] != lens.shape[0] + 1 or tables.shape[0] != lens.shape[0]:
         raise ValueError(f"{tables.shape[0]} block tables, {starts.shape[0]} query starts and "
                          f"{lens.shape[0]} lengths do not describe one batch")

@@ -39,7 +39,9 @@ class CpuBackend(AttentionBackend):
         layout = StepLayout.build(block_tables, num_computed_tokens, query_lens, self.block_size)
         batch = cpu_kernels.attention_batch(layout.block_tables, layout.query_start_loc,
                                             layout.seq_lens)
-        return CpuMetadata(self, **self._common(layout), batch=batch)
+        # The layout is on the host already: no copies to the device (``_common``).
+        return CpuMetadata(self, positions=layout.positions, slot_mapping=layout.slot_mapping,
+                           query_start_loc=layout.query_start_loc, batch=batch)
 
     def rope_write_kv(self, qkv: Tensor, num_heads: int, rope: StepRope,
                       kv_cache: tuple[Tensor, Tensor],
