@@ -7,7 +7,6 @@ receives only ``SamplerParams``, what it samples with, already validated.
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass, field, fields
 
