@@ -142,8 +142,8 @@ class AttentionBatch(NamedTuple):
 
 
 def _int64(tensor: Tensor) -> Tensor:
-    """``tensor`` as contiguous int64, itself where it is already (a step's layout is: no
-    operator calls then, each a few µs of dispatch, more on the cold caches between steps)."""
+    """``tensor`` as contiguous int64, itself where it is already (a step's layout is: then
+    no operator is dispatched, which on the caches a step's kernels left cold costs more)."""
     if tensor.dtype == torch.int64 and tensor.is_contiguous():
         return tensor
     return tensor.to(torch.int64).contiguous()

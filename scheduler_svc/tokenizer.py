@@ -90,9 +90,8 @@ class IncrementalDetokenizer:
     multi-byte character is held back until a later token completes it.
 
     Ids whose text nobody reads until the output ends (a request that neither streams nor
-    has stop strings) are ``defer``-red instead: decoded all at once when the text is wanted,
-    one window for the whole output instead of one per id (~8 µs each on the scheduler's
-    thread, which on two cores is taken from the executor).
+    has stop strings) are deferred instead (``defer``): decoded all at once when the text is
+    wanted, one window for the whole output instead of one per id.
     """
 
     def __init__(
