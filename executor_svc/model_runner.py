@@ -8,6 +8,7 @@ failure is an ``ExecutorFault``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -154,7 +155,7 @@ class ModelRunner:
                 self.seqs[seq_id].token_ids.append(token)
             return result
         # Every sequence computing one token and sampling it (a decode step): all of hidden.
-        last = hidden if len(rows) == len(hidden) else hidden[last_token_indices[rows]]
+        last = hidden if len(rows) == len(hidden) else hidden[last_token_indices()[rows]]
         logits = self.model.compute_logits(last)
         seqs = [batch[i][0] for i in rows]
         out = self.sampler(logits, seqs, [self._generator(seq) for seq in seqs])
@@ -198,23 +199,27 @@ class ModelRunner:
         return p.PromptLogprobs(seq_id=seq_id, start=first + 1, logprobs=logprobs, ranks=ranks,
                                 top_token_ids=top_ids.ravel(), top_logprobs=top_logprobs.ravel())
 
-    def _forward(self, batch: list[tuple[SeqState, int]]) -> tuple[Tensor, Tensor]:
-        """The hidden states of the step's new tokens, and where each sequence's last one is;
-        from a graph when every sequence computes one token and one fits."""
+    def _forward(self, batch: list[tuple[SeqState, int]]
+                 ) -> tuple[Tensor, Callable[[], Tensor]]:
+        """The hidden states of the step's new tokens, and what says where each sequence's
+        last one is (asked only where a step has more tokens than sequences: an operator
+        less in a decode step); from a graph when every sequence computes one token and one
+        fits."""
         tables = [seq.block_table for seq, _ in batch]
         computed = [seq.num_computed_tokens for seq, _ in batch]
         if (self.graphs is not None and all(n == 1 for _, n in batch)
                 and self.graphs.serves(len(batch), max(map(len, tables)))):
             hidden = self.graphs.run([seq.token_ids[seq.num_computed_tokens] for seq, _ in batch],
                                      computed, tables)
-            return hidden, self.graphs.query_start_loc[:len(batch)]  # token i is sequence i's
+            graphs = self.graphs  # token i is sequence i's
+            return hidden, lambda: graphs.query_start_loc[:len(batch)]
         input_ids = []
         for seq, n in batch:
             input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
         meta = self.attention.build(tables, computed, [n for _, n in batch])
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
                             self.cache.kv_caches)
-        return hidden, meta.last_token_indices
+        return hidden, lambda: meta.last_token_indices
 
     @staticmethod
     def _sampled(result: p.StepResult, out, sampled: list) -> None:
@@ -228,7 +233,7 @@ class ModelRunner:
             seq.token_ids.append(token)
         result.seq_ids = np.array([sid for _, sid, _ in sampled], dtype=np.int32)
         result.token_ids = np.array(tokens, dtype=np.int32)
-        result.logprobs = logprobs.float().cpu().numpy()
+        result.logprobs = logprobs.to("cpu", torch.float32).numpy()
         ranks = out.ranks.tolist() if out.ranks is not None else []
         result.top_logprobs = [_top(out, j, sid, seq.params.logprobs, ranks[j])
                                for j, sid, seq in sampled if seq.params.logprobs is not None]
