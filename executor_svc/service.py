@@ -52,6 +52,9 @@ class ExecutorService:
             self.worker.follow()
             return
         healthy = False  # the group, if any, can still hear a stop
+        # The model is loaded. Collecting holds the GIL, so the heartbeat thread too: before
+        # registering, where silence does not count yet.
+        freeze_startup_heap()
         try:
             while (configure := self.link.register(self.worker.registration())) is not None:
                 self._serve(configure)
@@ -66,7 +69,6 @@ class ExecutorService:
     def _serve(self, configure: p.ConfigureExecutor) -> None:
         """One registration: set up, answer plans until it ends, drop everything."""
         self.link.send(self.worker.start(configure))
-        freeze_startup_heap()  # the model and its KV cache
         try:
             with self.link.registered():
                 self._answer_plans()
