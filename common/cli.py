@@ -156,18 +156,28 @@ def admin_request(cmd: str, admin: str | AdminEndpoint, timeout_s: float = 5.0,
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    # A REQ socket's send waits for a connection: one the scheduler refused (keys it does
+    # not know) never comes, so the send has the same deadline as the reply.
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
     if endpoint.keys is not None:
         endpoint.keys.secure(sock)
     sock.connect(endpoint.address)
     try:
-        sock.send(json.dumps({"cmd": cmd, **fields}).encode())
+        try:
+            sock.send(json.dumps({"cmd": cmd, **fields}).encode())
+        except zmq.Again:
+            raise _silent(endpoint, timeout_s) from None
         if not sock.poll(int(timeout_s * 1000)):
-            raise click.ClickException(f"no reply from the admin socket {endpoint} within "
-                                       f"{timeout_s:g} s: is the scheduler running (and, "
-                                       f"with --auth, are these its keys)?")
+            raise _silent(endpoint, timeout_s)
         return json.loads(sock.recv())
     finally:
         sock.close()
+
+
+def _silent(endpoint: AdminEndpoint, timeout_s: float) -> click.ClickException:
+    return click.ClickException(f"no reply from the admin socket {endpoint} within "
+                                f"{timeout_s:g} s: is the scheduler running (and, with "
+                                f"--auth, are these its keys)?")
 
 
 def client_keys(auth: bool, keys: str | None) -> PeerKeys | None:
