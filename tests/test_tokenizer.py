@@ -36,6 +36,23 @@ def hf_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+class CountingTokenizer(Tokenizer):
+    """A tokenizer that records the length of every decode it is asked for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        self.decoded_lengths.append(len(token_ids))
+        return super().decode(token_ids, skip_special_tokens)
+
+
+@pytest.fixture
+def counting(smollm2_dir) -> CountingTokenizer:
+    return CountingTokenizer.from_model_dir(smollm2_dir)
+
+
 @pytest.fixture(scope="module")
 def partial_char_ids(tokenizer) -> list[int]:
     """Ids of tokens that hold only part of a multi-byte character."""
@@ -139,23 +156,15 @@ def test_deferred_ids_come_out_as_stepped_ones(tokenizer, partial_char_ids, data
     assert deferred.text == tokenizer.decode(output, skip)
 
 
-def test_a_deferred_output_is_decoded_once_at_its_end(tokenizer, smollm2_dir):
-    decoded_lengths = []
-
-    class CountingTokenizer(Tokenizer):
-        def decode(self, token_ids, skip_special_tokens=True):
-            decoded_lengths.append(len(token_ids))
-            return super().decode(token_ids, skip_special_tokens)
-
-    detokenizer = IncrementalDetokenizer(CountingTokenizer.from_model_dir(smollm2_dir),
-                                         tokenizer.encode("The capital of France is"))
+def test_a_deferred_output_is_decoded_once_at_its_end(tokenizer, counting):
+    detokenizer = IncrementalDetokenizer(counting, tokenizer.encode("The capital of France is"))
     output = tokenizer.encode(" Paris. And a long output" * 20)
-    decoded_lengths.clear()
+    counting.decoded_lengths.clear()
     for token_id in output:
         detokenizer.defer([token_id])
-    assert decoded_lengths == []
+    assert counting.decoded_lengths == []
     detokenizer.flush()
-    assert len(decoded_lengths) == 2 and detokenizer.text == tokenizer.decode(output)
+    assert len(counting.decoded_lengths) == 2 and detokenizer.text == tokenizer.decode(output)
 
 
 def test_forked_detokenizers_continue_independently(tokenizer):
@@ -171,20 +180,12 @@ def test_forked_detokenizers_continue_independently(tokenizer):
     assert (parent.flush(), child.flush()) == (" It", " It is")
 
 
-def test_detokenizer_decodes_a_small_window_per_token(tokenizer, smollm2_dir):
-    decoded_lengths = []
-
-    class CountingTokenizer(Tokenizer):
-        def decode(self, token_ids, skip_special_tokens=True):
-            decoded_lengths.append(len(token_ids))
-            return super().decode(token_ids, skip_special_tokens)
-
-    counting = CountingTokenizer.from_model_dir(smollm2_dir)
+def test_detokenizer_decodes_a_small_window_per_token(tokenizer, counting):
     prompt = tokenizer.encode("A long prompt " * 20)
     detokenizer = IncrementalDetokenizer(counting, prompt)
     for token_id in tokenizer.encode(" and a long output" * 100):
         detokenizer.step([token_id])
-    assert max(decoded_lengths) <= 6
+    assert max(counting.decoded_lengths) <= 6
 
 
 def test_importing_the_tokenizer_loads_neither_torch_nor_transformers():
