@@ -89,6 +89,9 @@ def registers(link: str, keys) -> bool:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A refused connection is dropped, and a DEALER's send then waits for another: when the
+    # refusal comes first (a loaded machine), the send itself is the answer.
+    sock.setsockopt(zmq.SNDTIMEO, 3000)
     if keys is not None:
         keys.secure(sock)
     sock.connect(link)
@@ -97,5 +100,7 @@ def registers(link: str, keys) -> bool:
             model="m", architecture="LlamaForCausalLM", vocab_size=49152, max_model_len=8192,
             dtype="float32", device="cpu", kv_bytes_per_token=1)))
         return bool(sock.poll(3000))
+    except zmq.Again:
+        return False
     finally:
         sock.close(linger=0)
