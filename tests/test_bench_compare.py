@@ -80,6 +80,16 @@ def test_pagedserve_and_transformers_side_by_side_on_one_request(smollm2_dir, tm
     assert "| sweep-1 | 1 |" in compare.format_table(run["sets"], run["results"])
 
 
+def test_pagedserve_runs_with_the_flags_given_and_says_so(smollm2_dir, tmp_path):
+    run = compare.compare(["pagedserve"], [], 1, [1], None, "float32", 32, 1, tmp_path,
+                          model=str(smollm2_dir), pagedserve_args=("--dtype", "float32"))
+    executor = run["results"]["pagedserve"]["executor"]
+    assert executor["dtype"] == "float32" and executor["kernels"]["dtype"] == "float32 (--dtype)"
+    assert json.loads((tmp_path / "compare.json").read_text())["pagedserve_args"] == [
+        "--dtype", "float32"]
+    assert compare.describe_run(run).splitlines()[1].startswith("pagedserve (--dtype float32): ")
+
+
 def test_the_peer_runner_takes_its_own_folder_off_sys_path(tmp_path):
     """Run as a script, peer_run.py has benchmarks/ first on sys.path, and benchmarks/kernels.py
     would answer transformers' import of Hugging Face's `kernels` (5.25 on): it drops it."""
