@@ -11,10 +11,10 @@ bytes per sequence on the wire (the protocol's compactness: one block id only wh
 crosses a block boundary).
 
 ``--results``: the service's work on a step's result instead, as the step loop does it
-(``Engine.process``: detokenizing and stop checks; the metrics; the output messages of the
-requests that stream or finished, encoded), on the default model's tokenizer, with text
-tokens as results; requests of ``--max-tokens`` tokens, a new one admitted for each that
-finishes. On two cores this CPU time is taken from the executor's threads.
+(``Engine.process``: detokenizing and stop checks; the metrics; the outputs of the requests
+that stream or finished, encoded in one message as for one client), on the default model's
+tokenizer, with text tokens as results; requests of ``--max-tokens`` tokens, a new one
+admitted for each that finishes. On two cores this CPU time is taken from the executor's threads.
 """
 from __future__ import annotations
 
@@ -114,10 +114,11 @@ def run_results(num_seqs: int, num_steps: int, max_tokens: int = 128, stream: bo
         start = time.perf_counter()
         requests = engine.process(step, result)
         metrics.observe(requests, time.monotonic())
-        for request in requests:
-            if request.stream or request.is_finished:
-                p.encode(frontend.output(request))
-                messages += 1
+        outputs = [frontend.output(request) for request in requests
+                   if request.stream or request.is_finished]
+        if outputs:  # one client: one message, as ClientLink.send_outputs sends it
+            p.encode(outputs[0] if len(outputs) == 1 else p.OutputBatch(outputs))
+            messages += len(outputs)
         process_ms.append((time.perf_counter() - start) * 1e3)
         for request in requests:
             if request.is_finished:

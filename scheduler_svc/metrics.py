@@ -98,7 +98,9 @@ class Metrics:
             self._history.popleft()
 
     def _observe_tokens(self, request: Request, now: float, gaps: dict[float, int]) -> None:
-        generated = sum(seq.num_output_tokens for seq in request.seqs)
+        seqs = request.seqs
+        generated = (seqs[0].num_output_tokens if len(seqs) == 1 else
+                     sum(seq.num_output_tokens for seq in seqs))
         new = generated - request.num_generated
         if new <= 0:
             return

@@ -172,6 +172,8 @@ def _text_after(prefix_text: str, text: str) -> str:
     """What ``text`` adds to ``prefix_text``, the text of its leading ids. A U+FFFD ending the
     prefix may stand for the bytes of a character cut short (a token-id prompt can end inside
     one): when ``text`` completes that character, the character is new text."""
+    if text.startswith(prefix_text) and not prefix_text.endswith(REPLACEMENT_CHAR):
+        return text[len(prefix_text):]  # the usual case, without a loop over characters
     start = len(prefix_text.rstrip(REPLACEMENT_CHAR))
     while start < min(len(prefix_text), len(text)) and text[start] == prefix_text[start]:
         start += 1

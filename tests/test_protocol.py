@@ -128,3 +128,35 @@ def test_a_step_sends_one_message_per_client_with_each_requests_outputs_in_order
     assert batch_b.outputs[1].finished
     link.send_outputs([request(b"a", "a4")])
     assert isinstance(sock.sent[-1][1], p.RequestOutputMsg)  # one output: no batch around it
+
+
+@pytest.mark.parametrize("values", [[], [7], [0, -1, 2**31 - 1, -2**31], [1.5, 2], [True]])
+def test_int_lists_pack_as_numpy_packs_them(values):
+    """A list packs through ``array``, an array through numpy: the same bytes either way."""
+    delta = p.CompletionDelta(index=0, text="", token_ids=values, cumulative_logprob=0.0)
+    wire = msgpack.unpackb(p.encode(p.RequestOutputMsg("r", [delta], finished=False)))
+    assert wire["outputs"][0]["token_ids"] == np.asarray(values, "<i4").tobytes()
+
+
+def test_float_lists_pack_as_numpy_packs_them_and_out_of_range_ints_are_refused():
+    result = p.StepResult(step=1, seq_ids=[1, 2], token_ids=[3, 4], logprobs=[-0.5, 1e40])
+    assert p.decode(p.encode(result)).logprobs.tolist() == [-0.5, float("inf")]
+    with pytest.raises(OverflowError):
+        p.encode(p.StepResult(step=1, seq_ids=[2**40], token_ids=[3], logprobs=[0.0]))
+
+
+def test_nested_messages_and_optional_fields_round_trip():
+    top = p.TopLogprobs(seq_id=3, token_ids=[5, 6], logprobs=[-0.1, -2.0], sampled_rank=1)
+    result = p.StepResult(step=2, seq_ids=np.array([3], np.int32), token_ids=[5],
+                          logprobs=[-0.1], top_logprobs=[top])
+    back = p.decode(p.encode(result))
+    assert back.top_logprobs[0].token_ids.tolist() == [5, 6] and back.step == 2
+    msg = p.RequestOutputMsg("r", [p.CompletionDelta(0, "a", [1], -1.0, "stop", " end",
+                                                     [{1: p.Logprob(-1.0, 1, "a")}])],
+                             finished=True, prompt_token_ids=[4, 5], prompt="x",
+                             prompt_logprobs=[None, {5: p.Logprob(-2.0, 3, "b")}])
+    back = p.decode(p.encode(msg))
+    assert back.outputs[0].stop_reason == " end" and back.outputs[0].logprobs == [
+        {1: p.Logprob(-1.0, 1, "a")}]
+    assert back.prompt_token_ids.tolist() == [4, 5] and back.prompt_logprobs == [
+        None, {5: p.Logprob(-2.0, 3, "b")}]
