@@ -137,7 +137,8 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
               help="Comma-separated, run in this order.")
 @click.option("--workloads", default="fixed,mixed", show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True,
-              help="Timed runs per shared workload (the sweep runs once).")
+              help="Timed runs per request set, the sweep's included (transformers runs "
+                   "the sweep once).")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Run the systems in turn this many times (A B A B ...): a drift of the "
                    "machine's speed then falls on each; the table adds each round's ratio.")

@@ -27,6 +27,8 @@ def test_request_sets_are_the_shared_workloads_and_the_sweep():
                                          for r in fixed]
     assert fingerprint(fixed) == "be159fed4dfd6398"  # the peers' workload, request for request
     assert sets["mixed"]["repeats"] == 3 and sets["mixed"]["repeats_transformers"] == 1
+    assert all(sets[f"sweep-{c}"]["repeats"] == 3 and sets[f"sweep-{c}"]["repeats_transformers"]
+               == 1 for c in (1, 4))
     assert [len(sets[f"sweep-{c}"]["requests"]) for c in (1, 4)] == [1, 4]
     assert all(len(r["prompt"]) == 128 and r["output_len"] == 128
                for r in sets["sweep-4"]["requests"])
