@@ -131,8 +131,10 @@ def test_a_killed_rank_is_handled_like_an_executor_crash(llama, tmp_path):
     request completes with the undisturbed tokens."""
     path, want = llama
     long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    # A pool sized for the test: the default's gigabytes over this tiny model are a million
+    # blocks, whose allocation in both restarted ranks took 8-19 s on a loaded CI machine.
     with services.up(path, tmp_path / "up.log", "--tensor-parallel-size", "2",
-                     "--dtype", "float32") as running:
+                     "--dtype", "float32", "--kv-cache-gb", "0.05") as running:
         want_long = generate(running.client, PROMPTS, long)
         admin(running.admin, "reset_prefix_cache")  # the second run computes everything again
         outputs = {}
