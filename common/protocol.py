@@ -299,7 +299,6 @@ def pack_ints(values) -> bytes:
 # is per token (a decode took 33 µs when each call walked the hints).
 
 _ENCODERS: dict[type, Callable[[Any], dict]] = {}
-_PLAIN = (str, int, float, bool)  # values that go on the wire as they are
 
 
 def _encoder(cls) -> Callable[[Any], dict]:
@@ -312,11 +311,11 @@ def _encoder(cls) -> Callable[[Any], dict]:
     hints = _hints(cls)
     plain, converted = [], []
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if hint in _PLAIN or _optional_of(hint) in _PLAIN:
+        to_wire = _to_wire(hints[f.name])
+        if to_wire is _as_is:
             plain.append(f.name)
         else:
-            converted.append((f.name, _to_wire(hint)))
+            converted.append((f.name, to_wire))
 
     # One dict display over the fields, compiled once (as dataclasses writes its __init__):
     # a loop over field names and getattr cost as much again as the values' conversion.
@@ -331,19 +330,26 @@ def _encoder(cls) -> Callable[[Any], dict]:
 
 def _to_wire(hint) -> Callable[[Any], Any]:
     """The function from a value of type ``hint`` to what goes on the wire: packed arrays,
-    nested messages as maps, lists of them item by item; anything else by its value's type."""
+    nested messages as maps, lists of them item by item; anything else (plain values, and
+    dicts, lists and named tuples of them) as it is, msgpack packs it."""
     inner = _optional_of(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and inner is not None:
+    if inner is not None and typing.get_origin(hint) in (typing.Union, types.UnionType):
         convert = _to_wire(inner)
-        return lambda value: None if value is None else convert(value)
+        return _as_is if convert is _as_is else (
+            lambda value: None if value is None else convert(value))
     if hint in _ARRAY_DTYPES:
         return _packer(_ARRAY_DTYPES[hint])
     if dataclasses.is_dataclass(hint):
         return _encoder(hint)
     if typing.get_origin(hint) is list:
         convert = _to_wire(typing.get_args(hint)[0])
-        return lambda value: [convert(item) for item in value]
-    return _value_to_wire
+        return _as_is if convert is _as_is else (
+            lambda value: [convert(item) for item in value])
+    return _as_is
+
+
+def _as_is(value):
+    return value
 
 
 def _packer(dtype: np.dtype) -> Callable[[Any], bytes]:
@@ -361,19 +367,6 @@ def _packer(dtype: np.dtype) -> Callable[[Any], bytes]:
                 pass
         return np.ascontiguousarray(value, dtype=dtype).tobytes()
     return pack
-
-
-def _value_to_wire(value):
-    if value is None or isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, np.ndarray):
-        dtype = "<f4" if value.dtype.kind == "f" else "<i4"
-        return np.ascontiguousarray(value, dtype=dtype).tobytes()
-    if dataclasses.is_dataclass(value):
-        return _encoder(type(value))(value)
-    if isinstance(value, list):
-        return [_value_to_wire(v) for v in value]
-    return value
 
 
 def _optional_of(hint):
