@@ -214,9 +214,9 @@ def test_the_largest_cache_is_read_from_sysfs(tmp_path):
     assert autotune.largest_cache_bytes(tmp_path) == 96 << 20
 
 
-def test_the_decode_bucket_is_timed_with_cold_caches(tmp_path, monkeypatch):
-    """Each linear's decode bucket (and only it) is timed with its weight read from memory,
-    as a decode step reads it."""
+def test_the_decode_buckets_are_timed_with_cold_caches(tmp_path, monkeypatch):
+    """Each linear's decode buckets (and only they) are timed with the weight read from
+    memory, as a decode step reads it; each bucket's key names its rows."""
     if len(tuned_module.linear_candidates(torch.float32)) < 2:
         pytest.skip("one linear implementation serves float32 here")
     befores = []
@@ -228,7 +228,7 @@ def test_the_decode_bucket_is_timed_with_cold_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(Tuner, "choose", spy)
     tuned_module.LinearTuning(_tuner(tmp_path), torch.float32).pack(torch.randn(64, 32), None)
     assert [(key.split()[-1], type(before).__name__) for key, before in befores] == [
-        ("rows<=32", "ColdCaches"), ("rows>32", "NoneType")]
+        ("rows<=32", "ColdCaches"), ("rows<=128", "ColdCaches"), ("rows>128", "NoneType")]
 
 
 def test_a_linear_layer_dispatches_by_its_rows():
@@ -259,15 +259,19 @@ def test_a_low_precision_linear_has_one_implementation_for_every_row_count(tmp_p
     weight = torch.randn(64, 32).to(dtype)
     tuning = tuned_module.LinearTuning(_tuner(tmp_path), dtype)
     key = tuning.shape_key(weight, None)
-    first, second = names[:2]  # the first wins the decode bucket, the second the other
+    first, second = names[:2]  # the first wins the decode buckets, the second the other
     tuning.tuner.cache.put(f"linear {key} rows<=32", autotune.Choice(
         first, {first: 1.0, second: 1.2}))
-    tuning.tuner.cache.put(f"linear {key} rows>32", autotune.Choice(
+    tuning.tuner.cache.put(f"linear {key} rows<=128", autotune.Choice(
+        first, {first: 2.0, second: 2.1}))
+    tuning.tuner.cache.put(f"linear {key} rows>128", autotune.Choice(
         second, {first: 12.0, second: 8.0}))
     layer = tuning.pack(weight, None)
     if dtype == torch.float32:
-        assert isinstance(layer, BucketedLinear) and layer.name == f"{first}<=32, {second}>32 rows"
-    else:  # per output value: 1.2/2048 + 8/16384 < 1/2048 + 12/16384
+        assert isinstance(layer, BucketedLinear) and layer.name == (
+            f"{first}<=32, {first}<=128, {second}>128 rows")
+        assert [layer.serving(rows).name for rows in (32, 128, 129)] == [first, first, second]
+    else:  # per output value: 1.2/2048 + 2.1/4096 + 8/16384 < 1/2048 + 2/4096 + 12/16384
         assert not isinstance(layer, BucketedLinear) and layer.name == second
 
 

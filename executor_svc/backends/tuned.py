@@ -30,8 +30,11 @@ class Bucket(NamedTuple):
     rows: int
 
 
-# Decode steps feed the linear layers a row per sequence; prefill steps hundreds.
-BUCKETS = (Bucket(32, 32), Bucket(None, 256))
+# Decode steps feed the linear layers a row per sequence; prefill steps hundreds. Decode
+# batches of 33-128 have their own bucket: timed at 256 rows, a float32 GEMM could be bound
+# to oneDNN for 64-row decode steps where ours was the faster there, and such steps then ran
+# op by op instead of in one call (BENCHMARKS.md, "A broadcast per FMA").
+BUCKETS = (Bucket(32, 32), Bucket(128, 64), Bucket(None, 256))
 # A prefill-sized GEMM is bound by arithmetic, not by streaming the weight: a wide one (the
 # LM head) is timed on this many of its output columns, at the same speed per column.
 PREFILL_COLUMNS = 2048
@@ -112,8 +115,8 @@ class LinearTuning:
         if self.dtype != torch.float32:
             admit = functools.cache(functools.partial(self._batch_invariant, key, weight,
                                                       bias, built))
-        cold = ColdCaches()  # for the decode bucket: there each weight comes from memory
-        for bucket in BUCKETS:
+        cold = ColdCaches()  # for the decode buckets: there each weight comes from memory
+        for bucket, previous in zip(BUCKETS, (None, *BUCKETS)):
             w, b, layers = weight, bias, built
             if bucket.max_rows is None and weight.shape[0] > PREFILL_COLUMNS:
                 w, b, layers = weight[:PREFILL_COLUMNS], None if bias is None else \
@@ -123,7 +126,7 @@ class LinearTuning:
                             generator=torch.Generator().manual_seed(0)).to(self.dtype)
             choice = self.tuner.choose(
                 "linear", f"{key} rows{'<=' if bucket.max_rows else '>'}"
-                          f"{bucket.max_rows or BUCKETS[0].max_rows}", candidates,
+                          f"{bucket.max_rows or previous.max_rows}", candidates,
                 lambda x=x: (x,), lambda x, w=w, b=b: F.linear(x, w, b),
                 dtype_tolerance(self.dtype), cold if bucket.max_rows is not None else None,
                 admit)
