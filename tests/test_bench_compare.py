@@ -153,3 +153,45 @@ def test_the_run_names_the_cpu_and_each_system_s_kernels():
         "pagedserve: linear cpu<=32, onednn>32 rows; dtype float32 (auto: no amx_bf16 or "
         "avx512_bf16)",
         "vllm: float32"]
+
+
+def test_as_avx2_only_holds_every_system_to_avx2(tmp_path, monkeypatch):
+    """pagedserve starts on the avx2 build in float32 and a peer's processes with oneDNN, MKL
+    and ATen held to AVX2, where torch says the CPU has no AVX-512 (vLLM then loads its AVX2
+    kernels); compare.json and the description say the run was held back."""
+    if not compare.cpu_info().has("avx2"):
+        pytest.skip("no AVX2 to hold to")
+    started = []
+
+    def fake_pagedserve(sets, ports, out, model, args, log_name, env):
+        started.append((args, env))
+        return {"results": {name: {"runs_s": [1.0], "median_s": 1.0} for name in sets}}
+    monkeypatch.setattr(compare, "run_pagedserve", fake_pagedserve)
+    peer = tmp_path / "python"  # records what it was given and what its torch says, then dies
+    peer.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        env > {tmp_path}/env.txt
+        {sys.executable} -c "import torch.cpu as c; print(c._is_avx512_supported(), \\
+            c._is_avx512_bf16_supported(), c._is_amx_tile_supported(), c._is_avx2_supported())" \\
+            > {tmp_path}/torch.txt
+        exit 3
+        """))
+    peer.chmod(0o755)
+    run = compare.compare(["pagedserve", "vllm"], [], 1, [1], str(peer), "auto", 32, 1,
+                          tmp_path / "out", as_avx2_only=True)
+    (args, env), = started
+    assert args == ("--dtype", "float32") and env["PAGEDSERVE_CPU_ISA"] == "avx2"
+    peer_env = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines()
+                    if "=" in line)
+    for name, value in compare.AVX2_ONLY_ENV.items():
+        assert env[name] == peer_env[name] == value
+    assert peer_env["PYTHONPATH"].split(":")[0] == str(compare.AVX2_ONLY_SITE)
+    assert (tmp_path / "torch.txt").read_text().split() == ["False", "False", "False", "True"]
+    assert run["peer_dtype"] == "float32" and "status 3" in run["failed"]["vllm"]
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert saved["as_avx2_only"] and saved["pagedserve_args"] == ["--dtype", "float32"]
+    assert compare.describe_run(run).splitlines()[0].endswith(
+        "(held to AVX2 code paths: --as-avx2-only)")
+    kept = compare.compare(["pagedserve"], [], 1, [1], None, "bfloat16", 32, 1, tmp_path / "b",
+                           pagedserve_args=("--dtype", "bfloat16"), as_avx2_only=True)
+    assert started[-1][0] == ("--dtype", "bfloat16") and kept["peer_dtype"] == "bfloat16"
