@@ -150,12 +150,11 @@ AVX2_ONLY_ENV = {"PAGEDSERVE_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
 AVX2_ONLY_SITE = Path(__file__).parent / "avx2_only"
 
 
-def avx2_only_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """``AVX2_ONLY_ENV`` and, before ``env``'s PYTHONPATH (by default this process's), the
-    folder of the sitecustomize that holds a peer's torch to AVX2."""
-    path = (os.environ if env is None else env).get("PYTHONPATH")
-    return {**AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(AVX2_ONLY_SITE),
-                                                                          path]))}
+def avx2_only_env() -> dict[str, str]:
+    """``AVX2_ONLY_ENV``, and the folder of the sitecustomize that holds a peer's torch to AVX2
+    before this process's PYTHONPATH."""
+    path = [str(AVX2_ONLY_SITE), os.environ.get("PYTHONPATH", "")]
+    return {**AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
 def peer_dtype(name: str, cpu: CpuInfo | None = None) -> str:

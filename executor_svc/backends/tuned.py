@@ -33,7 +33,7 @@ class Bucket(NamedTuple):
 # Decode steps feed the linear layers a row per sequence; prefill steps hundreds. Decode
 # batches of 33-128 have their own bucket: timed at 256 rows, a float32 GEMM could be bound
 # to oneDNN for 64-row decode steps where ours was the faster there, and such steps then ran
-# op by op instead of in one call (BENCHMARKS.md, "A broadcast per FMA").
+# op by op instead of in one call (BENCHMARKS.md, "Issue 22 held to AVX2 on Zen 4").
 BUCKETS = (Bucket(32, 32), Bucket(128, 64), Bucket(None, 256))
 # A prefill-sized GEMM is bound by arithmetic, not by streaming the weight: a wide one (the
 # LM head) is timed on this many of its output columns, at the same speed per column.
