@@ -340,7 +340,7 @@ def compare(systems: list[str], workloads: list[str], repeats: int, sweep: list[
             raise ValueError("--as-avx2-only holds a CPU with AVX2 to it; this one has none")
         env = avx2_only_env()
         dtype = "float32" if dtype == "auto" else dtype  # what auto is on an AVX2-only CPU
-        if "--dtype" not in pagedserve_args:
+        if not any(arg.split("=")[0] == "--dtype" for arg in pagedserve_args):
             pagedserve_args = ("--dtype", "float32", *pagedserve_args)
     dtype = peer_dtype(dtype)
     if "vllm" in systems and not vllm_python:

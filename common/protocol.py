@@ -289,10 +289,6 @@ def decode(data: bytes, expected: tuple[type, ...] | None = None):
         raise ProtocolError(exc.message(kind)) from None
 
 
-def pack_ints(values) -> bytes:
-    return np.asarray(values, dtype="<i4").tobytes()
-
-
 # Both directions are compiled once per message class (and per type hint): a function that
 # walks exactly its fields, instead of asking each message's fields and hints again. The
 # scheduler encodes one output per request per step and every client decodes it, so this
@@ -367,6 +363,9 @@ def _packer(dtype: np.dtype) -> Callable[[Any], bytes]:
                 pass
         return np.ascontiguousarray(value, dtype=dtype).tobytes()
     return pack
+
+
+pack_ints = _packer(_ARRAY_DTYPES[Ints])  # an Ints field's bytes, as the encoders pack them
 
 
 def _optional_of(hint):
