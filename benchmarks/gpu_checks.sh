@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run that fits a short lease of a GPU machine:
 #   kernel-tests  the kernel tests, against float64 references
-#   tests    the engine's CUDA-only tests: swaps, copy-on-write and decode graphs on the GPU
+#   tests    the engine's CUDA-only tests: swaps, copy-on-write (one kernel launch each, the
+#            swap pool addressed in place) and decode graphs on the GPU
 #   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
 #   steps    python -m pagedserve.benchmarks.steps on the shared workloads, bf16, with decode graphs, with
 #            --enforce-eager, and with the torch backend
@@ -44,7 +45,7 @@ fi
 if [[ " $parts " == *" tests "* ]]; then
     echo "== engine tests on the GPU"
     timeout 90 "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py \
-        tests/test_triton_backend.py -k "cuda or graphs" -m "not slow" 2>&1 \
+        tests/test_triton_backend.py tests/test_block_ops.py -k "cuda or graphs" -m "not slow" 2>&1 \
         | tee "$out/tests.log" | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
 fi
 

@@ -11,9 +11,8 @@ again replayed from a CUDA graph (``*_graph_us``), as the engine's decode graphs
 without the host's launch cost, which at small batches is longer than the kernel, but with L2
 left warm between calls. Prefill:
 ``kernels.paged_prefill_attention`` against SDPA (causal) on the same prompts. Block ops: the
-cache engine's batched index copies (copy-on-write, swap out, swap in) over all layers, for
-1-256 blocks, in GB/s against the copy bandwidth: what decides whether a fused Triton copy
-kernel would pay off (it can only save launches, 4 per layer per op). Times are CUDA events over
+cache engine's copy-on-write, swap out and swap in over all layers, for 1-256 blocks
+(``benchmarks.block_ops``), in GB/s and against the copy bandwidth, with the path each took. Times are CUDA events over
 repeated launches after a warm-up (``triton.testing.do_bench``).
 """
 from __future__ import annotations
@@ -24,10 +23,11 @@ import json
 import torch
 import torch.nn.functional as F
 
+from pagedserve.benchmarks.block_ops import block_op_rows
+
 BATCHES = (1, 8, 32, 64, 128, 256)
 CONTEXTS = (128, 512, 1024, 2048, 4096, 8192)
 PROMPTS = ((1, 512), (4, 512), (8, 1024), (4, 2048))  # (sequences, prompt length)
-BLOCK_OPS = (1, 16, 64, 256)  # blocks moved by one operation
 
 
 def main() -> None:
@@ -50,8 +50,9 @@ def main() -> None:
               for batch in BATCHES for context in CONTEXTS
               if batch * context <= 256 * 8192]
     prefill = [prefill_row(shape, num_seqs, prompt_len) for num_seqs, prompt_len in PROMPTS]
-    block_ops = [block_op_row(shape, args.layers, op, n, copy_gbs)
-                 for op in ("copy_blocks", "swap_out", "swap_in") for n in BLOCK_OPS]
+    block_ops = [{**row, "of_copy_bandwidth": row["GBps"] / copy_gbs}
+                 for row in block_op_rows("cuda", shape.dtype, args.layers, shape.kv_heads,
+                                          shape.head_dim, shape.block_size)]
     report = {"device": torch.cuda.get_device_name(), "dtype": args.dtype,
               "copy_GBps": copy_gbs, "decode": decode, "prefill": prefill,
               "block_ops": block_ops}
@@ -156,27 +157,6 @@ def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
             "sdpa_us": sdpa_ms * 1e3, "paged_over_sdpa": paged_ms / sdpa_ms}
 
 
-def block_op_row(shape: Shape, num_layers: int, op: str, num_blocks: int,
-                 copy_gbs: float) -> dict:
-    from types import SimpleNamespace
-
-    from triton.testing import do_bench
-
-    from pagedserve.executor_svc.cache_engine import CacheEngine
-
-    config = SimpleNamespace(num_layers=num_layers, num_kv_heads=shape.kv_heads,
-                             head_dim=shape.head_dim)
-    pool = 4 * max(BLOCK_OPS)
-    cache = CacheEngine(config, shape.block_size, pool, pool, shape.dtype, "cuda")
-    src, dst = torch.randperm(pool)[:2 * num_blocks].view(2, -1)
-    pairs = torch.stack([src, dst], 1)
-    ms = do_bench(lambda: getattr(cache, op)(pairs))
-    moved = num_blocks * CacheEngine.bytes_per_block(config, shape.block_size, shape.dtype)
-    achieved = moved / ms / 1e6
-    return {"op": op, "blocks": num_blocks, "us": ms * 1e3, "GBps": achieved,
-            "of_copy_bandwidth": achieved / copy_gbs}
-
-
 def format_report(report: dict) -> str:
     lines = [(f"{report['device']}, {report['dtype']}, device copy bandwidth "
               f"{report['copy_GBps']:.0f} GB/s"),
@@ -190,9 +170,9 @@ def format_report(report: dict) -> str:
     lines.append("prefill: seqs prompt  paged_us  sdpa_us  paged/sdpa")
     lines += [f"         {r['sequences']:>4} {r['prompt_len']:>6} {r['paged_us']:>9.1f} "
               f"{r['sdpa_us']:>8.1f} {r['paged_over_sdpa']:>10.2f}" for r in report["prefill"]]
-    lines.append("block ops: op          blocks      us    GB/s  of copy bw")
+    lines.append("block ops: op          blocks      us    GB/s  of copy bw  path")
     lines += [f"           {r['op']:<11} {r['blocks']:>6} {r['us']:>7.1f} {r['GBps']:>7.1f} "
-              f"{r['of_copy_bandwidth']:>10.0%}" for r in report["block_ops"]]
+              f"{r['of_copy_bandwidth']:>10.0%}  {r['path']}" for r in report["block_ops"]]
     return "\n".join(lines)
 
 

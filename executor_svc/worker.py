@@ -140,6 +140,7 @@ class Worker:
             self._capture_graphs(configure)
         kernels = backends.chosen(self.model, self.runner.attention, self.runner.sampler.ops,
                                   self.dtype_reason)
+        kernels["block_ops"] = cache.describe()
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
                  block_size=configure.block_size,
                  kv_dtype=str(self.kv_dtype).removeprefix("torch."), **kernels)

@@ -161,6 +161,7 @@ def test_health_names_the_processor_and_the_kernel_each_op_runs_on(run):
     assert linear and linear <= {"cpu", "onednn", "torch"}, kernels["linear"]
     assert kernels["cpu_kernels"] == cpu_kernels.describe()  # the build, or why none serves
     assert kernels["dtype"].startswith(("float32 (auto", "bfloat16 (auto"))
+    assert kernels["block_ops"] == "a strided copy per block"  # one path for every block op
 
 
 def test_samples_share_their_prompt_block_while_they_run(run):

@@ -1,6 +1,7 @@
 """Block operations: swap out (device -> CPU), swap in (CPU -> device), copy (copy-on-write), in the
 cache engine and through step plans applied by the model runner."""
 import copy
+import os
 import random
 
 import numpy as np
@@ -39,11 +40,19 @@ def prompts():
     return [[rng.randrange(3, 512) for _ in range(n)] for n in (6, 5)]
 
 
-def make_cache(config, num_device_blocks=8, num_cpu_blocks=4):
+# (device, block_kernel): each path of each device; the kernel runs on CPU in triton's interpreter
+DEVICES = [pytest.param("cpu", None, id="cpu"),
+           pytest.param("cpu", True, id="cpu-kernel", marks=pytest.mark.skipif(
+               os.environ.get("TRITON_INTERPRET") != "1", reason="triton's interpreter")),
+           pytest.param("cuda", None, id="cuda", marks=pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+def make_cache(config, num_device_blocks=8, num_cpu_blocks=4, device="cpu", block_kernel=None):
     """A cache whose every slot holds NaN, so that a read of an unwritten slot shows (all
     but the device's null block, which is zeros by design)."""
     cache = CacheEngine(config, BLOCK_SIZE, num_device_blocks, num_cpu_blocks, torch.float32,
-                        "cpu")
+                        device, block_kernel)
     for tensor in all_tensors(cache):
         tensor.fill_(float("nan"))
     for tensor in cache.kv_caches[0] + cache.kv_caches[-1]:
@@ -68,18 +77,37 @@ def clone(caches):
     return [tuple(t.clone() for t in layer) for layer in caches]
 
 
-def test_swap_out_then_swap_in_round_trips_blocks_and_leaves_others_untouched(config):
-    cache = make_cache(config)
+def settled(cache):
+    """``cache`` once its block operations are done (on CUDA they run on a side stream)."""
+    cache.synchronize()
+    return cache
+
+
+@pytest.mark.parametrize("device, block_kernel", DEVICES)
+def test_each_block_operation_takes_the_path_for_its_device(config, device, block_kernel):
+    path = ("one copy_blocks launch" if device == "cuda" or block_kernel
+            else "a strided copy per block")
+    expected = dict.fromkeys(["swap_out", "swap_in", "copies"], path)
+    cache = make_cache(config, device=device, block_kernel=block_kernel)
+    assert cache.paths == expected
+    assert cache.describe() == next(iter(expected.values()))  # one path for all three
+
+
+@pytest.mark.parametrize("device, block_kernel", DEVICES)
+def test_swap_out_then_swap_in_round_trips_blocks_and_leaves_others_untouched(config, device, block_kernel):
+    cache = make_cache(config, device=device, block_kernel=block_kernel)
     randomize(cache.kv_caches)
     original = clone(cache.kv_caches)
-    cache.swap_out(torch.tensor([[5, 0], [2, 3]]))
+    settled(cache).swap_out(torch.tensor([[5, 0], [2, 3]]))
+    settled(cache)
     for (k, v), (cpu_k, cpu_v) in zip(original, cache.cpu_caches):
         for dev, cpu in ((k, cpu_k), (v, cpu_v)):
-            assert torch.equal(cpu[[0, 3]], dev[[5, 2]])
+            assert torch.equal(cpu[[0, 3]], dev[[5, 2]].cpu())
             assert cpu[[1, 2]].isnan().all()
     randomize(cache.kv_caches)  # the device blocks are reused while the sequence is out
     before_swap_in = clone(cache.kv_caches)
-    cache.swap_in(np.array([[0, 1], [3, 6]]))
+    settled(cache).swap_in(np.array([[0, 1], [3, 6]]))
+    settled(cache)
     untouched = [0, 2, 3, 4, 5, 7]
     for (k, v), (old_k, old_v), (now_k, now_v) in zip(original, before_swap_in, cache.kv_caches):
         for dev, old, now in ((k, old_k, now_k), (v, old_v, now_v)):
@@ -87,14 +115,16 @@ def test_swap_out_then_swap_in_round_trips_blocks_and_leaves_others_untouched(co
             assert torch.equal(now[untouched], old[untouched])
 
 
-def test_copy_blocks_copies_exactly_the_listed_blocks_in_every_layer(config):
-    cache = make_cache(config)
+@pytest.mark.parametrize("device, block_kernel", DEVICES)
+def test_copy_blocks_copies_exactly_the_listed_blocks_in_every_layer(config, device, block_kernel):
+    cache = make_cache(config, device=device, block_kernel=block_kernel)
     randomize(cache.kv_caches)
     expected = clone(cache.kv_caches)
     for layer in expected:
         for tensor in layer:
             tensor[[3, 7]] = tensor[[0, 4]]
-    cache.copy_blocks([[0, 3], [4, 7]])
+    settled(cache).copy_blocks([[0, 3], [4, 7]])
+    settled(cache)
     for now, want in zip(cache.kv_caches, expected):
         assert all(torch.equal(a, b) for a, b in zip(now, want))
     assert all(t.isnan().all() for layer in cache.cpu_caches for t in layer)

@@ -1,4 +1,5 @@
-"""The Triton decode attention and reshape_and_cache kernels against the float64 references.
+"""The Triton decode attention and cache kernels (reshape_and_cache, copy_blocks) against
+references: float64 attention, exact writes and block copies.
 
 Without a GPU, conftest.py has the kernels run in triton's interpreter on CPU tensors, so sizes
 stay small; the compile test still builds every kernel for sm_80 and sm_90.
@@ -16,7 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagedserve.kernels.cache_ops import reshape_and_cache, reshape_and_cache_launch
+from pagedserve.kernels.cache_ops import (copy_blocks, copy_blocks_launch, reshape_and_cache,
+                                          reshape_and_cache_launch)
 from pagedserve.kernels.decode import (
     DEFAULT_SMS,
     LONG_CONTEXT,
@@ -246,6 +248,48 @@ def test_reshape_and_cache_rejects_a_slot_mapping_of_the_wrong_length():
                                                                        device=DEVICE))
 
 
+def layer_major(num_planes, num_blocks, block_numel, dtype, seed):
+    """A device pool's view: [num_blocks, planes, block_numel] over [planes, num_blocks, ...]."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(num_planes, num_blocks, block_numel, generator=g).to(dtype).to(DEVICE)
+    return pool.transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_copy_blocks_moves_the_named_blocks_of_every_plane_and_nothing_else(dtype):
+    # A device pool (layer-major) into a swap pool (block-major) and back: 3 of 7 blocks,
+    # 6 planes (3 layers' K and V), 80-value blocks (a chunk and a masked tail).
+    device = layer_major(6, 7, 80, dtype, seed=1)
+    swap = torch.randn(5, 6, 80, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+    pairs = torch.tensor([[4, 0], [0, 3], [6, 2]])
+    expected = swap.clone()
+    expected[pairs[:, 1]] = device[pairs[:, 0]]
+    copy_blocks(device, swap, pairs.to(DEVICE))
+    assert torch.equal(swap, expected)
+    back = device.clone()
+    back[[1, 2, 5]] = swap[[3, 2, 0]]
+    copy_blocks(swap, device, torch.tensor([[3, 1], [2, 2], [0, 5]], device=DEVICE))
+    assert torch.equal(device, back)
+
+
+def test_copy_blocks_copies_on_write_within_one_pool():
+    device = layer_major(4, 9, 3 * 64, torch.bfloat16, seed=3)
+    expected = device.clone()
+    expected[[7, 8]] = device[[2, 2]]  # a block shared by two forks, each copying it
+    copy_blocks(device, device, torch.tensor([[2, 7], [2, 8]], device=DEVICE))
+    assert torch.equal(device, expected)
+
+
+@pytest.mark.parametrize("src, dst, pairs, message", [
+    ((3, 4, 16), (3, 5, 16), [[0, 1]], r"equal planes.*\(3, 4, 16\).*\(3, 5, 16\)"),
+    ((3, 4, 16), (3, 4, 16), [[0, 1, 2]], r"pairs must be a contiguous int64 \[N, 2\]"),
+])
+def test_copy_blocks_rejects_bad_views_naming_them(src, dst, pairs, message):
+    with pytest.raises(ValueError, match=message):
+        copy_blocks(torch.zeros(src, device=DEVICE), torch.zeros(dst, device=DEVICE),
+                    torch.tensor(pairs, device=DEVICE))
+
+
 def test_every_kernel_compiles_for_sm80_and_sm90():
     # Under TRITON_INTERPRET the kernels are interpreter wrappers, so compile in a fresh Python
     # without it; it imports this module and runs compile_launcher_configurations.
@@ -255,15 +299,16 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     # 3 configurations x (one pass, partitions, reduce, reshape_and_cache) x 2 targets, then
-    # 3 automatic partition sizes x (partitions, reduce) x 2 targets
-    assert result.stdout.split() == ["compiled"] * 36
+    # 3 automatic partition sizes x (partitions, reduce) x 2 targets, then copy_blocks x 2
+    assert result.stdout.split() == ["compiled"] * 38
 
 
 def compile_launcher_configurations() -> None:
     """Compile each kernel configuration the launchers pick for sm_80 and sm_90: both decode
     paths, fp16/bf16/fp32 (tf32 or IEEE dots), padded and unpadded head dims, and split-K at
     each partition size the automatic choice gives SmolLM2's shape (9 heads, 3 kv heads, head
-    dim 64, bf16, blocks of 16) over 8192 tokens; print "compiled" per kernel and target."""
+    dim 64, bf16, blocks of 16) over 8192 tokens, and copy_blocks over its pools; print
+    "compiled" per kernel and target."""
     configs = [(torch.float16, 64, 16), (torch.bfloat16, 128, 32), (torch.float32, 80, 8)]
     launches = []
     for dtype, head_dim, block_size in configs:
@@ -288,6 +333,10 @@ def compile_launcher_configurations() -> None:
         sizes.append(split[0][2]["PARTITION_SIZE"])
         launches += split
     assert sizes == [MIN_PARTITION_SIZE, 256, PARTITION_SIZE], sizes
+    pool = torch.empty(60, 5, 16 * 3 * 64, dtype=torch.bfloat16).transpose(0, 1)
+    launches.append(copy_blocks_launch(pool, torch.empty(4, 60, 16 * 3 * 64,
+                                                         dtype=torch.bfloat16),
+                                       torch.zeros(1, 2, dtype=torch.int64)))
     for capability in (80, 90):
         for kernel, _, args in launches:
             compiled = triton.compile(ASTSource(kernel, *signature(kernel, args)),
@@ -299,7 +348,7 @@ def compile_launcher_configurations() -> None:
 def signature(kernel, args: dict) -> tuple[dict, dict]:
     """Triton's ``(signature, constexprs)`` for calling ``kernel`` with ``args``."""
     types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-             torch.int32: "*i32", torch.int64: "*i64"}
+             torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
     sig, constexprs = {}, {}
     for param in kernel.params:
         value = args[param.name]
