@@ -5,7 +5,8 @@
 #            swap pool addressed in place) and decode graphs on the GPU
 #   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
 #   steps    python -m pagedserve.benchmarks.steps on the shared workloads, bf16, with decode graphs, with
-#            --enforce-eager, and with the torch backend
+#            --enforce-eager, and with the torch backend; then 10 graph-replayed decode steps
+#            under torch's profiler (host and GPU time per operator, in steps.txt)
 #   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
 #            cost from stats): with the defaults, --no-async-scheduling and --enforce-eager
 # Steps and serve use SmolLM2's shape with random weights: step times do not depend on the
@@ -57,7 +58,8 @@ fi
 
 if [[ $parts == *steps* ]]; then
     echo "== engine steps in process"
-    for run in "fixed triton" "fixed triton --enforce-eager" "mixed triton" "fixed torch"; do
+    for run in "fixed triton" "fixed triton --enforce-eager" "mixed triton" "fixed torch" \
+            "fixed triton --profile-from=20"; do
         set -- $run
         timeout 90 "$py" -m pagedserve.benchmarks.steps --workload "$1" --attention-backend "$2" ${3:-} \
             --device "$device" --dtype bfloat16 --model "$model" 2>&1 \

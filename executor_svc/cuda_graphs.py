@@ -15,6 +15,7 @@ stay finite and write nothing. Only the triton backend is captured; it makes no 
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,12 +61,10 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_num_seqs)
         device = kv_caches[0][0].device
         size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((size, self.width), null_block, dtype=torch.int32,
-                                       device=device)
+        self.inputs = _StepInputs(size, self.width, device)
+        (self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
+         self.block_tables) = self.inputs.device
+        self._fill(size, [], [], [])  # every row padding, as the captures run them
         self.query_start_loc = torch.arange(size + 1, device=device)  # one token per sequence
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
@@ -98,23 +97,18 @@ class DecodeGraphs:
     def _fill(self, bucket: int, token_ids: list[int], num_computed: list[int],
               tables: list[list[int]]) -> None:
         num_seqs = len(token_ids)
-        positions = np.zeros(bucket, np.int64)
-        positions[:num_seqs] = num_computed
-        padded = np.full((bucket, self.width), self.null_block, np.int32)
+        ids, positions, slots, lens, padded = self.inputs.host()
+        ids[:num_seqs], ids[num_seqs:bucket] = token_ids, 0
+        positions[:num_seqs], positions[num_seqs:bucket] = num_computed, 0
+        padded[:bucket] = self.null_block
         for row, table in enumerate(tables):
             padded[row, :len(table)] = table
-        rows = np.arange(num_seqs)
-        slots = np.full(bucket, -1, np.int64)
-        slots[:num_seqs] = (padded[rows, positions[:num_seqs] // self.block_size].astype(np.int64)
-                            * self.block_size + positions[:num_seqs] % self.block_size)
-        ids = np.zeros(bucket, np.int64)
-        ids[:num_seqs] = token_ids
-        lens = np.ones(bucket, np.int32)
-        lens[:num_seqs] = positions[:num_seqs] + 1
-        for buffer, host in ((self.input_ids, ids), (self.positions, positions),
-                             (self.slot_mapping, slots), (self.seq_lens, lens),
-                             (self.block_tables, padded)):
-            buffer[:bucket].copy_(torch.from_numpy(host), non_blocking=True)
+        computed = positions[:num_seqs]
+        blocks = padded[np.arange(num_seqs), computed // self.block_size].astype(np.int64)
+        slots[:num_seqs] = blocks * self.block_size + computed % self.block_size
+        slots[num_seqs:bucket] = -1
+        lens[:num_seqs], lens[num_seqs:bucket] = computed + 1, 1
+        self.inputs.send(bucket)
 
     def _meta(self, bucket: int) -> AttentionMetadata:
         return self.backend.decode_metadata(
@@ -145,3 +139,45 @@ class DecodeGraphs:
                 self.graphs[bucket] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+
+
+class _StepInputs:
+    """The graphs' step inputs in one buffer on each side: a step writes them on the host
+    (pinned on CUDA) and sends them in one asynchronous copy, where a copy from pageable memory
+    holds the host until it is staged, one per input. ``device`` holds the static views the
+    graphs read: token ids, positions and cache slots (int64), context lengths and block tables
+    ``[rows, width]`` (int32); the tables come last, so that a step of fewer rows copies only
+    its rows of them."""
+
+    _DTYPES = (torch.int64, torch.int64, torch.int64, torch.int32, torch.int32)
+
+    def __init__(self, rows: int, width: int, device: torch.device):
+        shapes = [(rows,)] * 4 + [(rows, width)]
+        sizes = [-(-math.prod(shape) * dtype.itemsize // 8) * 8  # 8-byte aligned
+                 for dtype, shape in zip(self._DTYPES, shapes)]
+        self.offsets = np.cumsum([0, *sizes]).tolist()
+        self.row_bytes = width * torch.int32.itemsize
+        cuda = device.type == "cuda"
+        self._host_bytes = torch.empty(self.offsets[-1], dtype=torch.uint8, pin_memory=cuda)
+        self._device_bytes = torch.empty(self.offsets[-1], dtype=torch.uint8, device=device)
+        self.device = self._views(self._device_bytes, shapes)
+        self._host = [view.numpy() for view in self._views(self._host_bytes, shapes)]
+        self._sent = torch.cuda.Event() if cuda else None
+
+    def _views(self, buffer: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+        return [buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for dtype, shape, start in zip(self._DTYPES, shapes, self.offsets)]
+
+    def host(self) -> list[np.ndarray]:
+        """The host views (ids, positions, slots, lens, tables), once the last copy from them
+        is done."""
+        if self._sent is not None:
+            self._sent.synchronize()
+        return self._host
+
+    def send(self, rows: int) -> None:
+        """Copy the host buffer to the device: every input, and ``rows`` rows of the tables."""
+        end = self.offsets[-2] + rows * self.row_bytes
+        self._device_bytes[:end].copy_(self._host_bytes[:end], non_blocking=True)
+        if self._sent is not None:
+            self._sent.record()
