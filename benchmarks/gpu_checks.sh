@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run that fits a short lease of a GPU machine:
-#   kernel-tests  the kernel tests, against float64 references
+#   kernel-tests  the kernel tests (attention, block copies, layer ops), against references
 #   tests    the engine's CUDA-only tests: swaps, copy-on-write (one kernel launch each, the
 #            swap pool addressed in place) and decode graphs on the GPU
 #   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
@@ -39,7 +39,7 @@ fi
 if [[ $parts == *kernel-tests* ]]; then
     echo "== kernel tests on the GPU"
     timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py \
-        tests/test_kernels_prefill.py 2>&1 | tee "$out/kernel-tests.log" \
+        tests/test_kernels_prefill.py tests/test_kernels_layer_ops.py 2>&1 | tee "$out/kernel-tests.log" \
         | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
 fi
 

@@ -12,8 +12,8 @@ without the host's launch cost, which at small batches is longer than the kernel
 left warm between calls. Prefill:
 ``kernels.paged_prefill_attention`` against SDPA (causal) on the same prompts. Block ops: the
 cache engine's copy-on-write, swap out and swap in over all layers, for 1-256 blocks
-(``benchmarks.block_ops``), in GB/s and against the copy bandwidth, with the path each took. Times are CUDA events over
-repeated launches after a warm-up (``triton.testing.do_bench``).
+(``benchmarks.block_ops``), in GB/s and against the copy bandwidth, with the path each took.
+Times are CUDA events over repeated launches after a warm-up (``triton.testing.do_bench``).
 """
 from __future__ import annotations
 

@@ -191,18 +191,20 @@ class PagedLlamaForCausalLM(nn.Module):
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
                prepack: bool = True, tp: TensorParallel | None = None,
-               tuner: Tuner | None = None) -> PagedLlamaForCausalLM:
+               tuner: Tuner | None = None, ops: LayerOps | None = None) -> PagedLlamaForCausalLM:
     """Build our paged model for the HF checkpoint in ``model_dir`` (config.json + safetensors,
     possibly sharded) with weights in ``dtype`` on ``device``, in eval mode, its layer ops
     bound for them; on CPU its GEMMs are prepacked unless ``prepack`` is False, and with a
     ``tuner`` each op and GEMM is the fastest measured here (``backends.tuned``). With
-    ``tp``, this rank's share of it."""
+    ``tp``, this rank's share of it. ``ops`` forces the layer ops (tests: the Triton kernels'
+    on CPU tensors, in triton's interpreter)."""
     config = ModelConfig.from_model_dir(model_dir)
     rope = RotaryEmbedding(config, device)
     if tp is not None:
         config = config.sharded(tp.size)
     tune = tuner is not None and torch.device(device).type == "cpu"
-    ops = tuned_ops(tuner, config, dtype) if tune else layer_ops(dtype, device)
+    if ops is None:
+        ops = tuned_ops(tuner, config, dtype) if tune else layer_ops(dtype, device)
     with torch.device("meta"):
         model = PagedLlamaForCausalLM(config, rope, ops, tp)
     # Allocate without initialising: every weight is loaded below.

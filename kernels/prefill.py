@@ -3,7 +3,7 @@
 A step packs the new tokens of its sequences one after another; sequence ``i``'s are
 ``query[query_start_loc[i]:query_start_loc[i + 1]]``. Its whole context, the cached prefix (prefix
 caching, earlier chunks of a chunked prefill) and this step's tokens alike, is read through its
-block table: reshape_and_cache has written the new keys and values before this kernel runs. New
+block table: rope_write_kv has written the new keys and values before this kernel runs. New
 token ``j`` sits at position ``seq_len - query_len + j`` and sees the positions up to its own, so
 prompts, prompt chunks and single decode tokens share one launch.
 

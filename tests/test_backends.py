@@ -37,7 +37,11 @@ def test_without_the_kernels_everything_takes_torch_operators(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     assert isinstance(attention_backend("torch", 16, "cpu", F32, F32), TorchBackend)
     assert type(layer_ops(F32, "cpu")) is LayerOps
-    assert type(layer_ops(F32, "cuda")) is LayerOps
+
+
+def test_on_cuda_the_layer_ops_are_the_triton_kernels_but_greedy():
+    ops = layer_ops(F32, "cuda")
+    assert ops.names() == {"add_rms_norm": "triton", "silu_mul": "triton", "greedy": "torch"}
 
 
 def test_triton_is_chosen_by_name_and_an_unknown_name_is_refused():

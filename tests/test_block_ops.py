@@ -94,7 +94,8 @@ def test_each_block_operation_takes_the_path_for_its_device(config, device, bloc
 
 
 @pytest.mark.parametrize("device, block_kernel", DEVICES)
-def test_swap_out_then_swap_in_round_trips_blocks_and_leaves_others_untouched(config, device, block_kernel):
+def test_swap_out_then_swap_in_round_trips_blocks_and_leaves_others_untouched(config, device,
+                                                                             block_kernel):
     cache = make_cache(config, device=device, block_kernel=block_kernel)
     randomize(cache.kv_caches)
     original = clone(cache.kv_caches)

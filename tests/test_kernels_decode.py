@@ -1,5 +1,5 @@
-"""The Triton decode attention and cache kernels (reshape_and_cache, copy_blocks) against
-references: float64 attention, exact writes and block copies.
+"""The Triton decode attention and block copy kernels against references: float64 attention,
+exact block copies.
 
 Without a GPU, conftest.py has the kernels run in triton's interpreter on CPU tensors, so sizes
 stay small; the compile test still builds every kernel for sm_80 and sm_90.
@@ -17,8 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagedserve.kernels.cache_ops import (copy_blocks, copy_blocks_launch, reshape_and_cache,
-                                          reshape_and_cache_launch)
+from pagedserve.kernels.cache_ops import copy_blocks, copy_blocks_launch
 from pagedserve.kernels.decode import (
     DEFAULT_SMS,
     LONG_CONTEXT,
@@ -33,6 +32,8 @@ from pagedserve.kernels.decode import (
     partition_size_for,
     use_split_k,
 )
+from pagedserve.kernels.layer_ops import (add_rms_norm_launch, rope_write_kv_launch,
+                                          silu_mul_launch)
 from pagedserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -222,32 +223,6 @@ def test_decode_rejects_bad_inputs_naming_the_value(name, bad, message):
         paged_decode_attention(**args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reshape_and_cache_writes_mapped_slots_and_nothing_else(dtype):
-    g = torch.Generator().manual_seed(0)
-    num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 6, 8, 2, 80, 12
-    # key and value as strided views of one [num_tokens, 2, heads, head_dim] projection
-    key, value = torch.randn(num_tokens, 2, num_kv_heads, head_dim, generator=g).to(
-        dtype).to(DEVICE).unbind(1)
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
-    slots[[1, 6, 7]] = -1
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    key_cache, value_cache = (torch.randn(shape, generator=g).to(dtype).to(DEVICE)
-                              for _ in range(2))
-    expected_key, expected_value = key_cache.clone(), value_cache.clone()
-    reshape_and_cache_reference(key, value, expected_key, expected_value, slots)
-    reshape_and_cache(key, value, key_cache, value_cache, slots.to(DEVICE))
-    assert torch.equal(key_cache, expected_key) and torch.equal(value_cache, expected_value)
-
-
-def test_reshape_and_cache_rejects_a_slot_mapping_of_the_wrong_length():
-    key = torch.zeros(3, 2, 64, device=DEVICE)
-    cache = torch.zeros(4, 8, 2, 64, device=DEVICE)
-    with pytest.raises(ValueError, match=r"slot_mapping must be int32 or int64 \[3\].*\(2,\)"):
-        reshape_and_cache(key, key, cache, cache.clone(), torch.zeros(2, dtype=torch.int64,
-                                                                       device=DEVICE))
-
-
 def layer_major(num_planes, num_blocks, block_numel, dtype, seed):
     """A device pool's view: [num_blocks, planes, block_numel] over [planes, num_blocks, ...]."""
     g = torch.Generator().manual_seed(seed)
@@ -298,17 +273,18 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    # 3 configurations x (one pass, partitions, reduce, reshape_and_cache) x 2 targets, then
-    # 3 automatic partition sizes x (partitions, reduce) x 2 targets, then copy_blocks x 2
-    assert result.stdout.split() == ["compiled"] * 38
+    # 3 configurations x (one pass, partitions, reduce, rope_write_kv) x 2 targets, then
+    # 3 automatic partition sizes x (partitions, reduce) x 2 targets, then copy_blocks and
+    # add_rms_norm (with and without the add) and silu_mul for SmolLM2 x 2
+    assert result.stdout.split() == ["compiled"] * 44
 
 
 def compile_launcher_configurations() -> None:
     """Compile each kernel configuration the launchers pick for sm_80 and sm_90: both decode
-    paths, fp16/bf16/fp32 (tf32 or IEEE dots), padded and unpadded head dims, and split-K at
-    each partition size the automatic choice gives SmolLM2's shape (9 heads, 3 kv heads, head
-    dim 64, bf16, blocks of 16) over 8192 tokens, and copy_blocks over its pools; print
-    "compiled" per kernel and target."""
+    paths and rope_write_kv, fp16/bf16/fp32 (tf32 or IEEE dots), padded and unpadded head
+    dims, and split-K at each partition size the automatic choice gives SmolLM2's shape (9
+    heads, 3 kv heads, head dim 64, bf16, blocks of 16) over 8192 tokens, copy_blocks over
+    its pools and its layer kernels; print "compiled" per kernel and target."""
     configs = [(torch.float16, 64, 16), (torch.bfloat16, 128, 32), (torch.float32, 80, 8)]
     launches = []
     for dtype, head_dim, block_size in configs:
@@ -319,9 +295,11 @@ def compile_launcher_configurations() -> None:
                                         torch.zeros(2, 4, dtype=torch.int32),
                                         torch.ones(2, dtype=torch.int32), 1.0, query, None,
                                         split_k, TILE_TOKENS)
-        key = torch.empty(2, *key_cache.shape[2:], dtype=dtype)
-        launches.append(reshape_and_cache_launch(key, key, key_cache, key_cache.clone(),
-                                                 torch.zeros(2, dtype=torch.int64)))
+        qkv = torch.empty(2, (8 + 2 * 2) * head_dim, dtype=dtype)
+        half = torch.empty(4, head_dim // 2)
+        ids = torch.zeros(2, dtype=torch.int64)
+        launches.append(rope_write_kv_launch(qkv, 8, half, half, ids, key_cache,
+                                             key_cache.clone(), ids))
     key_cache = torch.empty(4, 16, 3, 64, dtype=torch.bfloat16)
     sizes = []
     for num_seqs in (1, 8, 64):
@@ -337,6 +315,9 @@ def compile_launcher_configurations() -> None:
     launches.append(copy_blocks_launch(pool, torch.empty(4, 60, 16 * 3 * 64,
                                                          dtype=torch.bfloat16),
                                        torch.zeros(1, 2, dtype=torch.int64)))
+    hidden = torch.empty(4, 576, dtype=torch.bfloat16)
+    launches += [add_rms_norm_launch(x, hidden, hidden[0], 1e-5) for x in (hidden, None)]
+    launches.append(silu_mul_launch(torch.empty(4, 2 * 1536, dtype=torch.bfloat16)))
     for capability in (80, 90):
         for kernel, _, args in launches:
             compiled = triton.compile(ASTSource(kernel, *signature(kernel, args)),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pagedserve.executor_svc.backends import attention_backend
+from pagedserve.executor_svc.backends.triton import TritonOps
 from pagedserve.executor_svc.model import load_model
 from pagedserve.executor_svc.cuda_graphs import batch_buckets
 from test_engine import BLOCK_SIZE, make_runner, request, run
@@ -45,25 +46,31 @@ def test_triton_backend_gives_the_torch_backend_tokens(tiny):
 @interpreted
 def test_triton_and_torch_backends_agree_on_a_mixed_step(tiny):
     """One step with a chunk over a cached prefix, a fresh prompt and two decodes: the
-    hidden states agree to float32 rounding."""
+    hidden states agree to float32 rounding, with the Triton layer ops (as on CUDA) too."""
     path, _ = tiny
-    model = load_model(path, torch.float32, torch.device("cpu"))
+    models = {"torch": load_model(path, torch.float32, torch.device("cpu")),
+              "triton": load_model(path, torch.float32, torch.device("cpu"))}
+    models["triton+ops"] = load_model(path, torch.float32, torch.device("cpu"), ops=TritonOps())
+    assert models["triton+ops"].model.layers[0].mlp.silu_mul.__self__.name == "triton"
     tables = [[3, 7, 1], [0, 5], [6], [2, 4]]
     computed, query_lens = [6, 0, 3, 5], [4, 7, 1, 1]
     ids = torch.randint(3, 512, (sum(query_lens),), generator=torch.Generator().manual_seed(0))
-    hidden = {}
-    for name in ("torch", "triton"):
+    hidden, written = {}, {}
+    for name, model in models.items():
         shape = (9, BLOCK_SIZE, model.config.num_kv_heads, model.config.head_dim)
         torch.manual_seed(1)  # the same "cached" K/V in both runs; block 8 is the null block
         caches = [(torch.randn(shape).index_fill_(0, torch.tensor([8]), 0),
                    torch.randn(shape).index_fill_(0, torch.tensor([8]), 0))
                   for _ in model.model.layers]
-        backend = attention_backend(name, BLOCK_SIZE, "cpu", torch.float32, torch.float32,
-                                    null_block=8)
+        backend = attention_backend(name.split("+")[0], BLOCK_SIZE, "cpu", torch.float32,
+                                    torch.float32, null_block=8)
         meta = backend.build(tables, computed, query_lens)
         with torch.inference_mode():
             hidden[name] = model(ids, meta.positions, meta, caches)
-    torch.testing.assert_close(hidden["triton"], hidden["torch"], rtol=1e-4, atol=1e-4)
+        written[name] = torch.stack([t for layer in caches for t in layer])
+    for name in ("triton", "triton+ops"):
+        torch.testing.assert_close(hidden[name], hidden["torch"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(written[name], written["torch"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,9 +7,10 @@
   ``Tuner``, where they time faster than torch's operators here); else ``torch``, torch
   operators.
 - **Layer ops** (``layer_ops``, bound by ``load_model``, and the sampler's greedy path,
-  ``sampler_ops``): ``cpu`` where the compiled kernels serve the activations on a CPU,
-  else ``torch``. Given a ``Tuner`` (as the executor does on a CPU), ``load_model`` binds
-  ``tuned.tuned_ops`` instead: per op the fastest correct implementation measured here, and
+  ``sampler_ops``): ``triton`` on CUDA (norms and SiLU-mul; greedy stays torch's), ``cpu``
+  where the compiled kernels serve the activations on a CPU, else ``torch``. Given a
+  ``Tuner`` (as the executor does on a CPU), ``load_model`` binds ``tuned.tuned_ops``
+  instead: per op the fastest correct implementation measured here, and
   for each linear layer per bucket of rows (``autotune``).
 
 The model and the sampler call what was bound and never ask again.
@@ -17,7 +18,7 @@ The model and the sampler call what was bound and never ask again.
 from __future__ import annotations
 
 import torch
-from torch import float32, nn  # (the name torch is this package's torch backend)
+from torch import device as Device, float32, nn  # (the name torch is this package's torch backend)
 
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.attention import AttentionBackend
@@ -57,7 +58,10 @@ def attention_backend(name: str, block_size: int, device: torch.device | str,
 
 
 def layer_ops(dtype: torch.dtype, device: torch.device | str) -> LayerOps:
-    """The layer ops for ``dtype`` activations on ``device``."""
+    """The layer ops for ``dtype`` activations on ``device``: on CUDA the Triton kernels'."""
+    if Device(device).type == "cuda":
+        from pagedserve.executor_svc.backends.triton import TritonOps  # triton compiles here
+        return TritonOps()
     return CpuOps() if cpu_kernels.fuses(dtype, device) else LayerOps()
 
 

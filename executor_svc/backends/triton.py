@@ -1,4 +1,5 @@
-"""The ``triton`` attention backend: the paged kernels of ``kernels``.
+"""The ``triton`` attention backend, the paged kernels of ``kernels``, and the layer ops in
+Triton (``TritonOps``).
 
 On CUDA the kernels compile for the device; on CPU tensors they run only in triton's
 interpreter (``TRITON_INTERPRET=1``, set before this module is imported): exact but slow,
@@ -12,9 +13,10 @@ import torch
 from torch import Tensor
 
 from pagedserve import kernels
-from pagedserve.executor_svc.attention import (AttentionBackend, AttentionMetadata, StepLayout,
-                                               rope_then_write)
+from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata, StepLayout
+from pagedserve.executor_svc.layer_ops import LayerOps
 from pagedserve.executor_svc.rope import StepRope
+from pagedserve.kernels import layer_ops as layer_kernels
 
 
 @dataclass
@@ -53,8 +55,9 @@ class TritonBackend(AttentionBackend):
     def rope_write_kv(self, qkv: Tensor, num_heads: int, rope: StepRope,
                       kv_cache: tuple[Tensor, Tensor],
                       meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor]:
-        return rope_then_write(qkv, num_heads, rope, kv_cache, meta.slot_mapping,
-                               kernels.reshape_and_cache)
+        """One kernel: the rotation and the cache write (``kernels.layer_ops``)."""
+        return layer_kernels.rope_write_kv(qkv, num_heads, rope.table.cos, rope.table.sin,
+                                           rope.positions, *kv_cache, meta.slot_mapping)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor,
                v_cache: Tensor, meta: TritonMetadata, scale: float) -> Tensor:
@@ -66,3 +69,22 @@ class TritonBackend(AttentionBackend):
         return kernels.paged_prefill_attention(query, k_cache, v_cache, meta.block_tables,
                                                meta.seq_lens, meta.query_start_loc, scale,
                                                max_query_len=meta.max_query_len)
+
+
+class TritonOps(LayerOps):
+    """The layer ops on CUDA: residual add + RMSNorm and SiLU-mul one kernel each
+    (``kernels.layer_ops``), where torch's operators take nine and two; greedy sampling and
+    the linear layers stay torch's."""
+
+    name = "triton"
+
+    def names(self) -> dict[str, str]:
+        return {**super().names(), "greedy": LayerOps.name}
+
+    def add_rms_norm(self, x: Tensor | None, residual: Tensor, weight: Tensor,
+                     eps: float) -> tuple[Tensor, Tensor]:
+        """The sum is written into ``residual``."""
+        return layer_kernels.add_rms_norm(x, residual, weight, eps), residual
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        return layer_kernels.silu_mul(gate_up)
