@@ -6,7 +6,7 @@
   sequence's cached prefix and themselves.
 - ``rope_write_kv``: RoPE of the new tokens' queries and keys, and their K/V written into
   their cache slots (-1: skip), in one launch; ``add_rms_norm`` and ``silu_mul``: a decoder
-  layer's other elementwise work (``layer_ops``).
+  layer's other elementwise work; ``greedy``: argmax sampling (``layer_ops``).
 - ``copy_blocks``: whole blocks of every layer copied in one launch (copy-on-write, swaps).
 
 On CPU tensors they run only in triton's interpreter (``TRITON_INTERPRET=1`` set before this
@@ -19,11 +19,11 @@ holds it to that. Keep this module free of a ``__version__``.
 """
 from .cache_ops import copy_blocks
 from .decode import paged_decode_attention
-from .layer_ops import add_rms_norm, rope_write_kv, silu_mul
+from .layer_ops import add_rms_norm, greedy, rope_write_kv, silu_mul
 from .prefill import paged_prefill_attention
 from .reference import (bf16_attention_tolerance, paged_attention_reference,
                         reshape_and_cache_reference)
 
-__all__ = ["add_rms_norm", "bf16_attention_tolerance", "copy_blocks", "paged_attention_reference",
-           "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache_reference",
-           "rope_write_kv", "silu_mul"]
+__all__ = ["add_rms_norm", "bf16_attention_tolerance", "copy_blocks", "greedy",
+           "paged_attention_reference", "paged_decode_attention", "paged_prefill_attention",
+           "reshape_and_cache_reference", "rope_write_kv", "silu_mul"]

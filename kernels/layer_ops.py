@@ -1,6 +1,7 @@
 """A decoder layer's elementwise work in Triton, one launch each where torch's operators take
 several: residual add + RMSNorm, SiLU(gate) * up, and RoPE of the queries and keys with the
-write of keys and values to their cache slots.
+write of keys and values to their cache slots; and greedy sampling, a row's argmax and its
+logprob in one pass.
 
 A small model's decode step on a GPU is a thousand tiny kernels, each a launch and a pass over
 memory (torch's RMSNorm is nine, RoPE five per tensor); fused, a layer is about ten. Each
@@ -204,6 +205,51 @@ def rope_write_kv_launch(qkv: Tensor, num_heads: int, cos: Tensor, sin: Tensor,
             "KV_HEADS_PAD": triton.next_power_of_2(num_kv_heads),
             "BLOCK_SIZE": key_cache.shape[1]}
     return _rope_write_kv_kernel, (len(qkv),), args
+
+
+@triton.jit
+def _greedy_kernel(logits_ptr, token_ptr, logprob_ptr, vocab, stride, BLOCK: tl.constexpr):
+    # One program per row, one pass: the running max (the first index on ties) and the sum of
+    # exp(x - max) rescaled as the max grows; the argmax's logprob is -log(sum).
+    row = tl.program_id(0).to(tl.int64)
+    best = float("-inf")
+    index = 0
+    total = 0.0
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + row * stride + cols, mask=cols < vocab,
+                    other=float("-inf")).to(tl.float32)
+        chunk_max = tl.max(x, axis=0)
+        chunk_index = start + tl.argmax(x, axis=0)
+        new_best = tl.maximum(best, chunk_max)
+        total = total * tl.exp(best - new_best) + tl.sum(tl.exp(x - new_best), axis=0)
+        index = tl.where(chunk_max > best, chunk_index, index)
+        best = new_best
+    tl.store(token_ptr + row, index.to(tl.int64))
+    tl.store(logprob_ptr + row, -tl.log(total))
+
+
+def greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's argmax (``[S]`` int64, the first on ties) and its log-probability under the
+    row's softmax (``[S]`` float32) of ``logits`` (``[S, vocab]``, any float dtype, widened),
+    in one pass over each row."""
+    kernel, grid, args = greedy_launch(logits)
+    kernel[grid](**args)
+    return args["token_ptr"], args["logprob_ptr"]
+
+
+def greedy_launch(logits: Tensor) -> tuple:
+    """The ``(kernel, grid, arguments)`` launch that ``greedy`` makes, its outputs allocated."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be [S, vocab] with a contiguous last dimension, got "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    rows, vocab = logits.shape
+    args = {"logits_ptr": logits, "token_ptr": torch.empty(rows, dtype=torch.int64,
+                                                           device=logits.device),
+            "logprob_ptr": torch.empty(rows, dtype=torch.float32, device=logits.device),
+            "vocab": vocab, "stride": logits.stride(0),
+            "BLOCK": min(4096, triton.next_power_of_2(vocab))}
+    return _greedy_kernel, (rows,), args
 
 
 def _check_rows(name: str, tensor: Tensor, dtype: torch.dtype, width: int,

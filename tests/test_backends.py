@@ -39,9 +39,9 @@ def test_without_the_kernels_everything_takes_torch_operators(monkeypatch):
     assert type(layer_ops(F32, "cpu")) is LayerOps
 
 
-def test_on_cuda_the_layer_ops_are_the_triton_kernels_but_greedy():
+def test_on_cuda_the_layer_ops_are_the_triton_kernels():
     ops = layer_ops(F32, "cuda")
-    assert ops.names() == {"add_rms_norm": "triton", "silu_mul": "triton", "greedy": "torch"}
+    assert ops.names() == {"add_rms_norm": "triton", "silu_mul": "triton", "greedy": "triton"}
 
 
 def test_triton_is_chosen_by_name_and_an_unknown_name_is_refused():

@@ -32,8 +32,8 @@ from pagedserve.kernels.decode import (
     partition_size_for,
     use_split_k,
 )
-from pagedserve.kernels.layer_ops import (add_rms_norm_launch, rope_write_kv_launch,
-                                          silu_mul_launch)
+from pagedserve.kernels.layer_ops import (add_rms_norm_launch, greedy_launch,
+                                          rope_write_kv_launch, silu_mul_launch)
 from pagedserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -275,8 +275,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     assert result.returncode == 0, result.stderr
     # 3 configurations x (one pass, partitions, reduce, rope_write_kv) x 2 targets, then
     # 3 automatic partition sizes x (partitions, reduce) x 2 targets, then copy_blocks and
-    # add_rms_norm (with and without the add) and silu_mul for SmolLM2 x 2
-    assert result.stdout.split() == ["compiled"] * 44
+    # add_rms_norm (with and without the add), silu_mul and greedy for SmolLM2 x 2
+    assert result.stdout.split() == ["compiled"] * 46
 
 
 def compile_launcher_configurations() -> None:
@@ -318,6 +318,7 @@ def compile_launcher_configurations() -> None:
     hidden = torch.empty(4, 576, dtype=torch.bfloat16)
     launches += [add_rms_norm_launch(x, hidden, hidden[0], 1e-5) for x in (hidden, None)]
     launches.append(silu_mul_launch(torch.empty(4, 2 * 1536, dtype=torch.bfloat16)))
+    launches.append(greedy_launch(torch.empty(4, 49152, dtype=torch.bfloat16)))
     for capability in (80, 90):
         for kernel, _, args in launches:
             compiled = triton.compile(ASTSource(kernel, *signature(kernel, args)),

@@ -1,5 +1,5 @@
-"""The Triton layer kernels (residual add + RMSNorm, SiLU-mul, RoPE with the K/V write) against
-float64 references and against the torch operators they replace.
+"""The Triton layer kernels (residual add + RMSNorm, SiLU-mul, RoPE with the K/V write, greedy
+sampling) against float64 references and against the torch operators they replace.
 
 Without a GPU, conftest.py has the kernels run in triton's interpreter on CPU tensors. The
 interpreter rounds float32 to bfloat16 toward zero (a GPU rounds to nearest), so bfloat16 is
@@ -16,7 +16,7 @@ import torch
 from pagedserve.executor_svc.attention import rope_then_write
 from pagedserve.executor_svc.layer_ops import LayerOps
 from pagedserve.executor_svc.rope import apply_rope
-from pagedserve.kernels.layer_ops import add_rms_norm, rope_write_kv, silu_mul
+from pagedserve.kernels.layer_ops import add_rms_norm, greedy, rope_write_kv, silu_mul
 from pagedserve.kernels.reference import reshape_and_cache_reference
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -74,6 +74,24 @@ def test_float32_kernels_agree_with_the_torch_operators():
     assert torch.equal(kept, want_sum)
     gate_up = rand(6, 128, dtype=torch.float32, seed=8)
     torch.testing.assert_close(silu_mul(gate_up), ops.silu_mul(gate_up), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_argmax_and_its_logprob_in_one_pass(dtype):
+    # 5000 columns: a chunk of 4096 and a masked tail. Row 0's maximum appears in both chunks
+    # (the first wins), row 1's only in the tail, row 2's at column 0.
+    logits = rand(3, 5000, dtype=dtype, seed=11).cpu()
+    logits[0, [17, 4500]] = 9.0
+    logits[1, 4999] = 9.5
+    logits[2, 0] = 8.0
+    tokens, logprobs = greedy(logits.to(DEVICE))
+    assert tokens.tolist() == [17, 4999, 0] and tokens.dtype == torch.int64
+    want = torch.log_softmax(logits.double(), -1)[torch.arange(3), tokens.cpu()]
+    assert logprobs.dtype == torch.float32
+    torch.testing.assert_close(logprobs.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    want_tokens, want_logprobs = LayerOps().greedy(logits)
+    assert torch.equal(tokens.cpu(), want_tokens)
+    torch.testing.assert_close(logprobs.cpu(), want_logprobs, rtol=1e-5, atol=1e-5)
 
 
 class RopeCase:

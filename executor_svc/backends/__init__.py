@@ -7,7 +7,7 @@
   ``Tuner``, where they time faster than torch's operators here); else ``torch``, torch
   operators.
 - **Layer ops** (``layer_ops``, bound by ``load_model``, and the sampler's greedy path,
-  ``sampler_ops``): ``triton`` on CUDA (norms and SiLU-mul; greedy stays torch's), ``cpu``
+  ``sampler_ops``): ``triton`` on CUDA (norms, SiLU-mul, greedy), ``cpu``
   where the compiled kernels serve the activations on a CPU, else ``torch``. Given a
   ``Tuner`` (as the executor does on a CPU), ``load_model`` binds ``tuned.tuned_ops``
   instead: per op the fastest correct implementation measured here, and

@@ -72,14 +72,11 @@ class TritonBackend(AttentionBackend):
 
 
 class TritonOps(LayerOps):
-    """The layer ops on CUDA: residual add + RMSNorm and SiLU-mul one kernel each
-    (``kernels.layer_ops``), where torch's operators take nine and two; greedy sampling and
-    the linear layers stay torch's."""
+    """The layer ops on CUDA: residual add + RMSNorm, SiLU-mul and greedy sampling one kernel
+    each (``kernels.layer_ops``), where torch's operators take nine, two and five; the linear
+    layers stay torch's."""
 
     name = "triton"
-
-    def names(self) -> dict[str, str]:
-        return {**super().names(), "greedy": LayerOps.name}
 
     def add_rms_norm(self, x: Tensor | None, residual: Tensor, weight: Tensor,
                      eps: float) -> tuple[Tensor, Tensor]:
@@ -88,3 +85,6 @@ class TritonOps(LayerOps):
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         return layer_kernels.silu_mul(gate_up)
+
+    def greedy(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        return layer_kernels.greedy(logits.contiguous())
