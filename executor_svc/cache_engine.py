@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,26 +61,28 @@ class CacheEngine:
                         "cpu": swap.view(num_cpu_blocks, 2 * layers, numel)}
         # On CUDA, block operations run on a side stream; the forward pass waits for them.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._movers = self._choose_movers(device.type == "cuda" if block_kernel is None
-                                           else block_kernel)
-        self.paths = {op: mover.__doc__ for op, mover in self._movers.items()}
+        chosen = self._choose_movers(device.type == "cuda" if block_kernel is None
+                                     else block_kernel)
+        self._movers = {op: mover for op, (_, mover) in chosen.items()}
+        self.paths = {op: path for op, (path, _) in chosen.items()}
 
-    def _choose_movers(self, block_kernel: bool) -> dict:
-        """Each block operation's path: one kernel launch where ``block_kernel`` (for swaps
-        only where the kernel can address the swap pool), else a copy per block."""
+    def _choose_movers(self, block_kernel: bool) -> dict[str, tuple[str, Callable]]:
+        """Each block operation's path and mover: one kernel launch where ``block_kernel``
+        (for swaps only where the kernel can address the swap pool), else a copy per block."""
+        each = ("a strided copy per block", _copy_each)
         if not block_kernel:
-            return dict.fromkeys(_POOLS, _copy_each)
+            return dict.fromkeys(_POOLS, each)
         from pagedserve.kernels.cache_ops import copy_blocks  # triton, only where it compiles
 
         def launch(src: Tensor, dst: Tensor, pairs: Tensor) -> None:
-            """one copy_blocks launch"""
             copy_blocks(src, dst, pairs.to(self.device, non_blocking=True))
 
         # Compiled now rather than at the first copy-on-write (the null block onto itself).
         null = torch.full((1, 2), self.null_block, dtype=torch.int64)
         launch(self._blocks["device"], self._blocks["device"], null)
-        swaps = launch if self._reaches_swap_pool(launch) else _copy_each
-        return {"swap_out": swaps, "swap_in": swaps, "copies": launch}
+        one = ("one copy_blocks launch", launch)
+        swaps = one if self._reaches_swap_pool(launch) else each
+        return {"swap_out": swaps, "swap_in": swaps, "copies": one}
 
     def _reaches_swap_pool(self, launch) -> bool:
         """Whether ``launch`` moves a block to the pinned swap pool and back intact (device
@@ -198,7 +201,6 @@ class CacheEngine:
 
 
 def _copy_each(src: Tensor, dst: Tensor, pairs: Tensor) -> None:
-    """a strided copy per block"""
     for s, d in pairs.tolist():  # non-blocking: the side stream orders what reads them
         dst[d].copy_(src[s], non_blocking=True)
 
