@@ -168,19 +168,6 @@ class CacheEngine:
             raise ValueError(f"copies: block ids {sorted(set(src) & set(dst))} are both a "
                              f"source and a destination")
         return torch.from_numpy(np.ascontiguousarray(pairs))
-        for ids, pool in zip(pairs.T, _POOLS[op]):
-            size = self.num_device_blocks if pool == "device" else self.num_cpu_blocks
-            bad = ids[(ids < 0) | (ids >= size)]
-            if len(bad):
-                raise ValueError(f"{op}: block id {bad[0].item()} is outside the {pool} pool "
-                                 f"[0, {size})")
-        src, dst = pairs.T.tolist()
-        if len(set(dst)) < len(dst):
-            raise ValueError(f"{op}: a destination block appears twice in {dst}")
-        if op == "copies" and set(src) & set(dst):
-            raise ValueError(f"copies: block ids {sorted(set(src) & set(dst))} are both a "
-                             f"source and a destination")
-        return pairs
 
     def _move(self, op: str, pairs) -> None:
         pairs = self._check(op, pairs)
