@@ -338,7 +338,8 @@ class PackedWeight:
     def silu_mul(self, x: Tensor) -> Tensor:
         """``silu(gate) * up`` of this gate/up projection's output for ``x`` (gate's
         ``out / 2`` columns first), ``[T, out / 2]`` in x's dtype: ``silu_mul(self(x))`` bit
-        for bit, in one pass where the build has AMX (as the decoder stack's MLP runs)."""
+        for bit, in one pass where ``out / 2`` is a multiple of the GEMM's panel width (as
+        the decoder stack's MLP runs)."""
         tokens, in_features = self._fits(x)
         inter = self.out_features // 2
         if self.out_features % 2:

@@ -146,6 +146,18 @@ def test_each_build_s_gemm_matches_float64(build, tokens, in_features, out_featu
     assert torch.equal(linear(x[-1:].contiguous(), torch.float32)[0], out[-1])
 
 
+@pytest.mark.parametrize("tokens", [1, 13, 150])
+# 64: whole panels of gate and up in every build, in one pass; 48 in the 8-float builds only
+@pytest.mark.parametrize("inter", [64, 48])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_build_s_gate_up_projection_with_silu_mul_is_the_two_calls_bit_for_bit(
+        build, tokens, inter, dtype):
+    x = randn(tokens, 96, dtype=dtype)
+    layer = cpu_kernels.PackedWeight(randn(2 * inter, 96, seed=1, dtype=dtype),
+                                     randn(2 * inter, seed=2, dtype=dtype))
+    assert torch.equal(layer.silu_mul(x), cpu_kernels.silu_mul(layer(x)))
+
+
 def test_a_bf16_model_s_gemm_runs_on_bf16_dot_products_in_the_bf16_builds_only(
         request, build):
     name, flags = request.node.callspec.params["build"]

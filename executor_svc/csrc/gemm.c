@@ -239,13 +239,34 @@ static void pack_pairs(const uint16_t *x, int64_t first, int64_t rows, int64_t k
     }
 }
 
-/* Returns 0, -1 for arguments it does not serve, -2 when the row panels cannot be allocated. */
-int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
-           const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
-           int64_t num_threads) {
+/* A chunk's rows of gate's column panel (`gate`) and of up's same columns (`up`), each
+ * [rows][GEMM_NR] sums: silu(gate) * up to those rows and columns of out (row stride ldo),
+ * each sum first rounded as linear stores it, and the result as silu_mul rounds its own. */
+static void store_silu_mul(const float *gate, const float *up, int64_t rows, void *out,
+                           int64_t ldo, const int bf16) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int c = 0; c < GEMM_NR; c += 8)
+            store8(out, r * ldo + c,
+                   silu_mul8(round8(*(const v8u *)(gate + r * GEMM_NR + c), bf16),
+                             round8(*(const v8u *)(up + r * GEMM_NR + c), bf16)), bf16);
+}
+
+/* linear, or (silu) a gate/up projection ending in SiLU-mul: gate's n / 2 columns are column
+ * panels 0 .. panels / 2 - 1 and up's the rest (n a multiple of 2 x GEMM_NR), and each thread
+ * computes gate's panel i and up's panel i for a chunk's rows one after the other, then
+ * stores silu(gate) * up of them to out ([m, n / 2]); gate_up is never written.
+ * Returns 0, -1 for arguments it does not serve, -2 when the row panels cannot be allocated. */
+static int gemm(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
+                const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
+                const int silu, int64_t num_threads) {
     if (m < 0 || n < 1 || k < 1 || num_threads < 1) return -1;
+    if (silu && n % (2 * GEMM_NR)) return -1;
     if (m == 0) return 0;
     const int64_t row_panels = (m + GEMM_MR - 1) / GEMM_MR, panels = (n + GEMM_NR - 1) / GEMM_NR;
+    /* The column panels in the order a chunk's rows pass over them, and the units of work
+     * the threads share out: a panel, or (silu) gate's and up's panels i together. */
+    const int64_t half = panels / 2, units = silu ? half : panels;
+#define panel_at(q) (silu ? (q) / 2 + (q) % 2 * half : (q))
     /* Rows are dealt evenly over the panels (32 rows: 6, 6, 5, 5, 5, 5, not 6 x 5 + 2): a
      * tile of few rows leaves the FMA units waiting on its few sums. */
     const int64_t base = m / row_panels, extra = m % row_panels;
@@ -255,7 +276,7 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
                                                                                    : W_PAIRS;
 #if KERNELS_AMX
     if (kind == W_DOTS && k % 32 == 0 && gemm_amx())
-        return linear_amx(x, packed, bias, out, out_bf16, m, n, k, 0, num_threads);
+        return linear_amx(x, packed, bias, out, out_bf16, m, n, k, silu, num_threads);
 #endif
     const int paired = kind == W_PAIRS || kind == W_DOTS;
     const int64_t kp = paired ? k + k % 2 : k; /* the panels' rows */
@@ -279,34 +300,44 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
             else if (x_bf16) pack_rows(x, row_of(p), rows, k, kp, panel, 1);
             else pack_rows(x, row_of(p), rows, k, kp, panel, 0);
         }
-        /* The (chunk, column panel) pairs in order, each thread a run of them holding an
-         * even share of the row panels x column panels: a last chunk of fewer row panels
+        /* The (chunk, unit) pairs in order, each thread a run of them holding an even
+         * share of the row panels x units: a last chunk of fewer row panels
          * counts for less (256 rows, 22 row panels, chunks of 6: an even count of pairs
          * gave one thread 12 row panels' work and the other 10). */
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-        const int64_t from = row_panels * panels * me / team;
-        const int64_t to = row_panels * panels * (me + 1) / team;
+        float gate[silu ? GEMM_MC * GEMM_NR : 1]; /* silu: gate's sums, while up's run */
+        const int64_t from = row_panels * units * me / team;
+        const int64_t to = row_panels * units * (me + 1) / team;
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t p_end = (c + 1) * chunk < row_panels ? (c + 1) * chunk : row_panels;
             const int64_t tiles = p_end - c * chunk; /* the chunk's row panels */
-            for (int64_t j = 0; j < panels; j++) {
-                const int64_t work_before = c * chunk * panels + j * tiles;
+            for (int64_t q = 0; q < panels; q++) {
+                const int64_t work_before = c * chunk * units + (silu ? q / 2 : q) * tiles;
                 if (work_before < from || work_before >= to) continue;
+                const int64_t j = panel_at(q);
                 const int cols = n - j * GEMM_NR < GEMM_NR ? (int)(n - j * GEMM_NR) : GEMM_NR;
                 float init[GEMM_NR] = {0};
                 for (int i = 0; bias && i < cols; i++) init[i] = bias[j * GEMM_NR + i];
-                float sums[out_bf16 ? GEMM_MC * GEMM_NR : 1]; /* the chunk's rows x cols */
-                float *o = out_bf16 ? sums : (float *)out + j * GEMM_NR;
-                const int64_t ldo = out_bf16 ? GEMM_NR : n, r0 = out_bf16 ? row_of(c * chunk) : 0;
+                /* the chunk's rows x cols, where they are not summed in out itself */
+                float sums[out_bf16 || silu ? GEMM_MC * GEMM_NR : 1];
+                float *o = silu && q % 2 == 0 ? gate
+                           : out_bf16 || silu ? sums : (float *)out + j * GEMM_NR;
+                const int64_t ldo = out_bf16 || silu ? GEMM_NR : n;
+                const int64_t r0 = out_bf16 || silu ? row_of(c * chunk) : 0;
                 for (int64_t k0 = 0; k0 < kp; k0 += kc_max) {
                     const int64_t kc = kp - k0 < kc_max ? kp - k0 : kc_max;
                     const char *w = (const char *)packed + (j * kp + k0) * GEMM_NR * elem;
                     const int64_t a0 = kind == W_DOTS ? k0 / 2 : k0;
-                    /* the next kc_max rows of panels, shared out over this slice's tiles;
-                     * a lone tile (up to GEMM_MR rows) reads its slice once, a stream the
-                     * hardware's prefetcher follows by itself (fetching too, 1 and 4 rows
-                     * ran 6% slower) */
-                    const char *next = w + kc * GEMM_NR * elem;
+                    /* the next kc_max rows of panels, shared out over this slice's tiles
+                     * (this panel's next slice, or the next panel's first); a lone tile (up
+                     * to GEMM_MR rows) reads its slice once, a stream the hardware's
+                     * prefetcher follows by itself (fetching too, 1 and 4 rows ran 6%
+                     * slower) */
+                    const char *next = k0 + kc < kp ? w + kc * GEMM_NR * elem
+                                       : q + 1 < panels
+                                           ? (const char *)packed +
+                                                 panel_at(q + 1) * kp * GEMM_NR * elem
+                                           : w_end;
                     const int64_t next_bytes = next + kc_max * GEMM_NR * elem <= w_end
                                                    ? kc_max * GEMM_NR * (int64_t)elem
                                                    : w_end - next;
@@ -320,24 +351,36 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
                                       (Ahead){next + (p - c * chunk) * share * 64, share, steps,
                                               0});
                 }
-                for (int64_t r = r0; out_bf16 && r < row_of(p_end); r++)
-                    for (int i = 0; i < cols; i++)
-                        store1(out, r * n + j * GEMM_NR + i, o[(r - r0) * GEMM_NR + i], 1);
+                if (silu && q % 2)
+                    store_silu_mul(gate, sums, row_of(p_end) - r0,
+                                   (char *)out + (r0 * half + q / 2) * GEMM_NR * (out_bf16 ? 2 : 4),
+                                   n / 2, (int)out_bf16);
+                else if (!silu)
+                    for (int64_t r = r0; out_bf16 && r < row_of(p_end); r++)
+                        for (int i = 0; i < cols; i++)
+                            store1(out, r * n + j * GEMM_NR + i, o[(r - r0) * GEMM_NR + i], 1);
             }
         }
     }
 #undef row_of
+#undef panel_at
     free(a);
     return 0;
+}
+
+int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
+           const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
+           int64_t num_threads) {
+    return gemm(x, x_bf16, packed, weight_bf16, bias, out, out_bf16, m, n, k, 0,
+                num_threads);
 }
 
 int linear_silu_mul(const void *x, const void *packed, int64_t weight_bf16, const float *bias,
                     void *gate_up, void *out, int64_t act_bf16, int64_t m, int64_t inter,
                     int64_t k, int64_t num_threads) {
-#if KERNELS_AMX
-    if (act_bf16 && weight_bf16 && k % 32 == 0 && inter % 32 == 0 && gemm_amx())
-        return linear_amx(x, packed, bias, out, 1, m, 2 * inter, k, 1, num_threads);
-#endif
+    if (inter % GEMM_NR == 0) /* whole panels of gate and of up: in one pass */
+        return gemm(x, act_bf16, packed, weight_bf16, bias, out, act_bf16, m, 2 * inter, k, 1,
+                    num_threads);
     const int status = linear(x, act_bf16, packed, weight_bf16, bias, gate_up, act_bf16, m,
                               2 * inter, k, num_threads);
     return status ? status : silu_mul(gate_up, out, act_bf16, m, inter, num_threads);

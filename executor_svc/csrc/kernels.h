@@ -26,8 +26,8 @@ int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf1
            int64_t num_threads);
 /* A gate/up projection (gate's inter columns first) and SiLU-mul: out ([m, inter]) =
  * silu(gate) * up of x @ w^T (+ bias), as linear into gate_up ([m, 2 inter], scratch) and
- * silu_mul from it compute it, bit for bit; in one pass where the build has AMX (gate_up is
- * then not written). */
+ * silu_mul from it compute it, bit for bit; in one pass, gate_up not written, where inter is
+ * a multiple of gemm_columns() (whole weight panels of gate and of up). */
 int linear_silu_mul(const void *x, const void *packed, int64_t weight_bf16, const float *bias,
                     void *gate_up, void *out, int64_t act_bf16, int64_t m, int64_t inter,
                     int64_t k, int64_t num_threads);
