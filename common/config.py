@@ -184,6 +184,12 @@ class ExecutorConfig(ServiceConfig):
     enforce_eager: bool = setting(
         False, "Run every step eagerly: no CUDA graphs for decode steps (on CUDA with triton "
                "attention, pure-decode steps replay a graph per batch size).")
+    overlap_steps: str = setting(
+        "auto", "Launch a step the scheduler sent ahead while the step before it still runs on "
+                "the device, its sampled tokens fed to the next step there, so that the "
+                "device does not wait on the host between steps. auto: on CUDA without "
+                "tensor parallelism (on a CPU the work is synchronous: nothing to overlap).",
+        choices=("auto", "on", "off"))
     tensor_parallel_size: int = setting(
         1, "Shard the model's heads and MLP over this many executor processes (ranks), which "
            "sum their partial results with all-reduces (gloo on CPU, NCCL on CUDA). Without "

@@ -117,9 +117,17 @@ class AttentionBackend(ABC):
 
     def _common(self, layout: StepLayout) -> dict[str, Tensor]:
         """The shared metadata fields of ``layout``, on the device."""
-        return {"positions": layout.positions.to(self.device),
-                "slot_mapping": layout.slot_mapping.to(self.device),
-                "query_start_loc": layout.query_start_loc.to(self.device)}
+        return {"positions": to_device(layout.positions, self.device),
+                "slot_mapping": to_device(layout.slot_mapping, self.device),
+                "query_start_loc": to_device(layout.query_start_loc, self.device)}
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; on CUDA through pinned memory, so that the host does not
+    wait for the work queued before the copy (a step launched ahead, ``model_runner``)."""
+    if device.type == "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 KvWriter = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]

@@ -16,6 +16,7 @@ stay finite and write nothing. Only the triton backend is captured; it makes no 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -80,14 +81,17 @@ class DecodeGraphs:
         return 0 < num_seqs <= self.max_batch and max_blocks <= self.width
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], num_computed: list[int],
-            tables: list[list[int]]) -> Tensor:
+    def run(self, token_ids: list[int], num_computed: list[int], tables: list[list[int]],
+            adjust: Callable[[Tensor], None] | None = None) -> Tensor:
         """Hidden states ``[n, hidden]`` of one new token for each of ``n`` sequences: token
         ``token_ids[i]`` at position ``num_computed[i]`` of the sequence whose blocks are
-        ``tables[i]``. The result is a view of a static buffer, valid until the next run."""
+        ``tables[i]``; ``adjust`` may then change the token ids on the device (``[n]``) before
+        the replay. The result is a view of a static buffer, valid until the next run."""
         num_seqs = len(token_ids)
         bucket = next(b for b in self.buckets if b >= num_seqs)
         self._fill(bucket, token_ids, num_computed, tables)
+        if adjust is not None:
+            adjust(self.input_ids[:num_seqs])
         self.steps += 1
         if bucket in self.graphs:
             self.graphs[bucket].replay()

@@ -4,11 +4,18 @@ operations and the model, sample.
 The executor never decides which block holds what; it holds what the plans told it. A plan is
 checked whole before anything changes (an invalid one is a ``PlanError``); once it is applied, a
 failure is an ``ExecutorFault``.
+
+A step is launched (its work enqueued on the device, its sampled tokens left there) and then
+finished (its result read back). Between the two, the next plan may be launched ahead of it
+(``can_launch_ahead``): a token the step in flight sampled is a ``PLACEHOLDER`` in its
+sequence's tokens until the step finishes, and the next step takes it as its input from the
+device. On a GPU the host then plans and launches step N + 1 while step N runs.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,20 +24,47 @@ from torch import Tensor
 from pagedserve.common import protocol as p
 from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.autotune import Tuner
+from pagedserve.executor_svc.attention import to_device
 from pagedserve.executor_svc.backends.cpu import FusedDecoder
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
-from pagedserve.executor_svc.sampler import Sampler, score
+from pagedserve.executor_svc.sampler import Sampler, SamplerOutput, score
 
 _BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
 _SCORE_ROWS = 256  # prompt positions scored at once: their logits are [rows, vocab]
+PLACEHOLDER = -1  # a token sampled by a step in flight, not yet read back from the device
 
 
 class ExecutorFault(RuntimeError):
     """A step failed after its plan was applied: the executor's mirror and KV cache can no
     longer be trusted (the cause is chained)."""
+
+
+@dataclass
+class Launched:
+    """A step whose work is enqueued: ``ModelRunner.finish`` reads its result back."""
+
+    result: p.StepResult  # all but what sampling gives: prompt logprobs, block_ops_ms
+    start: float  # perf_counter when the plan arrived
+    forward_start: float
+    forward_end: float = 0.0  # on the host: the work was enqueued (or done, on a CPU)
+    out: SamplerOutput | None = None
+    sampled: list[tuple[int, int, SeqState]] = field(default_factory=list)  # (row, id, state)
+    beams: list[tuple[int, int, SeqState]] = field(default_factory=list)
+    # The sampled rows' tokens on the device, row i of ``token_ids`` the token of the
+    # sequence with ``rows[seq id] == i``; on the host (once ``ready``) ``host``'s.
+    token_ids: Tensor | None = None
+    rows: dict[int, int] = field(default_factory=dict)
+    at: list[int] = field(default_factory=list)  # where each sampled row's placeholder is
+    host: tuple[Tensor, Tensor] | None = None  # token ids, float32 logprobs
+    ready: torch.cuda.Event | None = None  # recorded after the copies to ``host`` (CUDA)
+    forward_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (CUDA)
+
+    def done(self) -> bool:
+        """Whether the device has finished the step: ``finish`` would not wait."""
+        return self.ready is None or self.ready.query()
 
 
 class ModelRunner:
@@ -50,6 +84,7 @@ class ModelRunner:
         self.sampler = Sampler(backends.sampler_ops(model))
         self.seqs: dict[int, SeqState] = {}
         self.graphs: DecodeGraphs | None = None
+        self._in_flight: Launched | None = None  # the last step launched, until it finishes
         model.stack = FusedDecoder.build(model, self.attention, cache.kv_caches)
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int,
@@ -61,8 +96,19 @@ class ModelRunner:
                                    max_model_len, capture)
 
     def execute(self, plan: p.StepPlan) -> p.StepResult:
-        """Apply ``plan`` and run its step. A ``PlanError`` rejects the plan before anything
-        changed; any failure after that is an ``ExecutorFault``."""
+        """Apply ``plan``, run its step and read its result back (``launch``, ``finish``)."""
+        return self.finish(self.launch(plan))
+
+    def can_launch_ahead(self, plan: p.StepPlan) -> bool:
+        """Whether ``plan`` may be launched before the step in flight finishes: none of its
+        sequences needs its tokens on the host before then (penalties count them)."""
+        return not any(seq.params.penalised for seq_id in plan.seq_ids.tolist()
+                       if (seq := self.seqs.get(seq_id)) is not None)
+
+    def launch(self, plan: p.StepPlan) -> Launched:
+        """Apply ``plan`` and enqueue its step. A ``PlanError`` rejects the plan before
+        anything changed; any failure after that is an ``ExecutorFault``. At most one
+        launched step may be unfinished when it is called, the one it goes ahead of."""
         start = time.perf_counter()
         # Build the updated sequence states aside and check the whole plan before any
         # state or KV changes, so a rejected plan leaves the executor as it was.
@@ -70,26 +116,46 @@ class ModelRunner:
         seq_ids, batch = self._batch(plan, seqs)
         block_ops = self._block_ops(plan)
         try:
-            return self._apply_and_run(plan, seqs, seq_ids, batch, block_ops, start)
+            launched = self._apply_and_run(plan, seqs, seq_ids, batch, block_ops, start)
         except Exception as exc:  # whatever failed, the plan was applied: the state is unknown
             raise ExecutorFault(f"step {plan.step} failed after its plan was applied: "
                                 f"{type(exc).__name__}: {exc}") from exc
+        self._in_flight = launched if launched.token_ids is not None else None
+        return launched
+
+    def finish(self, launched: Launched) -> p.StepResult:
+        """``launched``'s result, once the device is done with it: its sampled tokens take
+        their sequences' placeholders."""
+        try:
+            return self._finish(launched)
+        except Exception as exc:
+            raise ExecutorFault(f"step {launched.result.step} failed reading its result back: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if self._in_flight is launched:
+                self._in_flight = None
 
     def _apply_and_run(self, plan: p.StepPlan, seqs: dict[int, SeqState], seq_ids: list[int],
                        batch: list[tuple[SeqState, int]], block_ops: list[np.ndarray] | None,
-                       start: float) -> p.StepResult:
+                       start: float) -> Launched:
         ops_start = time.perf_counter()
         if block_ops is not None:
             self._apply_block_ops(*block_ops)
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
         self.seqs = seqs
-        forward_start = time.perf_counter()
-        result = self._run(seq_ids, batch)
-        end = time.perf_counter()
-        result.step, result.block_ops_ms = plan.step, block_ops_ms
-        result.forward_ms = (end - forward_start) * 1e3
-        result.execute_ms = (end - start) * 1e3
-        return result
+        result = p.StepResult(step=plan.step, seq_ids=np.zeros(0, np.int32),
+                              token_ids=np.zeros(0, np.int32), logprobs=np.zeros(0, np.float32),
+                              block_ops_ms=block_ops_ms)
+        launched = Launched(result, start, time.perf_counter())
+        if self.device.type == "cuda":
+            launched.forward_events = (torch.cuda.Event(enable_timing=True),
+                                       torch.cuda.Event(enable_timing=True))
+            launched.forward_events[0].record()
+        self._run(launched, seq_ids, batch)
+        if launched.forward_events is not None:
+            launched.forward_events[1].record()
+        launched.forward_end = time.perf_counter()
+        return launched
 
     def _batch(self, plan: p.StepPlan,
                seqs: dict[int, SeqState]) -> tuple[list[int], list[tuple[SeqState, int]]]:
@@ -133,44 +199,81 @@ class ModelRunner:
         self.cache.copy_blocks(copies)
 
     @torch.inference_mode()
-    def _run(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]) -> p.StepResult:
-        result = p.StepResult(step=0, seq_ids=np.zeros(0, np.int32),
-                              token_ids=np.zeros(0, np.int32), logprobs=np.zeros(0, np.float32))
+    def _run(self, launched: Launched, seq_ids: list[int],
+             batch: list[tuple[SeqState, int]]) -> None:
         if not batch:
-            return result
-        hidden, last_token_indices = self._forward(batch)
+            return
+        hidden, last_token_indices = self._forward(seq_ids, batch)
         tp = self.model.tp
         if tp is None or tp.is_driver:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, seq_ids, batch)
+            launched.result.prompt_logprobs = self._prompt_logprobs(hidden, seq_ids, batch)
         rows = []  # a sequence samples once all its known tokens are in the cache
         for i, (seq, n) in enumerate(batch):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == len(seq.token_ids):
                 rows.append(i)
         if not rows:
-            return result
+            return
         if tp is not None and not tp.is_driver:
             # Rank 0 samples; this rank appends the same tokens, and answers no one.
             for seq_id, token in zip(*(t.tolist() for t in tp.share_tokens())):
                 self.seqs[seq_id].token_ids.append(token)
-            return result
+            return
         # Every sequence computing one token and sampling it (a decode step): all of hidden.
         last = hidden if len(rows) == len(hidden) else hidden[last_token_indices()[rows]]
         logits = self.model.compute_logits(last)
         seqs = [batch[i][0] for i in rows]
         out = self.sampler(logits, seqs, [self._generator(seq) for seq in seqs])
-        sampled, beams = [], []
+        launched.out = out
         for j, (i, seq) in enumerate(zip(rows, seqs)):
-            (beams if seq.params.beam_width > 1 else sampled).append((j, seq_ids[i], seq))
-        self._sampled(result, out, sampled)
-        if tp is not None:
+            (launched.beams if seq.params.beam_width > 1 else launched.sampled).append(
+                (j, seq_ids[i], seq))
+        if launched.sampled:
+            self._leave_on_device(launched)
+
+    def _leave_on_device(self, launched: Launched) -> None:
+        """Give each sampled sequence its token's placeholder, keep the tokens on the device
+        for a step launched ahead, and start copying them and their logprobs to the host."""
+        out, sampled = launched.out, launched.sampled
+        token_ids, logprobs = out.token_ids, out.logprobs
+        if len(sampled) != len(token_ids):  # beams among the rows: theirs stay out
+            rows = to_device(torch.tensor([j for j, _, _ in sampled]), token_ids.device)
+            token_ids, logprobs = token_ids[rows], logprobs[rows]
+        for i, (_, seq_id, seq) in enumerate(sampled):
+            launched.rows[seq_id] = i
+            launched.at.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+        launched.token_ids = token_ids
+        if token_ids.device.type == "cpu":
+            launched.host = (token_ids, logprobs.float())
+            return
+        launched.host = tuple(
+            torch.empty(len(t), dtype=dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for t, dtype in ((token_ids, token_ids.dtype), (logprobs, torch.float32)))
+        launched.ready = torch.cuda.Event()
+        launched.ready.record()
+
+    def _finish(self, launched: Launched) -> p.StepResult:
+        finish_start, result = time.perf_counter(), launched.result
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        if launched.sampled:
+            self._sampled(result, launched)
+        tp, out = self.model.tp, launched.out
+        if tp is not None and tp.is_driver and out is not None:
             tp.share_tokens(torch.from_numpy(result.seq_ids), torch.from_numpy(result.token_ids))
         # Beams keep their tokens: the scheduler chooses among the candidates (the top
         # 2 x beam_width, or the logprobs asked for if more) and sends the chosen token
         # back (append_tokens), possibly to a fork.
         result.beam_candidates = [
             _top(out, j, sid, max(2 * seq.params.beam_width, seq.params.logprobs or 0))
-            for j, sid, seq in beams]
+            for j, sid, seq in launched.beams]
+        if launched.forward_events is not None:  # the device's time, not the launches'
+            result.forward_ms = launched.forward_events[0].elapsed_time(launched.forward_events[1])
+        else:  # the host's: the step's work, and reading its result back
+            result.forward_ms = (launched.forward_end - launched.forward_start
+                                 + time.perf_counter() - finish_start) * 1e3
+        result.execute_ms = (launched.forward_start - launched.start) * 1e3 + result.forward_ms
         return result
 
     def _prompt_logprobs(self, hidden: Tensor, seq_ids: list[int],
@@ -199,7 +302,7 @@ class ModelRunner:
         return p.PromptLogprobs(seq_id=seq_id, start=first + 1, logprobs=logprobs, ranks=ranks,
                                 top_token_ids=top_ids.ravel(), top_logprobs=top_logprobs.ravel())
 
-    def _forward(self, batch: list[tuple[SeqState, int]]
+    def _forward(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]
                  ) -> tuple[Tensor, Callable[[], Tensor]]:
         """The hidden states of the step's new tokens, and what says where each sequence's
         last one is (asked only where a step has more tokens than sequences: an operator
@@ -209,34 +312,59 @@ class ModelRunner:
         computed = [seq.num_computed_tokens for seq, _ in batch]
         if (self.graphs is not None and all(n == 1 for _, n in batch)
                 and self.graphs.serves(len(batch), max(map(len, tables)))):
-            hidden = self.graphs.run([seq.token_ids[seq.num_computed_tokens] for seq, _ in batch],
-                                     computed, tables)
+            token_ids = [seq.token_ids[seq.num_computed_tokens] for seq, _ in batch]
+            hidden = self.graphs.run(token_ids, computed, tables,
+                                     lambda ids: self._take_in_flight(ids, token_ids, seq_ids))
             graphs = self.graphs  # token i is sequence i's
             return hidden, lambda: graphs.query_start_loc[:len(batch)]
-        input_ids = []
-        for seq, n in batch:
-            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+        token_ids, owners = [], []
+        for seq_id, (seq, n) in zip(seq_ids, batch):
+            token_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+            owners.extend([seq_id] * n)
         meta = self.attention.build(tables, computed, [n for _, n in batch])
-        hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta,
-                            self.cache.kv_caches)
+        input_ids = to_device(torch.tensor(token_ids), self.device)
+        self._take_in_flight(input_ids, token_ids, owners)
+        hidden = self.model(input_ids, meta.positions, meta, self.cache.kv_caches)
         return hidden, lambda: meta.last_token_indices
 
-    @staticmethod
-    def _sampled(result: p.StepResult, out, sampled: list) -> None:
-        """Append each sampled token to its sequence and put it in the result."""
-        token_ids, logprobs = out.token_ids, out.logprobs
-        if len(sampled) != len(token_ids):  # beams among the rows: theirs stay out
-            rows = [j for j, _, _ in sampled]
-            token_ids, logprobs = token_ids[rows], logprobs[rows]
+    def _take_in_flight(self, input_ids: Tensor, token_ids: list[int],
+                        owners: list[int]) -> None:
+        """Where ``token_ids`` (``input_ids``' values, token i of sequence ``owners[i]``)
+        holds a placeholder, write the token the step in flight sampled there, device to
+        device."""
+        at = [i for i, token in enumerate(token_ids) if token == PLACEHOLDER]
+        if not at:
+            return
+        launched = self._in_flight
+        if launched is None or any(owners[i] not in launched.rows for i in at):
+            raise RuntimeError("a step computes a token that no step in flight samples")
+        rows = [launched.rows[owners[i]] for i in at]
+        if at == rows and at[-1] == len(at) - 1:  # the first rows, in order: no index
+            input_ids[:len(at)].copy_(launched.token_ids[:len(at)])
+            return
+        index = to_device(torch.tensor([at, rows]), input_ids.device)
+        input_ids[index[0]] = launched.token_ids[index[1]].to(input_ids.dtype)
+
+    def _sampled(self, result: p.StepResult, launched: Launched) -> None:
+        """The sampled tokens in their sequences' placeholders and in the result."""
+        token_ids, logprobs = launched.host
         tokens = token_ids.tolist()
-        for (_, _, seq), token in zip(sampled, tokens):
-            seq.token_ids.append(token)
-        result.seq_ids = np.array([sid for _, sid, _ in sampled], dtype=np.int32)
+        for (_, seq_id, seq), at, token in zip(launched.sampled, launched.at, tokens):
+            seq.token_ids[at] = token
+            # A plan launched ahead of this step may have copied the state (TableUpdate):
+            # the live copy holds the placeholder too.
+            live = self.seqs.get(seq_id)
+            if (live is not None and live is not seq and len(live.token_ids) > at
+                    and live.token_ids[at] == PLACEHOLDER):
+                live.token_ids[at] = token
+        result.seq_ids = np.array([sid for _, sid, _ in launched.sampled], dtype=np.int32)
         result.token_ids = np.array(tokens, dtype=np.int32)
-        result.logprobs = logprobs.to("cpu", torch.float32).numpy()
+        result.logprobs = logprobs.numpy()
+        out = launched.out
         ranks = out.ranks.tolist() if out.ranks is not None else []
         result.top_logprobs = [_top(out, j, sid, seq.params.logprobs, ranks[j])
-                               for j, sid, seq in sampled if seq.params.logprobs is not None]
+                               for j, sid, seq in launched.sampled
+                               if seq.params.logprobs is not None]
 
     def _generator(self, seq: SeqState) -> torch.Generator | None:
         """Seeded requests draw from (seed, sample index, position) alone: batch-independent

@@ -84,17 +84,26 @@ class ExecutorService:
 
     def _answer_plans(self) -> None:
         """Answer every plan until the service stops or the scheduler is lost; idle, hand
-        back the memory the steps kept."""
+        back the memory the steps kept. While a step is in flight (``Worker.overlaps``), a
+        plan that arrives before the device is done with it is launched ahead of it; the
+        loop polls the socket and the device in turn until one of them is ready."""
         idle_since, trimmed = time.monotonic(), True
         while not self._stopping.is_set() and not self.link.lost:
-            payload = self.link.receive(POLL_MS)
-            if payload is None:
+            in_flight = self.worker.steps.in_flight
+            payload = self.link.receive(POLL_MS if in_flight is None else 0)
+            if payload is not None:
+                replies = self.worker.submit(payload)
+            elif in_flight is not None:
+                if not in_flight.done():
+                    continue  # the device is busy: wait for it, or for the next plan
+                replies = self.worker.flush()
+            else:
                 if not trimmed and time.monotonic() - idle_since > IDLE_TRIM_S:
                     self.worker.trim()
                     trimmed = True
                 continue
-            reply = self.worker.execute(payload)
-            self.link.send(reply)
+            for reply in replies:
+                self.link.send(reply)
+                if isinstance(reply, p.StepResult):
+                    self._faults = 0
             idle_since, trimmed = time.monotonic(), False
-            if isinstance(reply, p.StepResult):
-                self._faults = 0

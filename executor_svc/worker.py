@@ -27,6 +27,7 @@ from pagedserve.executor_svc.model import load_model
 from pagedserve.executor_svc.model_config import ModelConfig
 from pagedserve.executor_svc.model_runner import ModelRunner, PlanError
 from pagedserve.executor_svc.parallel import Command, TensorParallel
+from pagedserve.executor_svc.step_pipeline import StepPipeline
 
 log = get_logger("executor")
 GIB = 1 << 30
@@ -109,6 +110,11 @@ class Worker:
         log.info("model loaded", layer_ops=self.model.ops.name,
                  seconds=round(time.perf_counter() - start, 1))
         self.runner: ModelRunner | None = None
+        self.steps: StepPipeline | None = None  # the runner's, in order
+        # Steps launched ahead of the one in flight (StepPipeline): never under tensor
+        # parallelism, whose ranks share each step's tokens on the host.
+        self.overlaps = self.tp is None and (config.overlap_steps == "on" or (
+            config.overlap_steps == "auto" and self.device.type == "cuda"))
 
     @property
     def is_driver(self) -> bool:
@@ -134,6 +140,7 @@ class Worker:
                             self.kv_dtype, self.device)
         self.runner = ModelRunner(self.model, cache, configure.block_size, self.attention,
                                   self.tuner)
+        self.steps = StepPipeline(self.runner, self.overlaps)
         # Not yet under tensor parallelism: capturing its all-reduces is untested.
         if (self.device.type == "cuda" and self.attention == "triton"
                 and not self.config.enforce_eager and self.tp is None):
@@ -141,28 +148,38 @@ class Worker:
         kernels = backends.chosen(self.model, self.runner.attention, self.runner.sampler.ops,
                                   self.dtype_reason)
         kernels["block_ops"] = cache.describe()
+        kernels["overlap_steps"] = "on" if self.overlaps else "off"
         log.info("KV cache ready", device_blocks=num_device, cpu_blocks=num_cpu,
                  block_size=configure.block_size,
                  kv_dtype=str(self.kv_dtype).removeprefix("torch."), **kernels)
         return p.ExecutorReady(num_device_blocks=num_device, num_cpu_blocks=num_cpu,
                                kernels=kernels)
 
-    def execute(self, payload: bytes) -> p.StepResult | p.ErrorMsg:
-        """The result of the encoded plan ``payload``, or an ``invalid_request`` error for a
-        plan that fails validation (nothing was applied). A failure once the plan was applied
+    def submit(self, payload: bytes) -> list[p.StepResult | p.ErrorMsg]:
+        """Launch the encoded plan ``payload`` (``StepPipeline``); the replies due now, in
+        order: a step that it went ahead of, or that finished first, and its own unless it
+        stays in flight. A plan that fails validation is answered by an ``invalid_request``
+        error in its place (nothing of it was applied). A failure once the plan was applied
         raises the runner's ``ExecutorFault``."""
         try:
             plan = p.decode(payload, (p.StepPlan,))
             self._tell(Command.PLAN, payload)
-            return self.runner.execute(plan)
+            self.steps.submit(plan)
         except (p.ProtocolError, PlanError) as exc:
             log.error("rejected plan", error=str(exc))
-            return p.ErrorMsg(code="invalid_request", message=str(exc))
+            self.steps.flush()
+            return [*self.steps.take(), p.ErrorMsg(code="invalid_request", message=str(exc))]
+        return self.steps.take()
+
+    def flush(self) -> list[p.StepResult]:
+        """The result of the step in flight, if one is (once the device is done with it)."""
+        self.steps.flush()
+        return self.steps.take()
 
     def drop(self) -> None:
         """Forget every sequence and the KV cache."""
         self._tell(Command.DROP)
-        self.runner = None
+        self.runner = self.steps = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -185,7 +202,7 @@ class Worker:
             if command is Command.CONFIGURE:
                 self.start(p.decode(payload, (p.ConfigureExecutor,)))
             elif command is Command.PLAN:
-                self.execute(payload)  # rank 0 answers the scheduler
+                self.submit(payload)  # rank 0 answers the scheduler
             elif command is Command.DROP:
                 self.drop()
             elif command is Command.TRIM:

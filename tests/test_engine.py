@@ -12,6 +12,7 @@ from pagedserve.common.sampling import SamplingParams
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.model import ModelConfig, load_model
 from pagedserve.executor_svc.model_runner import ModelRunner, PlanError
+from pagedserve.executor_svc.step_pipeline import StepPipeline
 from pagedserve.scheduler_svc.block_manager import BlockManager
 from pagedserve.scheduler_svc.engine import Engine
 from pagedserve.scheduler_svc.output_processor import DeltaTracker, OutputProcessor
@@ -53,46 +54,72 @@ def session(bm):
     return ExecutorSession(bm, ContextLimit(MAX_MODEL_LEN, "the test serves no more"))
 
 
-def drive(engine, runner, pipelined=False, on_step=None):
+def drive(engine, runner, pipelined=False, on_step=None, overlaps=False):
     """Run the engine's steps on ``runner`` through encoded plans and results until nothing
-    is left; returns how many steps were sent ahead. ``pipelined``: as the service does with
-    async scheduling, the step after the one in flight is built before its result is
-    processed (the runner, like the executor, runs plans in the order they are sent)."""
-    in_flight, ahead = deque(), 0
+    is left; returns how many steps were sent ahead, and how many launched ahead.
+    ``pipelined``: as the service does with async scheduling, the step after the one in
+    flight is built before its result is processed (the runner, like the executor, runs
+    plans in the order they are sent).
+    ``overlaps``: as the executor does on a GPU (``StepPipeline``), that step is also launched
+    before the one in flight finishes, its input the token left on the device."""
+    steps = StepPipeline(runner, overlaps)
+    in_flight, results, ahead = deque(), deque(), 0
 
     def send(scheduled):
         step, plan = scheduled
-        in_flight.append((step, runner.execute(p.decode(p.encode(plan)))))
+        in_flight.append(step)
+        steps.submit(p.decode(p.encode(plan)))
+        results.extend(steps.take())
 
     while True:
         if not in_flight:
             scheduled = engine.schedule()
             if scheduled is None:
-                return ahead
+                return ahead, steps.launched_ahead
             send(scheduled)
         if pipelined and len(in_flight) == 1:
-            scheduled = engine.schedule_ahead(in_flight[0][0])
+            scheduled = engine.schedule_ahead(in_flight[0])
             if scheduled is not None:
                 send(scheduled)
                 ahead += 1
-        step, result = in_flight.popleft()
-        engine.process(step, p.decode(p.encode(result)))
+        if not results:
+            steps.flush()
+            results.extend(steps.take())
+        engine.process(in_flight.popleft(), p.decode(p.encode(results.popleft())))
+        if not in_flight and steps.in_flight is None:
+            assert_mirror_holds_the_tokens(engine.scheduler, getattr(runner, "runner", runner))
         if on_step is not None:
             on_step(engine.scheduler)
 
 
+def assert_mirror_holds_the_tokens(scheduler, runner):
+    """With no step in flight, the executor's mirror of each sequence the scheduler holds
+    has its tokens (placeholders of tokens sampled ahead all taken), and past a stop token
+    at most the one computed in vain; a beam's wait for the scheduler's choice."""
+    for seq in scheduler.running:
+        if seq.seq_id in runner.seqs and seq.request.beam is None:
+            mirrored = runner.seqs[seq.seq_id].token_ids
+            assert mirrored[:seq.num_tokens] == seq.token_ids, seq.seq_id
+            assert len(mirrored) - seq.num_tokens <= (seq.finish_reason == "stop")
+
+
 def run(path, requests, num_blocks=64, max_batched=256, mode="recompute", num_cpu_blocks=0,
         prefix_caching=True, eos_token_ids=(), on_step=None, attention_backend="torch",
-        device="cpu", runner=None, pipelined=False):
+        device="cpu", runner=None, pipelined=False, overlaps=False):
     """Run requests through engine -> encoded plan -> runner -> encoded result, in process
-    (``runner``, or a new one). Returns the scheduler (its preemption counters)."""
+    (``runner``, or a new one; ``drive``'s ``pipelined`` and ``overlaps``). Returns the
+    scheduler (its preemption counters)."""
     runner = runner or make_runner(path, num_blocks, num_cpu_blocks, attention_backend, device)
     bm = BlockManager(BLOCK_SIZE, num_blocks, num_cpu_blocks, 0.0, prefix_caching)
     engine = make_engine(bm, 8, max_batched, mode, eos_token_ids)
     for request in requests:
         engine.add(request)
-    ahead = drive(engine, runner, pipelined, on_step)
+    ahead, launched_ahead = drive(engine, runner, pipelined, on_step, overlaps)
     assert (ahead > 0) == pipelined
+    # penalties count the tokens on the host: never launched ahead of the step sampling them
+    penalised = any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty
+                    or r.params.presence_penalty for r in requests)
+    assert (launched_ahead > 0) == (overlaps and not penalised)
     assert not engine.scheduler.has_work and all(r.is_finished for r in requests)
     snap = bm.snapshot()
     assert snap.device.num_free == num_blocks and snap.cpu.num_free == num_cpu_blocks
@@ -111,21 +138,26 @@ def generate(path, prompts, num_blocks, **kwargs):
     return [r.seqs[0].output_token_ids for r in requests], scheduler.preemptions
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_batched_greedy_equals_transformers(tiny, pipelined):
+# Step by step; the next step sent ahead of the one in flight; and launched ahead of it too.
+PIPELINES = [dict(pipelined=False), dict(pipelined=True),
+             dict(pipelined=True, overlaps=True)]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=["by step", "ahead", "overlapped"])
+def test_batched_greedy_equals_transformers(tiny, pipeline):
     path, prompts, expected = tiny
-    outputs, preemptions = generate(path, prompts, num_blocks=64, pipelined=pipelined)
+    outputs, preemptions = generate(path, prompts, num_blocks=64, **pipeline)
     assert preemptions == {"swap": 0, "recompute": 0}
     assert outputs == expected
 
 
-@pytest.mark.parametrize("mode, pipelined", [("recompute", False), ("swap", False),
-                                             ("recompute", True), ("swap", True)])
-def test_preempted_sequences_continue_exactly(tiny, mode, pipelined):
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=["by step", "ahead", "overlapped"])
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_sequences_continue_exactly(tiny, mode, pipeline):
     path, prompts, expected = tiny
     # 48 device slots for 5 sequences of up to 42 tokens: preemption must happen
     outputs, preemptions = generate(path, prompts, num_blocks=12, mode=mode, num_cpu_blocks=64,
-                                    pipelined=pipelined)
+                                    **pipeline)
     assert preemptions[mode] > 0 and sum(preemptions.values()) == preemptions[mode]
     assert outputs == expected
 
@@ -235,12 +267,17 @@ def test_seeded_samples_are_reproducible_and_exact_under_preemption(tiny, mode):
     assert all(len({tuple(s) for s in group}) > 1 for group in alone)  # the samples differ
 
 
-def test_penalised_greedy_equals_transformers_under_recompute(tiny):
+@pytest.mark.parametrize("overlaps", [False, True])
+def test_penalised_greedy_equals_transformers_under_recompute(tiny, overlaps):
+    """Penalties count a sequence's tokens on the host: with overlapping steps, the step in
+    flight finishes before the next one is launched."""
     path, prompts, plain = tiny
     expected = transformers_greedy(path, prompts, MAX_TOKENS, repetition_penalty=1.5)
     requests = [request(ids, temperature=0.0, ignore_eos=True, repetition_penalty=1.5)
                 for ids in prompts]
-    scheduler = run(path, requests, 12, mode="recompute")
+    runner = make_runner(path, 12)
+    scheduler = run(path, requests, 12, mode="recompute", runner=runner, pipelined=overlaps,
+                    overlaps=overlaps)
     assert scheduler.preemptions["recompute"] > 0
     assert [r.seqs[0].output_token_ids for r in requests] == expected != plain
 
@@ -326,11 +363,12 @@ class CountingRunner:
 
     def __init__(self, runner):
         self.runner, self.computed = runner, {}
+        self.finish, self.can_launch_ahead = runner.finish, runner.can_launch_ahead
 
-    def execute(self, plan):
+    def launch(self, plan):
         for seq_id, num_tokens in zip(plan.seq_ids.tolist(), plan.num_tokens.tolist()):
             self.computed[seq_id] = self.computed.get(seq_id, 0) + num_tokens
-        return self.runner.execute(plan)
+        return self.runner.launch(plan)
 
 
 def finished(requests):
@@ -351,7 +389,7 @@ def test_async_scheduling_stops_and_caches_exactly_as_step_by_step(tiny):
                                                           {"temperature": 0.0}))
                 for i, ids in enumerate(prompts)]
 
-    def waves(pipelined, prefix_caching=True):
+    def waves(pipelined, prefix_caching=True, overlaps=False):
         runner = CountingRunner(make_runner(path, 64))
         bm = BlockManager(BLOCK_SIZE, 64, 0, 0.0, prefix_caching)
         engine = make_engine(bm, 8, 256, "recompute", [eos])
@@ -360,8 +398,9 @@ def test_async_scheduling_stops_and_caches_exactly_as_step_by_step(tiny):
         for wave in (first, second):
             for r in wave:
                 engine.add(r)
-            ahead = drive(engine, runner, pipelined)
-            assert (ahead > 0) == pipelined and bm.snapshot().device.num_free == 64
+            ahead, launched_ahead = drive(engine, runner, pipelined, overlaps=overlaps)
+            assert (ahead > 0) == pipelined and (launched_ahead > 0) == overlaps
+            assert bm.snapshot().device.num_free == 64
             assert all(r.is_finished for r in wave)
             second += [request(seq.token_ids, max_tokens=6, temperature=0.0, ignore_eos=True)
                        for r in first for seq in r.seqs]
@@ -376,6 +415,8 @@ def test_async_scheduling_stops_and_caches_exactly_as_step_by_step(tiny):
     first, second, hits = waves(pipelined=True)
     assert (first, second) == step_by_step[:2]
     assert hits > 0 and waves(pipelined=True, prefix_caching=False)[1] == second
+    # launched ahead too: the token in flight taken on the device, seeded draws and all
+    assert waves(pipelined=True, overlaps=True)[:2] == step_by_step[:2]
 
 
 def test_async_scheduling_survives_aborts_with_two_steps_in_flight(tiny):

@@ -4,21 +4,17 @@ request completes as if nothing had happened. Faults are real: the model's forwa
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
-import zmq
 
 from pagedserve.common import protocol as p
 from pagedserve.common.config import ExecutorConfig
 from pagedserve.executor_svc.model_runner import ExecutorFault, PlanError
 from pagedserve.executor_svc.service import ExecutorService
 from pagedserve.executor_svc.worker import Worker
+from executor_harness import BLOCK_SIZE, PROMPT, FakeScheduler, plan
 from tiny_models import make_tiny_model
-
-BLOCK_SIZE = 4
-PROMPT = [5, 17, 30, 9, 44, 2]
 
 
 class FaultyForward:
@@ -34,17 +30,6 @@ class FaultyForward:
         if self.calls == self.fail_at:
             raise ValueError("injected: a kernel rejected its arguments")
         return self.forward(*args, **kwargs)
-
-
-def plan(step: int, seq_id: int = 0, **fields) -> p.StepPlan:
-    """A valid plan: sequence ``seq_id`` arrives with ``PROMPT`` (the first step), or decodes."""
-    if step == 0:
-        new = p.NewSeq(seq_id=seq_id, token_ids=PROMPT, block_table=[0, 1],
-                       params={"temperature": 0.0})
-        fields = dict(new_seqs=[new], seq_ids=[seq_id], num_tokens=[len(PROMPT)]) | fields
-    else:
-        fields = dict(new_seqs=[], seq_ids=[seq_id], num_tokens=[1]) | fields
-    return p.decode(p.encode(p.StepPlan(step=step, removed=[], block_appends=[], **fields)))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +50,7 @@ def test_a_failure_inside_the_forward_pass_is_a_fault_after_the_plan_was_applied
     FaultyForward(worker.model, fail_at=1)
     with pytest.raises(ExecutorFault, match="step 0 failed after its plan was applied: "
                                             "ValueError: injected") as fault:
-        worker.execute(p.encode(plan(0)))
+        worker.submit(p.encode(plan(0)))
     assert not isinstance(fault.value, (PlanError, ValueError))
     assert isinstance(fault.value.__cause__, ValueError)
     assert worker.runner.seqs[0].block_table == [0, 1]  # the plan had been applied
@@ -74,51 +59,14 @@ def test_a_failure_inside_the_forward_pass_is_a_fault_after_the_plan_was_applied
 def test_only_plan_validation_answers_invalid_request_and_applies_nothing(worker):
     FaultyForward(worker.model, fail_at=1)
     unknown = plan(1, seq_id=3)  # seq 3 was never sent
-    reply = worker.execute(p.encode(unknown))
+    [reply] = worker.submit(p.encode(unknown))
     assert isinstance(reply, p.ErrorMsg) and reply.code == "invalid_request"
     assert "unknown seq id 3" in reply.message and worker.runner.seqs == {}
     bad_params = plan(0, new_seqs=[p.NewSeq(seq_id=0, token_ids=PROMPT, block_table=[0, 1],
                                             params={"stop": ["x"]})])
-    reply = worker.execute(p.encode(bad_params))
+    [reply] = worker.submit(p.encode(bad_params))
     assert reply.code == "invalid_request" and "unknown sampler parameter(s): stop" in reply.message
     assert worker.runner.seqs == {}
-
-
-class FakeScheduler:
-    """The scheduler's side of the executor link, driven by hand: a ROUTER socket that
-    answers heartbeats and hands every other message to the test."""
-
-    def __init__(self):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
-        self.executor: bytes | None = None
-
-    def receive(self, timeout_s: float = 30.0):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.sock.poll(100):
-                continue
-            identity, payload = self.sock.recv_multipart()
-            if identity.endswith(p.HEARTBEAT_SUFFIX):
-                self.sock.send_multipart([identity, p.encode(p.Heartbeat())])
-                continue
-            self.executor = identity
-            return p.decode(payload)
-        raise TimeoutError("the executor sent nothing")
-
-    def send(self, msg) -> None:
-        self.sock.send_multipart([self.executor, p.encode(msg)])
-
-    def configure(self):
-        """Answer the registration; the executor's next word (past repeats of it)."""
-        self.send(p.ConfigureExecutor(block_size=BLOCK_SIZE, max_model_len=128, max_num_seqs=8,
-                                      max_num_batched_tokens=64))
-        while isinstance(msg := self.receive(), p.RegisterExecutor):
-            pass
-        return msg
 
 
 def test_after_a_fault_the_executor_registers_again_and_serves_the_recomputed_sequence(

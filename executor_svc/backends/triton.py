@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from pagedserve import kernels
-from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata, StepLayout
+from pagedserve.executor_svc.attention import (AttentionBackend, AttentionMetadata, StepLayout,
+                                               to_device)
 from pagedserve.executor_svc.layer_ops import LayerOps
 from pagedserve.executor_svc.rope import StepRope
 from pagedserve.kernels import layer_ops as layer_kernels
@@ -39,8 +39,8 @@ class TritonBackend(AttentionBackend):
               query_lens: list[int]) -> TritonMetadata:
         layout = StepLayout.build(block_tables, num_computed_tokens, query_lens, self.block_size)
         return TritonMetadata(self, **self._common(layout),
-                              seq_lens=layout.seq_lens.to(self.device, torch.int32),
-                              block_tables=layout.block_tables.to(self.device, torch.int32),
+                              seq_lens=to_device(layout.seq_lens.int(), self.device),
+                              block_tables=to_device(layout.block_tables.int(), self.device),
                               max_query_len=max(query_lens, default=0),
                               max_seq_len=int(layout.seq_lens.max()) if block_tables else 0)
 
