@@ -122,17 +122,20 @@ def model_with_defaults(model_dir: Path, path: Path, defaults: dict) -> Path:
     return path
 
 
-def services_fixtures(client_timeout_s: float, num_device_blocks: int):
+def services_fixtures(client_timeout_s: float, num_device_blocks: int,
+                      executor_args: tuple[str, ...] = ()):
     """A test module's ``services`` and ``client`` fixtures: the default model's scheduler
     (``--client-timeout client_timeout_s``) and executor (``num_device_blocks`` device blocks,
     16 CPU blocks; float32, as the transformers outputs they are compared with, where dtype
-    auto would be bfloat16), started once for the module, and a ``Client`` of them."""
+    auto would be bfloat16; then ``executor_args``), started once for the module, and a
+    ``Client`` of them."""
 
     @pytest.fixture(scope="module")
     def services(smollm2_dir):
         svc = Services(smollm2_dir, scheduler_args=["--client-timeout", str(client_timeout_s)],
                        executor_args=["--num-device-blocks", str(num_device_blocks),
-                                      "--num-cpu-blocks", "16", "--dtype", "float32"])
+                                      "--num-cpu-blocks", "16", "--dtype", "float32",
+                                      *executor_args])
         yield svc
         svc.stop()
 

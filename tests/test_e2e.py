@@ -1,4 +1,7 @@
-"""End to end: scheduler and executor as separate processes on loopback, real SmolLM2."""
+"""End to end: scheduler and executor as separate processes on loopback, real SmolLM2. The
+executor overlaps steps (``--overlap-steps on``, as on a GPU: a plan sent ahead is launched
+before the step in flight is read back), so every behaviour here holds with it too; the
+other end-to-end modules run the CPU's default, off."""
 from __future__ import annotations
 
 import subprocess
@@ -32,7 +35,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
 CLIENT_TIMEOUT_S = 5  # live clients send a heartbeat every second
 
 
-services, client = services_fixtures(CLIENT_TIMEOUT_S, num_device_blocks=1024)
+services, client = services_fixtures(CLIENT_TIMEOUT_S, num_device_blocks=1024,
+                                     executor_args=("--overlap-steps", "on"))
 
 
 @pytest.fixture(scope="module")
