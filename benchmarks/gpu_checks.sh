@@ -5,10 +5,12 @@
 #            swap pool addressed in place) and decode graphs on the GPU
 #   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block copies, swaps)
 #   steps    python -m pagedserve.benchmarks.steps on the shared workloads, bf16, with decode graphs, with
-#            --enforce-eager, and with the torch backend; then 10 graph-replayed decode steps
-#            under torch's profiler (host and GPU time per operator, in steps.txt)
+#            --enforce-eager, and with the torch backend; 32 sequences with graphs, steps
+#            overlapped (--overlap) and not; then 10 graph-replayed decode steps under torch's
+#            profiler (host and GPU time per operator, in steps.txt)
 #   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
-#            cost from stats): with the defaults, --no-async-scheduling and --enforce-eager
+#            cost from stats): with the defaults, --overlap-steps off, --no-async-scheduling
+#            and --enforce-eager
 # Steps and serve use SmolLM2's shape with random weights: step times do not depend on the
 # weights' values, and the workloads ignore EOS.
 #
@@ -59,24 +61,26 @@ fi
 if [[ $parts == *steps* ]]; then
     echo "== engine steps in process"
     for run in "fixed triton" "fixed triton --enforce-eager" "mixed triton" "fixed torch" \
-            "fixed triton --profile-from=20"; do
+            "fixed triton --requests=32" "fixed triton --requests=32 --overlap" \
+            "mixed triton --overlap" "fixed triton --profile-from=20 --overlap"; do
         set -- $run
-        timeout 90 "$py" -m pagedserve.benchmarks.steps --workload "$1" --attention-backend "$2" ${3:-} \
+        timeout 90 "$py" -m pagedserve.benchmarks.steps --workload "$1" --attention-backend "$2" ${@:3} \
             --device "$device" --dtype bfloat16 --model "$model" 2>&1 \
-            | tee -a "$out/steps.txt" | grep -E "workload|backend|graphs|tok_s|ms_p50|Error"
+            | tee -a "$out/steps.txt" | grep -E "workload|backend|graphs|overlap|ahead|tok_s|ms_p50|Error"
     done
 fi
 
 if [[ $parts == *serve* ]]; then
     echo "== pagedserve up on the GPU, bench throughput"
-    # the defaults (decode graphs, async scheduling), then each turned off
-    for flags in --defaults --no-async-scheduling --enforce-eager; do
+    # the defaults (decode graphs, async scheduling, overlapping steps), then each turned off
+    for flags in --defaults "--overlap-steps off" --no-async-scheduling --enforce-eager; do
         [[ $flags == --defaults ]] && set -- || set -- $flags
+        name=${flags// /}
         "$py" -m pagedserve.common.cli up --device "$device" --model "$model" "$@" --ready-timeout 150 \
-            > "$out/up$flags.log" 2>&1 &
+            > "$out/up$name.log" 2>&1 &
         up=$!
         for _ in $(seq 150); do
-            grep -q "pagedserve ready" "$out/up$flags.log" && break
+            grep -q "pagedserve ready" "$out/up$name.log" && break
             kill -0 $up 2> /dev/null || break
             sleep 1
         done
@@ -89,7 +93,7 @@ if [[ $parts == *serve* ]]; then
                 | tee -a "$out/serve.jsonl"
         done
         kill -INT $up; wait $up || true
-        grep -E "graphs captured|Error|error" "$out/up$flags.log" | tail -5
+        grep -E "graphs captured|Error|error" "$out/up$name.log" | tail -5
     done
 fi
 exit 0  # each part's results are in OUT_DIR; a failing grep of an empty log is not a failure

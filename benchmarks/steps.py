@@ -10,7 +10,7 @@ steps.
     python -m pagedserve.benchmarks.steps --requests 4 --dtype bfloat16 --per-op
     python -m pagedserve.benchmarks.steps --device cuda --dtype bfloat16 \
         --attention-backend triton \
-        --model CONFIG_DIR --random-weights
+        --model CONFIG_DIR --random-weights [--overlap]
 
 Prints the median prefill-carrying and pure-decode step times, the total, the generated tokens
 per second, and (with ``--profile-from N``) the torch operators of 10 decode steps from step N
@@ -48,6 +48,7 @@ from pagedserve.executor_svc.cpu_memory import (bound_primitive_cache, release_f
 from pagedserve.executor_svc.layer_ops import PackedLinear
 from pagedserve.executor_svc.model import load_model
 from pagedserve.executor_svc.model_runner import ModelRunner
+from pagedserve.executor_svc.step_pipeline import StepPipeline
 from pagedserve.scheduler_svc.block_manager import BlockManager
 from pagedserve.scheduler_svc.engine import Engine
 from pagedserve.scheduler_svc.output_processor import OutputProcessor
@@ -135,11 +136,13 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
         model_dir: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch", eager: bool = False, breakdown: bool = False,
         kv_dtype: torch.dtype | None = None, autotune: bool = True,
-        per_op: bool = False) -> dict:
+        per_op: bool = False, overlap: bool = False) -> dict:
     """Serve ``workload`` as the services would (the executor's defaults on CPU: each op
     timed and chosen at load unless ``autotune`` is False) and time its steps; the KV cache
     in ``kv_dtype`` (default: ``dtype``); the decoder stack a call per op with ``per_op`` (or
-    ``breakdown``)."""
+    ``breakdown``); with ``overlap``, each step after the one in flight is scheduled ahead
+    and launched before that one is read back, as the services do on a GPU, and a step's time
+    is the time between its result and the one before."""
     kv_dtype = kv_dtype or dtype
     if device == "cpu":  # as the executor sets up
         bound_primitive_cache()
@@ -171,28 +174,44 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
         timers.install()
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
     profiler, table = None, None
-    start = time.perf_counter()
-    while (scheduled := engine.schedule()) is not None:
-        step, plan = scheduled
-        kind = "decode" if max(plan.num_tokens, default=1) == 1 else "prefill"
-        if (profile_from is not None and profiler is None and table is None
-                and kind == "decode" and len(times["decode"]) >= profile_from):
-            profiler = torch.profiler.profile()
-            profiler.__enter__()
-            profiled = 0
-        if timers:
-            timers.kind = kind
-        step_start = time.perf_counter()
-        result = runner.execute(p.decode(p.encode(plan)))
-        times[kind].append(time.perf_counter() - step_start)
-        engine.process(step, result)
-        if profiler is not None:
-            profiled += 1
-            if profiled == PROFILED_STEPS:
-                profiler.__exit__(None, None, None)
-                table = profiler.key_averages().table(sort_by="self_cpu_time_total",
-                                                      row_limit=20)
-                profiler = None
+    steps = StepPipeline(runner, overlap)
+    in_flight: collections.deque = collections.deque()  # (step, kind, launched at)
+    start = last = time.perf_counter()
+    while True:
+        if not in_flight:
+            scheduled = engine.schedule()
+            if scheduled is None:
+                break
+        else:  # overlapping: the next step goes ahead of the one in flight, if it can
+            scheduled = engine.schedule_ahead(in_flight[0][0])
+        if scheduled is not None:
+            step, plan = scheduled
+            kind = "decode" if max(plan.num_tokens, default=1) == 1 else "prefill"
+            if (profile_from is not None and profiler is None and table is None
+                    and kind == "decode" and len(times["decode"]) >= profile_from):
+                profiler = torch.profiler.profile()
+                profiler.__enter__()
+                profiled = 0
+            if timers:
+                timers.kind = kind
+            in_flight.append((step, kind, time.perf_counter()))
+            steps.submit(p.decode(p.encode(plan)))
+        if not overlap or scheduled is None:  # else the step it went ahead of is due
+            steps.flush()
+        for result in steps.take():
+            step, kind, launched = in_flight.popleft()
+            now = time.perf_counter()
+            # a step's time: from its launch, or (overlapping) from the result before it
+            times[kind].append(now - (last if overlap else launched))
+            last = now
+            engine.process(step, result)
+            if profiler is not None:
+                profiled += 1
+                if profiled == PROFILED_STEPS:
+                    profiler.__exit__(None, None, None)
+                    table = profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                          row_limit=20)
+                    profiler = None
     wall = time.perf_counter() - start
     if timers:
         timers.uninstall()
@@ -201,7 +220,9 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
             "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
             "attention_backend": attention_backend,
             "kernels": backends.chosen(model, runner.attention, runner.sampler.ops),
-            "decode_graphs": graphs, "autotune": tuner is not None, "load_s": load_s,
+            "decode_graphs": graphs, "overlap_steps": overlap,
+            "steps_launched_ahead": steps.launched_ahead, "autotune": tuner is not None,
+            "load_s": load_s,
             "wall_s": wall,
             "generated_tok_s": generated / wall,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
@@ -230,6 +251,10 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     parser.add_argument("--enforce-eager", action="store_true",
                         help="No CUDA graphs for decode steps (CUDA with triton attention).")
+    parser.add_argument("--overlap", action="store_true",
+                        help="Schedule each step ahead of the one in flight and launch it "
+                             "before that one is read back (the executor's --overlap-steps); "
+                             "a step's time is then the time between results.")
     parser.add_argument("--no-autotune", action="store_true",
                         help="Bind the default ops instead of the fastest measured here.")
     parser.add_argument("--model", type=Path, default=None,
@@ -240,6 +265,7 @@ def main() -> None:
     options = dict(device=args.device, dtype=getattr(torch, args.dtype),
                    attention_backend=args.attention_backend, eager=args.enforce_eager,
                    breakdown=args.breakdown, autotune=not args.no_autotune, per_op=args.per_op,
+                   overlap=args.overlap,
                    kv_dtype=None if args.kv_cache_dtype == "auto" else torch.bfloat16)
     workload = args.workload if args.requests is None else dataclasses.replace(
         WORKLOADS[args.workload], num_requests=args.requests)

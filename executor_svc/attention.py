@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pagedserve.executor_svc.rope import StepRope, apply_rope
+from pagedserve.executor_svc.transfer import to_device
 
 
 class StepLayout(NamedTuple):
@@ -120,14 +121,6 @@ class AttentionBackend(ABC):
         return {"positions": to_device(layout.positions, self.device),
                 "slot_mapping": to_device(layout.slot_mapping, self.device),
                 "query_start_loc": to_device(layout.query_start_loc, self.device)}
-
-
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device``; on CUDA through pinned memory, so that the host does not
-    wait for the work queued before the copy (a step launched ahead, ``model_runner``)."""
-    if device.type == "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 KvWriter = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]

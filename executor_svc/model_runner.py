@@ -24,13 +24,13 @@ from torch import Tensor
 from pagedserve.common import protocol as p
 from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.autotune import Tuner
-from pagedserve.executor_svc.attention import to_device
 from pagedserve.executor_svc.backends.cpu import FusedDecoder
 from pagedserve.executor_svc.cache_engine import CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
 from pagedserve.executor_svc.sampler import Sampler, SamplerOutput, score
+from pagedserve.executor_svc.transfer import to_device
 
 _BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
 _SCORE_ROWS = 256  # prompt positions scored at once: their logits are [rows, vocab]
@@ -54,17 +54,17 @@ class Launched:
     sampled: list[tuple[int, int, SeqState]] = field(default_factory=list)  # (row, id, state)
     beams: list[tuple[int, int, SeqState]] = field(default_factory=list)
     # The sampled rows' tokens on the device, row i of ``token_ids`` the token of the
-    # sequence with ``rows[seq id] == i``; on the host (once ``ready``) ``host``'s.
+    # sequence with ``rows[seq id] == i``; on the host (once ``done``) ``host``'s.
     token_ids: Tensor | None = None
     rows: dict[int, int] = field(default_factory=dict)
     at: list[int] = field(default_factory=list)  # where each sampled row's placeholder is
     host: tuple[Tensor, Tensor] | None = None  # token ids, float32 logprobs
-    ready: torch.cuda.Event | None = None  # recorded after the copies to ``host`` (CUDA)
-    forward_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (CUDA)
+    # CUDA: recorded before the step's work and after it (the copies to ``host`` included)
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
     def done(self) -> bool:
         """Whether the device has finished the step: ``finish`` would not wait."""
-        return self.ready is None or self.ready.query()
+        return self.events is None or self.events[1].query()
 
 
 class ModelRunner:
@@ -148,12 +148,12 @@ class ModelRunner:
                               block_ops_ms=block_ops_ms)
         launched = Launched(result, start, time.perf_counter())
         if self.device.type == "cuda":
-            launched.forward_events = (torch.cuda.Event(enable_timing=True),
-                                       torch.cuda.Event(enable_timing=True))
-            launched.forward_events[0].record()
+            launched.events = (torch.cuda.Event(enable_timing=True),
+                               torch.cuda.Event(enable_timing=True))
+            launched.events[0].record()
         self._run(launched, seq_ids, batch)
-        if launched.forward_events is not None:
-            launched.forward_events[1].record()
+        if launched.events is not None:
+            launched.events[1].record()
         launched.forward_end = time.perf_counter()
         return launched
 
@@ -233,7 +233,8 @@ class ModelRunner:
 
     def _leave_on_device(self, launched: Launched) -> None:
         """Give each sampled sequence its token's placeholder, keep the tokens on the device
-        for a step launched ahead, and start copying them and their logprobs to the host."""
+        for a step launched ahead, and start copying them and their logprobs to the host
+        (``Launched.done`` once copied)."""
         out, sampled = launched.out, launched.sampled
         token_ids, logprobs = out.token_ids, out.logprobs
         if len(sampled) != len(token_ids):  # beams among the rows: theirs stay out
@@ -250,13 +251,11 @@ class ModelRunner:
         launched.host = tuple(
             torch.empty(len(t), dtype=dtype, pin_memory=True).copy_(t, non_blocking=True)
             for t, dtype in ((token_ids, token_ids.dtype), (logprobs, torch.float32)))
-        launched.ready = torch.cuda.Event()
-        launched.ready.record()
 
     def _finish(self, launched: Launched) -> p.StepResult:
         finish_start, result = time.perf_counter(), launched.result
-        if launched.ready is not None:
-            launched.ready.synchronize()
+        if launched.events is not None:
+            launched.events[1].synchronize()
         if launched.sampled:
             self._sampled(result, launched)
         tp, out = self.model.tp, launched.out
@@ -268,8 +267,8 @@ class ModelRunner:
         result.beam_candidates = [
             _top(out, j, sid, max(2 * seq.params.beam_width, seq.params.logprobs or 0))
             for j, sid, seq in launched.beams]
-        if launched.forward_events is not None:  # the device's time, not the launches'
-            result.forward_ms = launched.forward_events[0].elapsed_time(launched.forward_events[1])
+        if launched.events is not None:  # the device's time, not the launches'
+            result.forward_ms = launched.events[0].elapsed_time(launched.events[1])
         else:  # the host's: the step's work, and reading its result back
             result.forward_ms = (launched.forward_end - launched.forward_start
                                  + time.perf_counter() - finish_start) * 1e3

@@ -10,6 +10,7 @@ from pagedserve.common.sampling import SamplerParams
 from pagedserve.executor_svc import logits_processors
 from pagedserve.executor_svc.layer_ops import LayerOps
 from pagedserve.executor_svc.mirror import SeqState
+from pagedserve.executor_svc.transfer import to_device
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Sampler:
         elif not any(argmax):
             token_ids = _sample(logits, params, generators)
         else:
-            greedy = torch.tensor(argmax, device=logits.device)
+            greedy = to_device(torch.tensor(argmax), logits.device)
             token_ids = torch.where(greedy, logits.argmax(-1), _sample(logits, params, generators))
         num_top = max(_num_top(p) for p in params)
         if num_top == 0 and all(p.logprobs is None for p in params):
@@ -111,11 +112,11 @@ def _num_top(params: SamplerParams) -> int:
 def _sample(logits: Tensor, params: list[SamplerParams],
             generators: list[torch.Generator | None]) -> Tensor:
     # Greedy rows get temperature 1 here; their draw is discarded.
-    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params],
-                               device=logits.device)
+    temperature = to_device(torch.tensor([1.0 if p.greedy else p.temperature for p in params]),
+                            logits.device)
     logits = logits / temperature[:, None]
     if any(p.min_p for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        min_p = to_device(torch.tensor([p.min_p for p in params]), logits.device)
         logits = logits_processors.mask_below_min_p(logits, min_p)
     if any(p.top_k or p.top_p < 1 for p in params):
         logits = _top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
@@ -126,9 +127,9 @@ def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     """Mask (to -inf) all but each row's top-k tokens, then all but the smallest set of those
     whose probability reaches top-p. top_k 0 and top_p 1 disable."""
     vocab = logits.shape[-1]
-    k = torch.tensor([k or vocab for k in top_k], device=logits.device)
+    k = to_device(torch.tensor([k or vocab for k in top_k]), logits.device)
     # Never 0: a top_p that float32 rounds to 0 (1e-300) would mask the top token too.
-    p = torch.tensor(top_p, device=logits.device).clamp_min(torch.finfo(torch.float32).tiny)
+    p = to_device(torch.tensor(top_p), logits.device).clamp_min(torch.finfo(torch.float32).tiny)
     sorted_logits, order = logits.sort(-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
     sorted_logits.masked_fill_(rank >= k[:, None], float("-inf"))

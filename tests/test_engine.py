@@ -330,6 +330,21 @@ def test_on_cuda_swapped_and_forked_samples_give_the_transformers_tokens(tiny, b
     assert [[s.output_token_ids for s in r.seqs] for r in requests] == [[e] * 3 for e in expected]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_on_cuda_steps_launched_ahead_give_the_transformers_tokens(tiny, graphs):
+    """On a GPU, each step launched before the one in flight is read back (its input the
+    token that one left on the device, copied back to pinned memory behind an event), eagerly
+    and from decode graphs: transformers' tokens."""
+    path, prompts, expected = tiny
+    runner = make_runner(path, 64, attention_backend="triton", device="cuda")
+    if graphs:
+        runner.use_decode_graphs(8, MAX_MODEL_LEN)
+    outputs, _ = generate(path, prompts, 64, runner=runner, pipelined=True, overlaps=True)
+    assert outputs == expected
+    assert (runner.graphs is not None and runner.graphs.steps > 0) == graphs
+
+
 def test_n_samples_hold_fewer_blocks_than_n_separate_requests(tiny):
     path, prompts, _ = tiny
     prompt = prompts[2]  # 30 tokens: 7 full blocks and a partial one

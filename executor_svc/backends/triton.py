@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from pagedserve import kernels
-from pagedserve.executor_svc.attention import (AttentionBackend, AttentionMetadata, StepLayout,
-                                               to_device)
+from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata, StepLayout
 from pagedserve.executor_svc.layer_ops import LayerOps
 from pagedserve.executor_svc.rope import StepRope
+from pagedserve.executor_svc.transfer import to_device
 from pagedserve.kernels import layer_ops as layer_kernels
 
 
