@@ -24,7 +24,9 @@ class StepPipeline:
         self._due: list[p.StepResult] = []
 
     def submit(self, plan: p.StepPlan) -> None:
-        """Launch ``plan``'s step. Its ``PlanError`` leaves the step in flight as it was."""
+        """Launch ``plan``'s step. On its ``PlanError`` nothing of it was applied; the step
+        in flight is as it was, or finished (its result due) where ``plan`` could not go
+        ahead of it."""
         if self.in_flight is not None and not self.runner.can_launch_ahead(plan):
             self.flush()
         launched = self.runner.launch(plan)
