@@ -95,15 +95,19 @@ def test_batch_buckets_cover_every_batch_up_to_the_limit():
 def test_decode_graphs_give_the_eager_tokens(tiny, device):
     """Pure-decode steps through the graphs' static, padded buffers (captured and replayed on
     CUDA; run eagerly on CPU) give the tokens of the eager torch backend, with parallel
-    samples forking and copying blocks, and with groups swapped out and back."""
+    samples forking and copying blocks, with groups swapped out and back, and with each step
+    launched before the one in flight is read back (its tokens put in the graph's input on
+    the device)."""
     path, prompts = tiny
-    for num_blocks, mode in ((64, "recompute"), (10, "swap")):
+    for num_blocks, mode, overlaps in ((64, "recompute", False), (10, "swap", False),
+                                       (64, "recompute", True)):
         runner = make_runner(path, num_blocks, 32, "triton", device)
         # 8 sequences at most (run's scheduler): buckets 1, 2, 4 and 8, with padding rows
         runner.use_decode_graphs(max_num_seqs=8, max_model_len=128, capture=device != "cpu")
         counters = []
         tokens = greedy(path, prompts, "triton", max_batched=16, runner=runner, mode=mode,
-                        num_blocks=num_blocks, num_cpu_blocks=32,
+                        num_blocks=num_blocks, num_cpu_blocks=32, pipelined=overlaps,
+                        overlaps=overlaps,
                         on_step=lambda scheduler: counters.append(dict(scheduler.preemptions)))
         assert runner.graphs.steps > 0
         assert (counters[-1]["swap"] > 0) == (mode == "swap")
