@@ -3,13 +3,15 @@ linear layers) and greedy sampling, bound once when the model loads.
 
 ``LayerOps`` does it in torch operators, with oneDNN's prepacked GEMM for the linear layers on
 a CPU: on CUDA, and on a CPU where the compiled kernels do not serve. ``backends.cpu.CpuOps``
-overrides each op with its kernel; ``backends.layer_ops`` chooses between them, or
-``autotune`` per op by timing them: ``ChosenOps`` holds its choices, and ``BucketedLinear``
-its choice per number of rows for each linear layer.
+(a ``KernelOps``) overrides each op with its kernel, as ``backends.triton.TritonOps`` does on
+CUDA; ``backends.layer_ops`` chooses between them, or ``autotune`` per op by timing them:
+``ChosenOps`` holds its choices, and ``BucketedLinear`` its choice per number of rows for
+each linear layer.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,24 @@ class LayerOps:
         """``F.linear(x, weight, bias)`` with the weight packed once for a faster GEMM on a
         CPU, or None where nothing packs it here (``F.linear`` stays)."""
         return OneDnnLinear(weight, bias) if can_pack(weight.dtype) else None
+
+
+class KernelOps(LayerOps):
+    """The ops each one call of a kernel module's function of the same name and signature
+    (``add_rms_norm``, which writes the sum into ``residual``, ``silu_mul``, ``greedy``):
+    ``backends.cpu.CpuOps`` binds the C kernels, ``backends.triton.TritonOps`` Triton's."""
+
+    kernels: ModuleType  # each variant's
+
+    def add_rms_norm(self, x: Tensor | None, residual: Tensor, weight: Tensor,
+                     eps: float) -> tuple[Tensor, Tensor]:
+        return self.kernels.add_rms_norm(x, residual, weight, eps), residual
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        return self.kernels.silu_mul(gate_up)
+
+    def greedy(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        return self.kernels.greedy(logits.contiguous())
 
 
 class PackedLinear(nn.Module):

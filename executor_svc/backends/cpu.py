@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pagedserve.executor_svc import cpu_kernels
 from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata, StepLayout
-from pagedserve.executor_svc.layer_ops import BucketedLinear, LayerOps, PackedLinear
+from pagedserve.executor_svc.layer_ops import BucketedLinear, KernelOps, PackedLinear
 from pagedserve.executor_svc.rope import StepRope
 
 
@@ -68,21 +68,12 @@ class CpuBackend(AttentionBackend):
         return k_cache, v_cache
 
 
-class CpuOps(LayerOps):
-    """The layer ops, each fused into one kernel call."""
+class CpuOps(KernelOps):
+    """The layer ops, each fused into one call of the C kernels; the linear layers on our
+    GEMM."""
 
     name = "cpu"
-
-    def add_rms_norm(self, x: Tensor | None, residual: Tensor, weight: Tensor,
-                     eps: float) -> tuple[Tensor, Tensor]:
-        """The sum is written into ``residual``."""
-        return cpu_kernels.add_rms_norm(x, residual, weight, eps), residual
-
-    def silu_mul(self, gate_up: Tensor) -> Tensor:
-        return cpu_kernels.silu_mul(gate_up)
-
-    def greedy(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        return cpu_kernels.greedy(logits.contiguous())
+    kernels = cpu_kernels
 
     def pack_linear(self, weight: Tensor, bias: Tensor | None) -> PackedLinear:
         return KernelLinear(weight, bias)

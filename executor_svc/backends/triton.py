@@ -13,7 +13,7 @@ from torch import Tensor
 
 from pagedserve import kernels
 from pagedserve.executor_svc.attention import AttentionBackend, AttentionMetadata, StepLayout
-from pagedserve.executor_svc.layer_ops import LayerOps
+from pagedserve.executor_svc.layer_ops import KernelOps
 from pagedserve.executor_svc.rope import StepRope
 from pagedserve.executor_svc.transfer import to_device
 from pagedserve.kernels import layer_ops as layer_kernels
@@ -71,20 +71,10 @@ class TritonBackend(AttentionBackend):
                                                max_query_len=meta.max_query_len)
 
 
-class TritonOps(LayerOps):
+class TritonOps(KernelOps):
     """The layer ops on CUDA: residual add + RMSNorm, SiLU-mul and greedy sampling one kernel
     each (``kernels.layer_ops``), where torch's operators take nine, two and five; the linear
     layers stay torch's."""
 
     name = "triton"
-
-    def add_rms_norm(self, x: Tensor | None, residual: Tensor, weight: Tensor,
-                     eps: float) -> tuple[Tensor, Tensor]:
-        """The sum is written into ``residual``."""
-        return layer_kernels.add_rms_norm(x, residual, weight, eps), residual
-
-    def silu_mul(self, gate_up: Tensor) -> Tensor:
-        return layer_kernels.silu_mul(gate_up)
-
-    def greedy(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        return layer_kernels.greedy(logits.contiguous())
+    kernels = layer_kernels
