@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -146,10 +147,17 @@ class CacheEngine:
         """
         self._move("copies", pairs)
 
-    def check(self, swap_out, swap_in, copies) -> None:
-        """Raise ``ValueError`` naming the bad block id if any of these operations is invalid."""
-        for op, pairs in (("swap_out", swap_out), ("swap_in", swap_in), ("copies", copies)):
-            self._check(op, pairs)
+    def check(self, swap_out, swap_in, copies) -> BlockOps:
+        """These operations, checked (``apply`` runs them); ``ValueError`` naming the bad
+        block id if any of them is invalid."""
+        return BlockOps(*(self._check(op, pairs) for op, pairs in
+                          zip(BlockOps._fields, (swap_out, swap_in, copies))))
+
+    def apply(self, ops: BlockOps) -> None:
+        """Run checked operations, swap out first: a block swapped out here may be swapped or
+        copied into by the same plan."""
+        for op, pairs in zip(BlockOps._fields, ops):
+            self._run(op, pairs)
 
     def _check(self, op: str, pairs) -> Tensor:
         pairs = np.asarray(pairs.cpu() if isinstance(pairs, Tensor) else pairs, dtype=np.int64)
@@ -170,7 +178,9 @@ class CacheEngine:
         return torch.from_numpy(np.ascontiguousarray(pairs))
 
     def _move(self, op: str, pairs) -> None:
-        pairs = self._check(op, pairs)
+        self._run(op, self._check(op, pairs))
+
+    def _run(self, op: str, pairs: Tensor) -> None:
         if len(pairs):
             with self._side_stream():
                 self._movers[op](*(self._blocks[pool] for pool in _POOLS[op]), pairs)
@@ -185,6 +195,15 @@ class CacheEngine:
         with torch.cuda.stream(self._stream):
             yield
         compute.wait_stream(self._stream)  # the next forward pass reads what was copied
+
+
+class BlockOps(NamedTuple):
+    """A plan's block operations as ``CacheEngine.check`` passed them: ``[N, 2]`` int64 pairs
+    each, in the order ``CacheEngine.apply`` runs them."""
+
+    swap_out: Tensor  # (device block, cpu block)
+    swap_in: Tensor  # (cpu block, device block)
+    copies: Tensor  # (device source, device destination)
 
 
 def _copy_each(src: Tensor, dst: Tensor, pairs: Tensor) -> None:

@@ -25,14 +25,13 @@ from pagedserve.common import protocol as p
 from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.backends.cpu import FusedDecoder
-from pagedserve.executor_svc.cache_engine import CacheEngine
+from pagedserve.executor_svc.cache_engine import BlockOps, CacheEngine
 from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
 from pagedserve.executor_svc.sampler import Sampler, SamplerOutput, score
 from pagedserve.executor_svc.transfer import to_device
 
-_BLOCK_OPS = ("swap_out", "swap_in", "copies")  # in the order _apply_block_ops applies them
 _SCORE_ROWS = 256  # prompt positions scored at once: their logits are [rows, vocab]
 PLACEHOLDER = -1  # a token sampled by a step in flight, not yet read back from the device
 
@@ -136,11 +135,11 @@ class ModelRunner:
                 self._in_flight = None
 
     def _apply_and_run(self, plan: p.StepPlan, seqs: dict[int, SeqState], seq_ids: list[int],
-                       batch: list[tuple[SeqState, int]], block_ops: list[np.ndarray] | None,
+                       batch: list[tuple[SeqState, int]], block_ops: BlockOps | None,
                        start: float) -> Launched:
         ops_start = time.perf_counter()
         if block_ops is not None:
-            self._apply_block_ops(*block_ops)
+            self.cache.apply(block_ops)
         block_ops_ms = (time.perf_counter() - ops_start) * 1e3
         self.seqs = seqs
         result = p.StepResult(step=plan.step, seq_ids=np.zeros(0, np.int32),
@@ -179,24 +178,15 @@ class ModelRunner:
             batch.append((seq, n))
         return seq_ids, batch
 
-    def _block_ops(self, plan: p.StepPlan) -> list[np.ndarray] | None:
-        """The plan's checked block operations as pairs, in ``_BLOCK_OPS`` order; None when
-        it has none (most steps)."""
-        if not any(len(getattr(plan, name)) for name in _BLOCK_OPS):
+    def _block_ops(self, plan: p.StepPlan) -> BlockOps | None:
+        """The plan's block operations (its fields of ``BlockOps``' names), checked; None
+        when it has none (most steps)."""
+        if not any(len(getattr(plan, name)) for name in BlockOps._fields):
             return None
-        pairs = [plan_pairs(plan, name) for name in _BLOCK_OPS]
         try:
-            self.cache.check(*pairs)
+            return self.cache.check(*(plan_pairs(plan, name) for name in BlockOps._fields))
         except ValueError as exc:
             raise PlanError(str(exc)) from None
-        return pairs
-
-    def _apply_block_ops(self, swap_out: np.ndarray, swap_in: np.ndarray,
-                         copies: np.ndarray) -> None:
-        # Swap out first: a block swapped out here may be swapped or copied into in this plan.
-        self.cache.swap_out(swap_out)
-        self.cache.swap_in(swap_in)
-        self.cache.copy_blocks(copies)
 
     @torch.inference_mode()
     def _run(self, launched: Launched, seq_ids: list[int],
@@ -331,11 +321,13 @@ class ModelRunner:
         """Where ``token_ids`` (``input_ids``' values, token i of sequence ``owners[i]``)
         holds a placeholder, write the token the step in flight sampled there, device to
         device."""
+        launched = self._in_flight
+        if launched is None:  # then no placeholders: a step finished fills its own
+            return
         at = [i for i, token in enumerate(token_ids) if token == PLACEHOLDER]
         if not at:
             return
-        launched = self._in_flight
-        if launched is None or any(owners[i] not in launched.rows for i in at):
+        if any(owners[i] not in launched.rows for i in at):
             raise RuntimeError("a step computes a token that no step in flight samples")
         rows = [launched.rows[owners[i]] for i in at]
         if at == rows and at[-1] == len(at) - 1:  # the first rows, in order: no index
