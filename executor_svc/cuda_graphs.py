@@ -12,12 +12,16 @@ full width of ``max_model_len``, so that the decode kernel's launch (split-K, pa
 fixed at capture. A batch of ``n`` runs in the smallest bucket ``b >= n``; rows ``n..b`` are
 padding: slot -1 (no cache write) and a one-token context in the null block (zeros), so they
 stay finite and write nothing. Only the triton backend is captured; it makes no host sync.
+
+The graph ends in the step's logits and their greedy tokens (``DecodeOutput``): the LM head
+and the greedy kernel replay with the layers, and a step whose rows all sample greedily takes
+its tokens as they are; any other sampling reads the graph's logits.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +34,16 @@ if TYPE_CHECKING:  # for the hints only: triton is imported when its backend is 
     from pagedserve.executor_svc.backends.triton import TritonBackend
 
 MAX_BUCKET = 512
+
+
+class DecodeOutput(NamedTuple):
+    """A decode step's outputs, row i sequence i's: views of a graph's static buffers, valid
+    until the next replay (on the device's stream: work enqueued before it reads them)."""
+
+    hidden: Tensor  # [n, hidden]
+    logits: Tensor  # [n, vocab], the model's dtype
+    token_ids: Tensor  # [n] int64: each row's argmax, the first on ties
+    logprobs: Tensor  # [n] float32: its log-probability
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -45,18 +59,20 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static inputs and one graph per bucket for ``model`` over ``kv_caches``.
+    """Static inputs and one graph per bucket for ``model`` over ``kv_caches``, ending in
+    ``greedy`` (the sampler's: logits to argmax tokens and their logprobs).
 
     ``capture=False`` runs the same padded static-buffer forward eagerly: what the tests use
     without a GPU, and a fallback with the same numerics."""
 
     def __init__(self, model: PagedLlamaForCausalLM, kv_caches: list[tuple[Tensor, Tensor]],
-                 backend: TritonBackend, block_size: int, null_block: int,
-                 max_num_seqs: int, max_model_len: int, capture: bool = True):
+                 backend: TritonBackend, greedy: Callable[[Tensor], tuple[Tensor, Tensor]],
+                 block_size: int, null_block: int, max_num_seqs: int, max_model_len: int,
+                 capture: bool = True):
         if backend.name != "triton":
             raise ValueError(f"decode graphs need the triton attention backend, not "
                              f"{backend.name!r}: it makes no host sync")
-        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.model, self.kv_caches, self.backend, self.greedy = model, kv_caches, backend, greedy
         self.block_size, self.null_block = block_size, null_block
         self.width = -(-max_model_len // block_size)  # blocks per table
         self.buckets = batch_buckets(max_num_seqs)
@@ -68,7 +84,7 @@ class DecodeGraphs:
         self._fill(size, [], [], [])  # every row padding, as the captures run them
         self.query_start_loc = torch.arange(size + 1, device=device)  # one token per sequence
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, Tensor] = {}
+        self.outputs: dict[int, DecodeOutput] = {}
         self.steps = 0  # steps run here
         if capture:
             self._capture()
@@ -82,11 +98,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], num_computed: list[int], tables: list[list[int]],
-            adjust: Callable[[Tensor], None] | None = None) -> Tensor:
-        """Hidden states ``[n, hidden]`` of one new token for each of ``n`` sequences: token
-        ``token_ids[i]`` at position ``num_computed[i]`` of the sequence whose blocks are
-        ``tables[i]``; ``adjust`` may then change the token ids on the device (``[n]``) before
-        the replay. The result is a view of a static buffer, valid until the next run."""
+            adjust: Callable[[Tensor], None] | None = None) -> DecodeOutput:
+        """The outputs of one new token for each of ``n`` sequences: token ``token_ids[i]``
+        at position ``num_computed[i]`` of the sequence whose blocks are ``tables[i]``;
+        ``adjust`` may then change the token ids on the device (``[n]``) before the replay."""
         num_seqs = len(token_ids)
         bucket = next(b for b in self.buckets if b >= num_seqs)
         self._fill(bucket, token_ids, num_computed, tables)
@@ -95,8 +110,10 @@ class DecodeGraphs:
         self.steps += 1
         if bucket in self.graphs:
             self.graphs[bucket].replay()
-            return self.outputs[bucket][:num_seqs]
-        return self._forward(bucket)[:num_seqs]
+            out = self.outputs[bucket]
+        else:
+            out = self._forward(bucket)
+        return DecodeOutput(*(t[:num_seqs] for t in out))
 
     def _fill(self, bucket: int, token_ids: list[int], num_computed: list[int],
               tables: list[list[int]]) -> None:
@@ -120,9 +137,11 @@ class DecodeGraphs:
             self.query_start_loc[:bucket + 1], self.seq_lens[:bucket],
             self.block_tables[:bucket], max_seq_len=self.width * self.block_size)
 
-    def _forward(self, bucket: int) -> Tensor:
-        return self.model(self.input_ids[:bucket], self.positions[:bucket], self._meta(bucket),
-                          self.kv_caches)
+    def _forward(self, bucket: int) -> DecodeOutput:
+        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket],
+                            self._meta(bucket), self.kv_caches)
+        logits = self.model.compute_logits(hidden)
+        return DecodeOutput(hidden, logits, *self.greedy(logits))
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -26,7 +26,7 @@ from pagedserve.executor_svc import backends
 from pagedserve.executor_svc.autotune import Tuner
 from pagedserve.executor_svc.backends.cpu import FusedDecoder
 from pagedserve.executor_svc.cache_engine import BlockOps, CacheEngine
-from pagedserve.executor_svc.cuda_graphs import DecodeGraphs
+from pagedserve.executor_svc.cuda_graphs import DecodeGraphs, DecodeOutput
 from pagedserve.executor_svc.mirror import PlanError, SeqState, TableUpdate, plan_pairs
 from pagedserve.executor_svc.model import PagedLlamaForCausalLM
 from pagedserve.executor_svc.sampler import Sampler, SamplerOutput, score
@@ -91,8 +91,8 @@ class ModelRunner:
         """Run pure-decode steps of up to ``max_num_seqs`` sequences (contexts up to
         ``max_model_len``) from CUDA graphs, captured now (``executor_svc.cuda_graphs``)."""
         self.graphs = DecodeGraphs(self.model, self.cache.kv_caches, self.attention,
-                                   self.block_size, self.cache.null_block, max_num_seqs,
-                                   max_model_len, capture)
+                                   self.sampler.greedy, self.block_size, self.cache.null_block,
+                                   max_num_seqs, max_model_len, capture)
 
     def execute(self, plan: p.StepPlan) -> p.StepResult:
         """Apply ``plan``, run its step and read its result back (``launch``, ``finish``)."""
@@ -193,7 +193,7 @@ class ModelRunner:
              batch: list[tuple[SeqState, int]]) -> None:
         if not batch:
             return
-        hidden, last_token_indices = self._forward(seq_ids, batch)
+        hidden, last_token_indices, decoded = self._forward(seq_ids, batch)
         tp = self.model.tp
         if tp is None or tp.is_driver:
             launched.result.prompt_logprobs = self._prompt_logprobs(hidden, seq_ids, batch)
@@ -209,11 +209,19 @@ class ModelRunner:
             for seq_id, token in zip(*(t.tolist() for t in tp.share_tokens())):
                 self.seqs[seq_id].token_ids.append(token)
             return
-        # Every sequence computing one token and sampling it (a decode step): all of hidden.
-        last = hidden if len(rows) == len(hidden) else hidden[last_token_indices()[rows]]
-        logits = self.model.compute_logits(last)
         seqs = [batch[i][0] for i in rows]
-        out = self.sampler(logits, seqs, [self._generator(seq) for seq in seqs])
+        generators = [self._generator(seq) for seq in seqs]
+        if decoded is not None:  # a graph's step: its logits and greedy tokens are there
+            if len(rows) < len(hidden):
+                index = to_device(torch.tensor(rows), self.device)
+                decoded = DecodeOutput(*(t[index] for t in decoded))
+            out = self.sampler(decoded.logits, seqs, generators,
+                               greedy=(decoded.token_ids, decoded.logprobs))
+        else:
+            # Every sequence computing one token and sampling it (a decode step): all of
+            # hidden.
+            last = hidden if len(rows) == len(hidden) else hidden[last_token_indices()[rows]]
+            out = self.sampler(self.model.compute_logits(last), seqs, generators)
         launched.out = out
         for j, (i, seq) in enumerate(zip(rows, seqs)):
             (launched.beams if seq.params.beam_width > 1 else launched.sampled).append(
@@ -292,20 +300,20 @@ class ModelRunner:
                                 top_token_ids=top_ids.ravel(), top_logprobs=top_logprobs.ravel())
 
     def _forward(self, seq_ids: list[int], batch: list[tuple[SeqState, int]]
-                 ) -> tuple[Tensor, Callable[[], Tensor]]:
-        """The hidden states of the step's new tokens, and what says where each sequence's
-        last one is (asked only where a step has more tokens than sequences: an operator
-        less in a decode step); from a graph when every sequence computes one token and one
-        fits."""
+                 ) -> tuple[Tensor, Callable[[], Tensor], DecodeOutput | None]:
+        """The hidden states of the step's new tokens, what says where each sequence's last
+        one is (asked only where a step has more tokens than sequences: an operator less in
+        a decode step), and a graph's outputs: from a graph when every sequence computes one
+        token and one fits."""
         tables = [seq.block_table for seq, _ in batch]
         computed = [seq.num_computed_tokens for seq, _ in batch]
         if (self.graphs is not None and all(n == 1 for _, n in batch)
                 and self.graphs.serves(len(batch), max(map(len, tables)))):
             token_ids = [seq.token_ids[seq.num_computed_tokens] for seq, _ in batch]
-            hidden = self.graphs.run(token_ids, computed, tables,
-                                     lambda ids: self._take_in_flight(ids, token_ids, seq_ids))
+            decoded = self.graphs.run(token_ids, computed, tables,
+                                      lambda ids: self._take_in_flight(ids, token_ids, seq_ids))
             graphs = self.graphs  # token i is sequence i's
-            return hidden, lambda: graphs.query_start_loc[:len(batch)]
+            return decoded.hidden, lambda: graphs.query_start_loc[:len(batch)], decoded
         token_ids, owners = [], []
         for seq_id, (seq, n) in zip(seq_ids, batch):
             token_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
@@ -314,7 +322,7 @@ class ModelRunner:
         input_ids = to_device(torch.tensor(token_ids), self.device)
         self._take_in_flight(input_ids, token_ids, owners)
         hidden = self.model(input_ids, meta.positions, meta, self.cache.kv_caches)
-        return hidden, lambda: meta.last_token_indices
+        return hidden, lambda: meta.last_token_indices, None
 
     def _take_in_flight(self, input_ids: Tensor, token_ids: list[int],
                         owners: list[int]) -> None:

@@ -34,7 +34,7 @@ class Sampler:
     A row with a generator (a seeded request) draws only from it, so its tokens do not depend on
     what else is in the batch; rows without one share a draw from torch's default generator.
     A batch of greedy rows that want no logprobs and no processor takes ``ops.greedy``, bound
-    once.
+    once, or the tokens it gave already (``greedy``: a decode graph's).
     """
 
     def __init__(self, ops: LayerOps):
@@ -42,10 +42,12 @@ class Sampler:
         self.greedy = ops.greedy
 
     def __call__(self, logits: Tensor, seqs: list[SeqState],
-                 generators: list[torch.Generator | None]) -> SamplerOutput:
+                 generators: list[torch.Generator | None],
+                 greedy: tuple[Tensor, Tensor] | None = None) -> SamplerOutput:
         params = [seq.params for seq in seqs]
         if all(_plain_greedy(seq) for seq in seqs):
-            token_ids, sampled_logprobs = self.greedy(logits)  # in the logits' own dtype
+            # in the logits' own dtype
+            token_ids, sampled_logprobs = greedy if greedy is not None else self.greedy(logits)
             none = sampled_logprobs.new_empty(len(params), 0)
             return SamplerOutput(token_ids=token_ids, logprobs=sampled_logprobs,
                                  top_token_ids=none.long(), top_logprobs=none)

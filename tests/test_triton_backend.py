@@ -114,6 +114,46 @@ def test_decode_graphs_give_the_eager_tokens(tiny, device):
         assert tokens == greedy(path, prompts, "torch")
 
 
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=interpreted),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device"))])
+def test_decode_graphs_sample_from_their_own_logits(tiny, device):
+    """A graph's step ends in its logits and their greedy tokens: greedy rows take those,
+    seeded samples (top-p, min-p) and rows asking for logprobs sample from the logits; both
+    as the eager path does, with a chunked prompt's last token decoding beside them (a
+    step of one-token rows in which not every row samples)."""
+    path, prompts = tiny
+
+    def sample(graphs):
+        requests = [request(prompts[0], temperature=0.0, ignore_eos=True, logprobs=2),
+                    request(prompts[1], temperature=0.9, top_p=0.8, seed=7, ignore_eos=True),
+                    request(prompts[2], temperature=0.0, ignore_eos=True),
+                    request(prompts[3], temperature=1.2, min_p=0.05, seed=3, n=2,
+                            ignore_eos=True)]
+        runner = make_runner(path, 64, 0, "triton", device)
+        if graphs:
+            runner.use_decode_graphs(max_num_seqs=8, max_model_len=128, capture=device != "cpu")
+        run(path, requests, max_batched=6, runner=runner, attention_backend="triton",
+            device=device)
+        assert (runner.graphs is not None and runner.graphs.steps > 0) == graphs
+        return [[(s.output_token_ids, s.cumulative_logprob, s.logprobs) for s in r.seqs]
+                for r in requests]
+
+    through_graphs, eager = sample(True), sample(False)
+    for graph_seqs, eager_seqs in zip(through_graphs, eager, strict=True):
+        for (tokens, cumulative, logprobs), (tokens_e, cumulative_e, logprobs_e) in zip(
+                graph_seqs, eager_seqs, strict=True):
+            assert tokens == tokens_e
+            assert cumulative == pytest.approx(cumulative_e, abs=1e-4)
+            assert len(logprobs) == len(logprobs_e)
+            for position, position_e in zip(logprobs, logprobs_e):
+                assert list(position) == list(position_e)  # token ids, the chosen first
+                for (logprob, rank), (logprob_e, rank_e) in zip(position.values(),
+                                                                position_e.values()):
+                    assert (logprob, rank) == (pytest.approx(logprob_e, abs=1e-4), rank_e)
+
+
 @pytest.mark.slow
 def test_executor_with_triton_attention_serves_smollm2_greedy(smollm2_dir):
     from pagedserve.common.client import Client
