@@ -73,7 +73,7 @@ def main(ready_timeout: float, http_port: int, no_http: bool, api_key: str | Non
         if not no_http:
             health = f"http://{connect_host}:{http_port}/health"
             wait_until(lambda: http_ready(health), services, health, ready_timeout)
-        click.echo(f"pagedserve ready\n"
+        click.echo("pagedserve ready\n"
                    + (f"  http      http://{host}:{http_port}/v1\n" if not no_http else "")
                    + f"  client    {tcp_endpoint(kwargs['client_port'], host)}\n"
                    f"  admin     {tcp_endpoint(kwargs['admin_port'], host)}\n"

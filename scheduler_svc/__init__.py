@@ -1,1 +1,2 @@
-"""The scheduler service: frontend, block manager and scheduling policy; CPU only, never imports torch."""
+"""The scheduler service: frontend, block manager and scheduling policy; CPU only, never imports
+torch."""

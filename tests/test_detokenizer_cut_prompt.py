@@ -6,8 +6,8 @@ import pytest
 
 from pagedserve.scheduler_svc.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
 
-TEXTS = ["Hi 🎉 ok", "日本語のテキストと中文文本", "emoji 👍🏽 family 👨‍👩‍👧 done", "Ærøskøbing ☃ snow",
-         "한국어 텍스트"]
+TEXTS = ["Hi 🎉 ok", "日本語のテキストと中文文本", "emoji 👍🏽 family 👨‍👩‍👧 done",
+         "Ærøskøbing ☃ snow", "한국어 텍스트"]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from pagedserve.kernels.decode import (
 )
 from pagedserve.kernels.layer_ops import (add_rms_norm_launch, greedy_launch,
                                           rope_write_kv_launch, silu_mul_launch)
-from pagedserve.kernels.reference import paged_attention_reference, reshape_and_cache_reference
+from pagedserve.kernels.reference import paged_attention_reference
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}

@@ -138,7 +138,8 @@ def test_batch_of_single_tokens_matches_reference():
 
 @settings(max_examples=12, deadline=None)
 @given(rows=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 20)), min_size=1, max_size=4),
-       heads=st.sampled_from([(4, 2), (2, 2), (4, 1), (6, 2)]), block_size=st.sampled_from([8, 16, 32]),
+       heads=st.sampled_from([(4, 2), (2, 2), (4, 1), (6, 2)]),
+       block_size=st.sampled_from([8, 16, 32]),
        seed=st.integers(0, 2**16))
 def test_any_batch_matches_reference(rows, heads, block_size, seed):
     assert_matches_reference(make_step(rows, *heads, 64, block_size, torch.float32, seed=seed))
@@ -215,7 +216,8 @@ def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
 @requires_cuda
 @pytest.mark.parametrize("dtype, num_heads, num_kv_heads, head_dim, block_size", [
     (torch.bfloat16, 32, 8, 128, 16), (torch.float16, 16, 1, 64, 32),
-    (torch.float32, 12, 12, 80, 8)], ids=["bf16-gqa-d128-b16", "fp16-mqa-d64-b32", "fp32-mha-d80-b8"])
+    (torch.float32, 12, 12, 80, 8)],
+    ids=["bf16-gqa-d128-b16", "fp16-mqa-d64-b32", "fp32-mha-d80-b8"])
 def test_long_prompts_and_prefixes_match_reference_on_gpu(dtype, num_heads, num_kv_heads,
                                                           head_dim, block_size):
     rows = [(0, 700), (1000, 300), (37, 1), (2000, 1), (513, 129), (block_size * 40, 64)]

@@ -16,7 +16,8 @@ def test_plan_round_trips_with_int_arrays_as_packed_int32():
     assert raw["v"] == p.PROTOCOL_VERSION and raw["type"] == "step"
     assert raw["seq_ids"] == np.array([1, 2], dtype="<i4").tobytes()
     back = p.decode(p.encode(plan))
-    assert back.seq_ids.tolist() == [1, 2] and back.new_seqs[0].token_ids.tolist() == [10, 11, 12, 13, 14]
+    assert back.seq_ids.tolist() == [1, 2]
+    assert back.new_seqs[0].token_ids.tolist() == [10, 11, 12, 13, 14]
     assert back.new_seqs[0].params == SamplingParams().to_dict()
 
 

@@ -90,8 +90,9 @@ def test_batch_buckets_cover_every_batch_up_to_the_limit():
 
 
 @pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                         reason="needs a CUDA device"))])
+    pytest.param("cpu", marks=interpreted),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device"))])
 def test_decode_graphs_give_the_eager_tokens(tiny, device):
     """Pure-decode steps through the graphs' static, padded buffers (captured and replayed on
     CUDA; run eagerly on CPU) give the tokens of the eager torch backend, with parallel
