@@ -4,8 +4,9 @@
 #            swap pool addressed in place), decode graphs, steps launched ahead
 #   steps    python -m pagedserve.benchmarks.steps, bf16, decode graphs: 32 sequences with
 #            steps overlapped (--overlap) and not, 10 graph-replayed decode steps under
-#            torch's profiler (host and GPU time per operator, in steps.txt), the shared
-#            workloads, then with --enforce-eager and with the torch backend
+#            torch's profiler (host and GPU time per operator, in steps.txt; the GPU's
+#            idle share between them), the shared workloads, then with --enforce-eager and
+#            with the torch backend
 #   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
 #            cost from stats): with the defaults and --overlap-steps off, then
 #            --no-async-scheduling and --enforce-eager
@@ -75,7 +76,7 @@ for part in $parts; do
             timeout "$t" "$py" -m pagedserve.benchmarks.steps --workload "$1" \
                 --attention-backend "$2" ${@:3} --device "$device" --dtype bfloat16 \
                 --model "$model" 2>&1 | tee -a "$out/steps.txt" \
-                | grep -E "workload|backend|graphs|overlap|ahead|tok_s|ms_p50|Error"
+                | grep -E "workload|backend|graphs|overlap|ahead|tok_s|ms_p50|gpu_|Error"
         done
         ;;
     serve)

@@ -14,7 +14,9 @@ steps.
 
 Prints the median prefill-carrying and pure-decode step times, the total, the generated tokens
 per second, and (with ``--profile-from N``) the torch operators of 10 decode steps from step N
-on. Compiled code that torch does not see (the C kernels) shows in the step times, not in
+on; on CUDA also the share of those steps' span in which the GPU ran nothing (the union of its
+kernels' and copies' intervals against the span from the first's start to the last's end:
+what the host's work between steps leaves idle, the profiler's own cost included). Compiled code that torch does not see (the C kernels) shows in the step times, not in
 the operator table; ``--breakdown`` puts timers around each kernel call and each linear layer
 instead (by weight shape), and prints where prefill-carrying and pure-decode steps go; it
 runs the decoder stack a call per op (the timers sit between the calls), as ``--per-op``
@@ -173,7 +175,7 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
     if timers:
         timers.install()
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
-    profiler, table = None, None
+    profiler, table, idle = None, None, None
     steps = StepPipeline(runner, overlap)
     in_flight: collections.deque = collections.deque()  # (step, kind, launched at)
     start = last = time.perf_counter()
@@ -211,6 +213,9 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
                     profiler.__exit__(None, None, None)
                     table = profiler.key_averages().table(sort_by="self_cpu_time_total",
                                                           row_limit=20)
+                    idle = device_idle([(e.time_range.start, e.time_range.end)
+                                        for e in profiler.events()
+                                        if e.device_type == torch.autograd.DeviceType.CUDA])
                     profiler = None
     wall = time.perf_counter() - start
     if timers:
@@ -228,7 +233,26 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
             **{f"{kind}_steps": len(ts) for kind, ts in times.items()},
             **{f"{kind}_ms_p50": statistics.median(ts) * 1e3 for kind, ts in times.items()
                if ts},
+            **({"gpu_idle_perc": round(100 * idle[0], 1),
+                "gpu_busy_ms_per_step": idle[1] / 1e3 / PROFILED_STEPS} if idle else {}),
             "profile": table, "breakdown": timers.table(times) if timers else None}
+
+
+def device_idle(intervals: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The share of the span of ``intervals`` (start, end) that none of them covers, and the
+    length they cover together; None without any."""
+    if not intervals:
+        return None
+    busy, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:  # a gap: a new run of busy time
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    span = reach - min(start for start, _ in intervals)
+    return (1 - busy / span if span > 0 else 0.0), busy
 
 
 def main() -> None:
