@@ -16,8 +16,9 @@ Prints the median prefill-carrying and pure-decode step times, the total, the ge
 per second, and (with ``--profile-from N``) the torch operators of 10 decode steps from step N
 on; on CUDA also the share of those steps' span in which the GPU ran nothing (the union of its
 kernels' and copies' intervals against the span from the first's start to the last's end:
-what the host's work between steps leaves idle, the profiler's own cost included). Compiled code that torch does not see (the C kernels) shows in the step times, not in
-the operator table; ``--breakdown`` puts timers around each kernel call and each linear layer
+what the host's work between steps leaves idle, the profiler's own cost included). Compiled
+code that torch does not see (the C kernels) shows in the step times, not in the operator
+table; ``--breakdown`` puts timers around each kernel call and each linear layer
 instead (by weight shape), and prints where prefill-carrying and pure-decode steps go; it
 runs the decoder stack a call per op (the timers sit between the calls), as ``--per-op``
 does, where the executor runs it in one call of the same kernels (``FusedDecoder``).
