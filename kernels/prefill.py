@@ -11,6 +11,7 @@ Shapes follow the cache engine: a cache is ``[num_blocks, block_size, num_kv_hea
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -19,9 +20,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-_ROWS = 64  # query rows (tokens x heads of one kv head) per program
-_BLOCK_N = 64  # context tokens per loop step
-_NUM_WARPS = 4
+# A program's query rows (BLOCK_M: tokens x the query heads of one kv head, in that order),
+# context tokens per loop step (BLOCK_N), warps and pipeline stages. On a GPU the kernel
+# takes the fastest of _CONFIGS, timed once per model shape and dtype at its first launch
+# (triton.autotune; the executor's start-up profiling pass is one); the interpreter runs
+# _DEFAULT alone.
+_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3),
+            (64, 32, 4, 4)]
+_DEFAULT = (64, 64, 4, 3)
 _MAX_HEAD_DIM = 256
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -34,36 +40,38 @@ def _prefill_kernel(
         stride_out_token, stride_out_head, stride_q_token, stride_q_head,
         stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
         stride_table,
-        GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
-    # A program attends BLOCK_Q new tokens of one sequence for the GROUP query heads of one kv
-    # head: its rows are (token, head) pairs, so each key and value tile is loaded once per group.
+    # A program attends BLOCK_M rows of one sequence's new tokens for one kv head: its rows are
+    # (token, head) pairs over the GROUP query heads that read the kv head, every head of a
+    # token in turn, so each key and value tile is loaded once for the group, and no row is
+    # padding while a tile is full (GROUP need not be a power of two).
     seq = tl.program_id(0)
-    first_token = tl.program_id(1) * BLOCK_Q
+    first_row = tl.program_id(1) * BLOCK_M
     kv_head = tl.program_id(2)
     query_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
-    if first_token >= query_len:
+    if first_row >= query_len * GROUP:
         return
     context_len = tl.load(seq_lens_ptr + seq) - query_len  # tokens cached before this step
 
-    rows = tl.arange(0, BLOCK_Q * GROUP_P)
-    token = first_token + rows // GROUP_P
-    head = kv_head * GROUP + rows % GROUP_P
+    rows = first_row + tl.arange(0, BLOCK_M)
+    token = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
     dims = tl.arange(0, HEAD_DIM_P)
     dim_valid = dims < HEAD_DIM
-    row_mask = ((token < query_len) & (rows % GROUP_P < GROUP))[:, None] & dim_valid[None, :]
+    row_mask = (token < query_len)[:, None] & dim_valid[None, :]
     packed_token = (query_start + token).to(tl.int64)[:, None]
     q = tl.load(query_ptr + packed_token * stride_q_token + head[:, None] * stride_q_head
                 + dims[None, :], mask=row_mask, other=0.0)
     q_pos = context_len + token
 
-    m_i = tl.full([BLOCK_Q * GROUP_P], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q * GROUP_P], tl.float32)
-    acc = tl.zeros([BLOCK_Q * GROUP_P, HEAD_DIM_P], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     # Blocks after the tile's last position are never visited.
-    kv_end = context_len + tl.minimum(first_token + BLOCK_Q, query_len)
+    kv_end = context_len + tl.minimum((first_row + BLOCK_M - 1) // GROUP + 1, query_len)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     for start in range(0, kv_end, BLOCK_N):
         kv_pos = start + tl.arange(0, BLOCK_N)
@@ -99,7 +107,8 @@ def _prefill_kernel(
 def paged_prefill_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                             block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
                             scale: float, max_query_len: int | None = None,
-                            out: Tensor | None = None) -> Tensor:
+                            out: Tensor | None = None,
+                            config: tuple[int, int, int, int] | None = None) -> Tensor:
     """Causal attention of the packed new tokens over their sequences' paged context.
 
     ``query`` is ``[num_tokens, num_heads, head_dim]`` (fp32, fp16 or bf16), sequence ``i``'s new
@@ -112,7 +121,9 @@ def paged_prefill_attention(query: Tensor, key_cache: Tensor, value_cache: Tenso
 
     ``max_query_len`` must be at least the longest query length (tokens of longer ones are left
     unwritten); None reads it from ``query_start_loc``, at the cost of a sync. ``out`` is written
-    in place when given. Returns ``[num_tokens, num_heads, head_dim]`` in the query's dtype.
+    in place when given. ``config`` (one of ``_CONFIGS``) fixes the tile instead of the
+    fastest one timed here. Returns ``[num_tokens, num_heads, head_dim]`` in the query's
+    dtype.
     """
     out = torch.empty_like(query) if out is None else out
     _check_shapes(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
@@ -124,28 +135,45 @@ def paged_prefill_attention(query: Tensor, key_cache: Tensor, value_cache: Tenso
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
     constants = _kernel_constants(num_heads, num_kv_heads, head_dim, block_size, query.dtype)
-    grid = (num_seqs, triton.cdiv(max_query_len, constants["BLOCK_Q"]), num_kv_heads)
-    _prefill_kernel[grid](
-        out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e),
-        out.stride(0), out.stride(1), query.stride(0), query.stride(1),
-        *key_cache.stride()[:3], *value_cache.stride()[:3], block_tables.stride(0),
-        **constants, num_warps=_NUM_WARPS)
+    rows = max_query_len * constants["GROUP"]
+    args = (out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+            scale * math.log2(math.e),
+            out.stride(0), out.stride(1), query.stride(0), query.stride(1),
+            *key_cache.stride()[:3], *value_cache.stride()[:3], block_tables.stride(0))
+    if _tuned is None or config is not None:
+        block_m, block_n, warps, stages = config or _DEFAULT
+        grid = (num_seqs, triton.cdiv(rows, block_m), num_kv_heads)
+        _prefill_kernel[grid](*args, **constants, BLOCK_M=block_m, BLOCK_N=block_n,
+                              num_warps=warps, num_stages=stages)
+    else:
+        _tuned[lambda meta: (num_seqs, triton.cdiv(rows, meta["BLOCK_M"]), num_kv_heads)](
+            *args, **constants)
     return out
 
 
 def _kernel_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                       dtype: torch.dtype) -> dict:
-    """The kernel's compile-time parameters for one model and cache layout."""
-    group = num_heads // num_kv_heads
-    group_p = triton.next_power_of_2(group)
+    """The kernel's compile-time parameters for one model and cache layout, but the tile's
+    (BLOCK_M, BLOCK_N: a config's)."""
     # The interpreter multiplies bf16 as raw 16-bit integers, so there its dots run in fp32.
-    interpreted = isinstance(_prefill_kernel, InterpretedFunction)
-    dot_dtype = tl.float32 if interpreted and dtype == torch.bfloat16 else _TL_DTYPES[dtype]
-    return {"GROUP": group, "GROUP_P": group_p, "BLOCK_Q": max(1, _ROWS // group_p),
-            "BLOCK_N": _BLOCK_N, "HEAD_DIM": head_dim,
+    dot_dtype = tl.float32 if _interpreted and dtype == torch.bfloat16 else _TL_DTYPES[dtype]
+    return {"GROUP": num_heads // num_kv_heads, "HEAD_DIM": head_dim,
             "HEAD_DIM_P": max(16, triton.next_power_of_2(head_dim)), "BLOCK_SIZE": block_size,
             "DOT_DTYPE": dot_dtype}
+
+
+def _autotuned(kernel):
+    """``kernel`` timed over ``_CONFIGS`` at its first launch per model shape and dtype (the
+    tensors' dtypes join the key), the choice kept in triton's cache where this triton can."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _CONFIGS]
+    keep = {"cache_results": True} if "cache_results" in inspect.signature(
+        triton.autotune).parameters else {}
+    return triton.autotune(configs, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE"], **keep)(kernel)
+
+
+_interpreted = isinstance(_prefill_kernel, InterpretedFunction)
+_tuned = None if _interpreted else _autotuned(_prefill_kernel)
 
 
 def _check_shapes(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out):

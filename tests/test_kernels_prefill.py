@@ -23,7 +23,7 @@ from torch import Tensor
 from triton.backends.compiler import GPUTarget
 
 from pagedserve.kernels import paged_attention_reference
-from pagedserve.kernels.prefill import (_NUM_WARPS, _kernel_constants, _prefill_kernel,
+from pagedserve.kernels.prefill import (_CONFIGS, _DEFAULT, _kernel_constants, _prefill_kernel,
                                         paged_prefill_attention)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,8 +32,11 @@ TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-6},
               torch.float16: {"rtol": 2e-3, "atol": 2e-3},
               torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
 TESTS = Path(__file__).resolve().parent
-COMPILE_CASES = [(arch, dtype, head_dim)
-                 for arch in (80, 90) for dtype, head_dim in (("fp16", 64), ("bf16", 128))]
+# The interpreter's tile on both architectures; every tile a GPU may choose, for sm_90 in
+# SmolLM2's shape (bf16, head_dim 64, 3 query heads a kv head).
+COMPILE_CASES = [*((arch, dtype, head_dim, 8, _DEFAULT)
+                   for arch in (80, 90) for dtype, head_dim in (("fp16", 64), ("bf16", 128))),
+                 *((90, "bf16", 64, 9, config) for config in _CONFIGS if config != _DEFAULT)]
 
 
 class Step(NamedTuple):
@@ -82,8 +85,11 @@ def make_step(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0
 
 def attend(step: Step, **kwargs) -> Tensor:
     """The kernel's output for ``step``, written into a NaN-poisoned ``out`` so that an element it
-    leaves unwritten fails the comparison."""
+    leaves unwritten fails the comparison. The interpreter's tile unless ``config`` says
+    otherwise (None: the fastest timed on the GPU), so that a GPU does not time every
+    shape here."""
     out = torch.full_like(step.query, float("nan"))
+    kwargs.setdefault("config", _DEFAULT)
     result = paged_prefill_attention(*step[:-1], out=out, **kwargs)
     assert result is out
     return out
@@ -96,10 +102,10 @@ def assert_matches_reference(step: Step, **kwargs) -> None:
                                **TOLERANCES[step.query.dtype])
 
 
-def tile_len(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> int:
-    """New tokens per program in the kernel's launch for this shape."""
-    return _kernel_constants(num_heads, num_kv_heads, head_dim, block_size,
-                             torch.float32)["BLOCK_Q"]
+def tile_len(num_heads: int, num_kv_heads: int) -> int:
+    """New tokens a program's rows reach into (the interpreter's tile): its rows are (token,
+    head) pairs, so where the group does not divide them a token's heads span two programs."""
+    return -(-_DEFAULT[0] // (num_heads // num_kv_heads))
 
 
 def mixed_batch(block_size: int, tile: int) -> list[tuple[int, int]]:
@@ -111,10 +117,10 @@ def mixed_batch(block_size: int, tile: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size",
-                         [(8, 2, 64, 16), (4, 1, 80, 8), (2, 2, 128, 32)],
-                         ids=["gqa-d64-b16", "mqa-d80-b8", "mha-d128-b32"])
+                         [(8, 2, 64, 16), (9, 3, 64, 16), (4, 1, 80, 8), (2, 2, 128, 32)],
+                         ids=["gqa-d64-b16", "gqa3-d64-b16", "mqa-d80-b8", "mha-d128-b32"])
 def test_mixed_batch_matches_reference_fp32(num_heads, num_kv_heads, head_dim, block_size):
-    tile = tile_len(num_heads, num_kv_heads, head_dim, block_size)
+    tile = tile_len(num_heads, num_kv_heads)
     step = make_step(mixed_batch(block_size, tile), num_heads, num_kv_heads, head_dim, block_size,
                      torch.float32)
     assert_matches_reference(step)
@@ -125,7 +131,7 @@ def test_mixed_batch_matches_reference_fp32(num_heads, num_kv_heads, head_dim, b
                          ids=["fp16-gqa-d128-b8", "bf16-mqa-d80-b32"])
 def test_mixed_batch_matches_reference_half_precision(dtype, num_heads, num_kv_heads, head_dim,
                                                       block_size):
-    tile = tile_len(num_heads, num_kv_heads, head_dim, block_size)
+    tile = tile_len(num_heads, num_kv_heads)
     rows = mixed_batch(block_size, tile)
     step = make_step(rows, num_heads, num_kv_heads, head_dim, block_size, dtype)
     assert_matches_reference(step, max_query_len=max(query_len for _, query_len in rows))
@@ -180,11 +186,14 @@ def test_bad_inputs_are_rejected_naming_the_value(change, message):
         paged_prefill_attention(*step._replace(**change(step))[:-1])
 
 
-def compile_kernel(arch: int, dtype: str, head_dim: int) -> dict:
-    """Compile the kernel for CUDA ``sm_<arch>`` with triton's compiler, which needs no GPU.
-    Returns the ptx ``.target`` and the cubin's size. Needs TRITON_INTERPRET unset at import."""
+def compile_kernel(arch: int, dtype: str, head_dim: int, num_heads: int, config: tuple) -> dict:
+    """Compile the kernel for CUDA ``sm_<arch>`` with triton's compiler, which needs no GPU,
+    ``num_heads`` over 2 or 3 kv heads, with a config of ``_CONFIGS``. Returns the ptx
+    ``.target`` and the cubin's size. Needs TRITON_INTERPRET unset at import."""
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    constants = _kernel_constants(8, 2, head_dim, 16, torch_dtype)
+    block_m, block_n, warps, stages = config
+    constants = {**_kernel_constants(num_heads, 2 if num_heads % 3 else 3, head_dim, 16,
+                                     torch_dtype), "BLOCK_M": block_m, "BLOCK_N": block_n}
     types = {"qk_scale": "fp32", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
              "query_start_loc_ptr": "*i32"}
     signature = {name: "constexpr" if name in constants
@@ -193,7 +202,7 @@ def compile_kernel(arch: int, dtype: str, head_dim: int) -> dict:
     source = triton.compiler.ASTSource(fn=_prefill_kernel, signature=signature,
                                        constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": _NUM_WARPS})
+                              options={"num_warps": warps, "num_stages": stages})
     return {"target": re.search(r"\.target\s+(\w+)", compiled.asm["ptx"]).group(1),
             "cubin_bytes": len(compiled.asm["cubin"])}
 
@@ -209,7 +218,7 @@ def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     compiled = json.loads(result.stdout.splitlines()[-1])
-    for (arch, _, _), kernel in zip(COMPILE_CASES, compiled, strict=True):
+    for (arch, *_), kernel in zip(COMPILE_CASES, compiled, strict=True):
         assert kernel["target"].startswith(f"sm_{arch}") and kernel["cubin_bytes"] > 0
 
 
@@ -222,3 +231,13 @@ def test_long_prompts_and_prefixes_match_reference_on_gpu(dtype, num_heads, num_
                                                           head_dim, block_size):
     rows = [(0, 700), (1000, 300), (37, 1), (2000, 1), (513, 129), (block_size * 40, 64)]
     assert_matches_reference(make_step(rows, num_heads, num_kv_heads, head_dim, block_size, dtype))
+
+
+@pytest.mark.parametrize("config", [*_CONFIGS, None], ids=[*map(str, _CONFIGS), "tuned"])
+def test_every_tile_a_gpu_may_choose_matches_reference(config):
+    """SmolLM2's shape (3 query heads a kv head: a token's heads span two programs' rows),
+    bf16, prompts and prefixes across tiles' edges, with each config and (None) the choice
+    timed on a GPU; shorter prompts in the interpreter."""
+    rows = ([(0, 700), (1000, 300), (37, 1), (513, 129), (16 * 40, 64), (5, 43)]
+            if DEVICE == "cuda" else [(0, 70), (40, 30), (37, 1), (5, 43)])
+    assert_matches_reference(make_step(rows, 9, 3, 64, 16, torch.bfloat16), config=config)
