@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run that fits a short lease of a GPU machine:
 #   tests    the engine's CUDA-only tests: swaps, copy-on-write (one kernel launch each, the
-#            swap pool addressed in place), decode graphs, steps launched ahead
+#            swap pool addressed in place), decode graphs, steps launched ahead; and each
+#            prefill tile the GPU may choose, against the reference
 #   steps    python -m pagedserve.benchmarks.steps, bf16, decode graphs: 32 sequences with
 #            steps overlapped (--overlap) and not, 10 graph-replayed decode steps under
 #            torch's profiler (host and GPU time per operator, in steps.txt; the GPU's
@@ -62,8 +63,9 @@ for part in $parts; do
         echo "== engine tests on the GPU"
         t=$(limit 90 "engine tests") || continue
         timeout "$t" "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py \
-            tests/test_triton_backend.py tests/test_block_ops.py -k "cuda or graphs" -m "not slow" \
-            2>&1 | tee "$out/tests.log" | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
+            tests/test_triton_backend.py tests/test_block_ops.py tests/test_kernels_prefill.py \
+            -k "cuda or graphs or every_tile" -m "not slow" 2>&1 | tee "$out/tests.log" \
+            | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
         ;;
     steps)
         echo "== engine steps in process"
