@@ -11,6 +11,8 @@
 #   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
 #            cost from stats): with the defaults and --overlap-steps off, then
 #            --no-async-scheduling and --enforce-eager
+#   peers    whether vLLM or SGLang is installed there (issue 24 asks for the ratio to one
+#            where it is; none has been: when one is, run `pagedserve bench compare` with it)
 #   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block
 #            copies, swaps)
 #   kernel-tests  the kernel tests (attention, block copies, layer ops), against references
@@ -28,7 +30,7 @@ set -uo pipefail
 out=${1:?OUT_DIR}
 config=${2:?CONFIG_DIR}
 shift 2
-parts=${*:-tests steps serve kernels kernel-tests}
+parts=${*:-tests steps serve peers kernels kernel-tests}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -115,6 +117,13 @@ for part in $parts; do
             kill -INT $up; wait $up || true
             grep -E "graphs captured|Error|error" "$out/up$name.log" | tail -5
         done
+        ;;
+    peers)
+        echo "== peers on this machine"
+        for peer in vllm sglang; do
+            "$py" -c "import $peer; print('$peer', $peer.__version__, 'is installed')" 2> /dev/null \
+                || echo "$peer is not installed"
+        done | tee "$out/peers.txt"
         ;;
     kernels)
         echo "== kernel benchmark"
