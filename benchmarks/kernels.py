@@ -10,7 +10,9 @@ device's measured copy bandwidth; and its time against torch's
 again replayed from a CUDA graph (``*_graph_us``), as the engine's decode graphs run the kernel:
 without the host's launch cost, which at small batches is longer than the kernel, but with L2
 left warm between calls. Prefill:
-``kernels.paged_prefill_attention`` against SDPA (causal) on the same prompts. Block ops: the
+``kernels.paged_prefill_attention`` against SDPA (causal) on the same prompts, with the tile
+timed fastest at its first launch (the config it chose) and with the interpreter's default
+tile, in the same run. Block ops: the
 cache engine's copy-on-write, swap out and swap in over all layers, for 1-256 blocks
 (``benchmarks.block_ops``), in GB/s and against the copy bandwidth, with the path each took.
 Times are CUDA events over repeated launches after a warm-up (``triton.testing.do_bench``).
@@ -137,6 +139,7 @@ def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
     from triton.testing import do_bench
 
     from pagedserve import kernels
+    from pagedserve.kernels import prefill
 
     key_cache, value_cache, tables, keys, values = paged_cache(shape, [prompt_len] * num_seqs)
     seq_lens = torch.full((num_seqs,), prompt_len, dtype=torch.int32, device="cuda")
@@ -144,9 +147,15 @@ def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
     query = torch.randn(num_seqs * prompt_len, shape.heads, shape.head_dim, dtype=shape.dtype,
                         device="cuda")
     scale = shape.head_dim ** -0.5
-    paged_ms = do_bench(lambda: kernels.paged_prefill_attention(
-        query, key_cache, value_cache, tables, seq_lens, starts, scale,
-        max_query_len=prompt_len))
+
+    def paged(config=None):
+        return kernels.paged_prefill_attention(query, key_cache, value_cache, tables, seq_lens,
+                                               starts, scale, max_query_len=prompt_len,
+                                               config=config)
+
+    paged_ms = do_bench(paged)  # the tile timed fastest here at the first launch (autotune)
+    default_ms = do_bench(lambda: paged(prefill._DEFAULT))
+    chosen = getattr(prefill._tuned, "best_config", None)
     group = shape.heads // shape.kv_heads
     q = query.view(num_seqs, prompt_len, shape.heads, shape.head_dim).transpose(1, 2)
     k = keys[:, :, :prompt_len].repeat_interleave(group, dim=1)
@@ -154,7 +163,8 @@ def prefill_row(shape: Shape, num_seqs: int, prompt_len: int) -> dict:
     sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                               scale=scale))
     return {"sequences": num_seqs, "prompt_len": prompt_len, "paged_us": paged_ms * 1e3,
-            "sdpa_us": sdpa_ms * 1e3, "paged_over_sdpa": paged_ms / sdpa_ms}
+            "sdpa_us": sdpa_ms * 1e3, "paged_over_sdpa": paged_ms / sdpa_ms,
+            "default_tile_us": default_ms * 1e3, "tile": str(chosen)}
 
 
 def format_report(report: dict) -> str:
@@ -167,9 +177,10 @@ def format_report(report: dict) -> str:
               f"{r['of_copy_bandwidth']:>10.0%}  {r['paged_graph_us']:>16.1f} "
               f"{r['sdpa_graph_us']:>8.1f} {r['graph_paged_over_sdpa']:>10.2f}"
               for r in report["decode"]]
-    lines.append("prefill: seqs prompt  paged_us  sdpa_us  paged/sdpa")
+    lines.append("prefill: seqs prompt  paged_us  sdpa_us  paged/sdpa  default tile us  tile")
     lines += [f"         {r['sequences']:>4} {r['prompt_len']:>6} {r['paged_us']:>9.1f} "
-              f"{r['sdpa_us']:>8.1f} {r['paged_over_sdpa']:>10.2f}" for r in report["prefill"]]
+              f"{r['sdpa_us']:>8.1f} {r['paged_over_sdpa']:>10.2f} {r['default_tile_us']:>16.1f}"
+              f"  {r['tile']}" for r in report["prefill"]]
     lines.append("block ops: op          blocks      us    GB/s  of copy bw  path")
     lines += [f"           {r['op']:<11} {r['blocks']:>6} {r['us']:>7.1f} {r['GBps']:>7.1f} "
               f"{r['of_copy_bandwidth']:>10.0%}  {r['path']}" for r in report["block_ops"]]
