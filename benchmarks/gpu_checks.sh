@@ -63,7 +63,7 @@ for part in $parts; do
     case $part in
     tests)
         echo "== engine tests on the GPU"
-        t=$(limit 90 "engine tests") || continue
+        t=$(limit 150 "engine tests")  # the first prefill per shape times six tiles || continue
         timeout "$t" "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py \
             tests/test_triton_backend.py tests/test_block_ops.py tests/test_kernels_prefill.py \
             -k "cuda or graphs or every_tile" -m "not slow" 2>&1 | tee "$out/tests.log" \
