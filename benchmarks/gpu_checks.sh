@@ -63,7 +63,8 @@ for part in $parts; do
     case $part in
     tests)
         echo "== engine tests on the GPU"
-        t=$(limit 150 "engine tests")  # the first prefill per shape times six tiles || continue
+        # (150 s: the first prefill of each shape times six tiles)
+        t=$(limit 150 "engine tests") || continue
         timeout "$t" "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py \
             tests/test_triton_backend.py tests/test_block_ops.py tests/test_kernels_prefill.py \
             -k "cuda or graphs or every_tile" -m "not slow" 2>&1 | tee "$out/tests.log" \
