@@ -26,13 +26,15 @@ if [[ ${1:-} == prepare ]]; then
     # The image holds torch, triton, numpy, msgpack, click, jinja2, tokenizers, safetensors,
     # accelerate and prometheus-client; not pyzmq, structlog or gguf, and its transformers has
     # been older than the executor's >= 5.19 (5.24: the last before Hugging Face's `kernels`
-    # became a requirement).
+    # became a requirement; it checks regex >= 2025.10.22 at import, which the image's may
+    # not be).
     grep -qx "/$wheels/" .git/info/exclude 2> /dev/null || printf '/%s/\n/.gpu/\n' "$wheels" \
         >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels" \
-        pyzmq==27.3.0 structlog==26.1.0 gguf==0.19.0 transformers==5.24.0 || exit 1
+        pyzmq==27.3.0 structlog==26.1.0 gguf==0.19.0 transformers==5.24.0 regex==2026.11.19 \
+        || exit 1
     source=${SMOLLM2_DIR:-$HOME/.cache/pagedserve/models/SmolLM2-135M-Instruct}
     mkdir -p "$config"
     cp "$source"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} \
