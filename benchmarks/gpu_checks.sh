@@ -6,15 +6,16 @@
 #   steps    python -m pagedserve.benchmarks.steps, bf16, decode graphs: 32 sequences with
 #            steps overlapped (--overlap) and not, 10 graph-replayed decode steps under
 #            torch's profiler (host and GPU time per operator, in steps.txt; the GPU's
-#            idle share between them), the shared workloads, then with --enforce-eager and
-#            with the torch backend
+#            idle share between them), mixed with --overlap
 #   serve    pagedserve up on the GPU, then bench throughput on both workloads (and the step
-#            cost from stats): with the defaults and --overlap-steps off, then
-#            --no-async-scheduling and --enforce-eager
-#   peers    whether vLLM or SGLang is installed there (issue 24 asks for the ratio to one
-#            where it is; none has been: when one is, run `pagedserve bench compare` with it)
+#            cost from stats): with the defaults and with --overlap-steps off
 #   kernels  python -m pagedserve.benchmarks.kernels (paged decode/prefill vs SDPA, block
 #            copies, swaps)
+#   peers    whether vLLM or SGLang is installed there (issue 24 asks for the ratio to one
+#            where it is; none has been: when one is, run `pagedserve bench compare` with it)
+#   steps-more   the shared workloads without --overlap, with --enforce-eager and with the
+#            torch backend
+#   serve-more   serving with --no-async-scheduling and with --enforce-eager
 #   kernel-tests  the kernel tests (attention, block copies, layer ops), against references
 # Steps and serve use SmolLM2's shape with random weights: step times do not depend on the
 # weights' values, and the workloads ignore EOS.
@@ -30,7 +31,7 @@ set -uo pipefail
 out=${1:?OUT_DIR}
 config=${2:?CONFIG_DIR}
 shift 2
-parts=${*:-tests steps serve peers kernels kernel-tests}
+parts=${*:-tests steps serve kernels peers steps-more serve-more kernel-tests}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -70,11 +71,15 @@ for part in $parts; do
             -k "cuda or graphs or every_tile" -m "not slow" 2>&1 | tee "$out/tests.log" \
             | grep -E "passed|failed|error|FAILED|ERROR|Error" | tail -30
         ;;
-    steps)
+    steps | steps-more)
         echo "== engine steps in process"
-        for run in "fixed triton --requests=32 --overlap" "fixed triton --requests=32" \
-                "fixed triton --profile-from=20 --overlap" "mixed triton --overlap" \
-                "fixed triton" "mixed triton" "fixed triton --enforce-eager" "fixed torch"; do
+        if [[ $part == steps ]]; then
+            runs=("fixed triton --requests=32 --overlap" "fixed triton --requests=32"
+                  "fixed triton --profile-from=20 --overlap" "mixed triton --overlap")
+        else
+            runs=("fixed triton" "mixed triton" "fixed triton --enforce-eager" "fixed torch")
+        fi
+        for run in "${runs[@]}"; do
             t=$(limit 90 "steps $run") || continue
             set -- $run
             echo "-- steps $run" >> "$out/steps.txt"
@@ -84,10 +89,15 @@ for part in $parts; do
                 | grep -E "workload|backend|graphs|overlap|ahead|tok_s|ms_p50|gpu_|Error"
         done
         ;;
-    serve)
+    serve | serve-more)
         echo "== pagedserve up on the GPU, bench throughput"
         # the defaults (decode graphs, async scheduling, overlapping steps), then each turned off
-        for flags in --defaults "--overlap-steps off" --no-async-scheduling --enforce-eager; do
+        if [[ $part == serve ]]; then
+            runs=(--defaults "--overlap-steps off")
+        else
+            runs=(--no-async-scheduling --enforce-eager)
+        fi
+        for flags in "${runs[@]}"; do
             t=$(limit 150 "serve $flags") || continue
             [[ $flags == --defaults ]] && set -- || set -- $flags
             name=${flags// /}
