@@ -211,12 +211,7 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
             if profiler is not None:
                 profiled += 1
                 if profiled == PROFILED_STEPS:
-                    profiler.__exit__(None, None, None)
-                    table = profiler.key_averages().table(sort_by="self_cpu_time_total",
-                                                          row_limit=20)
-                    idle = device_idle([(e.time_range.start, e.time_range.end)
-                                        for e in profiler.events()
-                                        if e.device_type == torch.autograd.DeviceType.CUDA])
+                    table, idle = _stop(profiler)
                     profiler = None
     wall = time.perf_counter() - start
     if timers:
@@ -239,20 +234,26 @@ def run(workload: str | WorkloadSpec, profile_from: int | None = None, *,
             "profile": table, "breakdown": timers.table(times) if timers else None}
 
 
+def _stop(profiler: torch.profiler.profile) -> tuple[str, tuple[float, float] | None]:
+    """End ``profiler``: its operator table, and (on CUDA) ``device_idle`` of its kernels and
+    copies."""
+    profiler.__exit__(None, None, None)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    return table, device_idle([(e.time_range.start, e.time_range.end) for e in profiler.events()
+                               if e.device_type == torch.autograd.DeviceType.CUDA])
+
+
 def device_idle(intervals: list[tuple[float, float]]) -> tuple[float, float] | None:
     """The share of the span of ``intervals`` (start, end) that none of them covers, and the
     length they cover together; None without any."""
     if not intervals:
         return None
-    busy, reach = 0.0, None
-    for start, end in sorted(intervals):
-        if reach is None or start > reach:  # a gap: a new run of busy time
-            busy += end - start
-            reach = end
-        elif end > reach:
-            busy += end - reach
-            reach = end
-    span = reach - min(start for start, _ in intervals)
+    intervals = sorted(intervals)
+    busy, reach = 0.0, intervals[0][0]
+    for start, end in intervals:  # what each adds past the busy time before it
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span = reach - intervals[0][0]
     return (1 - busy / span if span > 0 else 0.0), busy
 
 

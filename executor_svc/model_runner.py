@@ -212,11 +212,11 @@ class ModelRunner:
         seqs = [batch[i][0] for i in rows]
         generators = [self._generator(seq) for seq in seqs]
         if decoded is not None:  # a graph's step: its logits and greedy tokens are there
+            logits, greedy = decoded.logits, (decoded.token_ids, decoded.logprobs)
             if len(rows) < len(hidden):
                 index = to_device(torch.tensor(rows), self.device)
-                decoded = DecodeOutput(*(t[index] for t in decoded))
-            out = self.sampler(decoded.logits, seqs, generators,
-                               greedy=(decoded.token_ids, decoded.logprobs))
+                logits, greedy = logits[index], tuple(t[index] for t in greedy)
+            out = self.sampler(logits, seqs, generators, greedy=greedy)
         else:
             # Every sequence computing one token and sampling it (a decode step): all of
             # hidden.
