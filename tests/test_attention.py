@@ -163,6 +163,22 @@ def test_bfloat16_queries_in_the_kernel_match_reference(rows, block_size, head_d
         torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-5)
 
 
+# SmolLM2's shape in a bf16 model: each load of a kv head's K and V serves its three query
+# heads together (and a group of 5 serves four, then one), over prompts of several spans.
+@pytest.mark.parametrize("num_heads", [9, 15])
+def test_bfloat16_model_query_groups_match_reference(num_heads):
+    if cpu_kernels.load() is None:
+        pytest.skip("the CPU decode kernel did not build here (no C compiler?)")
+    rows = [(0, 300), (40, 90), (7, 1), (250, 1)]
+    (out, *_), (ref, *_, weighted_abs) = run_step(
+        rows, num_heads, 3, torch.bfloat16, block_size=16, seed=7, query_in_qkv=True,
+        head_dim=64, backend=kernel)
+    if cpu_kernels.load().attention_bf16_products():
+        assert ((out.double() - ref).abs() <= bf16_attention_tolerance(weighted_abs, ref)).all()
+    else:
+        torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-5)
+
+
 # The fixture only chooses the decode path: the same choice serves every example.
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])

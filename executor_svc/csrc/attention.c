@@ -328,6 +328,38 @@ static inline __attribute__((always_inline)) void attend(const Work *w, int64_t 
 #define DP_SPAN 128
 #define DP_SLOTS (MAX_BLOCK > DP_SPAN ? MAX_BLOCK : DP_SPAN)
 
+/* One online-softmax step (softmax_step's) on 16 lanes, for both products on bf16: of a
+ * span's m scores (read up to padded, a multiple of 16), scaled by `scale` first, their exps
+ * against the new running max rounded to bf16 into probs (0 from m to padded, so that a pair
+ * or chunk past the context adds nothing); *max and *sum (of the float32 exps) updated.
+ * Returns the factor that rescales the sums of earlier spans. scores is overwritten. */
+static inline __attribute__((always_inline)) float softmax_probs16(
+    float *scores, uint16_t *probs, int64_t m, int64_t padded, float scale, float *max,
+    float *sum) {
+#define SEEN(j) (j >= m ? 0 : m - j >= 16 ? 0xffff : (__mmask16)((1u << (m - j)) - 1))
+    v16 top = (v16)_mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 16) {
+        const v16 sj = (v16)_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), SEEN(j),
+                                               _mm512_load_ps(scores + j)) * scale;
+        *(v16 *)(scores + j) = sj;
+        top = (v16)_mm512_max_ps((__m512)top, (__m512)sj);
+    }
+    const float span_max = _mm512_reduce_max_ps((__m512)top);
+    const float new_max = span_max > *max ? span_max : *max;
+    const float correction = expf(*max - new_max);
+    v16 sums = (v16)_mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) { /* masked: 0 exactly (exp16 gives ~1e-38) */
+        const __m512 p = _mm512_maskz_mov_ps(SEEN(j), (__m512)exp16(*(v16 *)(scores + j) -
+                                                                    new_max));
+        sums += (v16)p;
+        _mm256_store_si256((__m256i *)(probs + j), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+#undef SEEN
+    *sum = *sum * correction + _mm512_reduce_add_ps((__m512)sums);
+    *max = new_max;
+    return correction;
+}
+
 /* Query heads scored and summed together against each load of a kv head's K and V: at most
  * this many (4 x head_dim / 16 sums in registers for head_dim 64). */
 #define DP_HEADS 4
@@ -338,31 +370,30 @@ static inline __m512bh pair_at(const uint16_t *probs) {
     return (__m512bh)_mm512_set1_epi32((int)pair);
 }
 
-/* scores[x][0 ... m) (rounded up to 16) = scale x the dot products of query heads x < nh
- * (their dimension pairs q[x]) with the span's K slots, kv head tiles ks[b] per block. */
+/* scores[x][0 ... m) (rounded up to 16) = the dot products of query heads x < nh (their
+ * dimension pairs q[x]) with the span's K slots, kv head tiles ks[b] per block. Four chains
+ * per head (pairs is a multiple of 16): with three heads, two chains each left the products'
+ * latency (6 cycles on Zen 4) exposed. */
 static inline __attribute__((always_inline)) void dp_scores(
     const int nh, const int64_t pairs, const uint32_t *const q[], const uint16_t *const ks[],
-    int64_t bs, int64_t m, float scale, float (*scores)[DP_SLOTS + 16], Fetch *ahead,
-    int64_t share) {
-    const v16 by = (v16)_mm512_set1_ps(scale);
+    int64_t bs, int64_t m, float (*scores)[DP_SLOTS + 16], Fetch *ahead, int64_t share) {
     for (int64_t c0 = 0, b = 0; c0 < m; b++)
         for (int64_t t0 = 0; t0 < bs && c0 < m; t0 += 16, c0 += 16) {
             fetch_some(ahead, share);
             const uint16_t *k = ks[b] + t0 * 2;
-            __m512 s[DP_HEADS][2];
-            for (int x = 0; x < nh; x++) s[x][0] = s[x][1] = _mm512_setzero_ps();
-            for (int64_t p = 0; p < pairs; p += 2) {
-                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k + p * bs * 2);
-                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k + (p + 1) * bs * 2);
-                for (int x = 0; x < nh; x++) {
-                    const __m512bh q0 = (__m512bh)_mm512_set1_epi32((int)q[x][p]);
-                    const __m512bh q1 = (__m512bh)_mm512_set1_epi32((int)q[x][p + 1]);
-                    s[x][0] = _mm512_dpbf16_ps(s[x][0], q0, k0); /* two chains per head */
-                    s[x][1] = _mm512_dpbf16_ps(s[x][1], q1, k1);
-                }
-            }
+            __m512 s[DP_HEADS][4];
             for (int x = 0; x < nh; x++)
-                *(v16 *)(scores[x] + c0) = ((v16)s[x][0] + (v16)s[x][1]) * by;
+                for (int c = 0; c < 4; c++) s[x][c] = _mm512_setzero_ps();
+            for (int64_t p = 0; p < pairs; p += 4)
+                for (int c = 0; c < 4; c++) {
+                    const __m512bh kc = (__m512bh)_mm512_loadu_si512(k + (p + c) * bs * 2);
+                    for (int x = 0; x < nh; x++)
+                        s[x][c] = _mm512_dpbf16_ps(
+                            s[x][c], (__m512bh)_mm512_set1_epi32((int)q[x][p + c]), kc);
+                }
+            for (int x = 0; x < nh; x++)
+                *(v16 *)(scores[x] + c0) =
+                    ((v16)s[x][0] + (v16)s[x][1]) + ((v16)s[x][2] + (v16)s[x][3]);
         }
 }
 
@@ -398,13 +429,10 @@ static inline __attribute__((always_inline)) void dp_heads(
     float scale, float (*scores)[DP_SLOTS + 16], uint16_t (*probs)[DP_SLOTS + 16],
     Fetch *ahead, int64_t share) {
     const int64_t padded = (m + 15) & ~15;
-    dp_scores(nh, 16 * zs, q, ks, bs, m, scale, scores, ahead, share);
+    dp_scores(nh, 16 * zs, q, ks, bs, m, scores, ahead, share);
     for (int x = 0; x < nh; x++) {
-        const float correction = softmax_step(scores[x], m, padded, &max[x], &sum[x]);
-        for (int64_t j = m; j < padded; j++) scores[x][j] = 0.0f; /* an odd m's pair */
-        for (int64_t j = 0; j < padded; j += 16)
-            _mm256_store_si256((__m256i *)(probs[x] + j),
-                               (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[x] + j)));
+        const float correction =
+            softmax_probs16(scores[x], probs[x], m, padded, scale, &max[x], &sum[x]);
         const __m512 by = _mm512_set1_ps(correction);
         for (int64_t z = 0; z < 2 * zs; z++) acc[x][z] = _mm512_mul_ps(acc[x][z], by);
     }
@@ -515,35 +543,6 @@ static inline __attribute__((always_inline)) void attend_dp(const Work *w, int64
 #define AMX_VECTORS 16
 
 
-/* softmax_step on 16 lanes, the scores scaled by `scale` first: of a span's m scores (masked
- * up to padded, a multiple of 16) their exps against the new running max (0 past m), *max
- * and *sum updated; returns the factor that rescales the sums of earlier spans. */
-static inline float softmax_step16(float *scores, int64_t m, int64_t padded, float scale,
-                                   float *max, float *sum) {
-#define SEEN(j) (j >= m ? 0 : m - j >= 16 ? 0xffff : (__mmask16)((1u << (m - j)) - 1))
-    v16 top = (v16)_mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < padded; j += 16) {
-        const v16 sj = (v16)_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), SEEN(j),
-                                               _mm512_load_ps(scores + j)) * scale;
-        *(v16 *)(scores + j) = sj;
-        top = (v16)_mm512_max_ps((__m512)top, (__m512)sj);
-    }
-    const float span_max = _mm512_reduce_max_ps((__m512)top);
-    const float new_max = span_max > *max ? span_max : *max;
-    const float correction = expf(*max - new_max);
-    v16 sums = (v16)_mm512_setzero_ps();
-    for (int64_t j = 0; j < padded; j += 16) { /* masked: 0 exactly (exp16 gives ~1e-38) */
-        const v16 p = (v16)_mm512_maskz_mov_ps(SEEN(j), (__m512)exp16(*(v16 *)(scores + j) -
-                                                                      new_max));
-        sums += p;
-        *(v16 *)(scores + j) = p;
-    }
-#undef SEEN
-    *sum = *sum * correction + _mm512_reduce_add_ps((__m512)sums);
-    *max = new_max;
-    return correction;
-}
-
 static void amx_configure(int vectors, int *configured) {
     if (*configured == vectors) return;
     TileConfig config = {.palette = 1};
@@ -632,10 +631,7 @@ static void amx_vectors(const Work *w, int64_t seq, const int64_t *table, int64_
                 continue;
             }
             const float correction =
-                softmax_step16(scores[i], seen, padded, w->scale, &max[i], &sum[i]);
-            for (int64_t j = 0; j < padded; j += 16)
-                _mm256_store_si256((__m256i *)(probs[i] + j),
-                                   (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(scores[i] + j)));
+                softmax_probs16(scores[i], probs[i], seen, padded, w->scale, &max[i], &sum[i]);
             for (int64_t d = 0; d < hd; d += 16)
                 *(v16 *)(sums + i * hd + d) *= correction;
         }
