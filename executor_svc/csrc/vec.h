@@ -154,6 +154,36 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 
 static inline v16 exp16(v16 x) { return EXP_NONPOSITIVE(v16, i16v, x); }
 
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint16_t h16u __attribute__((vector_size(32), aligned(2))); /* unaligned */
+typedef uint32_t u16v __attribute__((vector_size(64)));
+
+/* to_bf16x8 of sixteen values. */
+#ifdef __AVX512BF16__
+static inline __attribute__((always_inline)) h16 to_bf16x16(v16 x) {
+    return (h16)(__m256i)_mm512_cvtneps_pbh((__m512)x);
+}
+#else
+static inline __attribute__((always_inline)) h16 to_bf16x16(v16 x) {
+    const u16v bits = (u16v)x;
+    const u16v nan = (u16v)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
+    const u16v rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), h16);
+}
+#endif
+
+/* store8 and round8 of sixteen values. */
+static inline __attribute__((always_inline)) void store16(void *p, int64_t i, v16 x,
+                                                          const int bf16) {
+    if (bf16) *(h16u *)((uint16_t *)p + i) = to_bf16x16(x);
+    else _mm512_storeu_ps((float *)p + i, (__m512)x);
+}
+
+static inline __attribute__((always_inline)) v16 round16(v16 x, const int bf16) {
+    if (!bf16) return x;
+    return (v16)(__builtin_convertvector(to_bf16x16(x), i16v) << 16);
+}
+
 /* Sixteen values from element i of float32 or (bf16) bfloat16 values, as float32 (load8's). */
 static inline __attribute__((always_inline)) v16 load16(const void *p, int64_t i, const int bf16) {
     if (!bf16) return (v16)_mm512_loadu_ps((const float *)p + i);
