@@ -152,7 +152,28 @@ static inline v8 exp8(v8 x) { return EXP_NONPOSITIVE(v8, i8, x); }
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16v __attribute__((vector_size(64)));
 
-static inline v16 exp16(v16 x) { return EXP_NONPOSITIVE(v16, i16v, x); }
+/* EXP_NONPOSITIVE on 16 lanes with AVX-512's own steps where they save instructions: the
+ * clamp a max, n rounded by vrndscaleps, and 2^n applied by vscalefps (one instruction for
+ * the exponent's conversion, add, shift and product). The same values bit for bit (n >= -126
+ * after the clamp, so p x 2^n is exact either way; checked with the builds' flags over 3e7
+ * inputs in [-200, 0], -inf and NaN); a bf16 prompt's attention on AMX 3-5% faster
+ * (BENCHMARKS.md). */
+static inline __attribute__((always_inline)) v16 exp16(v16 x_in) {
+    /* NaN stays NaN (maxps returns its second operand where either is NaN), as the compare
+     * and blend of EXP_NONPOSITIVE keep it */
+    const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.0f), (__m512)x_in);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const v16 r = (v16)_mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
+                                        _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return (v16)_mm512_scalef_ps((__m512)p, n);
+}
 
 typedef uint16_t h16 __attribute__((vector_size(32)));
 typedef uint16_t h16u __attribute__((vector_size(32), aligned(2))); /* unaligned */
