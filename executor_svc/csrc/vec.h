@@ -156,7 +156,7 @@ typedef int32_t i16v __attribute__((vector_size(64)));
  * clamp a max, n rounded by vrndscaleps, and 2^n applied by vscalefps (one instruction for
  * the exponent's conversion, add, shift and product). The same values bit for bit (n >= -126
  * after the clamp, so p x 2^n is exact either way; checked with the builds' flags over 3e7
- * inputs in [-200, 0], -inf and NaN); a bf16 prompt's attention on AMX 3-5% faster
+ * inputs in [-200, 0], -inf and NaN); a bf16 prompt's attention on AMX 2.7% faster
  * (BENCHMARKS.md). */
 static inline __attribute__((always_inline)) v16 exp16(v16 x_in) {
     /* NaN stays NaN (maxps returns its second operand where either is NaN), as the compare
