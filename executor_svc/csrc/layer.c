@@ -27,7 +27,7 @@ static inline __attribute__((always_inline)) v16 added16(void *r, const void *x,
     }
     const h16 sum = to_bf16x16(ri + load16(x, i, 1)); /* rounded once, stored and read back */
     *(h16u *)((uint16_t *)r + i) = sum;
-    return (v16)(__builtin_convertvector(sum, i16v) << 16);
+    return widen16(sum);
 }
 #endif
 

@@ -32,6 +32,14 @@ static inline uint16_t to_bf16(float x) {
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* to_bf16 of each lane of x, for vectors of any width: U its lanes as uint32, H as uint16. */
+#define TO_BF16_LANES(U, H, x) ({                                                         \
+    const U bits_ = (U)(x);                                                               \
+    const U nan_ = (U)((bits_ & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */     \
+    const U rounded_ = (bits_ + 0x7fffu + ((bits_ >> 16) & 1u)) >> 16;                    \
+    __builtin_convertvector((rounded_ & ~nan_) | (0x7fc0u & nan_), H);                    \
+})
+
 /* to_bf16 of eight values: one instruction where the CPU has AVX512_BF16 (vcvtneps2bf16, the
  * same rounding; a NaN stays a NaN with its sign and payload, not 0x7fc0). */
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
@@ -41,10 +49,7 @@ static inline __attribute__((always_inline)) h8 to_bf16x8(v8 x) {
 }
 #else
 static inline __attribute__((always_inline)) h8 to_bf16x8(v8 x) {
-    const u8 bits = (u8)x;
-    const u8 nan = (u8)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
-    const u8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    return __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), h8);
+    return TO_BF16_LANES(u8, h8, x);
 }
 #endif
 
@@ -186,12 +191,14 @@ static inline __attribute__((always_inline)) h16 to_bf16x16(v16 x) {
 }
 #else
 static inline __attribute__((always_inline)) h16 to_bf16x16(v16 x) {
-    const u16v bits = (u16v)x;
-    const u16v nan = (u16v)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
-    const u16v rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    return __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), h16);
+    return TO_BF16_LANES(u16v, h16, x);
 }
 #endif
+
+/* Sixteen bfloat16 values as float32. */
+static inline __attribute__((always_inline)) v16 widen16(h16 h) {
+    return (v16)(__builtin_convertvector(h, i16v) << 16);
+}
 
 /* store8 and round8 of sixteen values. */
 static inline __attribute__((always_inline)) void store16(void *p, int64_t i, v16 x,
@@ -201,8 +208,7 @@ static inline __attribute__((always_inline)) void store16(void *p, int64_t i, v1
 }
 
 static inline __attribute__((always_inline)) v16 round16(v16 x, const int bf16) {
-    if (!bf16) return x;
-    return (v16)(__builtin_convertvector(to_bf16x16(x), i16v) << 16);
+    return bf16 ? widen16(to_bf16x16(x)) : x;
 }
 
 /* Sixteen values from element i of float32 or (bf16) bfloat16 values, as float32 (load8's). */
