@@ -72,6 +72,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 DTYPES = (torch.float32, torch.bfloat16)  # the activations and caches the kernels take
+_WEIGHT_AMX = 2  # linear's weight_bf16 for panels packed for AMX tiles (kernels.h)
 
 
 def serves(dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -295,7 +296,9 @@ def pack_weight(weight: Tensor, allow_bf16: bool = True) -> Tensor:
     step streams half the bytes. Else float32. A bfloat16 panel's rows hold column i at 2i
     and column nr / 2 + i at 2i + 1 (gemm.c's load_w); in the builds of 16-float vectors
     (``gemm_bf16_pairs``) they hold k in pairs instead: ``[panels, in / 2, nr, 2]``, ``in``
-    padded to even with zeros."""
+    padded to even with zeros. A bf16 model's weight where the GEMM runs on AMX tiles
+    (``amx_layout``) holds each panel's two halves of 16 columns one after the other instead,
+    ``[panels, 2, in / 2, 16, 2]``: AMX's tiles, each read front to back (gemm_amx.c)."""
     out_features, in_features = weight.shape
     lib = load()
     nr = lib.gemm_columns()
@@ -308,10 +311,21 @@ def pack_weight(weight: Tensor, allow_bf16: bool = True) -> Tensor:
     padded[:out_features, :in_features] = weight
     if not exact:
         return padded.view(panels, nr, in_features).transpose(1, 2).contiguous()
+    if amx_layout(weight):  # [panel, half, column, k pair, 2] -> [panel, half, k pair, column, 2]
+        halves = padded.view(panels, 2, nr // 2, rows // 2, 2).transpose(2, 3)
+        return halves.reshape(panels, rows, nr)
     if pairs:  # [panel, column, k pair, 2] -> [panel, k pair, column, 2]
         return padded.view(panels, nr, rows // 2, 2).transpose(1, 2).reshape(panels, rows, nr)
     halves = padded.view(panels, 2, nr // 2, in_features)  # [panel, half, i, k]
     return halves.permute(0, 3, 2, 1).reshape(panels, in_features, nr)
+
+
+def amx_layout(weight: Tensor) -> bool:
+    """Whether ``pack_weight`` packs ``weight`` for AMX tiles (gemm_amx.c): a bf16 model's
+    (whose inputs are bfloat16 too) where the build runs its GEMM on them and ``in`` is a
+    whole number of tiles. Only bfloat16 inputs can be multiplied by it then."""
+    return (weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0
+            and bool(load().gemm_amx()))
 
 
 class PackedWeight:
@@ -324,7 +338,9 @@ class PackedWeight:
         self.out_features, self.in_features = weight.shape
         self.panels = pack_weight(weight, allow_bf16)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self._weight = (self.panels.data_ptr(), int(self.panels.dtype == torch.bfloat16),
+        self.amx = allow_bf16 and amx_layout(weight)
+        layout = _WEIGHT_AMX if self.amx else int(self.panels.dtype == torch.bfloat16)
+        self._weight = (self.panels.data_ptr(), layout,
                         None if self.bias is None else self.bias.data_ptr())
 
     def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -358,6 +374,9 @@ class PackedWeight:
                              f"{tuple(self.panels.shape)} of {self.out_features} outputs")
         if not x.is_contiguous():
             raise ValueError("the CPU kernels take contiguous tensors")
+        if self.amx and x.dtype != torch.bfloat16:
+            raise ValueError(f"a bf16 model's weight packed for AMX tiles takes bfloat16 "
+                             f"inputs, not {x.dtype}")
         return tokens, in_features
 
 

@@ -203,14 +203,33 @@ def test_linear(tokens, in_features, out_features, model, with_bias):
 @pytest.mark.parametrize("inter", [96, 48])  # AMX fuses whole panels of gate and up; not 48
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
+# x 30 times larger: gates past exp's clamp at -87 (the fused store's SiLU is 16 lanes wide
+# where silu_mul's is 8)
+@pytest.mark.parametrize("scale", [1, 30])
 def test_a_gate_up_projection_and_silu_mul_in_one_call_are_the_two_bit_for_bit(
-        tokens, inter, dtype, with_bias):
-    x = randn(tokens, 128, dtype=dtype)
+        tokens, inter, dtype, with_bias, scale):
+    x = randn(tokens, 128, dtype=dtype) * scale
     weight = randn(2 * inter, 128, seed=1, dtype=dtype)
     bias = randn(2 * inter, seed=2, dtype=dtype) if with_bias else None
     layer = cpu_kernels.PackedWeight(weight, bias)
     got = layer.silu_mul(x)
     assert got.dtype == dtype and torch.equal(got, cpu_kernels.silu_mul(layer(x)))
+
+
+def test_a_bf16_model_s_weight_packed_for_amx_tiles_takes_bfloat16_inputs_only():
+    linear = cpu_kernels.PackedWeight(randn(64, 64, seed=1, dtype=torch.bfloat16), None)
+    if not linear.amx:
+        pytest.skip("the GEMM does not run on AMX tiles here")
+    with pytest.raises(ValueError, match="takes bfloat16 inputs"):
+        linear(randn(2, 64))
+    x = randn(2, 64, dtype=torch.bfloat16)
+    wide, out = x.float(), torch.empty(2, 64, dtype=torch.bfloat16)
+    # the kernel refuses a float32 x itself too
+    assert cpu_kernels.load().linear(wide.data_ptr(), 0, *linear._weight, out.data_ptr(), 1,
+                                     2, 64, 64, 1) == -1
+    assert cpu_kernels.load().linear(x.data_ptr(), 1, *linear._weight, out.data_ptr(), 1, 2,
+                                     64, 64, 1) == 0
+    assert torch.equal(out, linear(x))
 
 
 def test_linear_is_the_same_on_one_thread_and_on_several():

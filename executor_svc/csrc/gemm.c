@@ -275,9 +275,10 @@ static int gemm(const void *x, int64_t x_bf16, const void *packed, int64_t weigh
     const int kind = !weight_bf16 ? W_F32 : !GEMM_PAIRS ? W_BF16 : GEMM_DOTS && x_bf16 ? W_DOTS
                                                                                    : W_PAIRS;
 #if KERNELS_AMX
-    if (kind == W_DOTS && k % 32 == 0 && gemm_amx())
+    if (weight_bf16 == WEIGHT_AMX && kind == W_DOTS)
         return linear_amx(x, packed, bias, out, out_bf16, m, n, k, silu, num_threads);
 #endif
+    if (weight_bf16 == WEIGHT_AMX) return -1;
     const int paired = kind == W_PAIRS || kind == W_DOTS;
     const int64_t kp = paired ? k + k % 2 : k; /* the panels' rows */
     const int64_t kc_limit = GEMM_KC * sizeof(float) / elem;

@@ -2,11 +2,13 @@
  * out[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]), x bfloat16, float32 sums, out float32 or
  * bfloat16 (rounded once, as torch rounds), for gemm.c's linear where the build has AMX.
  *
- * The weights are gemm.c's bf16 panels of k pairs as they are (cpu_kernels.pack_weight: per
- * panel of 32 output columns, [k / 2][32][2]), which is AMX's layout for a tile's second
- * operand: 16 rows of k pairs by 16 columns' pairs is one tile read with a stride of a
- * panel's row (128 bytes), the panel's other 16 columns the next 64 bytes. x's rows are the
- * first operand as they lie, 32 k values of up to 16 rows per tile, so x is not copied.
+ * The weights are packed for it (cpu_kernels.pack_weight, WEIGHT_AMX): per panel of 32 output
+ * columns, its two halves of 16 one after the other, each [k / 2][16][2], which is AMX's
+ * layout for a tile's second operand: 16 rows of k pairs by 16 columns' pairs is one tile,
+ * 1 KiB read front to back. (gemm.c's panels, [k / 2][32][2], hold the same tiles at a stride
+ * of 128 bytes: a gate/up block then read half of each line of two panels, and L1 held half
+ * as many of its weights: 1.8x slower.) x's rows are the first operand as they lie, 32 k
+ * values of up to 16 rows per tile, so x is not copied.
  * One block is up to 32 rows by one panel: four float32 accumulator tiles (two rows of tiles,
  * two of columns), two x tiles and two weight tiles, the eight the unit has. Per 32 k:
  * two or four tile products (TDPBF16PS, 16 x 16 x 32 products each), which sum each pair of
@@ -15,7 +17,10 @@
  *
  * Work is dealt like gemm.c's: chunks of rows by panels, each thread an even run of (chunk,
  * panel) pairs, so that a panel stays in L1 while its chunk's blocks pass over it, and the
- * chunk's x in L2 while its panels pass. A chunk holds as many rows as fill AMX_X_BYTES with
+ * chunk's x in L2 while its panels pass. Where a unit's weights (64 bytes per k) fit in L1
+ * beside the rest, x's tiles are loaded with the streaming hint (tileloaddt1), so that they
+ * do not evict the weights the chunk's next block reads again (a 576-wide x: q/k/v, o and
+ * gate/up 1.2x faster). A chunk holds as many rows as fill AMX_X_BYTES with
  * x (the chunks of a call evened out, in whole blocks): every chunk reads the panels it
  * crosses from L3 or memory again, so the fewer the better while x stays in L2.
  *
@@ -43,6 +48,7 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define AMX_X_BYTES (768 * 1024) /* of the 2 MiB of L2 that every AMX core has */
+#define AMX_W_BYTES (40 * 1024) /* of the 48 KiB of L1 data that every AMX core has */
 
 int64_t gemm_amx(void) {
     static int state; /* 0: not asked yet; 1: granted; -1: refused */
@@ -93,15 +99,12 @@ typedef struct {
 
 /* Row r of a pending gate/up block: silu(gate) * up of its 16 columns, in bfloat16. */
 static inline void store_silu_row(const Pending *p, int r) {
-    for (int c = 0; c < 16; c += 8) {
-        v8 gate = *(const v8 *)(p->sums + r * 32 + c);
-        v8 up = *(const v8 *)(p->sums + r * 32 + 16 + c);
-        if (p->bias) {
-            gate += *(const v8u *)(p->bias + c);
-            up += *(const v8u *)(p->up_bias + c);
-        }
-        store8((uint16_t *)p->out + r * p->n, c, silu_mul8(round8(gate, 1), round8(up, 1)), 1);
+    v16 gate = *(const v16 *)(p->sums + r * 32), up = *(const v16 *)(p->sums + r * 32 + 16);
+    if (p->bias) {
+        gate += (v16)_mm512_loadu_ps(p->bias);
+        up += (v16)_mm512_loadu_ps(p->up_bias);
     }
+    store16((uint16_t *)p->out + r * p->n, 0, silu_mul16(round16(gate, 1), round16(up, 1)), 1);
 }
 
 /* Stores the pending rows up to `upto`, 16 columns at a time (a bfloat16 out rounded by
@@ -134,16 +137,17 @@ static inline void store_rows(Pending *p, int upto) {
 }
 
 /* One block: `rows` (1-32) rows of x from `x` (row stride k) times two columns of weight tiles
- * over all of k, w0's and w1's (each 16 columns of a panel: a panel's two halves, or a half
- * of gate's and of up's), the float32 sums to `sums` ([32][w0's 16 | w1's 16]), while the
+ * over all of k, w0's and w1's (each 16 columns: a panel's two halves, or a half of gate's
+ * and the same half of up's), x's tiles loaded with the streaming hint where `stream` is set,
+ * the float32 sums to `sums` ([32][w0's 16 | w1's 16]), while the
  * block before's (`pending`) are stored.
  * `next` (or NULL) is the panel the thread takes next: as each 32 k of this one are
  * multiplied, lines from ... to - 1 of the same 2 KiB of it are fetched into L2 (the chunk's
  * blocks each a share), so that a decode step's weights stream from memory without a wait
  * at each panel's start. */
 static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t *w0,
-                         const uint16_t *w1, const char *next, int from, int to, float *sums,
-                         Pending *pending) {
+                         const uint16_t *w1, const char *next, int from, int to, int stream,
+                         float *sums, Pending *pending) {
     const int per_step = (pending->rows * 32 + k - 1) / k; /* rows stored per 32 k */
     const int64_t stride = k * (int64_t)sizeof(uint16_t);
     const int two = rows > 16; /* a second row of tiles: rows 16-31 */
@@ -157,13 +161,15 @@ static inline void block(const uint16_t *x, int64_t k, int rows, const uint16_t 
         if (next) fetch_next(next, k0, from, to);
         /* each load just before the first product that needs it, so that the loads overlap
          * the products before them */
-        _tile_loadd(4, x + k0, stride);
-        _tile_loadd(6, w0 + k0 * 32, 128);
+        if (stream) _tile_stream_loadd(4, x + k0, stride);
+        else _tile_loadd(4, x + k0, stride);
+        _tile_loadd(6, w0 + k0 * 16, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, w1 + k0 * 32, 128);
+        _tile_loadd(7, w1 + k0 * 16, 64);
         _tile_dpbf16ps(1, 4, 7);
         if (two) {
-            _tile_loadd(5, x + 16 * k + k0, stride);
+            if (stream) _tile_stream_loadd(5, x + 16 * k + k0, stride);
+            else _tile_loadd(5, x + 16 * k + k0, stride);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
@@ -192,6 +198,7 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
     const int64_t panels = (n + 31) / 32, up = panels / 2;
     const int64_t out_n = silu ? n / 2 : n, width = silu ? 16 : 32, elem = out_bf16 ? 2 : 4;
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
+    const int stream = k * 64 <= AMX_W_BYTES;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
         float sums[2][32 * 32] __attribute__((aligned(64))); /* a block's, the one before's */
@@ -209,8 +216,9 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
                 const int64_t before = r0 / 32 * panels + j * chunk_blocks;
                 if (before < from || before >= to) continue;
                 const int64_t panel = silu ? j / 2 : j, half = silu ? j % 2 : 0;
-                const uint16_t *w0 = packed + panel * k * 32 + half * 32;
-                const uint16_t *w1 = silu ? packed + (up + panel) * k * 32 + half * 32 : w0 + 32;
+                const uint16_t *w0 = packed + panel * k * 32 + half * k * 16;
+                const uint16_t *w1 = silu ? packed + (up + panel) * k * 32 + half * k * 16
+                                          : w0 + k * 16;
                 /* the panel the next unit reads first: gate's next, then (silu) up's next */
                 const int64_t ahead = silu ? (half ? up : 0) + panel + 1 : j + 1;
                 const char *next = panel + 1 < (silu ? up : panels)
@@ -224,7 +232,7 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
                      * the first block alone, it left memory idle while the others ran) */
                     const int part = (int)((r - r0) / 32), parts = (int)chunk_blocks;
                     block(x + r * k, k, rows, w0, w1, next, part * 32 / parts,
-                          (part + 1) * 32 / parts, sums[which], &pending);
+                          (part + 1) * 32 / parts, stream, sums[which], &pending);
                     pending = (Pending){sums[which], unit_bias,
                                         silu && bias ? unit_bias + out_n : NULL,
                                         (char *)out + (r * out_n + j * width) * elem, out_n,

@@ -21,6 +21,9 @@ int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *
                   int64_t num_kv_heads, int64_t head_dim, int64_t num_threads);
 int silu_mul(const void *gate_up, void *out, int64_t act_bf16, int64_t tokens, int64_t inter,
              int64_t num_threads);
+/* linear's weight_bf16: 0 float32 panels, 1 bfloat16 panels, WEIGHT_AMX bfloat16 panels in
+ * gemm_amx.c's halves, which only linear_amx reads (a bf16 x, k a multiple of 32): -1 else. */
+#define WEIGHT_AMX 2
 int linear(const void *x, int64_t x_bf16, const void *packed, int64_t weight_bf16,
            const float *bias, void *out, int64_t out_bf16, int64_t m, int64_t n, int64_t k,
            int64_t num_threads);
@@ -32,8 +35,8 @@ int linear_silu_mul(const void *x, const void *packed, int64_t weight_bf16, cons
                     void *gate_up, void *out, int64_t act_bf16, int64_t m, int64_t inter,
                     int64_t k, int64_t num_threads);
 /* 1 where this build runs a bf16 model's GEMM on AMX tiles and the OS lends them (asked
- * once); then linear_amx serves linear's bf16 x over bf16 weights where k is a multiple of
- * 32, and (silu) linear_silu_mul's where inter is too (-1 for arguments it does not serve). */
+ * once); then linear_amx serves linear's bf16 x over WEIGHT_AMX panels (k a multiple of 32),
+ * and (silu) linear_silu_mul's where inter is too (-1 for arguments it does not serve). */
 int64_t gemm_amx(void);
 int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, void *out,
                int64_t out_bf16, int64_t m, int64_t n, int64_t k, int64_t silu,

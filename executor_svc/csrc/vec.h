@@ -229,6 +229,16 @@ static inline __attribute__((always_inline)) v8 silu_mul8(v8 g, v8 u) {
     return g * (numerator / (splat(1.0f) + e)) * u;
 }
 
+#ifdef __AVX512F__
+/* silu_mul8 of sixteen values, the same values bit for bit (exp16 is exp8's). */
+static inline __attribute__((always_inline)) v16 silu_mul16(v16 g, v16 u) {
+    const i16v negative = g < 0.0f;
+    const v16 e = exp16((v16)((i16v)g | (i16v)_mm512_set1_ps(-0.0f))); /* exp(-|g|) */
+    const v16 numerator = (v16)(((i16v)e & negative) | ((i16v)_mm512_set1_ps(1.0f) & ~negative));
+    return g * (numerator / (1.0f + e)) * u;
+}
+#endif
+
 /* Work below this many floats runs on the calling thread: forking the team would cost more
  * than the work. */
 #define PARALLEL_MIN_FLOATS 65536
