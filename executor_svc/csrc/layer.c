@@ -228,15 +228,20 @@ int rope_write_kv(void *qkv, int64_t row_stride, int64_t act_bf16, const float *
     return 0;
 }
 
-/* out = silu(gate) * up (vec.h's silu_mul8), where each row of gate_up is [gate | up], inter
- * values each; out is [tokens, inter]. */
+/* out = silu(gate) * up (vec.h's silu_mul8, or its 16 lanes in AVX-512 builds), where each
+ * row of gate_up is [gate | up], inter values each; out is [tokens, inter]. */
 static inline __attribute__((always_inline)) void silu_mul_row(const void *gate, const void *up,
                                                                void *o, int64_t inter,
                                                                const int bf16) {
     const int64_t body = inter & ~(int64_t)7;
-    for (int64_t i = 0; i < body; i += 8)
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= body; i += 16)
+        store16(o, i, silu_mul16(load16(gate, i, bf16), load16(up, i, bf16)), bf16);
+#endif
+    for (; i < body; i += 8)
         store8(o, i, silu_mul8(load8(gate, i, bf16), load8(up, i, bf16)), bf16);
-    for (int64_t i = body; i < inter; i++) {
+    for (i = body; i < inter; i++) {
         const float g = load1(gate, i, bf16);
         store1(o, i, g / (1.0f + expf(-g)) * load1(up, i, bf16), bf16);
     }
