@@ -19,8 +19,9 @@
  * Work is dealt like gemm.c's: chunks of rows by panels, each thread an even run of (chunk,
  * panel) pairs, so that a panel stays in L1 while its chunk's blocks pass over it, and the
  * chunk's x in L2 while its panels pass. Where a unit's weights (64 bytes per k) fit in L1
- * beside the rest, x's tiles are loaded with the streaming hint (tileloaddt1), so that they
- * do not evict the weights the chunk's next block reads again (SmolLM2's 576-wide x: q/k/v,
+ * beside the rest and a chunk has more than one block, x's tiles are loaded with the
+ * streaming hint (tileloaddt1), so that they do not evict the weights the chunk's next block
+ * reads again (SmolLM2's 576-wide x: q/k/v,
  * o and gate/up 1.13-1.17x faster at 512 and 2048 rows). A chunk holds as many rows as fill
  * AMX_X_BYTES with x (the chunks of a call evened out, in whole blocks): every chunk reads the
  * panels it crosses from L3 or memory again, so the fewer the better while x stays in L2.
@@ -199,7 +200,9 @@ int linear_amx(const uint16_t *x, const uint16_t *packed, const float *bias, voi
     const int64_t panels = (n + 31) / 32, up = panels / 2;
     const int64_t out_n = silu ? n / 2 : n, width = silu ? 16 : 32, elem = out_bf16 ? 2 : 4;
     const int parallel = m * n * k >= 4 * PARALLEL_MIN_FLOATS;
-    const int stream = k * 64 <= AMX_W_BYTES;
+    /* x's tiles pass once per panel where a chunk has blocks to share the panel; a chunk of
+     * one block (a decode step) keeps its x in L1 for every panel instead */
+    const int stream = k * 64 <= AMX_W_BYTES && m > 32;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
         float sums[2][32 * 32] __attribute__((aligned(64))); /* a block's, the one before's */
