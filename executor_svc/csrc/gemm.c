@@ -244,11 +244,20 @@ static void pack_pairs(const uint16_t *x, int64_t first, int64_t rows, int64_t k
  * each sum first rounded as linear stores it, and the result as silu_mul rounds its own. */
 static void store_silu_mul(const float *gate, const float *up, int64_t rows, void *out,
                            int64_t ldo, const int bf16) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int c = 0; c < GEMM_NR; c += 8)
+    for (int64_t r = 0; r < rows; r++) {
+        int c = 0;
+#ifdef __AVX512F__ /* 16 lanes (silu_mul16: the same values) */
+        for (; c < GEMM_NR; c += 16)
+            store16(out, r * ldo + c,
+                    silu_mul16(round16((v16)_mm512_loadu_ps(gate + r * GEMM_NR + c), bf16),
+                               round16((v16)_mm512_loadu_ps(up + r * GEMM_NR + c), bf16)),
+                    bf16);
+#endif
+        for (; c < GEMM_NR; c += 8)
             store8(out, r * ldo + c,
                    silu_mul8(round8(*(const v8u *)(gate + r * GEMM_NR + c), bf16),
                              round8(*(const v8u *)(up + r * GEMM_NR + c), bf16)), bf16);
+    }
 }
 
 /* linear, or (silu) a gate/up projection ending in SiLU-mul: gate's n / 2 columns are column
