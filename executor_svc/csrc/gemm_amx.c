@@ -21,10 +21,10 @@
  * chunk's x in L2 while its panels pass. Where a unit's weights (64 bytes per k) fit in L1
  * beside the rest and a chunk has more than one block, x's tiles are loaded with the
  * streaming hint (tileloaddt1), so that they do not evict the weights the chunk's next block
- * reads again (SmolLM2's 576-wide x: q/k/v,
- * o and gate/up 1.13-1.17x faster at 512 and 2048 rows). A chunk holds as many rows as fill
- * AMX_X_BYTES with x (the chunks of a call evened out, in whole blocks): every chunk reads the
- * panels it crosses from L3 or memory again, so the fewer the better while x stays in L2.
+ * reads again (SmolLM2's 576-wide x: q/k/v, o and gate/up 1.13-1.17x faster at 512 and 2048
+ * rows). A chunk holds as many rows as fill AMX_X_BYTES with x (the chunks of a call evened
+ * out, in whole blocks): every chunk reads the panels it crosses from L3 or memory again, so
+ * the fewer the better while x stays in L2.
  *
  * A gate/up projection (silu: gate's n / 2 columns first, then up's) can end in SiLU-mul
  * instead: a block's two columns of tiles are then a half of gate's panel and the same half of
@@ -146,8 +146,8 @@ static inline void store_rows(Pending *p, int upto) {
 /* One block: `rows` (1-32) rows of x from `x` (row stride k) times two columns of weight tiles
  * over all of k, w0's and w1's (each 16 columns: a panel's two halves, or a half of gate's
  * and the same half of up's), x's tiles loaded with the streaming hint where `stream` is set,
- * the float32 sums to `sums` ([32][w0's 16 | w1's 16]), while the
- * block before's (`pending`) are stored.
+ * the float32 sums to `sums` ([32][w0's 16 | w1's 16]), while the block before's (`pending`)
+ * are stored.
  * `next` (or NULL) is the panel the thread takes next: as each 32 k of this one are
  * multiplied, lines from ... to - 1 of the same 2 KiB of it are fetched into L2 (the chunk's
  * blocks each a share), so that the weights stream from memory without a wait at each
