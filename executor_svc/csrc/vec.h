@@ -219,23 +219,26 @@ static inline __attribute__((always_inline)) v16 load16(const void *p, int64_t i
 }
 #endif
 
-/* silu(g) * u, as silu_mul computes it wherever it runs (layer.c's rows, or gemm_amx.c's
- * store of a gate/up projection): sigmoid(g) through e = exp(-|g|), 1 / (1 + e) for g >= 0,
- * else e / (1 + e), so exp8 only ever sees x <= 0. */
+/* silu(g) * u, as silu_mul computes it wherever it runs (layer.c's rows, or the GEMMs' store
+ * of a gate/up projection): sigmoid(g) through e = exp(-|g|), 1 / (1 + e) for g >= 0, else
+ * e / (1 + e), so EXP only ever sees x <= 0. The one body serves every width, as
+ * EXP_NONPOSITIVE's does: V a vector of floats, I of int32s with as many lanes, EXP their exp
+ * (exp8's and exp16's values are the same, so are silu_mul8's and silu_mul16's). */
+#define SILU_MUL_LANES(V, I, EXP, g_in, u_in) ({                                          \
+    const V g_ = (g_in);                                                                  \
+    const I negative_ = g_ < 0.0f;                                                        \
+    const V e_ = EXP((V)((I)g_ | INT32_MIN)); /* exp(-|g|): the sign bit set */           \
+    const V numerator_ = (V)(((I)e_ & negative_) | ((I)((V){} + 1.0f) & ~negative_));    \
+    g_ * (numerator_ / (1.0f + e_)) * (u_in);                                             \
+})
+
 static inline __attribute__((always_inline)) v8 silu_mul8(v8 g, v8 u) {
-    const i8 negative = g < splat(0.0f);
-    const v8 e = exp8((v8)((i8)g | (i8)splat(-0.0f))); /* exp(-|g|) */
-    const v8 numerator = (v8)(((i8)e & negative) | ((i8)splat(1.0f) & ~negative));
-    return g * (numerator / (splat(1.0f) + e)) * u;
+    return SILU_MUL_LANES(v8, i8, exp8, g, u);
 }
 
 #ifdef __AVX512F__
-/* silu_mul8 of sixteen values, the same values bit for bit (exp16 is exp8's). */
 static inline __attribute__((always_inline)) v16 silu_mul16(v16 g, v16 u) {
-    const i16v negative = g < 0.0f;
-    const v16 e = exp16((v16)((i16v)g | (i16v)_mm512_set1_ps(-0.0f))); /* exp(-|g|) */
-    const v16 numerator = (v16)(((i16v)e & negative) | ((i16v)_mm512_set1_ps(1.0f) & ~negative));
-    return g * (numerator / (1.0f + e)) * u;
+    return SILU_MUL_LANES(v16, i16v, exp16, g, u);
 }
 #endif
 
